@@ -1,0 +1,53 @@
+# aidx: `make run` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# CPU build of PyTorch (lies on the CI machines' disk; a plain `torch` pulls a multi-GB CUDA build).
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: run test lint typecheck format bench system-deps clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# The serving install: no torch, no MONAI.
+$(VENV)/.installed-run: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --quiet -e .
+	touch $@
+
+# Tests need the training extras too (CPU torch first, so the range in [train] is satisfied).
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_CPU)"
+	$(PIP) install --quiet -e ".[dev,train]"
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	$(VENV)/bin/aidx demo
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test: system-deps $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed-test
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: $(VENV)/.installed-test
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/phantom.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache aidx-data build *.egg-info

@@ -1,0 +1,5 @@
+"""``python -m aidx`` runs the ``aidx`` command."""
+
+from aidx.cli import main
+
+raise SystemExit(main())

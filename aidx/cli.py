@@ -1,0 +1,210 @@
+"""The ``aidx`` command: one sub-command per job, each a thin wrapper over a library call.
+
+Commands that belong to the training side (``phantom``) import it only when they run, so the
+serving commands never load training code, torch or MONAI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aidx import __version__
+from aidx.config import AidxConfig, ConfigError, dump_yaml, load_config, redacted
+from aidx.logs import setup_logging
+
+log = logging.getLogger("aidx.cli")
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad configuration or arguments: the message says what to change
+
+Handler = Callable[[argparse.Namespace, AidxConfig], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aidx",
+        description="AI imaging diagnostic assistant: DICOM node, ONNX inference, review app.",
+    )
+    parser.add_argument("--version", action="version", version=f"aidx {__version__}")
+    parser.add_argument("--config", type=Path, help="YAML configuration file (or AIDX_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="override data_dir")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", choices=["text", "json"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = sub.add_parser("config", help="show or check the configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print the effective configuration, secrets masked")
+    show.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    show.set_defaults(handler=_config_show)
+    check = config_sub.add_parser("check", help="validate the configuration and exit")
+    check.set_defaults(handler=_config_check)
+
+    phantom = sub.add_parser(
+        "phantom",
+        help="write a synthetic chest CT study (DICOM series + ground truth)",
+        description="Write a synthetic chest CT as a DICOM series in OUT_DIR/dicom, with "
+        "OUT_DIR/ground_truth.json listing every nodule (centre in patient mm, LPS). "
+        "Synthetic data: not for clinical use.",
+    )
+    _phantom_arguments(phantom)
+    phantom.set_defaults(handler=_phantom)
+
+    demo = sub.add_parser(
+        "demo", help="write the demo study configured under 'demo' (what `make run` does)"
+    )
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _phantom_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same study")
+    p.add_argument("--nodules", type=int, help="number of nodules (default: random, 0-5)")
+    p.add_argument("--slices", type=int, default=300, help="number of slices (default 300)")
+    p.add_argument("--matrix", type=int, default=512, help="rows and columns (default 512)")
+    p.add_argument("--slice-thickness", type=float, help="mm (default: clinical, by coverage)")
+    p.add_argument("--pixel-spacing", type=float, help="mm (default: fits the body, 0.6-0.9)")
+    p.add_argument("--kernel", choices=["STANDARD", "LUNG"], help="reconstruction kernel")
+    p.add_argument("--min-diameter", type=float, default=3.0, help="smallest nodule, mm")
+    p.add_argument("--max-diameter", type=float, default=30.0, help="largest nodule, mm")
+    p.add_argument("--patient-name", default="PHANTOM^CHEST", help="DICOM PN, e.g. 王^小明")
+    p.add_argument("--patient-id", help="default: derived from the seed")
+    p.add_argument("--accession", help="accession number (default: derived from the seed)")
+    p.add_argument("--birth-date", default="19600101", help="YYYYMMDD")
+    p.add_argument("--sex", default="O", choices=["M", "F", "O"])
+    p.add_argument(
+        "--charset",
+        choices=["ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "GB18030"],
+        help="Specific Character Set (default: Latin-1 when it fits, else UTF-8)",
+    )
+    p.add_argument("--mask", action="store_true", help="also write nodule_mask.nii.gz")
+    p.add_argument("--overwrite", action="store_true", help="replace a phantom in OUT_DIR")
+    p.add_argument("--workers", type=int, help="processes (default: one per core)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.data_dir is not None:
+        overrides["data_dir"] = str(args.data_dir)
+    if args.log_level:
+        overrides["log.level"] = args.log_level
+    if args.log_format:
+        overrides["log.format"] = args.log_format
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"aidx: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config.log.level, config.log.format)
+    handler: Handler = args.handler
+    return handler(args, config)
+
+
+def _config_show(args: argparse.Namespace, config: AidxConfig) -> int:
+    data = redacted(config)
+    if args.format == "json":
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        print(dump_yaml(data), end="")
+    return EXIT_OK
+
+
+def _config_check(args: argparse.Namespace, config: AidxConfig) -> int:
+    del args, config  # loading already validated it
+    print("configuration is valid")
+    return EXIT_OK
+
+
+def _phantom(args: argparse.Namespace, config: AidxConfig) -> int:
+    del config
+    from training.phantom import PhantomError, PhantomOptions, generate
+
+    try:
+        options = PhantomOptions(
+            slices=args.slices,
+            matrix=args.matrix,
+            nodules=args.nodules,
+            seed=args.seed,
+            slice_thickness=args.slice_thickness,
+            pixel_spacing=args.pixel_spacing,
+            kernel=args.kernel,
+            diameter_range=(args.min_diameter, args.max_diameter),
+            patient_name=args.patient_name,
+            patient_id=args.patient_id,
+            patient_birth_date=args.birth_date,
+            patient_sex=args.sex,
+            accession_number=args.accession,
+            charset=args.charset,
+            write_mask=args.mask,
+            workers=args.workers,
+        )
+        result = generate(args.out_dir, options, overwrite=args.overwrite)
+    except PhantomError as exc:
+        print(f"aidx phantom: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _report_phantom(result)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace, config: AidxConfig) -> int:
+    del args
+    from training.phantom import PhantomError, PhantomOptions, generate
+
+    demo = config.demo
+    out = config.demo_output()
+    try:
+        result = generate(
+            out,
+            PhantomOptions(
+                slices=demo.slices,
+                matrix=demo.matrix,
+                nodules=demo.nodules,
+                seed=demo.seed,
+                patient_name=demo.patient_name,
+            ),
+            overwrite=True,  # the demo folder is aidx's own; regenerating it is idempotent
+        )
+    except PhantomError as exc:
+        print(f"aidx demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _report_phantom(result)
+    print(
+        "\nThis is synthetic data (not for clinical use). Look at it with any DICOM viewer, or "
+        f"send it to a PACS with DCMTK:\n  storescu +sd +sp '*.dcm' HOST PORT {result.dicom_dir}"
+    )
+    return EXIT_OK
+
+
+def _report_phantom(result: Any) -> None:
+    truth = result.ground_truth
+    geometry = truth["geometry"]
+    print(f"wrote {len(result.files)} CT slices to {result.dicom_dir}")
+    print(
+        f"  {geometry['columns']}x{geometry['rows']}, pixel spacing "
+        f"{geometry['pixel_spacing_mm'][0]:.3f} mm, slice thickness "
+        f"{geometry['slice_thickness_mm']} mm, kernel {geometry['kernel']}"
+    )
+    print(f"  study {truth['study_instance_uid']}")
+    print(f"  series {truth['series_instance_uid']}")
+    print(f"ground truth: {result.ground_truth_path} ({len(truth['nodules'])} nodules)")
+    for n in truth["nodules"]:
+        c = ", ".join(f"{v:.1f}" for v in n["center_mm"])
+        print(
+            f"  #{n['id']}: {n['diameter_mm']:.1f} mm {n['type']} {n['margin']} "
+            f"{n['location']} at ({c}) mm, image {n['key_slice_instance_number']}"
+        )
+    if result.mask_path:
+        print(f"nodule mask: {result.mask_path}")
+    log.info(
+        "phantom written",
+        extra={"study_uid": truth["study_instance_uid"], "seconds": result.timings["total_s"]},
+    )

@@ -1,0 +1,242 @@
+"""Configuration: a typed schema, loaded from defaults, a YAML file and environment variables.
+
+Precedence, lowest first: the schema's defaults (documented key by key in
+``configs/default.yaml``), the file given with ``--config`` (or ``AIDX_CONFIG``), then
+environment variables ``AIDX_<SECTION>__<KEY>`` (double underscore between levels, values parsed
+as YAML scalars), then command-line flags. Unknown keys and bad values fail at start with the
+key's path, where it came from, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+ENV_PREFIX = "AIDX_"
+ENV_CONFIG_FILE = "AIDX_CONFIG"
+MASK = "********"
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, and values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class LogConfig(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class DemoConfig(StrictModel):
+    output: Path | None = None
+    seed: int = Field(default=20261128, ge=0)
+    slices: int = Field(default=300, ge=8, le=2000)
+    matrix: int = Field(default=512, ge=64, le=1024)
+    nodules: int = Field(default=3, ge=0, le=50)
+    patient_name: str = "DEMO^CHEST PHANTOM"
+
+
+class AidxConfig(StrictModel):
+    data_dir: Path = Path("aidx-data")
+    log: LogConfig = Field(default_factory=LogConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    def demo_output(self) -> Path:
+        return self.demo.output or self.data_dir / "demo"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; ``str()`` lists every problem with its fix."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        head = f"configuration error ({source})" if source else "configuration error"
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AidxConfig:
+    """The effective configuration.
+
+    ``overrides`` maps dotted key paths (``"log.level"``) to values, for command-line flags.
+    """
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_CONFIG_FILE):
+        path = Path(env[ENV_CONFIG_FILE])
+    data: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    if path is not None:
+        file_data = _read_yaml(path)
+        _merge(data, file_data, sources, str(path), ())
+    _merge(data, _env_overrides(env), sources, "environment", ())
+    for dotted, value in (overrides or {}).items():
+        keys = tuple(dotted.split("."))
+        _merge(data, _nest(keys, value), sources, "command line", ())
+    try:
+        return AidxConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, AidxConfig, sources)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {path}; check the path given to --config"]) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"]) from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            [f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}"]
+        ) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"{path} must hold a mapping of keys at the top level"])
+    return loaded
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        keys = tuple(k.lower() for k in name[len(ENV_PREFIX) :].split("__"))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            value = raw  # structured values belong in the file; keep the text as given
+        merged = _nest(keys, value)
+        _merge(out, merged, {}, name, ())
+    return out
+
+
+def _nest(keys: tuple[str, ...], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return dict(out)
+
+
+def _merge(
+    base: dict[str, Any],
+    new: Mapping[str, Any],
+    sources: dict[tuple[str, ...], str],
+    source: str,
+    prefix: tuple[str, ...],
+) -> None:
+    for key, value in new.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            if not isinstance(base.get(key), dict):
+                base[key] = {}
+            _merge(base[key], value, sources, source, path)
+            if not value:
+                sources[path] = _source_name(source, path)
+        else:
+            base[key] = value
+            sources[path] = _source_name(source, path)
+
+
+def _source_name(source: str, path: tuple[str, ...]) -> str:
+    return _env_name(path) if source == "environment" else source
+
+
+def _env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "__".join(p.upper() for p in path)
+
+
+def _describe(
+    exc: ValidationError, model: type[BaseModel], sources: dict[tuple[str, ...], str]
+) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc)
+        origin = _origin(loc, sources)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
+            problems.append(
+                f"{dotted}: unknown key{origin}; allowed here: {', '.join(allowed)}{did_you_mean}"
+            )
+            continue
+        allowed_text = re.sub(r"^Input should be ", "", err["msg"])
+        problems.append(f"{dotted}: got {err['input']!r}{origin}; allowed: {allowed_text}")
+    return problems
+
+
+def _origin(loc: tuple[str, ...], sources: dict[tuple[str, ...], str]) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in sources:
+            return f" (from {sources[loc[:n]]})"
+    return ""
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    current: Any = model
+    for key in loc:
+        field = current.model_fields.get(key) if hasattr(current, "model_fields") else None
+        if field is None:
+            return []
+        current = field.annotation
+    return sorted(current.model_fields) if hasattr(current, "model_fields") else []
+
+
+# ----------------------------------------------------------------------------- presenting
+_SECRET_KEY = re.compile(r"(password|secret|token|api_key|private_key)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)(?P<pw>[^@\s]+)(?P<tail>@)")
+
+
+def redacted(config: BaseModel) -> dict[str, Any]:
+    """The configuration as plain data with secrets masked: secret fields, keys that name a
+    password or token, and passwords inside URLs."""
+    data: dict[str, Any] = _redact(config, config.model_dump(mode="python"))
+    return data
+
+
+def _redact(model: BaseModel | None, data: Any) -> Any:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            sub = getattr(model, key, None) if isinstance(model, BaseModel) else None
+            if (
+                isinstance(sub, SecretStr)
+                or (_SECRET_KEY.search(key) and isinstance(value, str) and value)
+                or isinstance(value, SecretStr)
+            ):
+                out[key] = MASK
+            else:
+                out[key] = _redact(sub if isinstance(sub, BaseModel) else None, value)
+        return out
+    if isinstance(data, list):
+        return [_redact(None, v) for v in data]
+    if isinstance(data, SecretStr):
+        return MASK
+    if isinstance(data, Path):
+        return str(data)
+    if isinstance(data, str):
+        return _URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["tail"], data)
+    return data
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,1 @@
+"""DICOM networking: storage SCP, spool, study assembly, access control and TLS, export SCU."""

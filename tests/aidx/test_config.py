@@ -1,0 +1,134 @@
+"""Configuration: defaults, precedence, and errors that name the key, the value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from aidx.config import (
+    MASK,
+    AidxConfig,
+    ConfigError,
+    StrictModel,
+    load_config,
+    redacted,
+)
+from tests.conftest import REPO
+
+NO_ENV: dict[str, str] = {}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "aidx.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_default_yaml_documents_exactly_the_embedded_defaults() -> None:
+    documented = yaml.safe_load((REPO / "configs" / "default.yaml").read_text(encoding="utf-8"))
+    embedded = AidxConfig().model_dump(mode="json")
+    assert documented == embedded
+
+
+def test_every_key_in_default_yaml_has_a_comment() -> None:
+    lines = (REPO / "configs" / "default.yaml").read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.endswith(":"):
+            continue  # comments and section headers
+        assert lines[i - 1].strip().startswith("#"), f"key without a comment: {stripped}"
+
+
+def test_loading_the_shipped_default_file_gives_the_defaults() -> None:
+    assert load_config(REPO / "configs" / "default.yaml", env=NO_ENV) == AidxConfig()
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, "log:\n  level: WARNING\n  format: json\ndemo:\n  slices: 40\n")
+    env = {"AIDX_LOG__LEVEL": "ERROR", "AIDX_DEMO__NODULES": "7"}
+    config = load_config(path, env=env, overrides={"demo.slices": 50})
+    assert config.log.level == "ERROR"  # environment beats the file
+    assert config.log.format == "json"  # the file beats the defaults
+    assert config.demo.nodules == 7  # environment values are parsed, not strings
+    assert config.demo.slices == 50  # flags beat everything
+
+
+def test_aidx_config_environment_variable_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "data_dir: /srv/aidx\n")
+    config = load_config(env={"AIDX_CONFIG": str(path)})
+    assert config.data_dir == Path("/srv/aidx")
+
+
+def test_unknown_key_names_its_path_and_suggests_the_right_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "log:\n  levl: DEBUG\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env=NO_ENV)
+    message = str(err.value)
+    assert "log.levl: unknown key" in message
+    assert str(path) in message
+    assert "did you mean 'level'" in message
+    assert "allowed here: format, level" in message
+
+
+def test_bad_value_names_key_value_source_and_what_is_allowed(tmp_path: Path) -> None:
+    path = write(tmp_path, "log:\n  level: LOUD\ndemo:\n  slices: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env=NO_ENV)
+    problems = err.value.problems
+    assert len(problems) == 2
+    level = next(p for p in problems if p.startswith("log.level"))
+    assert "'LOUD'" in level and "'DEBUG'" in level and "'ERROR'" in level and str(path) in level
+    slices = next(p for p in problems if p.startswith("demo.slices"))
+    assert "got 3" in slices and "greater than or equal to 8" in slices
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"AIDX_DEMO__MATRIX": "huge"})
+    assert "demo.matrix: got 'huge' (from AIDX_DEMO__MATRIX)" in str(err.value)
+
+
+def test_unknown_environment_key_is_an_error_not_ignored() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"AIDX_DEMO__SLICE": "40"})
+    assert "demo.slice: unknown key (from AIDX_DEMO__SLICE)" in str(err.value)
+    assert "did you mean 'slices'" in str(err.value)
+
+
+def test_invalid_yaml_reports_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "log:\n  level: [INFO\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env=NO_ENV)
+    assert "not valid YAML at line" in str(err.value)
+
+
+def test_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "nope.yaml", env=NO_ENV)
+    assert "file not found" in str(err.value) and "--config" in str(err.value)
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"), env=NO_ENV)
+
+
+def test_redacted_masks_secret_fields_secret_keys_and_url_passwords() -> None:
+    class Store(StrictModel):
+        url: str = "postgresql://aidx:s3cret@db.example:5432/aidx"
+        api_token: str = "abc123"
+        password: SecretStr = SecretStr("hunter2")
+        name: str = "plain"
+
+    class WithSecrets(StrictModel):
+        store: Store = Store()
+
+    shown = redacted(WithSecrets())["store"]
+    assert shown["url"] == f"postgresql://aidx:{MASK}@db.example:5432/aidx"
+    assert shown["api_token"] == MASK
+    assert shown["password"] == MASK
+    assert shown["name"] == "plain"
+    assert "s3cret" not in str(shown) and "hunter2" not in str(shown)

@@ -1,0 +1,30 @@
+"""Shared test helpers.
+
+External tools (DCMTK, dicom3tools, Orthanc, Chromium) are installed by `make test` when it runs
+as root. A test that needs a missing tool skips with the reason, except in CI (CI=true), where a
+missing tool is a failure: nothing may skip silently there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require_tool(name: str, package: str) -> str:
+    """Absolute path of an external program, or skip (fail in CI) saying how to install it."""
+    path = shutil.which(name, path="/usr/bin:/usr/sbin:/bin:/sbin:/usr/local/bin")
+    if path:
+        return path
+    message = (
+        f"{name} not found; install the Debian package '{package}' (make test does it as root)"
+    )
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)

@@ -1,0 +1,1 @@
+"""Radiologist review app (Gradio): worklist, viewer, findings review, sign-off, dashboard."""
