@@ -22,9 +22,7 @@ def require_tool(name: str, package: str) -> str:
     path = shutil.which(name, path="/usr/bin:/usr/sbin:/bin:/sbin:/usr/local/bin")
     if path:
         return path
-    message = (
-        f"{name} not found; install the Debian package '{package}' (make test does it as root)"
-    )
+    message = f"{name} not found; install Debian's '{package}' (make test does it as root)"
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
