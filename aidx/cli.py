@@ -7,20 +7,32 @@ serving commands never load training code, torch or MONAI.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from aidx import __version__
-from aidx.config import AidxConfig, ConfigError, dump_yaml, load_config, redacted
+from aidx.config import (
+    AidxConfig,
+    ConfigError,
+    DestinationConfig,
+    dump_yaml,
+    load_config,
+    redacted,
+)
 from aidx.logs import setup_logging
 
 log = logging.getLogger("aidx.cli")
 
 EXIT_OK = 0
+EXIT_FAILED = 1  # the operation ran and failed (peer refused, files not stored)
 EXIT_USAGE = 2  # bad configuration or arguments: the message says what to change
 
 Handler = Callable[[argparse.Namespace, AidxConfig], int]
@@ -60,6 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="write the demo study configured under 'demo' (what `make run` does)"
     )
     demo.set_defaults(handler=_demo)
+
+    serve = sub.add_parser("serve", help="run the DICOM node (storage SCP, assembly, outbox)")
+    serve.add_argument("--ae-title", help="override node.ae_title")
+    serve.add_argument("--host", help="override node.host (address to listen on)")
+    serve.add_argument("--port", type=int, help="override node.port")
+    serve.set_defaults(handler=_serve)
+
+    echo = sub.add_parser("echo", help="C-ECHO a destination, or this node by default")
+    echo.add_argument("destination", nargs="?", help="name under 'destinations' (default: node)")
+    echo.set_defaults(handler=_echo)
+
+    send = sub.add_parser("send", help="C-STORE files or folders to a destination")
+    send.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    send.add_argument("--to", required=True, dest="destination", help="name under 'destinations'")
+    send.add_argument(
+        "--queue", action="store_true", help="queue in the outbox for `aidx serve` to deliver"
+    )
+    send.set_defaults(handler=_send)
+
+    outbox = sub.add_parser("outbox", help="list or retry queued exports")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    listing = outbox_sub.add_parser("list", help="show queued, sent and failed exports")
+    listing.add_argument("--state", choices=["pending", "sending", "sent", "failed"])
+    listing.set_defaults(handler=_outbox_list)
+    retry = outbox_sub.add_parser("retry", help="queue failed exports again")
+    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all failed")
+    retry.set_defaults(handler=_outbox_retry)
     return parser
 
 
@@ -99,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["log.level"] = args.log_level
     if args.log_format:
         overrides["log.format"] = args.log_format
+    for flag, key in (("ae_title", "node.ae_title"), ("host", "node.host"), ("port", "node.port")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
@@ -208,3 +250,117 @@ def _report_phantom(result: Any) -> None:
         "phantom written",
         extra={"study_uid": truth["study_instance_uid"], "seconds": result.timings["total_s"]},
     )
+
+
+def _serve(args: argparse.Namespace, config: AidxConfig) -> int:
+    del args
+    from dicom_node.policy import NodeStartError
+    from dicom_node.service import NodeService
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("received signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        service = NodeService(config)
+        service.start()
+    except (NodeStartError, OSError, ValueError) as exc:
+        print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        stop.wait()
+    finally:
+        service.stop()
+    return EXIT_OK
+
+
+def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
+    if name is None:
+        node = config.node
+        host = "127.0.0.1" if node.host in ("0.0.0.0", "::") else node.host
+        return DestinationConfig(ae_title=node.ae_title, host=host, port=node.port, tls=node.tls)
+    try:
+        return config.destinations[name]
+    except KeyError:
+        known = ", ".join(sorted(config.destinations)) or "none configured"
+        raise ConfigError(
+            [f"destinations.{name}: unknown destination; configured: {known}"]
+        ) from None
+
+
+def _echo(args: argparse.Namespace, config: AidxConfig) -> int:
+    from dicom_node.client import echo
+
+    try:
+        destination = _destination(config, args.destination)
+    except ConfigError as exc:
+        print(f"aidx echo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ok, detail = echo(destination, config.node.ae_title)
+    target = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    print(f"C-ECHO {target}: {detail}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _send(args: argparse.Namespace, config: AidxConfig) -> int:
+    from dicom_node.client import collect_files
+    from dicom_node.export import SendError, send_files
+
+    try:
+        destination = _destination(config, args.destination)
+        files = collect_files(args.paths)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"aidx send: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.queue:
+        from aidx.store import Store
+
+        store = Store(config.store_url())
+        key = "send:" + hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:32]
+        item_id, new = store.enqueue(args.destination, key, [str(f) for f in files])
+        print(
+            f"outbox item {item_id} {'queued' if new else 'was already queued'}: "
+            f"{len(files)} files to {args.destination}"
+        )
+        return EXIT_OK
+    try:
+        report = send_files(destination, config.node.ae_title, files)
+    except SendError as exc:
+        print(f"aidx send: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"sent {report.sent} files to {args.destination} ({report.converted} converted)")
+    return EXIT_OK
+
+
+def _outbox_list(args: argparse.Namespace, config: AidxConfig) -> int:
+    from aidx.store import Store
+
+    items = Store(config.store_url()).outbox_items(args.state)
+    if not items:
+        print("outbox is empty" if args.state is None else f"no {args.state} items")
+        return EXIT_OK
+    print(
+        f"{'ID':>5}  {'DESTINATION':<16} {'STATE':<8} {'TRIES':>5}  {'FILES':>5}  NEXT / LAST ERROR"
+    )
+    for item in items:
+        when = ""
+        if item.state == "pending":
+            when = "next " + time.strftime("%H:%M:%S", time.localtime(item.next_attempt_at))
+        error = f"  {item.last_error}" if item.last_error else ""
+        print(
+            f"{item.id:>5}  {item.destination:<16} {item.state:<8} {item.attempts:>5}  "
+            f"{len(item.files):>5}  {when}{error}"
+        )
+    return EXIT_OK
+
+
+def _outbox_retry(args: argparse.Namespace, config: AidxConfig) -> int:
+    from aidx.store import Store
+
+    count = Store(config.store_url()).retry(args.ids or None)
+    print(f"{count} failed items queued again")
+    return EXIT_OK

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 ENV_PREFIX = "AIDX_"
 ENV_CONFIG_FILE = "AIDX_CONFIG"
@@ -44,13 +44,82 @@ class DemoConfig(StrictModel):
     patient_name: str = "DEMO^CHEST PHANTOM"
 
 
+AE_TITLE_PATTERN = r"^[ -\[\]-~]{1,16}$"  # 16 printable ASCII characters, no backslash
+
+
+class TlsConfig(StrictModel):
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TlsConfig:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("TLS is enabled: set both certificate and private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError(
+                "require_client_certificate needs ca_certificates (the CA that signs clients)"
+            )
+        return self
+
+
+class PeerConfig(StrictModel):
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    hosts: list[str] = Field(default_factory=list)
+    echo: bool = True
+    store: bool = True
+    quiet_period_s: float | None = Field(default=None, gt=0, le=86400)
+
+
+class NodeConfig(StrictModel):
+    ae_title: str = Field(default="AIDX", pattern=AE_TITLE_PATTERN)
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=1, le=65535)
+    max_pdu: int = Field(default=0, ge=0)
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    study_quiet_period_s: float = Field(default=30.0, gt=0, le=86400)
+    min_free_disk_mb: int = Field(default=1024, ge=0)
+    accept_any_calling_ae: bool = False
+    allowed_peers: list[PeerConfig] = Field(default_factory=list)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+
+
+class DestinationConfig(StrictModel):
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(default=None, pattern=AE_TITLE_PATTERN)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+
+
+class OutboxConfig(StrictModel):
+    max_attempts: int = Field(default=12, ge=1)
+    initial_backoff_s: float = Field(default=5.0, gt=0)
+    max_backoff_s: float = Field(default=900.0, gt=0)
+    poll_interval_s: float = Field(default=2.0, gt=0)
+
+
+class StoreConfig(StrictModel):
+    url: str | None = None
+
+
 class AidxConfig(StrictModel):
     data_dir: Path = Path("aidx-data")
     log: LogConfig = Field(default_factory=LogConfig)
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def demo_output(self) -> Path:
         return self.demo.output or self.data_dir / "demo"
+
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{(self.data_dir / 'aidx.db').resolve()}"
 
 
 class ConfigError(ValueError):
@@ -178,6 +247,10 @@ def _describe(
             problems.append(
                 f"{dotted}: unknown key{origin}; allowed here: {', '.join(allowed)}{did_you_mean}"
             )
+            continue
+        if err["type"] == "value_error":
+            reason = re.sub(r"^Value error, ", "", err["msg"])
+            problems.append(f"{dotted}: {reason}{origin}")
             continue
         allowed_text = re.sub(r"^Input should be ", "", err["msg"])
         problems.append(f"{dotted}: got {err['input']!r}{origin}; allowed: {allowed_text}")

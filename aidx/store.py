@@ -1,0 +1,592 @@
+"""The store: the index of received patients, studies, series and instances, the study jobs and
+the export outbox (SQLAlchemy Core; SQLite in WAL mode by default, PostgreSQL by URL).
+
+Files are the source of truth for received instances (see :mod:`dicom_node.spool`); the index is
+what the node, the workers and the review app query. Every write is one short transaction, so a
+crash at any point leaves either the old or the new state, and every step is keyed by UIDs, so
+replaying it changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+
+metadata = MetaData()
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("patient_key", String(160), nullable=False, unique=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False),
+    Column("patient_name", String(324)),
+    Column("birth_date", String(8)),
+    Column("sex", String(16)),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("patient_pk", ForeignKey("patients.id"), nullable=False),
+    Column("accession_number", String(64)),
+    Column("study_date", String(8)),
+    Column("study_time", String(16)),
+    Column("description", String(64)),
+    Column("calling_ae", String(16), nullable=False),
+    # receiving -> complete; a late instance makes a complete study "updated" until it settles.
+    Column("state", String(16), nullable=False),
+    Column("version", Integer, nullable=False, default=0),  # completions so far
+    Column("quiet_period_s", Float, nullable=False),
+    Column("instance_count", Integer, nullable=False, default=0),
+    Column("bytes", Integer, nullable=False, default=0),
+    Column("first_arrival", Float, nullable=False),
+    Column("last_arrival", Float, nullable=False),
+    Column("completed_at", Float),
+    Index("ix_studies_state", "state"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("series_uid", String(64), primary_key=True),
+    Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("modality", String(16)),
+    Column("description", String(64)),
+    Column("body_part", String(16)),
+    Column("series_number", Integer),
+    Column("instance_count", Integer, nullable=False, default=0),
+    Column("bytes", Integer, nullable=False, default=0),
+    Column("first_arrival", Float, nullable=False),
+    Column("last_arrival", Float, nullable=False),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_uid", String(64), primary_key=True),
+    Column("series_uid", ForeignKey("series.series_uid"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("transfer_syntax", String(64), nullable=False),
+    Column("instance_number", Integer),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("calling_ae", String(16), nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("study_version", Integer, nullable=False),
+    Column("state", String(24), nullable=False),
+    Column("reason", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("study_uid", "study_version", name="uq_job_study_version"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("destination", String(64), nullable=False),
+    Column("item_key", String(200), nullable=False),
+    Column("study_uid", String(64)),
+    Column("series_uid", String(64)),
+    Column("files", Text, nullable=False),  # JSON list of paths
+    # pending -> sending -> sent; pending -> failed after the last attempt
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("sent_at", Float),
+    UniqueConstraint("destination", "item_key", name="uq_outbox_item"),
+    Index("ix_outbox_due", "state", "next_attempt_at"),
+)
+
+# Prepared statements of the receive path (plain SQL: the same on SQLite and PostgreSQL).
+_SQL_INSTANCE_EXISTS = text("SELECT 1 FROM instances WHERE sop_uid = :sop_uid")
+_SQL_INSTANCE_RESENT = text(
+    "UPDATE instances SET path = :path, size = :size, received_at = :received_at "
+    "WHERE sop_uid = :sop_uid"
+)
+_SQL_INSTANCE_INSERT = text(
+    "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, "
+    "instance_number, path, size, calling_ae, received_at) VALUES (:sop_uid, :series_uid, "
+    ":study_uid, :sop_class_uid, :transfer_syntax, :instance_number, :path, :size, "
+    ":calling_ae, :received_at)"
+)
+_SQL_STUDY_REOPEN = text(
+    "UPDATE studies SET state = 'updated' WHERE study_uid = :study_uid AND state = 'complete'"
+)
+_SQL_STUDY_BUMP = text(
+    "UPDATE studies SET instance_count = instance_count + 1, bytes = bytes + :size, "
+    "last_arrival = :now, quiet_period_s = :quiet WHERE study_uid = :study_uid"
+)
+_SQL_SERIES_BUMP = text(
+    "UPDATE series SET instance_count = instance_count + 1, bytes = bytes + :size, "
+    "last_arrival = :now WHERE series_uid = :series_uid"
+)
+
+StudyState = Literal["receiving", "complete", "updated"]
+IndexOutcome = Literal["new", "duplicate"]
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps of one received instance (read from its header)."""
+
+    sop_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    patient_id: str
+    issuer: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    accession_number: str
+    study_date: str
+    study_time: str
+    study_description: str
+    modality: str
+    series_description: str
+    body_part: str
+    series_number: int | None
+    instance_number: int | None
+    path: str
+    size: int
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    outcome: IndexOutcome
+    study_opened: bool  # a new study, or a complete one reopened by a late instance
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    destination: str
+    item_key: str
+    study_uid: str | None
+    series_uid: str | None
+    files: list[str]
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
+
+
+class Store:
+    """Thread-safe access to the index. SQLite writes are serialised by a lock in this process
+    (and by SQLite's busy timeout across processes)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        connect_args: dict[str, Any] = {"check_same_thread": False} if self.is_sqlite else {}
+        self.engine: Engine = create_engine(url, connect_args=connect_args)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._write_lock = threading.Lock()
+        self._known_series: set[str] = set()  # series whose rows exist (committed)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    # ----------------------------------------------------------------------------- receiving
+    def index_instance(
+        self, rec: InstanceRecord, received_at: float, quiet_period_s: float
+    ) -> IndexResult:
+        """Record a received instance; idempotent per SOP Instance UID.
+
+        A new instance of a study that was complete marks the study "updated", so that it is
+        assembled (and processed) again once it settles. Runs for every received instance, so
+        the common case (its series already indexed) is four prepared statements.
+        """
+        with self._write() as conn:
+            if conn.execute(_SQL_INSTANCE_EXISTS, {"sop_uid": rec.sop_uid}).first() is not None:
+                conn.execute(
+                    _SQL_INSTANCE_RESENT,
+                    {
+                        "sop_uid": rec.sop_uid,
+                        "path": rec.path,
+                        "size": rec.size,
+                        "received_at": received_at,
+                    },
+                )
+                return IndexResult("duplicate", study_opened=False)
+            if rec.series_uid in self._known_series:
+                opened = self._bump_study(conn, rec, received_at, quiet_period_s)
+            else:
+                patient_pk = self._patient(conn, rec)
+                opened = self._study(conn, rec, patient_pk, received_at, quiet_period_s)
+            self._series(conn, rec, received_at)
+            conn.execute(
+                _SQL_INSTANCE_INSERT,
+                {
+                    "sop_uid": rec.sop_uid,
+                    "series_uid": rec.series_uid,
+                    "study_uid": rec.study_uid,
+                    "sop_class_uid": rec.sop_class_uid,
+                    "transfer_syntax": rec.transfer_syntax,
+                    "instance_number": rec.instance_number,
+                    "path": rec.path,
+                    "size": rec.size,
+                    "calling_ae": rec.calling_ae,
+                    "received_at": received_at,
+                },
+            )
+        self._known_series.add(rec.series_uid)
+        if len(self._known_series) > 10_000:
+            self._known_series.clear()
+        return IndexResult("new", study_opened=opened)
+
+    def _patient(self, conn: Connection, rec: InstanceRecord) -> int:
+        key = f"{rec.issuer}\\{rec.patient_id}"
+        row = conn.execute(select(patients.c.id).where(patients.c.patient_key == key)).first()
+        if row is not None:
+            return int(row[0])
+        result = conn.execute(
+            patients.insert().values(
+                patient_key=key,
+                patient_id=rec.patient_id,
+                issuer=rec.issuer,
+                patient_name=rec.patient_name,
+                birth_date=rec.birth_date,
+                sex=rec.sex,
+            )
+        )
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    def _study(
+        self,
+        conn: Connection,
+        rec: InstanceRecord,
+        patient_pk: int,
+        now: float,
+        quiet_period_s: float,
+    ) -> bool:
+        row = conn.execute(
+            select(studies.c.state).where(studies.c.study_uid == rec.study_uid)
+        ).first()
+        if row is None:
+            conn.execute(
+                studies.insert().values(
+                    study_uid=rec.study_uid,
+                    patient_pk=patient_pk,
+                    accession_number=rec.accession_number,
+                    study_date=rec.study_date,
+                    study_time=rec.study_time,
+                    description=rec.study_description,
+                    calling_ae=rec.calling_ae,
+                    state="receiving",
+                    version=0,
+                    quiet_period_s=quiet_period_s,
+                    instance_count=1,
+                    bytes=rec.size,
+                    first_arrival=now,
+                    last_arrival=now,
+                )
+            )
+            return True
+        return self._bump_study(conn, rec, now, quiet_period_s)
+
+    def _bump_study(
+        self, conn: Connection, rec: InstanceRecord, now: float, quiet_period_s: float
+    ) -> bool:
+        """Count an instance in its existing study; a complete study becomes "updated"."""
+        reopened = conn.execute(_SQL_STUDY_REOPEN, {"study_uid": rec.study_uid}).rowcount
+        conn.execute(
+            _SQL_STUDY_BUMP,
+            {"study_uid": rec.study_uid, "size": rec.size, "now": now, "quiet": quiet_period_s},
+        )
+        return bool(reopened)
+
+    def _series(self, conn: Connection, rec: InstanceRecord, now: float) -> None:
+        changed = conn.execute(
+            _SQL_SERIES_BUMP, {"series_uid": rec.series_uid, "size": rec.size, "now": now}
+        ).rowcount
+        if changed == 0:
+            conn.execute(
+                series.insert().values(
+                    series_uid=rec.series_uid,
+                    study_uid=rec.study_uid,
+                    modality=rec.modality,
+                    description=rec.series_description,
+                    body_part=rec.body_part,
+                    series_number=rec.series_number,
+                    instance_count=1,
+                    bytes=rec.size,
+                    first_arrival=now,
+                    last_arrival=now,
+                )
+            )
+
+    def indexed_paths(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return {str(r[0]) for r in conn.execute(select(instances.c.path))}
+
+    # ------------------------------------------------------------------------------ assembly
+    def next_completion(self) -> tuple[str, float] | None:
+        """The open study that settles first, and when (epoch seconds)."""
+        due = studies.c.last_arrival + studies.c.quiet_period_s
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(studies.c.study_uid, due)
+                .where(studies.c.state.in_(("receiving", "updated")))
+                .order_by(due)
+                .limit(1)
+            ).first()
+        return (str(row[0]), float(row[1])) if row else None
+
+    def complete_study(self, study_uid: str, now: float) -> int | None:
+        """Mark a settled study complete and record its job; returns the job id.
+
+        Does nothing (returns None) when an instance arrived in the meantime or the study is
+        already complete, so calling it twice never makes two jobs.
+        """
+        with self._write() as conn:
+            row = conn.execute(
+                select(
+                    studies.c.state,
+                    studies.c.version,
+                    studies.c.last_arrival,
+                    studies.c.quiet_period_s,
+                ).where(studies.c.study_uid == study_uid)
+            ).first()
+            if row is None or row.state not in ("receiving", "updated"):
+                return None
+            if row.last_arrival + row.quiet_period_s > now:
+                return None
+            version = int(row.version) + 1
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(state="complete", version=version, completed_at=now)
+            )
+            result = conn.execute(
+                jobs.insert().values(
+                    study_uid=study_uid,
+                    study_version=version,
+                    state="queued",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    # ------------------------------------------------------------------------------- queries
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()
+        return dict(row._mapping) if row else None
+
+    def study_jobs(self, study_uid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs).where(jobs.c.study_uid == study_uid).order_by(jobs.c.id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def study_instances(self, study_uid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(instances).where(instances.c.study_uid == study_uid))
+            return [dict(r._mapping) for r in rows]
+
+    def count(self, table: Table) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+    # -------------------------------------------------------------------------------- outbox
+    def enqueue(
+        self,
+        destination: str,
+        item_key: str,
+        files: list[str],
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+    ) -> tuple[int, bool]:
+        """Queue files for one association to ``destination``; idempotent per (destination,
+        key). Returns the item id and whether it was new."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                select(outbox.c.id).where(
+                    (outbox.c.destination == destination) & (outbox.c.item_key == item_key)
+                )
+            ).first()
+            if row is not None:
+                return int(row[0]), False
+            result = conn.execute(
+                outbox.insert().values(
+                    destination=destination,
+                    item_key=item_key,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    files=json.dumps(files),
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            return int(result.inserted_primary_key[0]), True  # type: ignore[index]
+
+    def outbox_items(self, state: str | None = None) -> list[OutboxItem]:
+        query = select(outbox).order_by(outbox.c.id)
+        if state is not None:
+            query = query.where(outbox.c.state == state)
+        with self.engine.connect() as conn:
+            return [_outbox_item(r._mapping) for r in conn.execute(query)]
+
+    def claim_due(self, now: float) -> OutboxItem | None:
+        """Take the next due item (pending, next attempt passed) and mark it sending."""
+        with self._write() as conn:
+            row = conn.execute(
+                select(outbox)
+                .where((outbox.c.state == "pending") & (outbox.c.next_attempt_at <= now))
+                .order_by(outbox.c.next_attempt_at, outbox.c.id)
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            conn.execute(
+                update(outbox).where(outbox.c.id == row.id).values(state="sending", updated_at=now)
+            )
+            return _outbox_item({**row._mapping, "state": "sending"})
+
+    def next_due(self) -> float | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(func.min(outbox.c.next_attempt_at)).where(outbox.c.state == "pending")
+            ).scalar()
+        return float(value) if value is not None else None
+
+    def mark_sent(self, item_id: int) -> None:
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.id == item_id)
+                .values(
+                    state="sent",
+                    sent_at=now,
+                    updated_at=now,
+                    last_error=None,
+                    attempts=outbox.c.attempts + 1,
+                )
+            )
+
+    def mark_attempt_failed(self, item_id: int, error: str, next_attempt_at: float | None) -> None:
+        """Record a failed attempt: retry at ``next_attempt_at``, or fail for good if None."""
+        now = time.time()
+        values: dict[str, Any] = {
+            "attempts": outbox.c.attempts + 1,
+            "last_error": error,
+            "updated_at": now,
+        }
+        if next_attempt_at is None:
+            values["state"] = "failed"
+        else:
+            values.update(state="pending", next_attempt_at=next_attempt_at)
+        with self._write() as conn:
+            conn.execute(update(outbox).where(outbox.c.id == item_id).values(**values))
+
+    def requeue_interrupted(self) -> int:
+        """Items left "sending" by a process that died go back to pending (at start-up)."""
+        with self._write() as conn:
+            return int(
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.state == "sending")
+                    .values(state="pending", updated_at=time.time())
+                ).rowcount
+            )
+
+    def retry(self, item_ids: list[int] | None = None) -> int:
+        """Put failed items (all, or the given ones) back in the queue, attempts reset."""
+        now = time.time()
+        query = update(outbox).where(outbox.c.state == "failed")
+        if item_ids is not None:
+            query = query.where(outbox.c.id.in_(item_ids))
+        with self._write() as conn:
+            return int(
+                conn.execute(
+                    query.values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
+                ).rowcount
+            )
+
+
+def _outbox_item(m: Any) -> OutboxItem:
+    return OutboxItem(
+        id=int(m["id"]),
+        destination=str(m["destination"]),
+        item_key=str(m["item_key"]),
+        study_uid=m["study_uid"],
+        series_uid=m["series_uid"],
+        files=list(json.loads(m["files"])),
+        state=str(m["state"]),
+        attempts=int(m["attempts"]),
+        next_attempt_at=float(m["next_attempt_at"]),
+        last_error=m["last_error"],
+        created_at=float(m["created_at"]),
+        sent_at=float(m["sent_at"]) if m["sent_at"] is not None else None,
+    )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL: readers never block the writer. NORMAL: a commit survives a crash of the process
+    # (what kill -9 tests); files are fsync'd separately and re-indexed at start-up if needed.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,396 @@
+"""Benchmark: receiving a 300 x 512² CT study over DICOM C-STORE, aidx against three receivers.
+
+One phantom study is generated once; DCMTK storescu sends it (one association, TCP_NODELAY=1) to
+each receiver, started fresh for every timed run so that none sees a study twice:
+
+- bare: a pynetdicom storage SCP in its own process that only writes the received bytes
+  (`event.encoded_dataset()`); the floor for any pynetdicom-based receiver;
+- orthanc: Orthanc as shipped (tests/peers.Orthanc);
+- storescp: DCMTK storescp (tests/peers.Storescp; --fork for concurrent senders);
+- aidx: ``aidx --data-dir DIR serve --port PORT --ae-title AIDX`` (ready when it answers a
+  C-ECHO, stopped with SIGTERM); skipped with a note if the command is not available.
+
+It also times 4 storescu processes sending 4 copies of the study (new Study/Series/SOP UIDs) at
+once, and for aidx the resident memory after each of 10 consecutive studies. Every run checks
+that storescu saw a Success response for every image, and where the receiver can be asked
+(files, Orthanc instances) that it holds them all. Medians over --repeats; ratios only against
+figures measured in the same run (the machines are shared and noisy). Targets: aidx >= 2x
+Orthanc's images/s and >= 0.8x the bare floor's.
+
+Usage: python benchmarks/ingest.py [--repeats 3] [--only bare,orthanc,storescp,aidx]
+       [--senders 4] [--rss-studies 10] [--slices 300] [--matrix 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make tests.peers importable
+    sys.path.insert(0, str(REPO))
+
+from tests.peers import (  # noqa: E402
+    LOOPBACK,
+    Orthanc,
+    PeerError,
+    Storescp,
+    echoscu,
+    free_port,
+    poll_until,
+    rss_tree_kib,
+    start_process,
+    stop_process,
+    storescu_command,
+    wait_for_port,
+)
+
+RECEIVERS = ("bare", "orthanc", "storescp", "aidx")
+LABELS = {
+    "bare": "bare pynetdicom SCP (floor)",
+    "orthanc": "Orthanc",
+    "storescp": "DCMTK storescp",
+    "aidx": "aidx serve",
+}
+SUCCESS_LINE = "Received Store Response (Success)"
+SEND_TIMEOUT_S = 600.0
+# C-STORE response statuses (PS3.4 Annex B.2.3) used by the bare SCP.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+
+
+# --- The bare floor: a separate process, so that the sender's process does not skew it ----------
+
+
+def serve_bare(port: int, out_dir: Path) -> None:
+    """Run the bare pynetdicom storage SCP until killed: accept every storage SOP class in every
+    transfer syntax, write each received dataset's bytes to ``out_dir``, decode nothing."""
+    from pynetdicom import (
+        AE,
+        ALL_TRANSFER_SYNTAXES,
+        AllStoragePresentationContexts,
+        VerificationPresentationContexts,
+        evt,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ae = AE(ae_title="BARE")
+    ae.maximum_pdu_size = 0  # unlimited; pynetdicom's default is 16 382 bytes
+    for context in [*AllStoragePresentationContexts, *VerificationPresentationContexts]:
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+
+    numbers = itertools.count()  # next() on a count is atomic under the GIL
+
+    def on_store(event: evt.Event) -> int:
+        try:
+            (out_dir / f"{next(numbers):07d}.dcm").write_bytes(event.encoded_dataset())
+        except OSError:
+            return STATUS_OUT_OF_RESOURCES
+        return STATUS_SUCCESS
+
+    ae.start_server((LOOPBACK, port), block=True, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+# --- Receivers -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Receiver:
+    """A started receiver: where to send, whose memory to read, how to count what it holds."""
+
+    aet: str
+    port: int
+    pid: int
+    held: Callable[[], int] | None = None
+
+
+class ReceiverUnavailableError(Exception):
+    """The receiver cannot run here (e.g. `aidx serve` does not exist yet)."""
+
+
+def dcm_count(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.dcm")) if folder.is_dir() else 0
+
+
+@contextmanager
+def start_receiver(name: str, work: Path, concurrent: bool) -> Iterator[Receiver]:
+    """Start the named receiver fresh in ``work`` and stop it (with its children) afterwards."""
+    if name == "orthanc":
+        with Orthanc(work / "orthanc") as orthanc:
+            yield Receiver(orthanc.aet, orthanc.dicom_port, orthanc.pid, orthanc_count(orthanc))
+        return
+    if name == "storescp":
+        with Storescp(work / "storescp", fork=concurrent) as scp:
+            yield Receiver(scp.aet, scp.port, scp.pid, lambda: len(scp.files()))
+        return
+    port, log = free_port(), work / f"{name}.log"
+    if name == "bare":
+        out = work / "bare"
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
+        process = start_process([*command, str(out)], log)
+        try:
+            wait_for_port(LOOPBACK, port, 30.0, process=process, log_path=log)
+            yield Receiver("BARE", port, process.pid, lambda: dcm_count(out))
+        finally:
+            stop_process(process)
+        return
+    if name == "aidx":
+        aidx = Path(sys.executable).parent / "aidx"
+        command = [str(aidx), "--data-dir", str(work / "aidx-data"), "serve"]
+        process = start_process([*command, "--port", str(port), "--ae-title", "AIDX"], log)
+        try:
+            try:
+                poll_until(
+                    lambda: echoscu(LOOPBACK, port, "AIDX", "BENCH").returncode == 0,
+                    60.0,
+                    "aidx serve answering C-ECHO",
+                    process=process,
+                    log_path=log,
+                )
+            except PeerError as exc:
+                last = str(exc).strip().splitlines()
+                raise ReceiverUnavailableError(f"{last[0]}; last log line: {last[-1]}") from exc
+            # aidx keeps its own layout; storescu's Success responses are the check.
+            yield Receiver("AIDX", port, process.pid)
+        finally:
+            stop_process(process)
+        return
+    raise ValueError(f"unknown receiver {name!r}; choose from {', '.join(RECEIVERS)}")
+
+
+def orthanc_count(orthanc: Orthanc) -> Callable[[], int]:
+    return lambda: len(orthanc.instances())
+
+
+# --- Sending -------------------------------------------------------------------------------------
+
+
+def send(receiver: Receiver, studies: list[Path], logs: Path) -> float:
+    """Send each study folder with its own storescu process, all at once; return the seconds
+    from the first start to the last exit, after checking that every image got Success."""
+    logs.mkdir(parents=True, exist_ok=True)
+    outputs = [logs / f"storescu-{i}.log" for i in range(len(studies))]
+    processes: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    start = time.perf_counter()
+    try:
+        for study, output in zip(studies, outputs, strict=True):
+            command = storescu_command(
+                LOOPBACK, receiver.port, [study], called_aet=receiver.aet, extra_args=["-v"]
+            )
+            with output.open("wb") as sink:
+                processes.append(
+                    subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+                )
+        for process in processes:
+            process.wait(SEND_TIMEOUT_S)
+        elapsed = time.perf_counter() - start
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for study, process, output in zip(studies, processes, outputs, strict=True):
+        text = output.read_text(encoding="utf-8", errors="replace")
+        expected = dcm_count(study)
+        got = text.count(SUCCESS_LINE)
+        if process.returncode != 0 or got != expected:
+            tail = "\n".join(text.splitlines()[-8:])
+            raise PeerError(
+                f"storescu to {receiver.aet} exited {process.returncode} with {got}/{expected}"
+                f" Success responses for {study}:\n{tail}"
+            )
+    return elapsed
+
+
+def check_held(name: str, receiver: Receiver, expected: int) -> None:
+    """Where the receiver can be asked, check that it holds every image sent."""
+    if receiver.held is not None and (held := receiver.held()) != expected:
+        raise PeerError(f"{name} holds {held} images after {expected} were sent with Success")
+
+
+# --- Study copies with new UIDs ------------------------------------------------------------------
+
+
+def copy_with_new_uids(source: Path, target: Path) -> Path:
+    """Rewrite a study under new Study/Series/SOP Instance (and Frame of Reference) UIDs, so that
+    receivers see a different study, not a resend."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    target.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for path in sorted(source.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        if "FrameOfReferenceUID" in ds:
+            ds.FrameOfReferenceUID = frame
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(target / path.name, enforce_file_format=True)
+    return target
+
+
+@dataclass
+class Copies:
+    """Copies of the study with fresh UIDs, made once on first use and reused by every run."""
+
+    source: Path
+    root: Path
+    made: list[Path] = field(default_factory=list)
+
+    def first(self, n: int) -> list[Path]:
+        while len(self.made) < n:
+            self.made.append(copy_with_new_uids(self.source, self.root / f"copy{len(self.made)}"))
+        return self.made[:n]
+
+
+# --- Runs ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    single: list[float] = field(default_factory=list)
+    concurrent: list[float] = field(default_factory=list)
+    rss_kib: list[int] = field(default_factory=list)
+    note: str = ""
+
+
+def timed_run(name: str, studies: list[Path], root: Path, concurrent: bool) -> float:
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        work = Path(tmp)
+        with start_receiver(name, work, concurrent) as receiver:
+            seconds = send(receiver, studies, work / "logs")
+            check_held(name, receiver, sum(dcm_count(s) for s in studies))
+    return seconds
+
+
+def memory_run(copies: list[Path], root: Path) -> list[int]:
+    """Send studies one after another to one aidx; resident KiB (with children) after each."""
+    rss: list[int] = []
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        work = Path(tmp)
+        with start_receiver("aidx", work, concurrent=False) as receiver:
+            for copy in copies:
+                send(receiver, [copy], work / "logs")
+                rss.append(rss_tree_kib(receiver.pid))
+    return rss
+
+
+def run_receiver(name: str, args: argparse.Namespace, study: Path, copies: Copies) -> Result:
+    result = Result()
+    try:
+        for repeat in range(args.repeats):
+            result.single.append(timed_run(name, [study], args.root, concurrent=False))
+            many = copies.first(args.senders)
+            result.concurrent.append(timed_run(name, many, args.root, concurrent=True))
+            print(
+                f"  {name} run {repeat + 1}: 1 sender {result.single[-1]:.2f} s,"
+                f" {args.senders} senders {result.concurrent[-1]:.2f} s",
+                flush=True,
+            )
+        if name == "aidx" and args.rss_studies > 0:
+            result.rss_kib = memory_run(copies.first(args.rss_studies), args.root)
+    except ReceiverUnavailableError as exc:
+        result.note = f"not available ({exc})"
+        print(f"{name}: {result.note}", flush=True)
+    return result
+
+
+def report(results: dict[str, Result], images: int, senders: int) -> None:
+    med = statistics.median
+
+    def rate(times: list[float], count: int) -> float | None:
+        return count / med(times) if times else None
+
+    print(f"\nmedians ({images} images per study; {senders} senders = {senders * images} images):")
+    print(
+        f"  {'receiver':<29} {'1 sender':>10} {'images/s':>9}   {'N senders':>10} {'images/s':>9}"
+    )
+    for name, result in results.items():
+        if result.note:
+            print(f"  {LABELS[name]:<29} {result.note}")
+            continue
+        one, many = med(result.single), med(result.concurrent)
+        print(
+            f"  {LABELS[name]:<29} {one:>8.2f} s {images / one:>9.0f}"
+            f"   {many:>8.2f} s {senders * images / many:>9.0f}"
+        )
+    aidx = results.get("aidx")
+    if aidx is None or aidx.note:
+        return
+    for base, target in (("orthanc", 2.0), ("bare", 0.8)):
+        other = results.get(base)
+        if other is None or other.note:
+            continue
+        for label, ours, theirs, count in (
+            ("1 sender", aidx.single, other.single, images),
+            (f"{senders} senders", aidx.concurrent, other.concurrent, senders * images),
+        ):
+            a, b = rate(ours, count), rate(theirs, count)
+            if a is not None and b is not None:
+                print(
+                    f"  aidx / {LABELS[base]} images/s ({label}): {a / b:.2f}x"
+                    f"   target >= {target:g}x"
+                )
+    if aidx.rss_kib:
+        mib = [k / 1024 for k in aidx.rss_kib]
+        print(
+            f"  aidx resident memory after each of {len(mib)} studies: first {mib[0]:.0f} MiB,"
+            f" last {mib[-1]:.0f} MiB, max {max(mib):.0f} MiB"
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=",".join(RECEIVERS), help="receivers, comma-separated")
+    parser.add_argument("--senders", type=int, default=4, help="concurrent storescu processes")
+    parser.add_argument("--rss-studies", type=int, default=10, help="studies for aidx memory")
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(args.names) - set(RECEIVERS))
+    if unknown:
+        parser.error(f"unknown receiver(s) {', '.join(unknown)}; choose from {RECEIVERS}")
+    if args.repeats < 1 or args.senders < 1:
+        parser.error("--repeats and --senders must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.serve_bare:
+        serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]))
+        return
+    from training.phantom import PhantomOptions, generate
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    with tempfile.TemporaryDirectory(prefix="aidx-ingest-") as tmp:
+        args.root = Path(tmp)
+        options = PhantomOptions(seed=42, slices=args.slices, matrix=args.matrix, nodules=0)
+        study = generate(args.root / "phantom", options).dicom_dir
+        images = dcm_count(study)
+        print(f"study: {images} slices of {args.matrix}², sent by DCMTK storescu, TCP_NODELAY=1")
+        copies = Copies(study, args.root / "copies")
+        results = {name: run_receiver(name, args, study, copies) for name in args.names}
+        report(results, images, args.senders)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Study assembly: a study is complete when no instance has arrived for its quiet period.
+
+Completion records a job in the store (the pipeline runs it). An instance that arrives after
+completion reopens the study ("updated"); it completes again, with a new job, once it settles.
+The thread sleeps until the next study is due, and is woken when a study opens; it never polls
+the receive path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from aidx.store import Store
+
+log = logging.getLogger("aidx.assembly")
+
+
+class StudyAssembler:
+    def __init__(self, store: Store, on_complete: Callable[[str, int], None] | None = None) -> None:
+        self.store = store
+        self.on_complete = on_complete
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="aidx-assembly", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def notify(self, study_uid: str = "") -> None:
+        """A study opened (or reopened): its deadline may come before the one being waited for."""
+        del study_uid
+        self._wake.set()
+
+    def run_once(self, now: float | None = None) -> float | None:
+        """Complete every study that has settled; return when the next one is due, if any."""
+        while True:
+            current = time.time() if now is None else now
+            nxt = self.store.next_completion()
+            if nxt is None:
+                return None
+            study_uid, due = nxt
+            if due > current:
+                return due
+            job_id = self.store.complete_study(study_uid, current)
+            if job_id is not None:
+                study = self.store.study(study_uid) or {}
+                log.info(
+                    "study complete: study_uid=%s instances=%s version=%s job=%d",
+                    study_uid,
+                    study.get("instance_count"),
+                    study.get("version"),
+                    job_id,
+                )
+                if self.on_complete is not None:
+                    self.on_complete(study_uid, job_id)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                due = self.run_once()
+            except Exception:
+                log.exception("study assembly failed; retrying in 5 s")
+                due = time.time() + 5.0
+            timeout = None if due is None else max(due - time.time(), 0.0) + 0.01
+            self._wake.wait(timeout)
+            self._wake.clear()

@@ -1,0 +1,53 @@
+"""Client side of the node's commands: C-ECHO and collecting files to send."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydicom.uid import UID
+from pynetdicom import AE
+
+from aidx.config import DestinationConfig
+
+from .tls import client_context
+
+VERIFICATION = UID("1.2.840.10008.1.1")  # Verification SOP Class (PS3.4 Annex A)
+
+
+def echo(destination: DestinationConfig, calling_ae: str) -> tuple[bool, str]:
+    """C-ECHO ``destination``; returns whether it succeeded and what happened."""
+    ae = AE(ae_title=destination.calling_ae_title or calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(VERIFICATION)
+    tls_args = (
+        (client_context(destination.tls), destination.host) if destination.tls.enabled else None
+    )
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
+    if not assoc.is_established:
+        return False, "association rejected" if assoc.is_rejected else "no association"
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(getattr(rsp, "Status", -1)) if rsp else -1
+    return (code == 0, "success") if code == 0 else (False, f"status 0x{code:04X}")
+
+
+def collect_files(paths: Iterable[Path]) -> list[Path]:
+    """Files named, and every file under folders named (hidden files skipped), sorted."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    if not files:
+        raise FileNotFoundError("no files to send in the paths given")
+    return files

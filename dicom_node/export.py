@@ -1,0 +1,209 @@
+"""Export SCU: sends files to configured destinations, now (``aidx send``) or through the
+durable outbox (``aidx serve``): one association per item, exponential backoff between attempts,
+resumed after a restart, permanent failures kept with their last error.
+
+Files are sent as stored. When the peer does not accept a file's transfer syntax, compressed
+pixel data is decoded and the file is sent in explicit VR little endian instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from aidx.config import AidxConfig, DestinationConfig, OutboxConfig
+from aidx.store import OutboxItem, Store
+
+from .tls import client_context
+
+log = logging.getLogger("aidx.export")
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+
+
+class SendError(RuntimeError):
+    """The association could not be made, or the peer refused some files."""
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    converted: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def send_files(
+    destination: DestinationConfig, calling_ae: str, files: Sequence[Path]
+) -> SendReport:
+    """Send ``files`` in one association; raises SendError unless every file is stored."""
+    headers: list[tuple[Path, UID, UID]] = []
+    for path in files:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        headers.append((path, UID(meta.SOPClassUID), UID(meta.file_meta.TransferSyntaxUID)))
+    ae = AE(ae_title=destination.calling_ae_title or calling_ae)
+    ae.maximum_pdu_size = 0
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    for sop_class, syntax in sorted({(c, t) for _, c, t in headers}):
+        ae.add_requested_context(sop_class, [syntax])
+    for sop_class in sorted({c for _, c, _ in headers}):
+        ae.add_requested_context(sop_class, list(UNCOMPRESSED))
+    if len(ae.requested_contexts) > MAX_CONTEXTS:
+        raise SendError(
+            f"{len(ae.requested_contexts)} presentation contexts needed, at most 128 per "
+            "association: send fewer kinds of objects at once"
+        )
+    tls_args = (
+        (client_context(destination.tls), destination.host) if destination.tls.enabled else None
+    )
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted or unreachable"
+        raise SendError(
+            f"association to {destination.ae_title}@{destination.host}:{destination.port} {why}"
+        )
+    report = SendReport()
+    try:
+        for path, sop_class, syntax in headers:
+            _send_one(assoc, path, sop_class, syntax, report)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if report.failures:
+        raise SendError("; ".join(report.failures[:5]) + _more(len(report.failures)))
+    return report
+
+
+def _more(n: int) -> str:
+    return f" (and {n - 5} more)" if n > 5 else ""
+
+
+def _send_one(
+    assoc: Association, path: Path, sop_class: UID, syntax: UID, report: SendReport
+) -> None:
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    if (sop_class, syntax) in accepted:
+        rsp = assoc.send_c_store(path)
+    else:
+        fallback = next((t for t in UNCOMPRESSED if (sop_class, t) in accepted), None)
+        if fallback is None:
+            report.failures.append(f"{path.name}: the peer accepts no transfer syntax for it")
+            return
+        ds = dcmread(path)
+        if syntax.is_compressed:
+            ds.decompress()  # decodes pixel data and switches to explicit VR little endian
+        ds.file_meta.TransferSyntaxUID = fallback
+        rsp = assoc.send_c_store(ds)
+        report.converted += 1
+    code = int(getattr(rsp, "Status", -1)) if rsp else -1
+    if code in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or warning: stored
+        report.sent += 1
+    elif code == -1:
+        report.failures.append(f"{path.name}: no response (association lost)")
+    else:
+        report.failures.append(f"{path.name}: status 0x{code:04X}")
+
+
+def backoff_s(attempts: int, outbox: OutboxConfig, rng: random.Random | None = None) -> float:
+    """Delay before the next attempt after ``attempts`` failures (exponential, ±10 % jitter)."""
+    base = min(outbox.initial_backoff_s * 2 ** max(attempts - 1, 0), outbox.max_backoff_s)
+    return float(base * (rng or random).uniform(0.9, 1.1))
+
+
+class ExportWorker:
+    """Delivers outbox items in the background; wakes when one is queued or due."""
+
+    def __init__(self, config: AidxConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        resumed = self.store.requeue_interrupted()
+        if resumed:
+            log.info("outbox: %d interrupted deliveries resumed", resumed)
+        self._thread = threading.Thread(target=self._run, name="aidx-export", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def deliver_due(self) -> int:
+        """Attempt every item that is due now; returns how many were attempted."""
+        attempted = 0
+        while not self._stop.is_set():
+            item = self.store.claim_due(time.time())
+            if item is None:
+                return attempted
+            attempted += 1
+            self._attempt(item)
+        return attempted
+
+    def _attempt(self, item: OutboxItem) -> None:
+        destination = self.config.destinations.get(item.destination)
+        if destination is None:
+            self.store.mark_attempt_failed(
+                item.id, f"destination {item.destination!r} is not configured", None
+            )
+            log.error("outbox item %d: destination %r not configured", item.id, item.destination)
+            return
+        try:
+            report = send_files(
+                destination, self.config.node.ae_title, [Path(f) for f in item.files]
+            )
+        except (SendError, OSError, ValueError) as exc:
+            attempts = item.attempts + 1
+            retry_at = None
+            if attempts < self.config.outbox.max_attempts:
+                retry_at = time.time() + backoff_s(attempts, self.config.outbox)
+            self.store.mark_attempt_failed(item.id, str(exc), retry_at)
+            log.warning(
+                "outbox item %d to %s: attempt %d failed: %s%s",
+                item.id,
+                item.destination,
+                attempts,
+                exc,
+                "" if retry_at else " (giving up; `aidx outbox retry` to try again)",
+            )
+            return
+        self.store.mark_sent(item.id)
+        log.info(
+            "outbox item %d delivered to %s: %d files (%d converted)",
+            item.id,
+            item.destination,
+            report.sent,
+            report.converted,
+        )
+
+    def _run(self) -> None:
+        poll = self.config.outbox.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                self.deliver_due()
+                nxt = self.store.next_due()
+            except Exception:
+                log.exception("outbox delivery failed; retrying")
+                nxt = None
+            timeout = poll if nxt is None else min(max(nxt - time.time(), 0.0) + 0.01, poll)
+            self._wake.wait(timeout)
+            self._wake.clear()

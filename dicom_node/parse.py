@@ -1,0 +1,273 @@
+"""What the receive path reads of a C-STORE data set, without decoding pixel data.
+
+The data set arrives as bytes in the negotiated transfer syntax. We check that it is complete
+(pydicom reads short values without complaint), take the attributes the index needs, and build
+the Part 10 file (preamble, File Meta Information, data set exactly as received).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
+
+from aidx.store import InstanceRecord
+
+from . import status
+from .spool import valid_uid
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.1.20261128"
+IMPLEMENTATION_VERSION = "AIDX_0_1"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+REQUIRED_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
+INDEXED = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "Modality",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "SeriesNumber",
+    "InstanceNumber",
+)
+
+
+class InstanceError(ValueError):
+    """A received data set that cannot be stored; ``code`` is the DIMSE status to return."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Received:
+    """A parsed C-STORE data set."""
+
+    record: InstanceRecord
+    dataset_bytes: bytes
+
+
+def file_meta_bytes(sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, "DICM" and File Meta Information (PS3.10 7.1), explicit VR little endian."""
+    elements = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _uid(sop_class_uid)),
+            _element(0x0003, b"UI", _uid(sop_uid)),
+            _element(0x0010, b"UI", _uid(transfer_syntax)),
+            _element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION.encode("ascii"), b" ")),
+        )
+    )
+    group_length = _element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return b"\x00" * 128 + b"DICM" + group_length + elements
+
+
+def _uid(value: str) -> bytes:
+    return _even(value.encode("ascii"), b"\x00")
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def parse_dataset(dataset_bytes: bytes, transfer_syntax: str) -> Dataset:
+    """Read a data set in ``transfer_syntax`` (values stay raw until used) and check that it
+    is complete."""
+    syntax = UID(transfer_syntax)
+    stream = dataset_bytes
+    try:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            stream = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
+        ds = read_dataset(
+            BytesIO(stream),
+            is_implicit_VR=syntax.is_implicit_VR,
+            is_little_endian=syntax.is_little_endian,
+        )
+    except (
+        zlib.error,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        OSError,
+        NotImplementedError,
+    ) as exc:
+        raise InstanceError(status.CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}") from exc
+    check_complete(ds)
+    return ds
+
+
+def check_complete(ds: Dataset) -> None:
+    """Refuse a truncated data set: each top-level element must hold the bytes it declares,
+    and an image must have pixel data."""
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every value
+        raw: Any = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        arrived = len(raw.value or b"")
+        if length is not None and length != UNDEFINED_LENGTH and arrived < length:
+            raise InstanceError(
+                status.CANNOT_UNDERSTAND,
+                f"truncated: element {tag} declares {length} bytes, {arrived} arrived",
+            )
+    if "Rows" in ds and not any(keyword in ds for keyword in PIXEL_TAGS):
+        raise InstanceError(status.CANNOT_UNDERSTAND, "truncated: an image without pixel data")
+
+
+def read_record(
+    ds: Dataset,
+    sop_uid: str,
+    sop_class_uid: str,
+    transfer_syntax: str,
+    calling_ae: str,
+    size: int,
+) -> InstanceRecord:
+    """Index fields of a parsed data set, after checking its UIDs against the request.
+
+    Values are decoded straight from the raw elements (the character set applied to the text
+    value representations that need it), which is several times faster than letting pydicom
+    convert and validate each element, on a path that runs for every received instance.
+    """
+    reader = _RawReader(ds)
+    uids = {}
+    for keyword in REQUIRED_UIDS:
+        value = reader.text(keyword)
+        if not value:
+            raise InstanceError(status.CANNOT_UNDERSTAND, f"{keyword} is missing")
+        if not valid_uid(value):
+            raise InstanceError(status.CANNOT_UNDERSTAND, f"{keyword} {value!r} is not a valid UID")
+        uids[keyword] = value
+    if uids["SOPInstanceUID"] != sop_uid:
+        raise InstanceError(
+            status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"SOP Instance UID in the data set ({uids['SOPInstanceUID']}) differs from the request",
+        )
+    if uids["SOPClassUID"] != sop_class_uid:
+        raise InstanceError(
+            status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"SOP Class UID in the data set ({uids['SOPClassUID']}) differs from the request "
+            f"({sop_class_uid})",
+        )
+    return InstanceRecord(
+        sop_uid=sop_uid,
+        sop_class_uid=sop_class_uid,
+        series_uid=uids["SeriesInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        transfer_syntax=transfer_syntax,
+        patient_id=reader.text("PatientID"),
+        issuer=reader.text("IssuerOfPatientID"),
+        patient_name=reader.text("PatientName"),
+        birth_date=reader.text("PatientBirthDate")[:8],
+        sex=reader.text("PatientSex")[:16],
+        accession_number=reader.text("AccessionNumber"),
+        study_date=reader.text("StudyDate")[:8],
+        study_time=reader.text("StudyTime")[:16],
+        study_description=reader.text("StudyDescription")[:64],
+        modality=reader.text("Modality")[:16],
+        series_description=reader.text("SeriesDescription")[:64],
+        body_part=reader.text("BodyPartExamined")[:16],
+        series_number=_int(reader.text("SeriesNumber")),
+        instance_number=_int(reader.text("InstanceNumber")),
+        path="",
+        size=size,
+        calling_ae=calling_ae,
+    )
+
+
+_CHARSET_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC"}
+_TAGS = {keyword: tag_for_keyword(keyword) for keyword in INDEXED}
+
+
+class _RawReader:
+    """Text of top-level elements, decoded from their raw bytes."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self._encodings: list[str] | None = None
+
+    def _charsets(self) -> list[str]:
+        if self._encodings is None:
+            raw = self.text("SpecificCharacterSet", charset=False)
+            terms = [t.strip() for t in raw.split("\\")] if raw else [""]
+            try:
+                self._encodings = convert_encodings(terms)
+            except LookupError:
+                self._encodings = ["iso8859"]
+        return self._encodings
+
+    def text(self, keyword: str, charset: bool = True) -> str:
+        tag = _TAGS[keyword]
+        if tag is None or tag not in self.ds:
+            return ""
+        element: Any = self.ds.get_item(tag)
+        value = getattr(element, "value", None)
+        if value is None:
+            return ""
+        if not isinstance(value, bytes | bytearray):
+            return str(value).strip()  # already converted by pydicom
+        vr = element.VR or dictionary_VR(tag)
+        try:
+            if charset and vr == "PN":
+                text = str(PersonName(bytes(value), self._charsets()))
+            elif charset and vr in _CHARSET_VRS:
+                text = decode_bytes(bytes(value), self._charsets(), TEXT_VR_DELIMS)
+            else:
+                text = bytes(value).decode("ascii", errors="replace")
+        except (LookupError, ValueError):
+            text = bytes(value).decode("latin-1", errors="replace")
+        return text.strip(" \x00")
+
+
+def read_file(data: bytes, calling_ae: str) -> InstanceRecord:
+    """The index record of a whole Part 10 file (used when re-indexing the spool)."""
+    try:
+        ds = dcmread(BytesIO(data))
+    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+        raise InstanceError(status.CANNOT_UNDERSTAND, f"cannot parse the file: {exc}") from exc
+    check_complete(ds)
+    meta = ds.file_meta
+    return read_record(
+        ds,
+        str(meta.MediaStorageSOPInstanceUID),
+        str(meta.MediaStorageSOPClassUID),
+        str(meta.TransferSyntaxUID),
+        calling_ae,
+        len(data),
+    )
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None

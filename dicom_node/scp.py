@@ -1,0 +1,262 @@
+"""The storage SCP (PS3.4 Annex A VERIFICATION and Annex B Storage, as SCP) built on pynetdicom.
+
+Each C-STORE is written to the spool exactly as received (no decode of pixel data), flushed to
+disk and indexed in the store before the success status is returned. Handlers never raise: every
+failure becomes a DIMSE status and one log line naming the SOP Instance UID and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    evt,
+)
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from aidx.config import NodeConfig
+from aidx.store import Store
+
+from . import status
+from .client import VERIFICATION
+from .parse import InstanceError, file_meta_bytes, parse_dataset, read_record
+from .policy import (
+    REJECT_PERMANENT,
+    SOURCE_SERVICE_USER,
+    AccessPolicy,
+    Rejection,
+    Rights,
+)
+from .spool import DiskFloorError, Spool, valid_uid
+from .tls import server_context
+
+log = logging.getLogger("aidx.node")
+
+
+@dataclass
+class _Counts:
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class _PolicyACSE(ACSE):
+    """ACSE that applies the access policy before pynetdicom's own negotiation."""
+
+    def __init__(self, assoc: Association, policy: AccessPolicy) -> None:
+        super().__init__(assoc)
+        self._policy = policy
+
+    def _negotiate_as_acceptor(self) -> None:
+        request = cast(Any, self.requestor.primitive)
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        address = self.assoc.requestor.address
+        decision = self._policy.decide(calling, called, address)
+        if isinstance(decision, Rejection):
+            self.requestor.ae_title = calling
+            log.warning(
+                "association rejected: %s",
+                decision.why,
+                extra={"calling_ae": calling, "called_ae": called, "peer": address},
+            )
+            self.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, decision.reason)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        # Rights decide which services this association may negotiate.
+        self.acceptor.supported_contexts = [
+            cx for cx in self.acceptor.supported_contexts if _allowed(cx, decision)
+        ]
+        super()._negotiate_as_acceptor()
+
+
+def _allowed(cx: PresentationContext, rights: Rights) -> bool:
+    if cx.abstract_syntax == VERIFICATION:
+        return rights.echo
+    return rights.store
+
+
+class StorageSCP:
+    """The listening node: policy, handlers and the pynetdicom server."""
+
+    def __init__(
+        self,
+        node: NodeConfig,
+        store: Store,
+        spool: Spool,
+        on_study_opened: Callable[[str], None] | None = None,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.spool = spool
+        self.policy = AccessPolicy(node)
+        self.on_study_opened = on_study_opened
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self._counts: dict[int, _Counts] = {}
+        self._counts_lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "the node is not started"
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self.policy.check_startup()
+        ae = AE(ae_title=self.node.ae_title)
+        ae.maximum_pdu_size = self.node.max_pdu
+        ae.maximum_associations = self.node.max_associations
+        ae.network_timeout = self.node.network_timeout_s
+        ae.acse_timeout = 30
+        ae.dimse_timeout = self.node.network_timeout_s
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cast(str, cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_ACCEPTED, self._handle_accepted),
+            (evt.EVT_RELEASED, self._handle_closed),
+            (evt.EVT_ABORTED, self._handle_closed),
+        ]
+        policy = self.policy
+
+        class _Handler(RequestHandler):
+            def _create_association(self) -> Association:
+                assoc = super()._create_association()
+                assoc.acse = _PolicyACSE(assoc, policy)
+                return assoc
+
+        ssl_context = server_context(self.node.tls) if self.node.tls.enabled else None
+        server = ae.make_server(
+            (self.node.host, self.node.port),
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            server_class=ThreadedAssociationServer,
+            request_handler=_Handler,
+        )
+        self._server = server
+        # What AE.start_server does: shutdown() expects the server in the AE's list.
+        ae._servers.append(server)
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="aidx-node-acceptor", daemon=True
+        )
+        self._thread.start()
+        log.info(
+            "DICOM node listening on %s:%d as %s%s",
+            self.node.host,
+            self.port,
+            self.node.ae_title,
+            " (TLS)" if ssl_context else "",
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # ------------------------------------------------------------------------------ handlers
+    def _handle_accepted(self, event: evt.Event) -> None:
+        with self._counts_lock:
+            self._counts[id(event.assoc)] = _Counts()
+        log.debug(
+            "association accepted",
+            extra={
+                "calling_ae": event.assoc.requestor.ae_title,
+                "peer": event.assoc.requestor.address,
+            },
+        )
+
+    def _handle_closed(self, event: evt.Event) -> None:
+        with self._counts_lock:
+            counts = self._counts.pop(id(event.assoc), None)
+        if counts is None or counts.stored + counts.duplicates + counts.failed == 0:
+            return
+        log.info(
+            "association from %s %s: %d stored, %d duplicates, %d failed in %.2f s",
+            event.assoc.requestor.ae_title,
+            "released" if event.event == evt.EVT_RELEASED else "aborted",
+            counts.stored,
+            counts.duplicates,
+            counts.failed,
+            time.monotonic() - counts.started,
+        )
+
+    def _handle_echo(self, event: evt.Event) -> int:
+        return status.SUCCESS
+
+    def _handle_store(self, event: evt.Event) -> int:
+        request = cast(Any, event.request)
+        sop_uid = str(request.AffectedSOPInstanceUID or "").strip()
+        sop_class_uid = str(request.AffectedSOPClassUID or "").strip()
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        counts = self._counts.get(id(event.assoc))
+        outcome = "failed"
+        try:
+            outcome = self._store(event, sop_uid, sop_class_uid, calling_ae)
+            code = status.SUCCESS
+        except InstanceError as exc:
+            log.warning(
+                "C-STORE refused: sop_uid=%s calling_ae=%s status=0x%04X: %s",
+                sop_uid or "(none)",
+                calling_ae,
+                exc.code,
+                exc,
+            )
+            code = exc.code
+        except Exception:
+            log.exception("C-STORE failed: sop_uid=%s calling_ae=%s", sop_uid, calling_ae)
+            code = status.PROCESSING_FAILURE
+        if counts is not None:
+            if outcome == "new":
+                counts.stored += 1
+            elif outcome == "duplicate":
+                counts.duplicates += 1
+            else:
+                counts.failed += 1
+        return code
+
+    def _store(self, event: evt.Event, sop_uid: str, sop_class_uid: str, calling_ae: str) -> str:
+        if not valid_uid(sop_uid):
+            raise InstanceError(
+                status.CANNOT_UNDERSTAND, "the request's Affected SOP Instance UID is invalid"
+            )
+        transfer_syntax = str(event.context.transfer_syntax)
+        dataset_bytes = cast(Any, event.request).DataSet.getvalue()
+        ds = parse_dataset(dataset_bytes, transfer_syntax)
+        meta = file_meta_bytes(sop_class_uid, sop_uid, transfer_syntax)
+        size = len(meta) + len(dataset_bytes)
+        record = read_record(ds, sop_uid, sop_class_uid, transfer_syntax, calling_ae, size)
+        try:
+            path = self.spool.store(
+                record.study_uid, record.series_uid, sop_uid, meta + dataset_bytes
+            )
+        except DiskFloorError as exc:
+            raise InstanceError(status.OUT_OF_RESOURCES, str(exc)) from exc
+        except OSError as exc:
+            raise InstanceError(status.OUT_OF_RESOURCES, f"cannot write the file: {exc}") from exc
+        result = self.store.index_instance(
+            replace(record, path=str(path)),
+            time.time(),
+            self.policy.quiet_period_s(calling_ae),
+        )
+        if result.study_opened and self.on_study_opened is not None:
+            self.on_study_opened(record.study_uid)
+        return result.outcome

@@ -1,0 +1,73 @@
+"""The node service that ``aidx serve`` runs: spool recovery, storage SCP, study assembly and
+the export outbox, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from aidx.config import AidxConfig
+from aidx.store import Store
+
+from .assembly import StudyAssembler
+from .export import ExportWorker
+from .parse import InstanceError, read_file
+from .scp import StorageSCP
+from .spool import Spool
+
+log = logging.getLogger("aidx.node")
+
+RECOVERED_AE = "(recovered)"
+
+
+class NodeService:
+    def __init__(self, config: AidxConfig, store: Store | None = None) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store or Store(config.store_url())
+        self.spool = Spool(config.data_dir / "spool", config.node.min_free_disk_mb * 1024 * 1024)
+        self.assembler = StudyAssembler(self.store)
+        self.scp = StorageSCP(config.node, self.store, self.spool, self.assembler.notify)
+        self.exporter = ExportWorker(config, self.store)
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def start(self) -> None:
+        self.scp.policy.check_startup()
+        removed = self.spool.remove_partial_files()
+        if removed:
+            log.info("removed %d partial files left by an interrupted receive", removed)
+        self.reindex_unindexed()
+        self.assembler.start()
+        self.exporter.start()
+        self.scp.start()
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.assembler.stop()
+        self.exporter.stop()
+
+    def reindex_unindexed(self) -> int:
+        """Index files that reached the spool but not the index (a crash between the two).
+
+        No success status was sent for them, but they are complete and fsync'd: keeping them
+        loses nothing, and a re-send is then a harmless duplicate.
+        """
+        indexed = self.store.indexed_paths()
+        added = 0
+        for path in self.spool.files():
+            if str(path) in indexed:
+                continue
+            try:
+                record = replace(read_file(path.read_bytes(), RECOVERED_AE), path=str(path))
+            except (InstanceError, OSError) as exc:
+                log.warning("spool file %s cannot be re-indexed: %s", path, exc)
+                continue
+            self.store.index_instance(record, time.time(), self.config.node.study_quiet_period_s)
+            added += 1
+        if added:
+            log.info("re-indexed %d files found in the spool but not in the index", added)
+        return added
