@@ -16,18 +16,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aidx import __version__
 from aidx.config import (
     AidxConfig,
     ConfigError,
     DestinationConfig,
+    TlsConfig,
     dump_yaml,
     load_config,
     redacted,
 )
 from aidx.logs import setup_logging
+
+if TYPE_CHECKING:
+    from aidx.store import Store
 
 log = logging.getLogger("aidx.cli")
 
@@ -282,7 +286,15 @@ def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
     if name is None:
         node = config.node
         host = "127.0.0.1" if node.host in ("0.0.0.0", "::") else node.host
-        return DestinationConfig(ae_title=node.ae_title, host=host, port=node.port, tls=node.tls)
+        # Talking to ourselves: trust the CA that signs clients, else our own certificate
+        # (self-signed or a chain that includes its CA), and present our certificate.
+        tls = TlsConfig(
+            enabled=node.tls.enabled,
+            ca_certificates=node.tls.ca_certificates or node.tls.certificate,
+            certificate=node.tls.certificate,
+            private_key=node.tls.private_key,
+        )
+        return DestinationConfig(ae_title=node.ae_title, host=host, port=node.port, tls=tls)
     try:
         return config.destinations[name]
     except KeyError:
@@ -302,8 +314,15 @@ def _echo(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_USAGE
     ok, detail = echo(destination, config.node.ae_title)
     target = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    print(f"C-ECHO {target}: {detail}")
-    return EXIT_OK if ok else EXIT_FAILED
+    if ok:
+        print(f"C-ECHO {target}: {detail}")
+        return EXIT_OK
+    print(
+        f"aidx echo: C-ECHO {target} failed: {detail}; check that a DICOM service listens there, "
+        "that it knows this AE title, and the TLS settings",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def _send(args: argparse.Namespace, config: AidxConfig) -> int:
@@ -317,11 +336,11 @@ def _send(args: argparse.Namespace, config: AidxConfig) -> int:
         print(f"aidx send: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.queue:
-        from aidx.store import Store
-
-        store = Store(config.store_url())
-        key = "send:" + hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:32]
-        item_id, new = store.enqueue(args.destination, key, [str(f) for f in files])
+        store = _open_store(config)
+        # Absolute paths: `aidx serve` delivers them later, from its own working directory.
+        queued = [str(f.resolve()) for f in files]
+        key = "send:" + hashlib.sha256("\n".join(queued).encode()).hexdigest()[:32]
+        item_id, new = store.enqueue(args.destination, key, queued)
         print(
             f"outbox item {item_id} {'queued' if new else 'was already queued'}: "
             f"{len(files)} files to {args.destination}"
@@ -329,17 +348,25 @@ def _send(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_OK
     try:
         report = send_files(destination, config.node.ae_title, files)
-    except SendError as exc:
+    except (SendError, OSError, ValueError, RuntimeError) as exc:
         print(f"aidx send: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"sent {report.sent} files to {args.destination} ({report.converted} converted)")
     return EXIT_OK
 
 
-def _outbox_list(args: argparse.Namespace, config: AidxConfig) -> int:
+def _open_store(config: AidxConfig) -> Store:
     from aidx.store import Store
 
-    items = Store(config.store_url()).outbox_items(args.state)
+    if config.store.url is None:
+        # The default SQLite index lives in data_dir, which `aidx serve` creates; `send --queue`
+        # may come first.
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    return Store(config.store_url())
+
+
+def _outbox_list(args: argparse.Namespace, config: AidxConfig) -> int:
+    items = _open_store(config).outbox_items(args.state)
     if not items:
         print("outbox is empty" if args.state is None else f"no {args.state} items")
         return EXIT_OK
@@ -359,8 +386,6 @@ def _outbox_list(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def _outbox_retry(args: argparse.Namespace, config: AidxConfig) -> int:
-    from aidx.store import Store
-
-    count = Store(config.store_url()).retry(args.ids or None)
+    count = _open_store(config).retry(args.ids or None)
     print(f"{count} failed items queued again")
     return EXIT_OK

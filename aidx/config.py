@@ -55,9 +55,11 @@ class TlsConfig(StrictModel):
     require_client_certificate: bool = False
 
     @model_validator(mode="after")
-    def _files_when_enabled(self) -> TlsConfig:
-        if self.enabled and (self.certificate is None or self.private_key is None):
-            raise ValueError("TLS is enabled: set both certificate and private_key")
+    def _files_together(self) -> TlsConfig:
+        # A client (a destination) needs no certificate of its own unless its peer asks for one;
+        # the node, a TLS server, always does (NodeConfig checks that).
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("set both certificate and private_key, or neither")
         if self.require_client_certificate and self.ca_certificates is None:
             raise ValueError(
                 "require_client_certificate needs ca_certificates (the CA that signs clients)"
@@ -85,6 +87,12 @@ class NodeConfig(StrictModel):
     accept_any_calling_ae: bool = False
     allowed_peers: list[PeerConfig] = Field(default_factory=list)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+
+    @model_validator(mode="after")
+    def _tls_server_files(self) -> NodeConfig:
+        if self.tls.enabled and self.tls.certificate is None:
+            raise ValueError("tls.enabled is true: set tls.certificate and tls.private_key")
+        return self
 
 
 class DestinationConfig(StrictModel):

@@ -141,8 +141,8 @@ outbox = Table(
 # Prepared statements of the receive path (plain SQL: the same on SQLite and PostgreSQL).
 _SQL_INSTANCE_EXISTS = text("SELECT 1 FROM instances WHERE sop_uid = :sop_uid")
 _SQL_INSTANCE_RESENT = text(
-    "UPDATE instances SET path = :path, size = :size, received_at = :received_at "
-    "WHERE sop_uid = :sop_uid"
+    "UPDATE instances SET path = :path, size = :size, transfer_syntax = :transfer_syntax, "
+    "received_at = :received_at WHERE sop_uid = :sop_uid"
 )
 _SQL_INSTANCE_INSERT = text(
     "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, "
@@ -152,6 +152,12 @@ _SQL_INSTANCE_INSERT = text(
 )
 _SQL_STUDY_REOPEN = text(
     "UPDATE studies SET state = 'updated' WHERE study_uid = :study_uid AND state = 'complete'"
+)
+# An open study's deadline moves earlier only when its quiet period shrinks (a peer with a
+# shorter one, or a restart with a shorter setting): the assembler must then plan again.
+_SQL_STUDY_SHORTEN = text(
+    "UPDATE studies SET quiet_period_s = :quiet "
+    "WHERE study_uid = :study_uid AND quiet_period_s > :quiet"
 )
 _SQL_STUDY_BUMP = text(
     "UPDATE studies SET instance_count = instance_count + 1, bytes = bytes + :size, "
@@ -197,7 +203,9 @@ class InstanceRecord:
 @dataclass(frozen=True)
 class IndexResult:
     outcome: IndexOutcome
-    study_opened: bool  # a new study, or a complete one reopened by a late instance
+    # A new study, a complete one reopened by a late instance, or an open one whose quiet
+    # period shrank: the study assembler has to plan its completion again.
+    study_opened: bool
 
 
 @dataclass(frozen=True)
@@ -247,7 +255,7 @@ class Store:
 
         A new instance of a study that was complete marks the study "updated", so that it is
         assembled (and processed) again once it settles. Runs for every received instance, so
-        the common case (its series already indexed) is four prepared statements.
+        the common case (its series already indexed) is five prepared statements.
         """
         with self._write() as conn:
             if conn.execute(_SQL_INSTANCE_EXISTS, {"sop_uid": rec.sop_uid}).first() is not None:
@@ -257,6 +265,9 @@ class Store:
                         "sop_uid": rec.sop_uid,
                         "path": rec.path,
                         "size": rec.size,
+                        # The file was replaced by the re-sent one, which may be encoded
+                        # differently.
+                        "transfer_syntax": rec.transfer_syntax,
                         "received_at": received_at,
                     },
                 )
@@ -340,13 +351,17 @@ class Store:
     def _bump_study(
         self, conn: Connection, rec: InstanceRecord, now: float, quiet_period_s: float
     ) -> bool:
-        """Count an instance in its existing study; a complete study becomes "updated"."""
+        """Count an instance in its existing study; a complete study becomes "updated".
+        Returns whether the study's completion must be planned again."""
         reopened = conn.execute(_SQL_STUDY_REOPEN, {"study_uid": rec.study_uid}).rowcount
+        shortened = conn.execute(
+            _SQL_STUDY_SHORTEN, {"study_uid": rec.study_uid, "quiet": quiet_period_s}
+        ).rowcount
         conn.execute(
             _SQL_STUDY_BUMP,
             {"study_uid": rec.study_uid, "size": rec.size, "now": now, "quiet": quiet_period_s},
         )
-        return bool(reopened)
+        return bool(reopened or shortened)
 
     def _series(self, conn: Connection, rec: InstanceRecord, now: float) -> None:
         changed = conn.execute(

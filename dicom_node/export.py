@@ -24,6 +24,7 @@ from pynetdicom.association import Association
 from aidx.config import AidxConfig, DestinationConfig, OutboxConfig
 from aidx.store import OutboxItem, Store
 
+from .client import no_delay
 from .tls import client_context
 
 log = logging.getLogger("aidx.export")
@@ -74,6 +75,7 @@ def send_files(
         raise SendError(
             f"association to {destination.ae_title}@{destination.host}:{destination.port} {why}"
         )
+    no_delay(assoc)
     report = SendReport()
     try:
         for path, sop_class, syntax in headers:
@@ -102,9 +104,16 @@ def _send_one(
             report.failures.append(f"{path.name}: the peer accepts no transfer syntax for it")
             return
         ds = dcmread(path)
+        if not syntax.is_little_endian:
+            report.failures.append(f"{path.name}: big endian files cannot be converted")
+            return
         if syntax.is_compressed:
-            ds.decompress()  # decodes pixel data and switches to explicit VR little endian
-        ds.file_meta.TransferSyntaxUID = fallback
+            # Decodes pixel data and switches to explicit VR little endian. The same instance
+            # in another encoding keeps its SOP Instance UID (pydicom makes a new one by default).
+            ds.decompress(generate_instance_uid=False)
+        # Keep the data set's own uncompressed syntax: pynetdicom re-encodes it in the accepted
+        # one (explicit <-> implicit VR). Relabelling it instead makes pynetdicom refuse an
+        # explicit VR data set for an implicit VR context.
         rsp = assoc.send_c_store(ds)
         report.converted += 1
     code = int(getattr(rsp, "Status", -1)) if rsp else -1
@@ -171,12 +180,13 @@ class ExportWorker:
             report = send_files(
                 destination, self.config.node.ae_title, [Path(f) for f in item.files]
             )
-        except (SendError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is this attempt's, never a stuck item
             attempts = item.attempts + 1
             retry_at = None
             if attempts < self.config.outbox.max_attempts:
                 retry_at = time.time() + backoff_s(attempts, self.config.outbox)
-            self.store.mark_attempt_failed(item.id, str(exc), retry_at)
+            error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
+            self.store.mark_attempt_failed(item.id, error, retry_at)
             log.warning(
                 "outbox item %d to %s: attempt %d failed: %s%s",
                 item.id,

@@ -19,7 +19,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID
 from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
 
 from aidx.store import InstanceRecord
@@ -30,6 +30,8 @@ from .spool import valid_uid
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.1.20261128"
 IMPLEMENTATION_VERSION = "AIDX_0_1"
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# Transfer syntaxes whose data set is deflated (PS3.5 A.5; JPIP Referenced Deflate variants).
+DEFLATED_SYNTAXES = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 REQUIRED_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
 INDEXED = (
@@ -107,7 +109,7 @@ def parse_dataset(dataset_bytes: bytes, transfer_syntax: str) -> Dataset:
     syntax = UID(transfer_syntax)
     stream = dataset_bytes
     try:
-        if syntax == DeflatedExplicitVRLittleEndian:
+        if syntax in DEFLATED_SYNTAXES:
             stream = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
         ds = read_dataset(
             BytesIO(stream),
@@ -116,6 +118,7 @@ def parse_dataset(dataset_bytes: bytes, transfer_syntax: str) -> Dataset:
         )
     except (
         zlib.error,
+        struct.error,  # an element header cut short
         EOFError,
         ValueError,
         TypeError,
@@ -132,7 +135,8 @@ def check_complete(ds: Dataset) -> None:
     """Refuse a truncated data set: each top-level element must hold the bytes it declares,
     and an image must have pixel data."""
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every value
-        raw: Any = ds.get_item(tag)
+        # keep_deferred: an empty value is not converted (which fails for an unknown VR).
+        raw: Any = ds.get_item(tag, keep_deferred=True)
         length = getattr(raw, "length", None)
         arrived = len(raw.value or b"")
         if length is not None and length != UNDEFINED_LENGTH and arrived < length:
@@ -229,7 +233,7 @@ class _RawReader:
         tag = _TAGS[keyword]
         if tag is None or tag not in self.ds:
             return ""
-        element: Any = self.ds.get_item(tag)
+        element: Any = self.ds.get_item(tag, keep_deferred=True)
         value = getattr(element, "value", None)
         if value is None:
             return ""

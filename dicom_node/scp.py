@@ -7,7 +7,9 @@ failure becomes a DIMSE status and one log line naming the SOP Instance UID and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +85,34 @@ class _PolicyACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved off the accepting thread.
+
+    pynetdicom handshakes in ``get_request``, on the one thread that accepts every connection,
+    with no deadline: a client that connects and stays silent would stop the node accepting
+    anyone. Here each connection handshakes on its own thread, within the network timeout.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with contextlib.suppress(OSError):  # answer each C-STORE at once (no Nagle delay)
+            cast(socket.socket, request).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            plain = cast(socket.socket, request)
+            try:
+                plain.settimeout(self.ae.network_timeout)
+                request = self.ssl_context.wrap_socket(plain, server_side=True)
+                request.settimeout(None)  # as accepted; pynetdicom applies its own timeouts
+            except OSError as exc:
+                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(plain)
+                return
+        super().process_request_thread(request, client_address)
+
+
 def _allowed(cx: PresentationContext, rights: Rights) -> bool:
     if cx.abstract_syntax == VERIFICATION:
         return rights.echo
@@ -145,7 +175,7 @@ class StorageSCP:
             (self.node.host, self.node.port),
             evt_handlers=handlers,
             ssl_context=ssl_context,
-            server_class=ThreadedAssociationServer,
+            server_class=_AssociationServer,
             request_handler=_Handler,
         )
         self._server = server

@@ -405,7 +405,9 @@ class Storescp(_Server):
     ``fork=True`` forks a child per association (for concurrent senders). Files get unique names
     (``+uf``), so a re-sent instance adds a file instead of overwriting one. It accepts every
     transfer syntax it knows (``+xa``) and unknown SOP classes (``-pm``), and skips reverse DNS
-    lookups (``-dhl``), which stall without a network.
+    lookups (``-dhl``), which stall without a network. ``extra_args`` come after these, and the
+    last option of a group wins in DCMTK: ``("+xe",)`` accepts only uncompressed transfer
+    syntaxes, ``("+B",)`` writes each data set bit for bit as received.
     """
 
     name = "storescp"
@@ -418,6 +420,7 @@ class Storescp(_Server):
         port: int | None = None,
         fork: bool = False,
         max_pdu: int = DCMTK_MAX_PDU,
+        extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         start_timeout_s: float = 15.0,
     ) -> None:
@@ -429,6 +432,7 @@ class Storescp(_Server):
         self._port = port or free_port()
         self._fork = fork
         self._max_pdu = max_pdu
+        self._extra_args = tuple(extra_args)
         self._start_timeout_s = start_timeout_s
 
     @property
@@ -459,6 +463,7 @@ class Storescp(_Server):
             "-dhl",
             "-pdu",
             str(self._max_pdu),
+            *self._extra_args,
             str(self._port),
         ]
         process = self._launch(command)
@@ -489,7 +494,9 @@ class Orthanc(_Server):
     The configuration accepts C-ECHO and C-STORE from any AE, does not check the called AE
     title, accepts unknown SOP classes, and knows the ``modalities`` given here (name ->
     (AE title, host, port)) as C-STORE destinations. HTTP and DICOM ports are free ones on
-    loopback; the REST API is reached with urllib only. ``config`` overrides or adds keys.
+    loopback (``dicom_port`` chooses the DICOM one, e.g. a port a client was configured with
+    before Orthanc starts); the REST API is reached with urllib only. ``config`` overrides or
+    adds keys.
     """
 
     name = "Orthanc"
@@ -501,6 +508,7 @@ class Orthanc(_Server):
         aet: str = "ORTHANC",
         modalities: Mapping[str, Modality] | None = None,
         config: Mapping[str, Any] | None = None,
+        dicom_port: int | None = None,
         start_timeout_s: float = 60.0,
     ) -> None:
         self._own_dir = work_dir is None
@@ -509,7 +517,7 @@ class Orthanc(_Server):
         super().__init__(root / "orthanc.log")
         self.work_dir = root
         self._aet = aet
-        self._dicom_port = free_port()
+        self._dicom_port = dicom_port or free_port()
         self._http_port = free_port()
         self._start_timeout_s = start_timeout_s
         self._config: dict[str, Any] = {
