@@ -56,9 +56,10 @@ from tests.peers import (  # noqa: E402
     wait_for_port,
 )
 
-RECEIVERS = ("bare", "orthanc", "storescp", "aidx")
+RECEIVERS = ("bare", "bare-durable", "orthanc", "storescp", "aidx")
 LABELS = {
     "bare": "bare pynetdicom SCP (floor)",
+    "bare-durable": "bare SCP + fsync (durable floor)",
     "orthanc": "Orthanc",
     "storescp": "DCMTK storescp",
     "aidx": "aidx serve",
@@ -73,9 +74,14 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 # --- The bare floor: a separate process, so that the sender's process does not skew it ----------
 
 
-def serve_bare(port: int, out_dir: Path) -> None:
+def serve_bare(port: int, out_dir: Path, durable: bool = False) -> None:
     """Run the bare pynetdicom storage SCP until killed: accept every storage SOP class in every
-    transfer syntax, write each received dataset's bytes to ``out_dir``, decode nothing."""
+    transfer syntax, write each received dataset's bytes to ``out_dir``, decode nothing.
+
+    ``durable`` adds what a receiver must do before it may answer success without risking the
+    file: write under a temporary name, fsync, rename, fsync the folder (as aidx's spool does).
+    It shows how much of aidx's time is the price of durability on this disk.
+    """
     from pynetdicom import (
         AE,
         ALL_TRANSFER_SYNTAXES,
@@ -95,7 +101,23 @@ def serve_bare(port: int, out_dir: Path) -> None:
 
     def on_store(event: evt.Event) -> int:
         try:
-            (out_dir / f"{next(numbers):07d}.dcm").write_bytes(event.encoded_dataset())
+            final = out_dir / f"{next(numbers):07d}.dcm"
+            if not durable:
+                final.write_bytes(event.encoded_dataset())
+                return STATUS_SUCCESS
+            temp = final.with_suffix(".part")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                os.write(fd, event.encoded_dataset())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            temp.replace(final)
+            folder = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         except OSError:
             return STATUS_OUT_OF_RESOURCES
         return STATUS_SUCCESS
@@ -136,9 +158,11 @@ def start_receiver(name: str, work: Path, concurrent: bool) -> Iterator[Receiver
             yield Receiver(scp.aet, scp.port, scp.pid, lambda: len(scp.files()))
         return
     port, log = free_port(), work / f"{name}.log"
-    if name == "bare":
-        out = work / "bare"
+    if name in ("bare", "bare-durable"):
+        out = work / name
         command = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
+        if name == "bare-durable":
+            command = [*command[:2], "--durable", *command[2:]]
         process = start_process([*command, str(out)], log)
         try:
             wait_for_port(LOOPBACK, port, 30.0, process=process, log_path=log)
@@ -330,7 +354,7 @@ def report(results: dict[str, Result], images: int, senders: int) -> None:
     aidx = results.get("aidx")
     if aidx is None or aidx.note:
         return
-    for base, target in (("orthanc", 2.0), ("bare", 0.8)):
+    for base, target in (("orthanc", 2.0), ("bare", 0.8), ("bare-durable", None)):
         other = results.get(base)
         if other is None or other.note:
             continue
@@ -340,10 +364,8 @@ def report(results: dict[str, Result], images: int, senders: int) -> None:
         ):
             a, b = rate(ours, count), rate(theirs, count)
             if a is not None and b is not None:
-                print(
-                    f"  aidx / {LABELS[base]} images/s ({label}): {a / b:.2f}x"
-                    f"   target >= {target:g}x"
-                )
+                goal = f"   target >= {target:g}x" if target else "   (no target: reference)"
+                print(f"  aidx / {LABELS[base]} images/s ({label}): {a / b:.2f}x{goal}")
     if aidx.rss_kib:
         mib = [k / 1024 for k in aidx.rss_kib]
         print(
@@ -361,6 +383,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(args.names) - set(RECEIVERS))
@@ -374,7 +397,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.serve_bare:
-        serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]))
+        serve_bare(int(args.serve_bare[0]), Path(args.serve_bare[1]), durable=args.durable)
         return
     from training.phantom import PhantomOptions, generate
 
