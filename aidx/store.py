@@ -9,27 +9,16 @@ replaying it changes nothing.
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import (
-    Column,
     Connection,
     Engine,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
     Table,
-    Text,
-    UniqueConstraint,
     create_engine,
     event,
     func,
@@ -38,105 +27,22 @@ from sqlalchemy import (
     update,
 )
 
-metadata = MetaData()
+from .outbox import OutboxItem, OutboxQueue
+from .schema import instances, jobs, metadata, outbox, patients, series, studies
 
-patients = Table(
-    "patients",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("patient_key", String(160), nullable=False, unique=True),
-    Column("patient_id", String(64), nullable=False),
-    Column("issuer", String(64), nullable=False),
-    Column("patient_name", String(324)),
-    Column("birth_date", String(8)),
-    Column("sex", String(16)),
-)
-
-studies = Table(
-    "studies",
-    metadata,
-    Column("study_uid", String(64), primary_key=True),
-    Column("patient_pk", ForeignKey("patients.id"), nullable=False),
-    Column("accession_number", String(64)),
-    Column("study_date", String(8)),
-    Column("study_time", String(16)),
-    Column("description", String(64)),
-    Column("calling_ae", String(16), nullable=False),
-    # receiving -> complete; a late instance makes a complete study "updated" until it settles.
-    Column("state", String(16), nullable=False),
-    Column("version", Integer, nullable=False, default=0),  # completions so far
-    Column("quiet_period_s", Float, nullable=False),
-    Column("instance_count", Integer, nullable=False, default=0),
-    Column("bytes", Integer, nullable=False, default=0),
-    Column("first_arrival", Float, nullable=False),
-    Column("last_arrival", Float, nullable=False),
-    Column("completed_at", Float),
-    Index("ix_studies_state", "state"),
-)
-
-series = Table(
-    "series",
-    metadata,
-    Column("series_uid", String(64), primary_key=True),
-    Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
-    Column("modality", String(16)),
-    Column("description", String(64)),
-    Column("body_part", String(16)),
-    Column("series_number", Integer),
-    Column("instance_count", Integer, nullable=False, default=0),
-    Column("bytes", Integer, nullable=False, default=0),
-    Column("first_arrival", Float, nullable=False),
-    Column("last_arrival", Float, nullable=False),
-)
-
-instances = Table(
+__all__ = [
+    "IndexResult",
+    "InstanceRecord",
+    "OutboxItem",
+    "Store",
     "instances",
-    metadata,
-    Column("sop_uid", String(64), primary_key=True),
-    Column("series_uid", ForeignKey("series.series_uid"), nullable=False, index=True),
-    Column("study_uid", String(64), nullable=False, index=True),
-    Column("sop_class_uid", String(64), nullable=False),
-    Column("transfer_syntax", String(64), nullable=False),
-    Column("instance_number", Integer),
-    Column("path", Text, nullable=False),
-    Column("size", Integer, nullable=False),
-    Column("calling_ae", String(16), nullable=False),
-    Column("received_at", Float, nullable=False),
-)
-
-jobs = Table(
     "jobs",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
-    Column("study_version", Integer, nullable=False),
-    Column("state", String(24), nullable=False),
-    Column("reason", Text),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    UniqueConstraint("study_uid", "study_version", name="uq_job_study_version"),
-)
-
-outbox = Table(
+    "metadata",
     "outbox",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("destination", String(64), nullable=False),
-    Column("item_key", String(200), nullable=False),
-    Column("study_uid", String(64)),
-    Column("series_uid", String(64)),
-    Column("files", Text, nullable=False),  # JSON list of paths
-    # pending -> sending -> sent; pending -> failed after the last attempt
-    Column("state", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", Float, nullable=False),
-    Column("last_error", Text),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    Column("sent_at", Float),
-    UniqueConstraint("destination", "item_key", name="uq_outbox_item"),
-    Index("ix_outbox_due", "state", "next_attempt_at"),
-)
+    "patients",
+    "series",
+    "studies",
+]
 
 # Prepared statements of the receive path (plain SQL: the same on SQLite and PostgreSQL).
 _SQL_INSTANCE_EXISTS = text("SELECT 1 FROM instances WHERE sop_uid = :sop_uid")
@@ -208,23 +114,7 @@ class IndexResult:
     study_opened: bool
 
 
-@dataclass(frozen=True)
-class OutboxItem:
-    id: int
-    destination: str
-    item_key: str
-    study_uid: str | None
-    series_uid: str | None
-    files: list[str]
-    state: str
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    created_at: float
-    sent_at: float | None
-
-
-class Store:
+class Store(OutboxQueue):
     """Thread-safe access to the index. SQLite writes are serialised by a lock in this process
     (and by SQLite's busy timeout across processes)."""
 
@@ -457,143 +347,6 @@ class Store:
     def count(self, table: Table) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
-
-    # -------------------------------------------------------------------------------- outbox
-    def enqueue(
-        self,
-        destination: str,
-        item_key: str,
-        files: list[str],
-        study_uid: str | None = None,
-        series_uid: str | None = None,
-    ) -> tuple[int, bool]:
-        """Queue files for one association to ``destination``; idempotent per (destination,
-        key). Returns the item id and whether it was new."""
-        now = time.time()
-        with self._write() as conn:
-            row = conn.execute(
-                select(outbox.c.id).where(
-                    (outbox.c.destination == destination) & (outbox.c.item_key == item_key)
-                )
-            ).first()
-            if row is not None:
-                return int(row[0]), False
-            result = conn.execute(
-                outbox.insert().values(
-                    destination=destination,
-                    item_key=item_key,
-                    study_uid=study_uid,
-                    series_uid=series_uid,
-                    files=json.dumps(files),
-                    state="pending",
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            return int(result.inserted_primary_key[0]), True  # type: ignore[index]
-
-    def outbox_items(self, state: str | None = None) -> list[OutboxItem]:
-        query = select(outbox).order_by(outbox.c.id)
-        if state is not None:
-            query = query.where(outbox.c.state == state)
-        with self.engine.connect() as conn:
-            return [_outbox_item(r._mapping) for r in conn.execute(query)]
-
-    def claim_due(self, now: float) -> OutboxItem | None:
-        """Take the next due item (pending, next attempt passed) and mark it sending."""
-        with self._write() as conn:
-            row = conn.execute(
-                select(outbox)
-                .where((outbox.c.state == "pending") & (outbox.c.next_attempt_at <= now))
-                .order_by(outbox.c.next_attempt_at, outbox.c.id)
-                .limit(1)
-            ).first()
-            if row is None:
-                return None
-            conn.execute(
-                update(outbox).where(outbox.c.id == row.id).values(state="sending", updated_at=now)
-            )
-            return _outbox_item({**row._mapping, "state": "sending"})
-
-    def next_due(self) -> float | None:
-        with self.engine.connect() as conn:
-            value = conn.execute(
-                select(func.min(outbox.c.next_attempt_at)).where(outbox.c.state == "pending")
-            ).scalar()
-        return float(value) if value is not None else None
-
-    def mark_sent(self, item_id: int) -> None:
-        now = time.time()
-        with self._write() as conn:
-            conn.execute(
-                update(outbox)
-                .where(outbox.c.id == item_id)
-                .values(
-                    state="sent",
-                    sent_at=now,
-                    updated_at=now,
-                    last_error=None,
-                    attempts=outbox.c.attempts + 1,
-                )
-            )
-
-    def mark_attempt_failed(self, item_id: int, error: str, next_attempt_at: float | None) -> None:
-        """Record a failed attempt: retry at ``next_attempt_at``, or fail for good if None."""
-        now = time.time()
-        values: dict[str, Any] = {
-            "attempts": outbox.c.attempts + 1,
-            "last_error": error,
-            "updated_at": now,
-        }
-        if next_attempt_at is None:
-            values["state"] = "failed"
-        else:
-            values.update(state="pending", next_attempt_at=next_attempt_at)
-        with self._write() as conn:
-            conn.execute(update(outbox).where(outbox.c.id == item_id).values(**values))
-
-    def requeue_interrupted(self) -> int:
-        """Items left "sending" by a process that died go back to pending (at start-up)."""
-        with self._write() as conn:
-            return int(
-                conn.execute(
-                    update(outbox)
-                    .where(outbox.c.state == "sending")
-                    .values(state="pending", updated_at=time.time())
-                ).rowcount
-            )
-
-    def retry(self, item_ids: list[int] | None = None) -> int:
-        """Put failed items (all, or the given ones) back in the queue, attempts reset."""
-        now = time.time()
-        query = update(outbox).where(outbox.c.state == "failed")
-        if item_ids is not None:
-            query = query.where(outbox.c.id.in_(item_ids))
-        with self._write() as conn:
-            return int(
-                conn.execute(
-                    query.values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
-                ).rowcount
-            )
-
-
-def _outbox_item(m: Any) -> OutboxItem:
-    return OutboxItem(
-        id=int(m["id"]),
-        destination=str(m["destination"]),
-        item_key=str(m["item_key"]),
-        study_uid=m["study_uid"],
-        series_uid=m["series_uid"],
-        files=list(json.loads(m["files"])),
-        state=str(m["state"]),
-        attempts=int(m["attempts"]),
-        next_attempt_at=float(m["next_attempt_at"]),
-        last_error=m["last_error"],
-        created_at=float(m["created_at"]),
-        sent_at=float(m["sent_at"]) if m["sent_at"] is not None else None,
-    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

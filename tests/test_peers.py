@@ -1,4 +1,4 @@
-"""The DICOM test peers themselves (tests/peers.py), against the real DCMTK and Orthanc programs.
+"""The DICOM test peers themselves (tests/peers/), against the real DCMTK and Orthanc programs.
 
 Other tests and the ingest benchmark trust these helpers to start, reach and stop real peers;
 here each path is checked by what actually arrived at the other end (files, Orthanc instances,

@@ -1,0 +1,117 @@
+"""Tables of the store (SQLAlchemy Core): the index of received patients, studies, series and
+instances, the study jobs and the export outbox."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("patient_key", String(160), nullable=False, unique=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False),
+    Column("patient_name", String(324)),
+    Column("birth_date", String(8)),
+    Column("sex", String(16)),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("patient_pk", ForeignKey("patients.id"), nullable=False),
+    Column("accession_number", String(64)),
+    Column("study_date", String(8)),
+    Column("study_time", String(16)),
+    Column("description", String(64)),
+    Column("calling_ae", String(16), nullable=False),
+    # receiving -> complete; a late instance makes a complete study "updated" until it settles.
+    Column("state", String(16), nullable=False),
+    Column("version", Integer, nullable=False, default=0),  # completions so far
+    Column("quiet_period_s", Float, nullable=False),
+    Column("instance_count", Integer, nullable=False, default=0),
+    Column("bytes", Integer, nullable=False, default=0),
+    Column("first_arrival", Float, nullable=False),
+    Column("last_arrival", Float, nullable=False),
+    Column("completed_at", Float),
+    Index("ix_studies_state", "state"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("series_uid", String(64), primary_key=True),
+    Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("modality", String(16)),
+    Column("description", String(64)),
+    Column("body_part", String(16)),
+    Column("series_number", Integer),
+    Column("instance_count", Integer, nullable=False, default=0),
+    Column("bytes", Integer, nullable=False, default=0),
+    Column("first_arrival", Float, nullable=False),
+    Column("last_arrival", Float, nullable=False),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_uid", String(64), primary_key=True),
+    Column("series_uid", ForeignKey("series.series_uid"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("transfer_syntax", String(64), nullable=False),
+    Column("instance_number", Integer),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("calling_ae", String(16), nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("study_version", Integer, nullable=False),
+    Column("state", String(24), nullable=False),
+    Column("reason", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("study_uid", "study_version", name="uq_job_study_version"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("destination", String(64), nullable=False),
+    Column("item_key", String(200), nullable=False),
+    Column("study_uid", String(64)),
+    Column("series_uid", String(64)),
+    Column("files", Text, nullable=False),  # JSON list of paths
+    # pending -> sending -> sent; pending -> failed after the last attempt
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("sent_at", Float),
+    UniqueConstraint("destination", "item_key", name="uq_outbox_item"),
+    Index("ix_outbox_due", "state", "next_attempt_at"),
+)
