@@ -1,0 +1,105 @@
+"""The shared preprocessing: reorientation to LPS, resampling, HU window, exact affine."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from inference.preprocess import PreprocessError, PreprocessSpec, preprocess, to_lps
+from inference.volume import Volume, load_series
+from training.phantom import NoduleRequest, PhantomOptions, generate
+
+SPEC = PreprocessSpec(spacing_mm=(2.0, 1.0, 1.0), hu_window=(-1000.0, 400.0))
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Volume, np.ndarray]:
+    out = tmp_path_factory.mktemp("preprocess")
+    generate(
+        out,
+        PhantomOptions(
+            seed=12,
+            slices=24,
+            matrix=128,
+            slice_thickness=2.5,
+            nodule_requests=(NoduleRequest(16.0, "solid", "isolated", "smooth"),),
+            workers=1,
+        ),
+    )
+    truth = json.loads((out / "ground_truth.json").read_text(encoding="utf-8"))
+    volume = load_series(sorted((out / "dicom").glob("*.dcm")))
+    return volume, np.array(truth["nodules"][0]["center_mm"])
+
+
+def flipped_rows(volume: Volume) -> Volume:
+    """The same scan stored bottom-up (rows run anterior), as some scanners write it."""
+    rows = volume.hu.shape[1]
+    origin = volume.origin + volume.col_dir * volume.spacing[1] * (rows - 1)
+    return replace(volume, hu=volume.hu[:, ::-1, :].copy(), col_dir=-volume.col_dir, origin=origin)
+
+
+def value_at(pre_array: np.ndarray, affine: np.ndarray, point: np.ndarray) -> float:
+    index = np.linalg.solve(affine[:3, :3], point - affine[:3, 3])
+    k, r, c = np.round(index).astype(int)
+    return float(pre_array[k, r, c])
+
+
+def test_lps_volume_is_unchanged(phantom: tuple[Volume, np.ndarray]) -> None:
+    volume, _ = phantom
+    hu, affine = to_lps(volume)
+    assert np.array_equal(hu, volume.hu)
+    assert np.allclose(affine, volume.affine)
+
+
+def test_flipped_storage_gives_the_same_model_input(phantom: tuple[Volume, np.ndarray]) -> None:
+    volume, _ = phantom
+    a = preprocess(volume, SPEC)
+    b = preprocess(flipped_rows(volume), SPEC)
+    assert np.allclose(a.array, b.array, atol=1e-6)
+    assert np.allclose(a.affine, b.affine)
+
+
+def test_resampled_affine_points_at_the_nodule(phantom: tuple[Volume, np.ndarray]) -> None:
+    volume, centre = phantom
+    pre = preprocess(volume, SPEC)
+    spacing = np.linalg.norm(pre.affine[:3, :3], axis=0)
+    assert np.allclose(spacing, SPEC.spacing_mm, rtol=0.02)
+    assert pre.array.dtype == np.float32
+    assert pre.array.min() >= 0.0 and pre.array.max() <= 1.0
+    # Solid nodule tissue (~ +40 HU) windowed to about 0.74; aerated lung (~ -850 HU) to ~0.1.
+    assert value_at(pre.array, pre.affine, centre) > 0.6
+    assert np.allclose(pre.to_patient(np.zeros(3)), volume.origin)
+
+
+def test_oblique_series_is_refused(phantom: tuple[Volume, np.ndarray]) -> None:
+    volume, _ = phantom
+    angle = np.radians(20)
+    row = np.array([np.cos(angle), np.sin(angle), 0.0])
+    col = np.array([-np.sin(angle), np.cos(angle), 0.0])
+    with pytest.raises(PreprocessError, match="oblique"):
+        preprocess(replace(volume, row_dir=row, col_dir=col), SPEC)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "window", "message"),
+    [((0.0, 1.0, 1.0), (-1000.0, 400.0), "spacing"), ((1.0, 1.0, 1.0), (400.0, -1000.0), "window")],
+)
+def test_invalid_specs(
+    spacing: tuple[float, float, float], window: tuple[float, float], message: str
+) -> None:
+    with pytest.raises(PreprocessError, match=message):
+        PreprocessSpec(spacing, window)
+
+
+def test_preprocessing_is_torch_free() -> None:
+    import subprocess
+    import sys
+
+    code = "import inference.preprocess, sys; assert 'torch' not in sys.modules; print('ok')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.stdout.strip() == "ok", result.stderr
