@@ -103,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     retry = outbox_sub.add_parser("retry", help="queue failed exports again")
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all failed")
     retry.set_defaults(handler=_outbox_retry)
+
+    models = sub.add_parser("models", help="list, show, register, promote or roll back models")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    models_sub.add_parser("list", help="registered models and their active versions").set_defaults(
+        handler=_models_list
+    )
+    show_model = models_sub.add_parser("show", help="print a model card (default: active model)")
+    show_model.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
+    show_model.set_defaults(handler=_models_show)
+    register = models_sub.add_parser("register", help="add an ONNX model with its card")
+    register.add_argument("onnx", type=Path, metavar="MODEL.onnx")
+    register.add_argument("--card", type=Path, required=True, metavar="CARD.json")
+    register.set_defaults(handler=_models_register)
+    promote = models_sub.add_parser("promote", help="make a version the active one")
+    promote.add_argument("ref", metavar="NAME@VERSION")
+    promote.set_defaults(handler=_models_promote)
+    rollback = models_sub.add_parser("rollback", help="go back to the previously active version")
+    rollback.add_argument("name", metavar="NAME")
+    rollback.set_defaults(handler=_models_rollback)
     return parser
 
 
@@ -389,3 +408,81 @@ def _outbox_retry(args: argparse.Namespace, config: AidxConfig) -> int:
     count = _open_store(config).retry(args.ids or None)
     print(f"{count} failed items queued again")
     return EXIT_OK
+
+
+def _registry(config: AidxConfig) -> Any:
+    import models
+    from models.registry import Registry
+
+    shipped = Path(models.__file__).resolve().parent / "shipped"  # models shipped with aidx
+    return Registry(config.models_dir(), (shipped,))
+
+
+def _models_command(action: Callable[[], int]) -> int:
+    from models.registry import ModelError
+
+    try:
+        return action()
+    except ModelError as exc:
+        print(f"aidx models: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _models_list(args: argparse.Namespace, config: AidxConfig) -> int:
+    del args
+
+    def run() -> int:
+        registry = _registry(config)
+        entries = registry.entries()
+        if not entries:
+            print(f"no models registered in {config.models_dir()}")
+            return EXIT_OK
+        for entry in entries:
+            active = registry.active(entry.card.name)
+            mark = "*" if active is not None and active.ref == entry.ref else " "
+            print(f"{mark} {entry.ref:<32} {entry.card.date}  {entry.card.network}")
+        print("(* = active)")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def _models_show(args: argparse.Namespace, config: AidxConfig) -> int:
+    def run() -> int:
+        entry = _registry(config).resolve(args.ref, config.models.default)
+        print(entry.card.model_dump_json(indent=2))
+        print(f"# {entry.onnx_path} (sha256 verified)")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def _models_register(args: argparse.Namespace, config: AidxConfig) -> int:
+    def run() -> int:
+        entry = _registry(config).register(args.onnx, args.card)
+        print(f"registered {entry.ref} in {entry.folder}")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def _models_promote(args: argparse.Namespace, config: AidxConfig) -> int:
+    def run() -> int:
+        name, _, version = args.ref.partition("@")
+        if not version:
+            print("aidx models promote: give NAME@VERSION", file=sys.stderr)
+            return EXIT_USAGE
+        entry = _registry(config).promote(name, version)
+        print(f"{entry.ref} is now the active version of {name}")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def _models_rollback(args: argparse.Namespace, config: AidxConfig) -> int:
+    def run() -> int:
+        entry = _registry(config).rollback(args.name)
+        print(f"rolled back: {entry.ref} is the active version of {args.name}")
+        return EXIT_OK
+
+    return _models_command(run)

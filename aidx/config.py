@@ -114,6 +114,11 @@ class StoreConfig(StrictModel):
     url: str | None = None
 
 
+class ModelsConfig(StrictModel):
+    dir: Path | None = None
+    default: str = Field(default="lung-nodule", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
 class AidxConfig(StrictModel):
     data_dir: Path = Path("aidx-data")
     log: LogConfig = Field(default_factory=LogConfig)
@@ -121,10 +126,14 @@ class AidxConfig(StrictModel):
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def demo_output(self) -> Path:
         return self.demo.output or self.data_dir / "demo"
+
+    def models_dir(self) -> Path:
+        return self.models.dir or self.data_dir / "models"
 
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{(self.data_dir / 'aidx.db').resolve()}"

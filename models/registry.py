@@ -1,0 +1,264 @@
+"""The model registry (torch-free): versioned ONNX models, each with a model card.
+
+A model version is a folder ``<root>/<name>/<version>/`` holding ``model.onnx`` and ``card.json``.
+The card says what the network is, what it expects and returns, how it was trained and
+evaluated, what it is for and not for, and the sha256 of its ONNX file, in the spirit of MONAI
+bundle metadata. A card that does not match its file (hash, input or output) is refused.
+``registry.json`` in the writable root records the active version of each model and the
+promotion history (for rollback); it is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ONNX_FILE = "model.onnx"
+CARD_FILE = "card.json"
+STATE_FILE = "registry.json"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class ModelError(ValueError):
+    """A model or card that cannot be used; the message says which and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str
+    # Static sizes as integers; dynamic axes as names (e.g. "depth").
+    shape: list[int | str]
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class InputSpec(_Strict):
+    tensor: TensorSpec
+    spacing_mm: tuple[float, float, float]  # (z, y, x) in the LPS frame
+    orientation: Literal["LPS"] = "LPS"
+    hu_window: tuple[float, float]
+    patch_size: tuple[int, int, int]  # sliding-window patch (z, y, x)
+
+
+class OutputSpec(_Strict):
+    tensor: TensorSpec
+    kind: Literal["probability"] = "probability"  # per-voxel lesion probability, 0..1
+    operating_threshold: float = Field(gt=0, lt=1)
+
+
+class TrainingSpec(_Strict):
+    data: str
+    synthetic: bool
+    command: str
+
+
+class ModelCard(_Strict):
+    """The card of one model version (card.json)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
+    date: date
+    network: str
+    description: str
+    input: InputSpec
+    output: OutputSpec
+    training: TrainingSpec
+    evaluation: dict[str, float] = Field(default_factory=dict)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    intended_use: str
+    limitations: list[str]
+
+    @classmethod
+    def load(cls, path: Path) -> ModelCard:
+        try:
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: cannot read the model card: {exc}") from exc
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ModelError(f"{path}: invalid model card: {problems}") from None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    card: ModelCard
+    folder: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / ONNX_FILE
+
+    @property
+    def ref(self) -> str:
+        return f"{self.card.name}@{self.card.version}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(card: ModelCard, onnx_path: Path) -> None:
+    """Check that the ONNX file is the one the card describes; raise ModelError if not."""
+    actual = sha256_of(onnx_path)
+    if actual != card.sha256:
+        raise ModelError(
+            f"{onnx_path}: sha256 {actual} differs from the card's {card.sha256}; "
+            "the file was changed or the card belongs to another file"
+        )
+    import onnxruntime as ort  # noqa: PLC0415 - deferred: listing models needs no runtime
+
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"{onnx_path}: ONNX Runtime cannot load it: {exc}") from exc
+    for declared, actual_io, what in (
+        (card.input.tensor, session.get_inputs(), "input"),
+        (card.output.tensor, session.get_outputs(), "output"),
+    ):
+        if len(actual_io) != 1:
+            raise ModelError(f"{onnx_path}: expected one {what}, the model has {len(actual_io)}")
+        _compare(declared, actual_io[0], what, onnx_path)
+
+
+def _compare(declared: TensorSpec, actual: Any, what: str, path: Path) -> None:
+    dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}.get(actual.type, actual.type)
+    shape = list(actual.shape)
+    problems = []
+    if actual.name != declared.name:
+        problems.append(f"name {actual.name!r}, card says {declared.name!r}")
+    if dtype != declared.dtype:
+        problems.append(f"type {dtype}, card says {declared.dtype}")
+    if len(shape) != len(declared.shape):
+        problems.append(f"rank {len(shape)}, card says {len(declared.shape)}")
+    else:
+        for i, (a, d) in enumerate(zip(shape, declared.shape, strict=True)):
+            if isinstance(d, int) != isinstance(a, int) or (isinstance(d, int) and a != d):
+                problems.append(f"axis {i} is {a!r}, card says {d!r}")
+    if problems:
+        raise ModelError(f"{path}: the {what} does not match the card: {'; '.join(problems)}")
+
+
+class Registry:
+    """Model versions under ``root`` (writable) and ``shipped`` roots (read-only)."""
+
+    def __init__(self, root: Path, shipped: tuple[Path, ...] = ()) -> None:
+        self.root = root
+        self.roots = (root, *shipped)
+
+    # ------------------------------------------------------------------------------ reading
+    def entries(self) -> list[ModelEntry]:
+        found: dict[str, ModelEntry] = {}
+        for root in self.roots:
+            for card_path in sorted(root.glob(f"*/*/{CARD_FILE}")):
+                card = ModelCard.load(card_path)
+                found.setdefault(f"{card.name}@{card.version}", ModelEntry(card, card_path.parent))
+        return sorted(found.values(), key=lambda e: (e.card.name, e.card.date, e.card.version))
+
+    def get(self, name: str, version: str) -> ModelEntry:
+        for entry in self.entries():
+            if entry.card.name == name and entry.card.version == version:
+                return entry
+        known = ", ".join(e.ref for e in self.entries()) or "none"
+        raise ModelError(f"no model {name}@{version} in the registry (registered: {known})")
+
+    def active(self, name: str) -> ModelEntry | None:
+        version = self._state()["active"].get(name)
+        return self.get(name, version) if version else None
+
+    def resolve(self, ref: str | None, default_name: str) -> ModelEntry:
+        """``NAME@VERSION``, ``NAME`` (its active version) or None (the default model)."""
+        name, _, version = (ref or default_name).partition("@")
+        if version:
+            entry = self.get(name, version)
+        else:
+            found = self.active(name)
+            if found is None:
+                raise ModelError(
+                    f"no active version of model {name!r}: register one with "
+                    "`aidx models register MODEL.onnx --card CARD.json` and promote it with "
+                    f"`aidx models promote {name}@VERSION`"
+                )
+            entry = found
+        verify(entry.card, entry.onnx_path)
+        return entry
+
+    # ------------------------------------------------------------------------------ writing
+    def register(self, onnx_path: Path, card_path: Path) -> ModelEntry:
+        card = ModelCard.load(card_path)
+        verify(card, onnx_path)
+        folder = self.root / card.name / card.version
+        if folder.exists():
+            existing = ModelCard.load(folder / CARD_FILE)
+            if existing.sha256 == card.sha256:
+                return ModelEntry(existing, folder)  # registering the same thing twice is a no-op
+            raise ModelError(
+                f"{card.name}@{card.version} is already registered with another file; "
+                "give the new model a new version"
+            )
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self._ensure_root()))
+        shutil.copyfile(onnx_path, staging / ONNX_FILE)
+        (staging / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(folder)
+        return ModelEntry(card, folder)
+
+    def promote(self, name: str, version: str) -> ModelEntry:
+        entry = self.get(name, version)
+        verify(entry.card, entry.onnx_path)
+        state = self._state()
+        history = state["history"].setdefault(name, [])
+        if state["active"].get(name) != version:
+            history.append(version)
+        state["active"][name] = version
+        self._save(state)
+        return entry
+
+    def rollback(self, name: str) -> ModelEntry:
+        state = self._state()
+        history = state["history"].get(name, [])
+        if len(history) < 2:
+            raise ModelError(f"model {name!r} has no earlier promoted version to roll back to")
+        history.pop()
+        state["active"][name] = history[-1]
+        self._save(state)
+        return self.get(name, history[-1])
+
+    def _ensure_root(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
+
+    def _state(self) -> dict[str, Any]:
+        path = self.root / STATE_FILE
+        if not path.exists():
+            return {"active": {}, "history": {}}
+        try:
+            state: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: unreadable registry state: {exc}") from exc
+        return state
+
+    def _save(self, state: dict[str, Any]) -> None:
+        root = self._ensure_root()
+        fd, temp = tempfile.mkstemp(prefix=".registry-", dir=root)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(temp).replace(root / STATE_FILE)
