@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all failed")
     retry.set_defaults(handler=_outbox_retry)
 
+    infer = sub.add_parser(
+        "infer", help="detect nodules in a study folder: findings.json, sr.dcm and seg.dcm"
+    )
+    infer.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
+    infer.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    infer.add_argument("--model", metavar="NAME@VERSION", help="default: the active default model")
+    infer.add_argument(
+        "--min-probability",
+        type=float,
+        help="report findings down to this probability (default: the card's threshold)",
+    )
+    infer.set_defaults(handler=_infer)
+
     models = sub.add_parser("models", help="list, show, register, promote or roll back models")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     models_sub.add_parser("list", help="registered models and their active versions").set_defaults(
@@ -486,3 +499,39 @@ def _models_rollback(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_OK
 
     return _models_command(run)
+
+
+def _infer(args: argparse.Namespace, config: AidxConfig) -> int:
+    from inference.pipeline import NotApplicableError, infer_study
+    from inference.preprocess import PreprocessError
+    from inference.volume import VolumeError
+    from models.registry import ModelError
+
+    if args.min_probability is not None and not 0 < args.min_probability < 1:
+        print("aidx infer: --min-probability must lie between 0 and 1", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.input_dir.is_dir():
+        print(f"aidx infer: {args.input_dir} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        model = _registry(config).resolve(args.model, config.models.default)
+    except ModelError as exc:
+        print(f"aidx infer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        result = infer_study(args.input_dir, args.out, config, model, args.min_probability)
+    except NotApplicableError as exc:
+        print(f"aidx infer: not applicable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (VolumeError, PreprocessError) as exc:
+        print(f"aidx infer: the series cannot be read: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    findings = result.report.findings
+    print(f"{len(findings)} findings by {model.ref} on {result.provider}: {result.findings_path}")
+    for f in findings:
+        c = ", ".join(f"{v:.1f}" for v in f.center_mm)
+        print(f"  #{f.id}: p={f.probability:.3f} {f.diameter_mm:.1f} mm at ({c}) mm")
+    print(f"SR: {result.sr_path}" + (f"\nSEG: {result.seg_path}" if result.seg_path else ""))
+    steps = ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result.timings.items())
+    print(f"time: {steps}; peak memory {result.peak_rss_mb:.0f} MB")
+    return EXIT_OK

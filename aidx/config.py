@@ -114,6 +114,36 @@ class StoreConfig(StrictModel):
     url: str | None = None
 
 
+class SeriesRulesConfig(StrictModel):
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    min_slices: int = Field(default=20, ge=2)
+    max_slice_thickness_mm: float = Field(default=5.0, gt=0)
+    max_axial_tilt_deg: float = Field(default=10.0, ge=0, le=90)
+    exclude_image_types: list[str] = Field(
+        default_factory=lambda: ["LOCALIZER", "DERIVED", "SECONDARY", "PROJECTION"]
+    )
+
+
+Provider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+DEFAULT_PROVIDERS: list[Provider] = [
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+]
+
+
+class InferenceConfig(StrictModel):
+    providers: list[Provider] = Field(default_factory=lambda: list(DEFAULT_PROVIDERS))
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    overlap: float = Field(default=0.25, ge=0, lt=1)
+    mode: Literal["sliding", "whole"] = "sliding"
+    fp16: bool = False
+    io_binding: bool = False
+    min_volume_mm3: float = Field(default=5.0, ge=0)
+    merge_distance_mm: float = Field(default=5.0, ge=0)
+    series: SeriesRulesConfig = Field(default_factory=SeriesRulesConfig)
+
+
 class ModelsConfig(StrictModel):
     dir: Path | None = None
     default: str = Field(default="lung-nodule", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -127,6 +157,7 @@ class AidxConfig(StrictModel):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def demo_output(self) -> Path:

@@ -49,6 +49,7 @@ class Volume:
     study_uid: str
     series_uid: str
     frame_of_reference_uid: str
+    files: tuple[Path, ...] = ()  # the source file of each slice, in volume order
 
     @property
     def affine(self) -> NDArray[np.float64]:
@@ -109,6 +110,7 @@ def load_series(files: Sequence[Path]) -> Volume:
         study_uid=str(first.StudyInstanceUID),
         series_uid=str(first.SeriesInstanceUID),
         frame_of_reference_uid=str(getattr(first, "FrameOfReferenceUID", "")),
+        files=tuple(files[i] for i in order),
     )
 
 

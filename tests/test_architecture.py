@@ -20,6 +20,12 @@ SERVING = [
     "inference.series",
     "inference.findings",
     "inference.preprocess",
+    "inference.runner",
+    "inference.postprocess",
+    "inference.sr",
+    "inference.seg",
+    "inference.pipeline",
+    "models.registry",
     "ui",
     "models",
 ]

@@ -1,0 +1,137 @@
+"""One study from DICOM files to findings, SR and SEG: what ``aidx infer`` (and, later, the
+workers of ``aidx serve``) run.
+
+select series -> volume -> preprocess (the model card's spacing, orientation, HU window) ->
+ONNX Runtime (sliding window) -> postprocess to findings -> findings.json, SR, SEG.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from aidx.config import AidxConfig
+from models.registry import ModelEntry
+
+from .findings import FindingsReport
+from .postprocess import findings_from_probability
+from .preprocess import PreprocessSpec, preprocess
+from .runner import OnnxRunner, RunnerOptions
+from .seg import write_seg
+from .series import SeriesRules, select_series
+from .sr import write_sr
+from .volume import load_series
+
+log = logging.getLogger("aidx.inference")
+
+
+class NotApplicableError(ValueError):
+    """The study has nothing the model can read; the message is the recorded reason."""
+
+
+@dataclass
+class InferenceResult:
+    report: FindingsReport
+    findings_path: Path
+    sr_path: Path
+    seg_path: Path | None
+    provider: str
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+
+
+def series_rules(config: AidxConfig) -> SeriesRules:
+    s = config.inference.series
+    return SeriesRules(
+        modalities=tuple(s.modalities),
+        min_slices=s.min_slices,
+        max_slice_thickness_mm=s.max_slice_thickness_mm,
+        max_axial_tilt_deg=s.max_axial_tilt_deg,
+        exclude_image_types=tuple(s.exclude_image_types),
+    )
+
+
+def runner_options(config: AidxConfig) -> RunnerOptions:
+    i = config.inference
+    return RunnerOptions(
+        providers=tuple(i.providers),
+        intra_op_threads=i.intra_op_threads,
+        overlap=i.overlap,
+        mode=i.mode,
+        fp16=i.fp16,
+        io_binding=i.io_binding,
+    )
+
+
+def infer_study(
+    input_dir: Path,
+    out_dir: Path,
+    config: AidxConfig,
+    model: ModelEntry,
+    min_probability: float | None = None,
+) -> InferenceResult:
+    """Run the model on the study's eligible series and write the results into ``out_dir``."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
+    selection = select_series(files, series_rules(config))
+    if selection.chosen is None:
+        raise NotApplicableError(selection.reason())
+    volume = load_series(selection.chosen.files)
+    timings["read_s"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    card = model.card
+    pre = preprocess(volume, PreprocessSpec(card.input.spacing_mm, card.input.hu_window))
+    timings["preprocess_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    runner = OnnxRunner(model.onnx_path, card, runner_options(config))
+    probability = runner.predict(pre.array)
+    timings["model_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    threshold = card.output.operating_threshold if min_probability is None else min_probability
+    findings = findings_from_probability(
+        probability,
+        pre,
+        volume,
+        threshold,
+        min_volume_mm3=config.inference.min_volume_mm3,
+        merge_distance_mm=config.inference.merge_distance_mm,
+    )
+    timings["postprocess_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = FindingsReport(
+        volume.study_uid, volume.series_uid, card.name, card.version, tuple(findings)
+    )
+    findings_path = out_dir / "findings.json"
+    report.write(findings_path)
+    sources: list[Dataset] = [dcmread(f, stop_before_pixels=True) for f in volume.files]
+    sr_path = out_dir / "sr.dcm"
+    write_sr(findings, sources, card, sr_path)
+    seg_path = None
+    if findings:
+        seg_path = out_dir / "seg.dcm"
+        write_seg(findings, sources, card, seg_path)
+    timings["write_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    log.info(
+        "inference done: study_uid=%s series_uid=%s model=%s findings=%d provider=%s %.2f s",
+        volume.study_uid,
+        volume.series_uid,
+        model.ref,
+        len(findings),
+        runner.provider,
+        timings["total_s"],
+    )
+    return InferenceResult(report, findings_path, sr_path, seg_path, runner.provider, timings, peak)

@@ -1,0 +1,244 @@
+"""From a probability map in model space to ``Finding`` records in patient coordinates.
+
+The map (on the grid of ``Preprocessed``: LPS-ordered, resampled) is thresholded at the
+operating point, split into 26-connected components, components smaller than a minimum volume
+are dropped, and components whose centres lie closer than a merge distance are joined
+(single linkage: fragments of one lesion cut by a thin gap become one finding). Each finding is
+measured in millimetres through the preprocessing affine: probability-weighted centre, longest
+3D extent (maximum Feret diameter), volume, bounding box. Its key slice and its mask are on the
+ORIGINAL series grid (``Volume``), where the SR's image references and the SEG's frames live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError, cKDTree
+from scipy.spatial.distance import pdist
+from skimage import measure
+
+from .findings import Finding, Point
+from .preprocess import Preprocessed
+from .volume import Volume
+
+# scikit-image ships no annotations for these: give the two calls used here their types.
+_label: Callable[..., NDArray[np.intp]] = measure.label
+_marching_cubes: Callable[..., tuple[NDArray[np.float64], Any, Any, Any]] = measure.marching_cubes
+
+MIN_VOLUME_MM3 = 5.0  # below this a component is noise (a 3 mm nodule is 14 mm³)
+MERGE_DISTANCE_MM = 5.0
+
+
+class PostprocessError(ValueError):
+    """The probability map does not fit the preprocessed volume; the message says how."""
+
+
+@dataclass(frozen=True)
+class _Component:
+    index: NDArray[np.intp]  # (n, 3) voxel indices in model space
+    weight: NDArray[np.float32]  # probability of each voxel
+
+    @property
+    def centre(self) -> NDArray[np.float64]:
+        w = self.weight.astype(np.float64)
+        return np.asarray((self.index * w[:, None]).sum(axis=0) / w.sum())
+
+
+def findings_from_probability(
+    probability: NDArray[np.floating],
+    pre: Preprocessed,
+    volume: Volume,
+    threshold: float,
+    min_volume_mm3: float = MIN_VOLUME_MM3,
+    merge_distance_mm: float = MERGE_DISTANCE_MM,
+) -> list[Finding]:
+    """Findings (ids 1..N by decreasing probability) from a probability map on ``pre``'s grid.
+
+    ``probability`` is what the runner returned for ``pre.array``; ``volume`` is the series it
+    was preprocessed from, whose grid carries the key slice and the masks.
+    """
+    if probability.shape != pre.array.shape:
+        raise PostprocessError(
+            f"probability map {probability.shape} does not match the model input "
+            f"{pre.array.shape}; pass the runner's output for this preprocessed volume"
+        )
+    if not 0.0 < threshold < 1.0:
+        raise PostprocessError(f"threshold must be in (0, 1), got {threshold}")
+    axes = pre.affine[:3, :3]
+    voxel_mm3 = abs(float(np.linalg.det(axes)))
+    labels = _label(probability >= threshold, connectivity=3)  # 26-connected
+    components: list[_Component] = []
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        local = np.nonzero(labels[box] == label)
+        if len(local[0]) * voxel_mm3 < min_volume_mm3:
+            continue
+        index = np.stack([ax + s.start for ax, s in zip(local, box, strict=True)], axis=1)
+        weight = np.asarray(probability[box][local], dtype=np.float32)
+        components.append(_Component(index, weight))
+    groups = _merge(components, axes, merge_distance_mm)
+    measured = [_measure(group, probability, threshold, pre, volume, voxel_mm3) for group in groups]
+    measured.sort(key=lambda m: (-m.probability, -m.volume_mm3))
+    return [
+        Finding(
+            id=i,
+            probability=m.probability,
+            center_mm=m.center_mm,
+            diameter_mm=m.diameter_mm,
+            volume_mm3=m.volume_mm3,
+            bbox_mm=m.bbox_mm,
+            key_sop_instance_uid=m.key_sop_instance_uid,
+            mask=m.mask,
+        )
+        for i, m in enumerate(measured, start=1)
+    ]
+
+
+def _merge(
+    components: list[_Component], axes: NDArray[np.float64], distance_mm: float
+) -> list[_Component]:
+    """Join components whose centres are closer than ``distance_mm`` (single linkage)."""
+    if len(components) < 2 or distance_mm <= 0:
+        return components
+    centres = np.array([c.centre for c in components]) @ axes.T  # mm, relative to the origin
+    parent = list(range(len(components)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # A k-d tree, not an n×n distance matrix: a noisy map can have thousands of components.
+    for i, j in cKDTree(centres).query_pairs(r=distance_mm):
+        if np.linalg.norm(centres[i] - centres[j]) < distance_mm:
+            parent[root(i)] = root(j)
+    groups: dict[int, list[_Component]] = {}
+    for i, c in enumerate(components):
+        groups.setdefault(root(i), []).append(c)
+    return [
+        _Component(np.concatenate([c.index for c in g]), np.concatenate([c.weight for c in g]))
+        for g in groups.values()
+    ]
+
+
+@dataclass(frozen=True)
+class _Measured:
+    probability: float
+    center_mm: Point
+    diameter_mm: float
+    volume_mm3: float
+    bbox_mm: tuple[Point, Point]
+    key_sop_instance_uid: str
+    mask: NDArray[np.bool_]
+
+
+def _measure(
+    c: _Component,
+    probability: NDArray[np.floating],
+    threshold: float,
+    pre: Preprocessed,
+    volume: Volume,
+    voxel_mm3: float,
+) -> _Measured:
+    centre = pre.to_patient(c.centre)
+    lo, hi = c.index.min(axis=0), c.index.max(axis=0)
+    corners = pre.to_patient(_box_corners(lo - 0.5, hi + 0.5))
+    k = int(np.clip(np.rint(volume.to_index(centre)[0]), 0, len(volume.sop_uids) - 1))
+    return _Measured(
+        probability=float(np.clip(c.weight.max(), 0.0, 1.0)),
+        center_mm=_point(centre),
+        diameter_mm=_feret_diameter(c, lo, hi, probability, threshold, pre.affine[:3, :3]),
+        volume_mm3=len(c.weight) * voxel_mm3,
+        bbox_mm=(_point(corners.min(axis=0)), _point(corners.max(axis=0))),
+        key_sop_instance_uid=volume.sop_uids[k],
+        mask=_volume_mask(c, lo, hi, pre, volume),
+    )
+
+
+def _feret_diameter(
+    c: _Component,
+    lo: NDArray[np.intp],
+    hi: NDArray[np.intp],
+    probability: NDArray[np.floating],
+    threshold: float,
+    axes: NDArray[np.float64],
+) -> float:
+    """Longest extent (mm) of the component: the maximum Feret diameter of its surface.
+
+    The surface is the component's threshold isosurface (marching cubes on the probabilities,
+    interpolated between voxels, other components blanked), so a lesion's size does not grow
+    with the staircase of its voxels. The farthest pair of surface points is searched on their
+    convex hull only, which keeps large components cheap; distances are taken after mapping
+    through the affine, so anisotropic voxels measure right.
+    """
+    first = np.maximum(lo - 1, 0)
+    last = np.minimum(hi + 2, probability.shape)
+    box = tuple(slice(a, b) for a, b in zip(first, last, strict=True))
+    crop = np.array(probability[box], dtype=np.float32)
+    inside = np.zeros(crop.shape, dtype=bool)
+    inside[tuple((c.index - first).T)] = True
+    crop[(crop >= threshold) & ~inside] = 0.0  # neighbours above threshold belong to others
+    crop = np.pad(crop, 1)  # zeros around: the surface closes at the volume's border too
+    vertices, _, _, _ = _marching_cubes(crop, level=threshold)
+    points = vertices @ axes.T
+    with contextlib.suppress(QhullError):  # flat or tiny sets: all vertices are few anyway
+        points = points[ConvexHull(points).vertices]
+    diameter = math.sqrt(float(pdist(points, "sqeuclidean").max())) if len(points) > 1 else 0.0
+    # A single voxel's isosurface can be smaller than the voxel; report one voxel at least.
+    return max(diameter, float(np.linalg.norm(axes, axis=0).min()))
+
+
+def _volume_mask(
+    c: _Component,
+    lo: NDArray[np.intp],
+    hi: NDArray[np.intp],
+    pre: Preprocessed,
+    volume: Volume,
+) -> NDArray[np.bool_]:
+    """The component on the series grid: each original voxel centre, mapped into model space,
+    takes the value of the nearest model voxel. Only the box around the component is mapped."""
+    shape = volume.hu.shape
+    model = np.zeros(tuple(hi - lo + 1), dtype=bool)
+    model[tuple((c.index - lo).T)] = True
+    # Series voxels whose centres can fall in the component's model-space box.
+    corners = volume.to_index(pre.to_patient(_box_corners(lo - 0.5, hi + 0.5)))
+    first = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)
+    last = np.minimum(np.ceil(corners.max(axis=0)).astype(int), np.asarray(shape) - 1)
+    mask = np.zeros(shape, dtype=bool)
+    if np.any(last < first):
+        return mask
+    grid = np.stack(
+        np.meshgrid(
+            *(np.arange(a, b + 1) for a, b in zip(first, last, strict=True)), indexing="ij"
+        ),
+        axis=-1,
+    ).astype(np.float64)
+    to_model = np.linalg.inv(pre.affine) @ volume.affine  # series (k, row, col) -> model index
+    inside = np.floor(grid @ to_model[:3, :3].T + to_model[:3, 3] + 0.5).astype(np.intp) - lo
+    valid = np.all((inside >= 0) & (inside < model.shape), axis=-1)
+    hit = np.zeros(valid.shape, dtype=bool)
+    hit[valid] = model[tuple(inside[valid].T)]
+    mask[tuple(slice(a, b + 1) for a, b in zip(first, last, strict=True))] = hit
+    return mask
+
+
+def _box_corners(lo: NDArray[np.floating], hi: NDArray[np.floating]) -> NDArray[np.float64]:
+    """The 8 corners (8, 3) of the index box [lo, hi]."""
+    return np.array(
+        [[(lo, hi)[b][axis] for axis, b in enumerate(bits)] for bits in np.ndindex(2, 2, 2)],
+        dtype=np.float64,
+    )
+
+
+def _point(values: NDArray[np.floating]) -> Point:
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)

@@ -1,0 +1,154 @@
+"""`aidx infer` end to end: a study folder in, findings.json, SR and SEG out, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from models.registry import sha256_of
+from tests.conftest import require_tool
+from training.phantom import NoduleRequest, PhantomOptions, generate
+
+DIMS: list[Any] = [1, 1, "depth", "height", "width"]
+
+
+def soft_tissue_model(path: Path) -> Path:
+    """p = sigmoid(40 (x - 0.69)): above ~ -30 HU in the (-1000, 400) window. Not a detector;
+    a stand-in with a real ONNX graph until the trained model ships."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, DIMS)
+    y = helper.make_tensor_value_info("probability", TensorProto.FLOAT, DIMS)
+    inits = [
+        helper.make_tensor("offset", TensorProto.FLOAT, [], [0.69]),
+        helper.make_tensor("gain", TensorProto.FLOAT, [], [40.0]),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["image", "offset"], ["d"]),
+        helper.make_node("Mul", ["d", "gain"], ["s"]),
+        helper.make_node("Sigmoid", ["s"], ["probability"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "soft-tissue", [x], [y], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def card(onnx_path: Path) -> dict[str, Any]:
+    return {
+        "name": "soft-tissue",
+        "version": "0.0.1",
+        "date": "2026-11-28",
+        "network": "threshold of the input (test stand-in)",
+        "description": "Flags soft-tissue density; used to test the pipeline.",
+        "input": {
+            "tensor": {"name": "image", "shape": DIMS},
+            "spacing_mm": [2.5, 1.5, 1.5],
+            "hu_window": [-1000.0, 400.0],
+            "patch_size": [16, 64, 64],
+        },
+        "output": {"tensor": {"name": "probability", "shape": DIMS}, "operating_threshold": 0.5},
+        "training": {"data": "none", "synthetic": True, "command": "none"},
+        "intended_use": "Tests only.",
+        "limitations": ["Not a detector."],
+        "sha256": sha256_of(onnx_path),
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("infer")
+    generate(
+        root / "study",
+        PhantomOptions(
+            seed=31,
+            slices=40,
+            matrix=128,
+            slice_thickness=2.5,
+            nodule_requests=(NoduleRequest(14.0, "solid", "isolated", "smooth"),),
+            workers=1,
+        ),
+    )
+    model = soft_tissue_model(root / "model.onnx")
+    card_path = root / "card.json"
+    card_path.write_text(json.dumps(card(model)), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    env["AIDX_MODELS__DEFAULT"] = "soft-tissue"
+    env["AIDX_INFERENCE__MIN_VOLUME_MM3"] = "50"
+    return {"root": root, "model": model, "card": card_path, "env": env}
+
+
+def aidx(setup: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).parent / "aidx"), "--data-dir", str(setup["root"] / "d")]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, env=setup["env"], check=False
+    )
+
+
+def test_infer_without_a_model_says_how_to_get_one(setup: dict[str, Any]) -> None:
+    result = aidx(setup, "infer", str(setup["root"] / "study"), "--out", "/tmp/none")
+    assert result.returncode == 1
+    assert "aidx models register" in result.stderr
+
+
+def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path) -> None:
+    assert (
+        aidx(
+            setup, "models", "register", str(setup["model"]), "--card", str(setup["card"])
+        ).returncode
+        == 0
+    )
+    assert aidx(setup, "models", "promote", "soft-tissue@0.0.1").returncode == 0
+    out = tmp_path / "out"
+    result = aidx(setup, "infer", str(setup["root"] / "study" / "dicom"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "on CPUExecutionProvider" in result.stdout
+    findings = json.loads((out / "findings.json").read_text(encoding="utf-8"))
+    truth = json.loads((setup["root"] / "study" / "ground_truth.json").read_text(encoding="utf-8"))
+    assert findings["study_instance_uid"] == truth["study_instance_uid"]
+    assert findings["series_instance_uid"] == truth["series_instance_uid"]
+    assert findings["model"] == {"name": "soft-tissue", "version": "0.0.1"}
+    assert findings["findings"], "soft tissue must be found"
+    # The isolated nodule is one of the findings, near its true centre.
+    centre = truth["nodules"][0]["center_mm"]
+    nearest = min(
+        findings["findings"],
+        key=lambda f: sum((a - b) ** 2 for a, b in zip(f["center_mm"], centre, strict=True)),
+    )
+    assert sum((a - b) ** 2 for a, b in zip(nearest["center_mm"], centre, strict=True)) < 2.0**2
+    sr = hd.sr.srread(out / "sr.dcm")
+    assert sr.StudyInstanceUID == truth["study_instance_uid"]
+    seg = hd.seg.segread(out / "seg.dcm")
+    assert seg.number_of_segments == len(findings["findings"])
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    for name in ("sr.dcm", "seg.dcm"):
+        report = subprocess.run(
+            [dciodvfy, str(out / name)], capture_output=True, text=True, check=False
+        )
+        errors = [
+            line
+            for line in (report.stdout + report.stderr).splitlines()
+            if line.startswith("Error")
+        ]
+        assert not errors, errors
+
+
+def test_a_study_without_ct_is_not_applicable(setup: dict[str, Any], tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "note.txt").write_text("not DICOM", encoding="utf-8")
+    aidx(setup, "models", "register", str(setup["model"]), "--card", str(setup["card"]))
+    aidx(setup, "models", "promote", "soft-tissue@0.0.1")
+    result = aidx(setup, "infer", str(empty), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "not applicable: the study has no readable DICOM images" in result.stderr

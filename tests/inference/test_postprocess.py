@@ -1,0 +1,166 @@
+"""Probability map to findings: centres, sizes, order, key slices and masks on the series grid.
+
+The probability maps are Gaussian blobs placed at known patient positions on the grid of a real
+preprocessed phantom (anisotropic model voxels), so every measurement has a known answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from inference.postprocess import PostprocessError, findings_from_probability
+from inference.preprocess import Preprocessed, PreprocessSpec, preprocess
+from inference.volume import Volume, load_series
+from training.phantom import PhantomOptions, generate
+
+SPEC = PreprocessSpec(spacing_mm=(2.0, 1.5, 1.5), hu_window=(-1000.0, 400.0))
+THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Volume, Preprocessed]:
+    out = tmp_path_factory.mktemp("phantom")
+    generate(out, PhantomOptions(seed=3, slices=40, matrix=128, slice_thickness=2.5, workers=1))
+    volume = load_series(sorted((out / "dicom").glob("*.dcm")))
+    return volume, preprocess(volume, SPEC)
+
+
+def patient_grid(pre: Preprocessed) -> np.ndarray:
+    """Patient coordinates (z, y, x, 3) of every model voxel centre."""
+    index = np.stack(np.indices(pre.array.shape), axis=-1).astype(np.float64)
+    return pre.to_patient(index)
+
+
+def blob(points: np.ndarray, centre: np.ndarray, peak: float, diameter: float) -> np.ndarray:
+    """A Gaussian of height ``peak`` that crosses THRESHOLD at ``diameter`` / 2 from its centre."""
+    radius = diameter / 2
+    sigma = radius / math.sqrt(2 * math.log(peak / THRESHOLD))
+    r2 = np.sum((points - centre) ** 2, axis=-1)
+    return np.asarray(peak * np.exp(-r2 / (2 * sigma**2)), dtype=np.float32)
+
+
+def nearest_slice(volume: Volume, point: np.ndarray) -> str:
+    along = np.array([volume.to_patient([k, 0, 0]) @ volume.normal for k in range(len(volume.hu))])
+    return volume.sop_uids[int(np.argmin(np.abs(along - point @ volume.normal)))]
+
+
+def series_voxel(volume: Volume, point: np.ndarray) -> tuple[int, int, int]:
+    k, r, c = np.rint(volume.to_index(point)).astype(int)
+    return int(k), int(r), int(c)
+
+
+def test_blobs_become_findings(scan: tuple[Volume, Preprocessed]) -> None:
+    volume, pre = scan
+    points = patient_grid(pre)
+    middle = pre.to_patient(np.asarray(pre.array.shape, dtype=np.float64) / 2)
+    # Off-grid centres (fractions of a voxel), different sizes and heights.
+    big = middle + np.array([-40.3, 10.7, -12.9])
+    small = middle + np.array([35.2, -20.4, 15.3])
+    split = middle + np.array([5.1, 45.6, 20.2])
+    blobs = [blob(points, big, 0.8, 14.0), blob(points, small, 0.95, 8.0)]
+    probability = np.maximum(*blobs)
+    third = blob(points, split, 0.7, 10.0)
+    # Cut the third blob in two with a plane of zeros: two components whose centres lie about
+    # 5 mm apart, one finding.
+    k_cut = int(np.rint(np.linalg.solve(pre.affine[:3, :3], split - pre.affine[:3, 3]))[0])
+    third[k_cut] = 0.0
+    probability = np.maximum(probability, third)
+    # A lone voxel above threshold: noise, below the minimum volume.
+    probability[2, 3, 4] = 0.99
+
+    findings = findings_from_probability(
+        probability, pre, volume, THRESHOLD, min_volume_mm3=5.0, merge_distance_mm=8.0
+    )
+
+    assert [f.id for f in findings] == [1, 2, 3]
+    first, second, third_finding = findings
+    # Ordered by probability (each blob's highest sample): the taller small blob first.
+    assert first.probability == pytest.approx(float(blobs[1].max()), abs=1e-6)
+    assert second.probability == pytest.approx(float(blobs[0].max()), abs=1e-6)
+    assert third_finding.probability < second.probability
+    voxel_mm3 = abs(float(np.linalg.det(pre.affine[:3, :3])))
+    assert first.volume_mm3 == pytest.approx((blobs[1] >= THRESHOLD).sum() * voxel_mm3)
+    assert second.volume_mm3 == pytest.approx((blobs[0] >= THRESHOLD).sum() * voxel_mm3)
+    for finding, centre, diameter in (
+        (first, small, 8.0),
+        (second, big, 14.0),
+        (third_finding, split, 10.0),
+    ):
+        assert np.linalg.norm(np.array(finding.center_mm) - centre) < 1.0
+        assert finding.diameter_mm == pytest.approx(diameter, abs=0.5)
+        sphere = math.pi / 6 * diameter**3
+        assert finding.volume_mm3 == pytest.approx(sphere, rel=0.25)
+        lo, hi = (np.array(c) for c in finding.bbox_mm)
+        assert np.all(lo < centre) and np.all(centre < hi)
+        assert np.all(hi - lo > diameter - 3.5) and np.all(hi - lo < diameter + 3.5)
+        assert finding.key_sop_instance_uid == nearest_slice(volume, centre)
+        assert finding.mask is not None
+        assert finding.mask.shape == volume.hu.shape and finding.mask.dtype == np.bool_
+        # (The cut blob's centre lies in the cut: its mask is checked on both sides below.)
+        assert finding.mask[series_voxel(volume, centre)] or finding is third_finding
+        series_mm3 = finding.mask.sum() * float(np.prod(volume.spacing))
+        assert series_mm3 == pytest.approx(finding.volume_mm3, rel=0.2)
+    # Each mask covers its own lesion only.
+    assert not first.mask[series_voxel(volume, big)]  # type: ignore[index]
+    assert not second.mask[series_voxel(volume, small)]  # type: ignore[index]
+    # The cut blob: both halves are in the one finding's mask.
+    assert third_finding.mask is not None
+    cut_normal = pre.affine[:3, 0] / np.linalg.norm(pre.affine[:3, 0])
+    for side in (-1, 1):
+        assert third_finding.mask[series_voxel(volume, split + side * 3.0 * cut_normal)]
+
+
+def test_without_merging_the_cut_blob_is_two_findings(
+    scan: tuple[Volume, Preprocessed],
+) -> None:
+    volume, pre = scan
+    points = patient_grid(pre)
+    centre = pre.to_patient(np.asarray(pre.array.shape, dtype=np.float64) / 2)
+    probability = blob(points, centre, 0.9, 12.0)
+    k_cut = int(np.rint(np.linalg.solve(pre.affine[:3, :3], centre - pre.affine[:3, 3]))[0])
+    probability[k_cut] = 0.0
+    merged = findings_from_probability(probability, pre, volume, THRESHOLD, merge_distance_mm=10)
+    apart = findings_from_probability(probability, pre, volume, THRESHOLD, merge_distance_mm=3)
+    assert len(merged) == 1 and len(apart) == 2
+    assert merged[0].volume_mm3 == pytest.approx(sum(f.volume_mm3 for f in apart))
+
+
+def test_nothing_above_threshold_gives_no_findings(scan: tuple[Volume, Preprocessed]) -> None:
+    volume, pre = scan
+    probability = np.full(pre.array.shape, 0.2, dtype=np.float32)
+    assert findings_from_probability(probability, pre, volume, THRESHOLD) == []
+
+
+def test_flipped_series_gets_the_same_finding_and_its_own_mask(
+    scan: tuple[Volume, Preprocessed],
+) -> None:
+    volume, _ = scan
+    # The same scan stored bottom-up (rows run anterior): model space is identical, the series
+    # grid is not, so the mask must follow the series' own row order.
+    rows = volume.hu.shape[1]
+    origin = volume.origin + volume.col_dir * volume.spacing[1] * (rows - 1)
+    flipped = replace(
+        volume, hu=volume.hu[:, ::-1, :].copy(), col_dir=-volume.col_dir, origin=origin
+    )
+    results = []
+    for v in (volume, flipped):
+        pre = preprocess(v, SPEC)
+        points = patient_grid(pre)
+        centre = pre.to_patient(np.array([20.0, 40.3, 60.7]))
+        found = findings_from_probability(blob(points, centre, 0.9, 10.0), pre, v, THRESHOLD)
+        assert len(found) == 1
+        results.append(found[0])
+    a, b = results
+    assert a == b  # masks are not compared by ==; everything else is
+    assert a.mask is not None and b.mask is not None
+    assert np.array_equal(a.mask, b.mask[:, ::-1, :])
+
+
+def test_map_of_the_wrong_shape_is_refused(scan: tuple[Volume, Preprocessed]) -> None:
+    volume, pre = scan
+    with pytest.raises(PostprocessError, match="pass the runner's output"):
+        findings_from_probability(np.zeros((3, 3, 3), np.float32), pre, volume, THRESHOLD)
