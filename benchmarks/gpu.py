@@ -1,0 +1,95 @@
+"""Everything GPU-related in one call (for a lent GPU machine): which ONNX Runtime providers
+exist, the card's name, and the model time per study with TensorRT, CUDA and CPU on the same
+preprocessed phantom and the same network as benchmarks/inference.py.
+
+Target: <= 0.5 s of model time per study with the CUDA or TensorRT provider.
+Usage: python benchmarks/gpu.py [--repeats 5] [--features 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import onnxruntime as ort
+
+from benchmarks.inference import HU_WINDOW, SPACING, build_network, card, export
+from inference.preprocess import PreprocessSpec, preprocess
+from inference.runner import OnnxRunner, RunnerOptions
+from inference.volume import load_series
+from models.registry import ModelCard
+from training.phantom import PhantomOptions, generate
+
+
+def gpu_name() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "no nvidia-smi"
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--features", type=int, default=8)
+    args = parser.parse_args()
+    available = ort.get_available_providers()
+    print(f"GPU: {gpu_name()}")
+    print(f"onnxruntime {ort.__version__}, providers: {', '.join(available)}")
+    with tempfile.TemporaryDirectory(prefix="aidx-gpu-") as tmp:
+        root = Path(tmp)
+        study = generate(root / "study", PhantomOptions(seed=42, nodules=3)).dicom_dir
+        onnx_path = root / "model.onnx"
+        export(build_network(args.features), onnx_path)
+        model_card = ModelCard.model_validate(
+            json.loads(json.dumps(card(onnx_path, args.features)))
+        )
+        pre = preprocess(
+            load_series(sorted(study.glob("*.dcm"))), PreprocessSpec(SPACING, HU_WINDOW)
+        )
+        print(f"model input {pre.array.shape} (spacing {SPACING} mm)")
+        for provider in (
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "CPUExecutionProvider",
+        ):
+            if provider not in available:
+                print(f"  {provider}: not available")
+                continue
+            for mode in ("sliding", "whole"):
+                options = RunnerOptions(
+                    providers=(provider,), mode=mode, io_binding=provider != "CPUExecutionProvider"
+                )
+                try:
+                    runner = OnnxRunner(onnx_path, model_card, options)
+                    runner.predict(pre.array)  # warm-up (TensorRT builds its engine here)
+                    times = []
+                    for _ in range(args.repeats):
+                        start = time.perf_counter()
+                        runner.predict(pre.array)
+                        times.append(time.perf_counter() - start)
+                except Exception as exc:  # noqa: BLE001 - report and go on with the next provider
+                    print(f"  {provider} {mode}: failed: {exc}")
+                    continue
+                print(
+                    f"  {provider} {mode}: model time median {statistics.median(times):.3f} s "
+                    f"(min {min(times):.3f}) on {runner.provider}   target <= 0.5 s on GPU"
+                )
+
+
+if __name__ == "__main__":
+    main()
