@@ -27,6 +27,11 @@ from typing import Any
 
 import numpy as np
 
+# Run as a script, this folder comes first on sys.path and this file would shadow the
+# `inference` package; drop it (the repository root is found through the installed package).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 from inference.preprocess import PreprocessSpec, preprocess
 from inference.volume import load_series
 from models.registry import sha256_of

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make tests.peers importable
     sys.path.insert(0, str(REPO))
 
-from tests.peers import (  # noqa: E402
+from tests.peers import (
     LOOPBACK,
     Orthanc,
     PeerError,
