@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="report findings down to this probability (default: the card's threshold)",
     )
+    infer.add_argument(
+        "--key-images",
+        action="store_true",
+        help="also write a Secondary Capture per finding (key slice, outline burned in)",
+    )
     infer.set_defaults(handler=_infer)
 
     models = sub.add_parser("models", help="list, show, register, promote or roll back models")
@@ -519,7 +524,9 @@ def _infer(args: argparse.Namespace, config: AidxConfig) -> int:
         print(f"aidx infer: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        result = infer_study(args.input_dir, args.out, config, model, args.min_probability)
+        result = infer_study(
+            args.input_dir, args.out, config, model, args.min_probability, args.key_images
+        )
     except NotApplicableError as exc:
         print(f"aidx infer: not applicable: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -532,6 +539,8 @@ def _infer(args: argparse.Namespace, config: AidxConfig) -> int:
         c = ", ".join(f"{v:.1f}" for v in f.center_mm)
         print(f"  #{f.id}: p={f.probability:.3f} {f.diameter_mm:.1f} mm at ({c}) mm")
     print(f"SR: {result.sr_path}" + (f"\nSEG: {result.seg_path}" if result.seg_path else ""))
+    if result.key_images:
+        print(f"key images: {len(result.key_images)} in {result.key_images[0].parent}")
     steps = ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result.timings.items())
     print(f"time: {steps}; peak memory {result.peak_rss_mb:.0f} MB")
     return EXIT_OK

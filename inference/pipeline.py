@@ -20,6 +20,7 @@ from aidx.config import AidxConfig
 from models.registry import ModelEntry
 
 from .findings import FindingsReport
+from .key_images import write_key_images
 from .postprocess import findings_from_probability
 from .preprocess import PreprocessSpec, preprocess
 from .runner import OnnxRunner, RunnerOptions
@@ -44,6 +45,7 @@ class InferenceResult:
     provider: str
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    key_images: list[Path] = field(default_factory=list)
 
 
 def series_rules(config: AidxConfig) -> SeriesRules:
@@ -75,6 +77,7 @@ def infer_study(
     config: AidxConfig,
     model: ModelEntry,
     min_probability: float | None = None,
+    key_images: bool = False,
 ) -> InferenceResult:
     """Run the model on the study's eligible series and write the results into ``out_dir``."""
     timings: dict[str, float] = {}
@@ -122,6 +125,11 @@ def infer_study(
     if findings:
         seg_path = out_dir / "seg.dcm"
         write_seg(findings, sources, card, seg_path)
+    key_image_paths = (
+        write_key_images(findings, volume, sources, card, out_dir / "key_images")
+        if key_images
+        else []
+    )
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -134,4 +142,6 @@ def infer_study(
         runner.provider,
         timings["total_s"],
     )
-    return InferenceResult(report, findings_path, sr_path, seg_path, runner.provider, timings, peak)
+    return InferenceResult(
+        report, findings_path, sr_path, seg_path, runner.provider, timings, peak, key_image_paths
+    )

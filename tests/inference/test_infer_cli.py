@@ -11,8 +11,10 @@ from typing import Any
 
 import highdicom as hd
 import onnx
+import pydicom
 import pytest
 from onnx import TensorProto, helper
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from models.registry import sha256_of
 from tests.conftest import require_tool
@@ -110,7 +112,9 @@ def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path)
     )
     assert aidx(setup, "models", "promote", "soft-tissue@0.0.1").returncode == 0
     out = tmp_path / "out"
-    result = aidx(setup, "infer", str(setup["root"] / "study" / "dicom"), "--out", str(out))
+    result = aidx(
+        setup, "infer", str(setup["root"] / "study" / "dicom"), "--out", str(out), "--key-images"
+    )
     assert result.returncode == 0, result.stderr
     assert "on CPUExecutionProvider" in result.stdout
     findings = json.loads((out / "findings.json").read_text(encoding="utf-8"))
@@ -130,8 +134,16 @@ def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path)
     assert sr.StudyInstanceUID == truth["study_instance_uid"]
     seg = hd.seg.segread(out / "seg.dcm")
     assert seg.number_of_segments == len(findings["findings"])
+    key_images = sorted((out / "key_images").glob("*.dcm"))
+    assert len(key_images) == len(findings["findings"])
+    first = pydicom.dcmread(key_images[0])
+    assert first.SOPClassUID == SecondaryCaptureImageStorage
+    assert first.BurnedInAnnotation == "YES"
+    assert first.StudyInstanceUID == truth["study_instance_uid"]
+    pixels = first.pixel_array
+    assert ((pixels == (255, 40, 40)).all(axis=2)).any(), "the outline is burned in"
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
-    for name in ("sr.dcm", "seg.dcm"):
+    for name in ("sr.dcm", "seg.dcm", f"key_images/{key_images[0].name}"):
         report = subprocess.run(
             [dciodvfy, str(out / name)], capture_output=True, text=True, check=False
         )
