@@ -155,7 +155,9 @@ class Dataset:
         if not isinstance(raw, dict):
             raise DatasetError(f"{path}: must hold a JSON object")
         if raw.get("format") != FORMAT:
-            raise DatasetError(f"dataset: field 'format' must be {FORMAT!r}, got {raw.get('format')!r}")
+            raise DatasetError(
+                f"dataset: field 'format' must be {FORMAT!r}, got {raw.get('format')!r}"
+            )
         if raw.get("coordinates") != COORDINATES:
             raise DatasetError(f"dataset: field 'coordinates' must be {COORDINATES!r}")
         cases_raw = raw.get("cases")
@@ -252,17 +254,17 @@ def canonical(
 
 def _save_nifti(path: Path, data: NDArray[Any], affine_lps: NDArray[np.float64]) -> None:
     affine_ras = LPS_TO_RAS @ affine_lps
-    image = nib.Nifti1Image(data, affine_ras)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine_ras, code=1)
-    image.set_sform(affine_ras, code=1)
+    image = nib.Nifti1Image(data, affine_ras)  # type: ignore[no-untyped-call]
+    image.header.set_xyzt_units("mm")  # type: ignore[no-untyped-call]
+    image.set_qform(affine_ras, code=1)  # type: ignore[no-untyped-call]
+    image.set_sform(affine_ras, code=1)  # type: ignore[no-untyped-call]
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, path)
 
 
 def _load_nifti(path: Path) -> tuple[NDArray[Any], NDArray[np.float64]]:
     """Array in file order and the affine from its indices to LPS."""
-    image = nib.load(path)
+    image: Any = nib.load(path)
     data = np.asanyarray(image.dataobj)
     return np.asarray(data), LPS_TO_RAS @ np.asarray(image.affine, dtype=np.float64)
 
@@ -271,12 +273,12 @@ def _hu_array(hu: NDArray[Any]) -> NDArray[Any]:
     values = np.asarray(hu)
     if np.issubdtype(values.dtype, np.integer):
         lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
-        if -32768 <= lo and hi <= 32767:
+        if lo >= -32768 and hi <= 32767:
             return values.astype(np.int16)
         return values.astype(np.float32)
-    if np.all(np.isfinite(values)) and np.all(values == np.round(values)):
-        if values.size == 0 or (values.min() >= -32768 and values.max() <= 32767):
-            return values.astype(np.int16)
+    whole = bool(np.all(np.isfinite(values)) and np.all(values == np.round(values)))
+    if whole and (values.size == 0 or (values.min() >= -32768 and values.max() <= 32767)):
+        return values.astype(np.int16)
     return values.astype(np.float32)
 
 
