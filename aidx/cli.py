@@ -7,37 +7,31 @@ serving commands never load training code, torch or MONAI.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aidx import __version__
+from aidx import __version__, cli_models, cli_node
 from aidx.config import (
     AidxConfig,
     ConfigError,
-    DestinationConfig,
-    TlsConfig,
     dump_yaml,
     load_config,
     redacted,
 )
+from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.logs import setup_logging
 
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+
 if TYPE_CHECKING:
-    from aidx.store import Store
+    pass
 
 log = logging.getLogger("aidx.cli")
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the operation ran and failed (peer refused, files not stored)
-EXIT_USAGE = 2  # bad configuration or arguments: the message says what to change
 
 Handler = Callable[[argparse.Namespace, AidxConfig], int]
 
@@ -81,11 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="override node.ae_title")
     serve.add_argument("--host", help="override node.host (address to listen on)")
     serve.add_argument("--port", type=int, help="override node.port")
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=cli_node.serve)
 
     echo = sub.add_parser("echo", help="C-ECHO a destination, or this node by default")
     echo.add_argument("destination", nargs="?", help="name under 'destinations' (default: node)")
-    echo.set_defaults(handler=_echo)
+    echo.set_defaults(handler=cli_node.echo)
 
     send = sub.add_parser("send", help="C-STORE files or folders to a destination")
     send.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -93,16 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--queue", action="store_true", help="queue in the outbox for `aidx serve` to deliver"
     )
-    send.set_defaults(handler=_send)
+    send.set_defaults(handler=cli_node.send)
 
     outbox = sub.add_parser("outbox", help="list or retry queued exports")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
     listing = outbox_sub.add_parser("list", help="show queued, sent and failed exports")
     listing.add_argument("--state", choices=["pending", "sending", "sent", "failed"])
-    listing.set_defaults(handler=_outbox_list)
+    listing.set_defaults(handler=cli_node.outbox_list)
     retry = outbox_sub.add_parser("retry", help="queue failed exports again")
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all failed")
-    retry.set_defaults(handler=_outbox_retry)
+    retry.set_defaults(handler=cli_node.outbox_retry)
 
     infer = sub.add_parser(
         "infer", help="detect nodules in a study folder: findings.json, sr.dcm and seg.dcm"
@@ -120,26 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write a Secondary Capture per finding (key slice, outline burned in)",
     )
-    infer.set_defaults(handler=_infer)
+    infer.set_defaults(handler=cli_models.infer)
+
+    dataset = sub.add_parser("dataset", help="build training datasets in the canonical format")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", metavar="SOURCE", required=True)
+    phantoms = dataset_sub.add_parser("phantoms", help="N synthetic phantom cases")
+    phantoms.add_argument("out", type=Path, metavar="OUT")
+    phantoms.add_argument("--cases", type=int, required=True)
+    phantoms.add_argument("--seed", type=int, default=0)
+    phantoms.add_argument("--slices", type=int, default=96)
+    phantoms.add_argument("--matrix", type=int, default=256)
+    phantoms.set_defaults(handler=cli_models.dataset_phantoms)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="FROC of a model on a dataset, through the serving path (ONNX)"
+    )
+    evaluate.add_argument("--model", metavar="NAME@VERSION", help="default: the active model")
+    evaluate.add_argument("--dataset", type=Path, required=True, metavar="DIR")
+    evaluate.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    evaluate.add_argument("--bootstrap", type=int, default=100, help="0 disables the CPM CI")
+    evaluate.set_defaults(handler=cli_models.evaluate)
 
     models = sub.add_parser("models", help="list, show, register, promote or roll back models")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     models_sub.add_parser("list", help="registered models and their active versions").set_defaults(
-        handler=_models_list
+        handler=cli_models.models_list
     )
     show_model = models_sub.add_parser("show", help="print a model card (default: active model)")
     show_model.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
-    show_model.set_defaults(handler=_models_show)
+    show_model.set_defaults(handler=cli_models.models_show)
     register = models_sub.add_parser("register", help="add an ONNX model with its card")
     register.add_argument("onnx", type=Path, metavar="MODEL.onnx")
     register.add_argument("--card", type=Path, required=True, metavar="CARD.json")
-    register.set_defaults(handler=_models_register)
+    register.set_defaults(handler=cli_models.models_register)
     promote = models_sub.add_parser("promote", help="make a version the active one")
     promote.add_argument("ref", metavar="NAME@VERSION")
-    promote.set_defaults(handler=_models_promote)
+    promote.set_defaults(handler=cli_models.models_promote)
     rollback = models_sub.add_parser("rollback", help="go back to the previously active version")
     rollback.add_argument("name", metavar="NAME")
-    rollback.set_defaults(handler=_models_rollback)
+    rollback.set_defaults(handler=cli_models.models_rollback)
     return parser
 
 
@@ -291,256 +304,3 @@ def _report_phantom(result: Any) -> None:
         "phantom written",
         extra={"study_uid": truth["study_instance_uid"], "seconds": result.timings["total_s"]},
     )
-
-
-def _serve(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args
-    from dicom_node.policy import NodeStartError
-    from dicom_node.service import NodeService
-
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        log.info("received signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    try:
-        service = NodeService(config)
-        service.start()
-    except (NodeStartError, OSError, ValueError) as exc:
-        print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        stop.wait()
-    finally:
-        service.stop()
-    return EXIT_OK
-
-
-def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
-    if name is None:
-        node = config.node
-        host = "127.0.0.1" if node.host in ("0.0.0.0", "::") else node.host
-        # Talking to ourselves: trust the CA that signs clients, else our own certificate
-        # (self-signed or a chain that includes its CA), and present our certificate.
-        tls = TlsConfig(
-            enabled=node.tls.enabled,
-            ca_certificates=node.tls.ca_certificates or node.tls.certificate,
-            certificate=node.tls.certificate,
-            private_key=node.tls.private_key,
-        )
-        return DestinationConfig(ae_title=node.ae_title, host=host, port=node.port, tls=tls)
-    try:
-        return config.destinations[name]
-    except KeyError:
-        known = ", ".join(sorted(config.destinations)) or "none configured"
-        raise ConfigError(
-            [f"destinations.{name}: unknown destination; configured: {known}"]
-        ) from None
-
-
-def _echo(args: argparse.Namespace, config: AidxConfig) -> int:
-    from dicom_node.client import echo
-
-    try:
-        destination = _destination(config, args.destination)
-    except ConfigError as exc:
-        print(f"aidx echo: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    ok, detail = echo(destination, config.node.ae_title)
-    target = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    if ok:
-        print(f"C-ECHO {target}: {detail}")
-        return EXIT_OK
-    print(
-        f"aidx echo: C-ECHO {target} failed: {detail}; check that a DICOM service listens there, "
-        "that it knows this AE title, and the TLS settings",
-        file=sys.stderr,
-    )
-    return EXIT_FAILED
-
-
-def _send(args: argparse.Namespace, config: AidxConfig) -> int:
-    from dicom_node.client import collect_files
-    from dicom_node.export import SendError, send_files
-
-    try:
-        destination = _destination(config, args.destination)
-        files = collect_files(args.paths)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"aidx send: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.queue:
-        store = _open_store(config)
-        # Absolute paths: `aidx serve` delivers them later, from its own working directory.
-        queued = [str(f.resolve()) for f in files]
-        key = "send:" + hashlib.sha256("\n".join(queued).encode()).hexdigest()[:32]
-        item_id, new = store.enqueue(args.destination, key, queued)
-        print(
-            f"outbox item {item_id} {'queued' if new else 'was already queued'}: "
-            f"{len(files)} files to {args.destination}"
-        )
-        return EXIT_OK
-    try:
-        report = send_files(destination, config.node.ae_title, files)
-    except (SendError, OSError, ValueError, RuntimeError) as exc:
-        print(f"aidx send: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"sent {report.sent} files to {args.destination} ({report.converted} converted)")
-    return EXIT_OK
-
-
-def _open_store(config: AidxConfig) -> Store:
-    from aidx.store import Store
-
-    if config.store.url is None:
-        # The default SQLite index lives in data_dir, which `aidx serve` creates; `send --queue`
-        # may come first.
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-    return Store(config.store_url())
-
-
-def _outbox_list(args: argparse.Namespace, config: AidxConfig) -> int:
-    items = _open_store(config).outbox_items(args.state)
-    if not items:
-        print("outbox is empty" if args.state is None else f"no {args.state} items")
-        return EXIT_OK
-    print(
-        f"{'ID':>5}  {'DESTINATION':<16} {'STATE':<8} {'TRIES':>5}  {'FILES':>5}  NEXT / LAST ERROR"
-    )
-    for item in items:
-        when = ""
-        if item.state == "pending":
-            when = "next " + time.strftime("%H:%M:%S", time.localtime(item.next_attempt_at))
-        error = f"  {item.last_error}" if item.last_error else ""
-        print(
-            f"{item.id:>5}  {item.destination:<16} {item.state:<8} {item.attempts:>5}  "
-            f"{len(item.files):>5}  {when}{error}"
-        )
-    return EXIT_OK
-
-
-def _outbox_retry(args: argparse.Namespace, config: AidxConfig) -> int:
-    count = _open_store(config).retry(args.ids or None)
-    print(f"{count} failed items queued again")
-    return EXIT_OK
-
-
-def _registry(config: AidxConfig) -> Any:
-    import models
-    from models.registry import Registry
-
-    shipped = Path(models.__file__).resolve().parent / "shipped"  # models shipped with aidx
-    return Registry(config.models_dir(), (shipped,))
-
-
-def _models_command(action: Callable[[], int]) -> int:
-    from models.registry import ModelError
-
-    try:
-        return action()
-    except ModelError as exc:
-        print(f"aidx models: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-def _models_list(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args
-
-    def run() -> int:
-        registry = _registry(config)
-        entries = registry.entries()
-        if not entries:
-            print(f"no models registered in {config.models_dir()}")
-            return EXIT_OK
-        for entry in entries:
-            active = registry.active(entry.card.name)
-            mark = "*" if active is not None and active.ref == entry.ref else " "
-            print(f"{mark} {entry.ref:<32} {entry.card.date}  {entry.card.network}")
-        print("(* = active)")
-        return EXIT_OK
-
-    return _models_command(run)
-
-
-def _models_show(args: argparse.Namespace, config: AidxConfig) -> int:
-    def run() -> int:
-        entry = _registry(config).resolve(args.ref, config.models.default)
-        print(entry.card.model_dump_json(indent=2))
-        print(f"# {entry.onnx_path} (sha256 verified)")
-        return EXIT_OK
-
-    return _models_command(run)
-
-
-def _models_register(args: argparse.Namespace, config: AidxConfig) -> int:
-    def run() -> int:
-        entry = _registry(config).register(args.onnx, args.card)
-        print(f"registered {entry.ref} in {entry.folder}")
-        return EXIT_OK
-
-    return _models_command(run)
-
-
-def _models_promote(args: argparse.Namespace, config: AidxConfig) -> int:
-    def run() -> int:
-        name, _, version = args.ref.partition("@")
-        if not version:
-            print("aidx models promote: give NAME@VERSION", file=sys.stderr)
-            return EXIT_USAGE
-        entry = _registry(config).promote(name, version)
-        print(f"{entry.ref} is now the active version of {name}")
-        return EXIT_OK
-
-    return _models_command(run)
-
-
-def _models_rollback(args: argparse.Namespace, config: AidxConfig) -> int:
-    def run() -> int:
-        entry = _registry(config).rollback(args.name)
-        print(f"rolled back: {entry.ref} is the active version of {args.name}")
-        return EXIT_OK
-
-    return _models_command(run)
-
-
-def _infer(args: argparse.Namespace, config: AidxConfig) -> int:
-    from inference.pipeline import NotApplicableError, infer_study
-    from inference.preprocess import PreprocessError
-    from inference.volume import VolumeError
-    from models.registry import ModelError
-
-    if args.min_probability is not None and not 0 < args.min_probability < 1:
-        print("aidx infer: --min-probability must lie between 0 and 1", file=sys.stderr)
-        return EXIT_USAGE
-    if not args.input_dir.is_dir():
-        print(f"aidx infer: {args.input_dir} is not a folder", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        model = _registry(config).resolve(args.model, config.models.default)
-    except ModelError as exc:
-        print(f"aidx infer: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        result = infer_study(
-            args.input_dir, args.out, config, model, args.min_probability, args.key_images
-        )
-    except NotApplicableError as exc:
-        print(f"aidx infer: not applicable: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except (VolumeError, PreprocessError) as exc:
-        print(f"aidx infer: the series cannot be read: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    findings = result.report.findings
-    print(f"{len(findings)} findings by {model.ref} on {result.provider}: {result.findings_path}")
-    for f in findings:
-        c = ", ".join(f"{v:.1f}" for v in f.center_mm)
-        print(f"  #{f.id}: p={f.probability:.3f} {f.diameter_mm:.1f} mm at ({c}) mm")
-    print(f"SR: {result.sr_path}" + (f"\nSEG: {result.seg_path}" if result.seg_path else ""))
-    if result.key_images:
-        print(f"key images: {len(result.key_images)} in {result.key_images[0].parent}")
-    steps = ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result.timings.items())
-    print(f"time: {steps}; peak memory {result.peak_rss_mb:.0f} MB")
-    return EXIT_OK

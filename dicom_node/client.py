@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def echo(destination: DestinationConfig, calling_ae: str) -> tuple[bool, str]:
         return False, "association rejected" if assoc.is_rejected else "no association"
     no_delay(assoc)
     try:
+        settle_reactor(assoc)
         rsp = assoc.send_c_echo()
     finally:
         assoc.release()
@@ -67,3 +69,29 @@ def no_delay(assoc: Association) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def settle_reactor(assoc: Association, quiet_s: float = 0.003) -> None:
+    """Make sure pynetdicom's reactor thread is parked before a DIMSE request is sent.
+
+    pynetdicom 3.0 pauses its reactor inside ``send_*`` by clearing an event and waiting for a
+    flag, but the flag can read "paused" while the reactor is just past the event; with a fast
+    peer (TCP_NODELAY on loopback) the reactor then takes the response off the queue ("Received
+    unexpected C-STORE service message") and the request waits for the DIMSE timeout. Here the
+    event is cleared and the flag must stay set for a few milliseconds: a reactor that got past
+    the event clears the flag within microseconds, a parked one never does.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or not hasattr(assoc, "_is_paused"):
+        return  # another pynetdicom version: nothing to do
+    checkpoint.clear()
+    deadline = time.monotonic() + 5.0
+    parked_since: float | None = None
+    while time.monotonic() < deadline:
+        if assoc._is_paused:  # private on purpose: see the docstring
+            parked_since = parked_since or time.monotonic()
+            if time.monotonic() - parked_since >= quiet_s:
+                return
+        else:
+            parked_since = None
+        time.sleep(0.0002)

@@ -24,7 +24,7 @@ from pynetdicom.association import Association
 from aidx.config import AidxConfig, DestinationConfig, OutboxConfig
 from aidx.store import OutboxItem, Store
 
-from .client import no_delay
+from .client import no_delay, settle_reactor
 from .tls import client_context
 
 log = logging.getLogger("aidx.export")
@@ -96,6 +96,7 @@ def _send_one(
     assoc: Association, path: Path, sop_class: UID, syntax: UID, report: SendReport
 ) -> None:
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    settle_reactor(assoc)
     if (sop_class, syntax) in accepted:
         rsp = assoc.send_c_store(path)
     else:

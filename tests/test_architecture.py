@@ -26,6 +26,10 @@ SERVING = [
     "inference.seg",
     "inference.pipeline",
     "models.registry",
+    "training.dataset",
+    "training.converters",
+    "training.froc",
+    "training.evaluate",
     "ui",
     "models",
 ]

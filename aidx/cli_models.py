@@ -1,0 +1,186 @@
+"""`aidx models`, `infer`, `dataset` and `evaluate`: the model and inference commands.
+
+Training-side modules are imported only inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aidx.config import AidxConfig
+from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("aidx.cli")
+
+
+def _registry(config: AidxConfig) -> Any:
+    import models
+    from models.registry import Registry
+
+    shipped = Path(models.__file__).resolve().parent / "shipped"  # models shipped with aidx
+    return Registry(config.models_dir(), (shipped,))
+
+
+def _models_command(action: Callable[[], int]) -> int:
+    from models.registry import ModelError
+
+    try:
+        return action()
+    except ModelError as exc:
+        print(f"aidx models: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def models_list(args: argparse.Namespace, config: AidxConfig) -> int:
+    del args
+
+    def run() -> int:
+        registry = _registry(config)
+        entries = registry.entries()
+        if not entries:
+            print(f"no models registered in {config.models_dir()}")
+            return EXIT_OK
+        for entry in entries:
+            active = registry.active(entry.card.name)
+            mark = "*" if active is not None and active.ref == entry.ref else " "
+            print(f"{mark} {entry.ref:<32} {entry.card.date}  {entry.card.network}")
+        print("(* = active)")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def models_show(args: argparse.Namespace, config: AidxConfig) -> int:
+    def run() -> int:
+        entry = _registry(config).resolve(args.ref, config.models.default)
+        print(entry.card.model_dump_json(indent=2))
+        print(f"# {entry.onnx_path} (sha256 verified)")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def models_register(args: argparse.Namespace, config: AidxConfig) -> int:
+    def run() -> int:
+        entry = _registry(config).register(args.onnx, args.card)
+        print(f"registered {entry.ref} in {entry.folder}")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def models_promote(args: argparse.Namespace, config: AidxConfig) -> int:
+    def run() -> int:
+        name, _, version = args.ref.partition("@")
+        if not version:
+            print("aidx models promote: give NAME@VERSION", file=sys.stderr)
+            return EXIT_USAGE
+        entry = _registry(config).promote(name, version)
+        print(f"{entry.ref} is now the active version of {name}")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def models_rollback(args: argparse.Namespace, config: AidxConfig) -> int:
+    def run() -> int:
+        entry = _registry(config).rollback(args.name)
+        print(f"rolled back: {entry.ref} is the active version of {args.name}")
+        return EXIT_OK
+
+    return _models_command(run)
+
+
+def infer(args: argparse.Namespace, config: AidxConfig) -> int:
+    from inference.pipeline import NotApplicableError, infer_study
+    from inference.preprocess import PreprocessError
+    from inference.volume import VolumeError
+    from models.registry import ModelError
+
+    if args.min_probability is not None and not 0 < args.min_probability < 1:
+        print("aidx infer: --min-probability must lie between 0 and 1", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.input_dir.is_dir():
+        print(f"aidx infer: {args.input_dir} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        model = _registry(config).resolve(args.model, config.models.default)
+    except ModelError as exc:
+        print(f"aidx infer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        result = infer_study(
+            args.input_dir, args.out, config, model, args.min_probability, args.key_images
+        )
+    except NotApplicableError as exc:
+        print(f"aidx infer: not applicable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (VolumeError, PreprocessError) as exc:
+        print(f"aidx infer: the series cannot be read: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    findings = result.report.findings
+    print(f"{len(findings)} findings by {model.ref} on {result.provider}: {result.findings_path}")
+    for f in findings:
+        c = ", ".join(f"{v:.1f}" for v in f.center_mm)
+        print(f"  #{f.id}: p={f.probability:.3f} {f.diameter_mm:.1f} mm at ({c}) mm")
+    print(f"SR: {result.sr_path}" + (f"\nSEG: {result.seg_path}" if result.seg_path else ""))
+    if result.key_images:
+        print(f"key images: {len(result.key_images)} in {result.key_images[0].parent}")
+    steps = ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result.timings.items())
+    print(f"time: {steps}; peak memory {result.peak_rss_mb:.0f} MB")
+    return EXIT_OK
+
+
+def dataset_phantoms(args: argparse.Namespace, config: AidxConfig) -> int:
+    del config
+    from training.converters import main_phantoms
+    from training.dataset import DatasetError
+    from training.phantom import PhantomError
+
+    try:
+        path = main_phantoms(args.out, args.cases, args.seed, args.slices, args.matrix)
+    except (DatasetError, PhantomError) as exc:
+        print(f"aidx dataset phantoms: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {args.cases} phantom cases: {path} (synthetic data)")
+    return EXIT_OK
+
+
+def evaluate(args: argparse.Namespace, config: AidxConfig) -> int:
+    from inference.pipeline import runner_options
+    from models.registry import ModelError
+    from training.dataset import DatasetError
+    from training.evaluate import evaluate_model
+    from training.froc import FrocError
+
+    try:
+        model = _registry(config).resolve(args.model, config.models.default)
+        result = evaluate_model(
+            model,
+            args.dataset,
+            args.out,
+            runner_options(config),
+            min_volume_mm3=config.inference.min_volume_mm3,
+            merge_distance_mm=config.inference.merge_distance_mm,
+            bootstrap=args.bootstrap,
+        )
+    except (ModelError, DatasetError, FrocError) as exc:
+        print(f"aidx evaluate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    report = result.report
+    points = ", ".join(
+        f"{fp:g}: {s:.3f}"
+        for fp, s in zip(report.operating_points, report.sensitivities, strict=True)
+    )
+    print(f"{model.ref} on {args.dataset}: CPM {report.cpm:.3f}")
+    print(f"  sensitivity at FP/scan {points}")
+    print(f"  report: {result.json_path}; curve: {result.png_path}")
+    return EXIT_OK

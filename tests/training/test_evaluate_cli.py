@@ -1,0 +1,64 @@
+"""`aidx dataset phantoms` and `aidx evaluate` end to end, through the serving path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.inference.test_infer_cli import card, soft_tissue_model
+
+
+def test_dataset_then_evaluate(tmp_path: Path) -> None:
+    aidx = [str(Path(sys.executable).parent / "aidx"), "--data-dir", str(tmp_path / "data")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    env["AIDX_MODELS__DEFAULT"] = "soft-tissue"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*aidx, *args], capture_output=True, text=True, env=env, check=False)
+
+    made = run(
+        "dataset",
+        "phantoms",
+        str(tmp_path / "ds"),
+        "--cases",
+        "2",
+        "--seed",
+        "3",
+        "--slices",
+        "24",
+        "--matrix",
+        "96",
+    )
+    assert made.returncode == 0, made.stderr
+    dataset = json.loads((tmp_path / "ds" / "dataset.json").read_text(encoding="utf-8"))
+    assert len(dataset["cases"]) == 2
+    model = soft_tissue_model(tmp_path / "m.onnx")
+    (tmp_path / "card.json").write_text(json.dumps(card(model)), encoding="utf-8")
+    assert (
+        run("models", "register", str(model), "--card", str(tmp_path / "card.json")).returncode == 0
+    )
+    assert run("models", "promote", "soft-tissue@0.0.1").returncode == 0
+    result = run(
+        "evaluate",
+        "--dataset",
+        str(tmp_path / "ds"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--bootstrap",
+        "10",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "CPM" in result.stdout
+    report = json.loads((tmp_path / "eval" / "froc.json").read_text(encoding="utf-8"))
+    lesions = sum(len(c["lesions"]) for c in dataset["cases"])
+    assert report["n_scans"] == 2 and report["n_nodules"] == lesions
+    assert 0.0 <= report["cpm"] <= 1.0
+    with Image.open(tmp_path / "eval" / "froc.png") as png:
+        assert png.size[0] > 100
+    missing = run("evaluate", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "aidx evaluate:" in missing.stderr
