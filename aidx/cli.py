@@ -135,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bootstrap", type=int, default=100, help="0 disables the CPM CI")
     evaluate.set_defaults(handler=cli_models.evaluate)
 
+    train_cmd = sub.add_parser("train", help="train a detector (needs the [train] extra)")
+    # Its own dest: the global --config names the aidx configuration, not the training one.
+    train_cmd.add_argument(
+        "--config", dest="train_config", type=Path, required=True, metavar="configs/train/X.yaml"
+    )
+    train_cmd.add_argument("--resume", action="store_true")
+    train_cmd.set_defaults(handler=cli_models.train)
+
+    export_cmd = sub.add_parser(
+        "export", help="export a checkpoint to ONNX (verified), write its card and register it"
+    )
+    export_cmd.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    export_cmd.add_argument("--name", required=True)
+    export_cmd.add_argument("--version", required=True)
+    export_cmd.add_argument("--evaluation", type=Path, help="froc.json to put in the card")
+    export_cmd.set_defaults(handler=cli_models.export)
+
     models = sub.add_parser("models", help="list, show, register, promote or roll back models")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     models_sub.add_parser("list", help="registered models and their active versions").set_defaults(

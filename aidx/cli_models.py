@@ -184,3 +184,57 @@ def evaluate(args: argparse.Namespace, config: AidxConfig) -> int:
     print(f"  sensitivity at FP/scan {points}")
     print(f"  report: {result.json_path}; curve: {result.png_path}")
     return EXIT_OK
+
+
+def train(args: argparse.Namespace, config: AidxConfig) -> int:
+    del config
+    try:
+        from training.train import main as train_main
+    except ImportError as exc:
+        print(
+            f"aidx train: needs the training extra (pip install 'aidx[train]'): {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    argv = ["--config", str(args.train_config)] + (["--resume"] if args.resume else [])
+    try:
+        return train_main(argv)
+    except ValueError as exc:
+        print(f"aidx train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def export(args: argparse.Namespace, config: AidxConfig) -> int:
+    import json
+
+    from models.registry import ModelError
+
+    try:
+        from training.export import ExportError, export_checkpoint
+    except ImportError as exc:
+        print(
+            f"aidx export: needs the training extra (pip install 'aidx[train]'): {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    evaluation = None
+    if args.evaluation is not None:
+        report = json.loads(args.evaluation.read_text(encoding="utf-8"))
+        evaluation = {"cpm": float(report["cpm"])}
+    out = config.data_dir / "exports" / f"{args.name}-{args.version}"
+    try:
+        onnx_path, card_path, checked = export_checkpoint(
+            args.checkpoint,
+            args.name,
+            args.version,
+            out,
+            evaluation,
+            command=" ".join(sys.argv),
+        )
+        entry = _registry(config).register(onnx_path, card_path)
+    except (ExportError, ModelError, OSError, KeyError) as exc:
+        print(f"aidx export: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"exported and verified: {checked.summary()}")
+    print(f"registered {entry.ref}; make it active with `aidx models promote {entry.ref}`")
+    return EXIT_OK

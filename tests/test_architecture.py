@@ -58,6 +58,13 @@ def test_serving_packages_and_the_phantom_do_not_load_torch_or_monai() -> None:
     assert result.stdout.strip() == "ok"
 
 
+def test_training_config_loads() -> None:
+    from training.train import TrainConfig
+
+    config = TrainConfig.load(REPO / "configs" / "train" / "phantom.yaml")
+    assert config.patch_size == (48, 96, 96)
+
+
 def test_torch_is_installed_so_the_check_above_means_something() -> None:
     result = subprocess.run(
         [sys.executable, "-c", "import torch, monai; print(torch.__version__)"],

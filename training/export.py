@@ -6,7 +6,9 @@ export whose error exceeds the tolerance is refused.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,9 @@ import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
 
-from models.registry import sha256_of
+from models.networks import build_network
+from models.registry import ModelCard, sha256_of
+from training.dataset import Dataset
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
@@ -98,3 +102,76 @@ def export_onnx(
                 + report.summary()
             )
     return report
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    name: str,
+    version: str,
+    out_dir: Path,
+    evaluation: dict[str, float] | None = None,
+    command: str = "",
+) -> tuple[Path, Path, ExportReport]:
+    """Export a training checkpoint (``best.pt``) to ``out_dir/model.onnx`` with its card."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config = state["config"]
+    net = build_network(state["network"], int(state["features"]))
+    net.load_state_dict(state["network_state"])
+    patch = tuple(int(v) for v in config["patch_size"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "model.onnx"
+    real = np.random.default_rng(1).random(patch, dtype=np.float32)
+    report = export_onnx(net, onnx_path, (patch[0], patch[1], patch[2]), real_input=real)
+    dims: list[int | str] = ["batch", 1, "depth", "height", "width"]
+    data_summary, synthetic = _training_data(Path(config["dataset"]))
+    card = ModelCard.model_validate(
+        {
+            "name": name,
+            "version": version,
+            "date": date.today(),
+            "network": f"{state['network']} (MONAI), features {state['features']}, sigmoid output",
+            "description": "Segmentation-based lung nodule detector: per-voxel probability, "
+            "connected components become findings.",
+            "input": {
+                "tensor": {"name": INPUT_NAME, "shape": dims},
+                "spacing_mm": config["spacing_mm"],
+                "hu_window": config["hu_window"],
+                "patch_size": config["patch_size"],
+            },
+            "output": {
+                "tensor": {"name": OUTPUT_NAME, "shape": dims},
+                "operating_threshold": 0.5,
+            },
+            "training": {
+                "data": data_summary,
+                "synthetic": synthetic,
+                "command": command or f"aidx train --config <config for {config['output']}>",
+            },
+            "evaluation": evaluation or {},
+            "sha256": report.sha256,
+            "intended_use": "Research and evaluation of the aidx pipeline; not for clinical use.",
+            "limitations": [
+                "Trained on the data named above only.",
+                "Not a medical device; findings must be reviewed by a radiologist.",
+            ],
+        }
+    )
+    card_path = out_dir / "card.json"
+    card_path.write_text(json.dumps(json.loads(card.model_dump_json()), indent=2) + "\n")
+    return onnx_path, card_path, report
+
+
+def _training_data(dataset_dir: Path) -> tuple[str, bool]:
+    """What the card says about the training data: a summary and whether all of it is synthetic
+    (every case converted from the phantom generator)."""
+    try:
+        dataset = Dataset.load(dataset_dir)
+    except (OSError, ValueError) as exc:
+        return f"dataset at {dataset_dir} (not readable at export: {exc})", False
+    kinds = sorted({str((case.source or {}).get("kind", "unknown")) for case in dataset.cases})
+    lesions = sum(len(case.lesions) for case in dataset.cases)
+    summary = (
+        f"{dataset.name}: {len(dataset.cases)} cases, {lesions} lesions ({', '.join(kinds)}); "
+        f"{dataset.description}"
+    )
+    return summary, kinds == ["phantom"]

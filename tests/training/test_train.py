@@ -1,0 +1,123 @@
+"""The training loop on tiny phantom data: checkpoints, resume, curves, and DDP with two CPU
+processes (gloo)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from training.converters import phantom_dataset
+from training.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train_data")
+    phantom_dataset(
+        out / "ds", 2, seed=5, slices=24, matrix=64, nodules=2, diameter_range=(12.0, 20.0)
+    )
+    return out / "ds"
+
+
+def config_file(tmp_path: Path, dataset: Path, **changes: object) -> Path:
+    data = {
+        "dataset": str(dataset),
+        "output": str(tmp_path / "run"),
+        "features": 4,
+        "spacing_mm": [2.5, 2.5, 2.5],
+        "patch_size": [16, 32, 32],
+        "batch_size": 2,
+        "samples_per_case": 2,
+        "epochs": 2,
+        "validation_fraction": 0.5,
+        "validate_every": 1,
+    }
+    data.update(changes)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_train_checkpoints_curves_and_resume(dataset: Path, tmp_path: Path) -> None:
+    config = TrainConfig.load(config_file(tmp_path, dataset))
+    history = train(config)
+    assert history.epochs == [1, 2]
+    assert all(math.isfinite(loss) for loss in history.train_loss)
+    assert len(history.val_dice) == 2 and 0.0 <= history.best_dice <= 1.0
+    run = tmp_path / "run"
+    for name in ("checkpoint.pt", "best.pt", "curves.png"):
+        assert (run / name).exists(), name
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert best["network"] == "basic_unet" and best["features"] == 4
+    resumed = train(TrainConfig.load(config_file(tmp_path, dataset, epochs=3)), resume=True)
+    assert resumed.epochs == [1, 2, 3]
+
+
+def test_bad_training_config_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset: x\noutput: y\nepochz: 3\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="epochz"):
+        TrainConfig.load(path)
+
+
+def test_ddp_with_two_cpu_processes(dataset: Path, tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun comes with torch"
+    config = config_file(tmp_path, dataset, epochs=1, validation_fraction=0.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.train",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_cli_train_export_register(dataset: Path, tmp_path: Path) -> None:
+    """`aidx train`, then `aidx export` (verified ONNX + card, registered), then promote."""
+    aidx = [str(Path(sys.executable).parent / "aidx"), "--data-dir", str(tmp_path / "data")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    config = config_file(tmp_path, dataset, epochs=1)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*aidx, *args], capture_output=True, text=True, env=env, timeout=300, check=False
+        )
+
+    trained = run("train", "--config", str(config))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    exported = run(
+        "export",
+        str(tmp_path / "run" / "best.pt"),
+        "--name",
+        "phantom-nodule",
+        "--version",
+        "0.0.1",
+    )
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert "exported and verified" in exported.stdout and "max abs" in exported.stdout
+    assert run("models", "promote", "phantom-nodule@0.0.1").returncode == 0
+    shown = run("models", "show", "phantom-nodule")
+    assert '"synthetic": true' in shown.stdout and '"patch_size"' in shown.stdout

@@ -1,0 +1,305 @@
+"""Training loop (MONAI / PyTorch): `aidx train --config configs/train/NAME.yaml`.
+
+Cases of a canonical dataset are brought to the model's frame with the serving path's own
+preprocessing (no train/serve skew), labels resampled to the same grid with nearest neighbour;
+patches are sampled balanced between lesion and background (MONAI RandCropByPosNegLabeld),
+flipped and rotated; the U-Net body learns with Dice + cross-entropy on logits, and the exported
+network adds the sigmoid. Checkpoints every epoch (``--resume`` continues), seeded, AMP on GPU,
+validation every N epochs (Dice on validation cases), early stopping, loss curves as PNG.
+Several processes (``torchrun --nproc_per_node N -m training.train ...``) train with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from monai.data.dataloader import DataLoader
+from monai.data.dataset import Dataset
+from monai.inferers.utils import sliding_window_inference
+from monai.losses.dice import DiceCELoss
+from monai.transforms.compose import Compose
+from monai.transforms.croppad.dictionary import RandCropByPosNegLabeld
+from monai.transforms.spatial.dictionary import RandFlipd, RandRotate90d
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from scipy import ndimage
+
+from inference.preprocess import PreprocessSpec, preprocess
+from models.networks import ProbabilityNet, build_network
+
+from .dataset import Dataset as CanonicalDataset
+from .dataset import case_label
+from .evaluate import case_as_volume
+
+log = logging.getLogger("aidx.train")
+
+
+class TrainConfig(BaseModel):
+    """configs/train/*.yaml; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: Path
+    output: Path
+    network: str = "basic_unet"
+    features: int = Field(default=16, ge=4)
+    spacing_mm: tuple[float, float, float] = (2.0, 1.4, 1.4)
+    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    patch_size: tuple[int, int, int] = (48, 96, 96)
+    batch_size: int = Field(default=2, ge=1)
+    samples_per_case: int = Field(default=4, ge=1)
+    positive_fraction: float = Field(default=0.5, gt=0, lt=1)
+    epochs: int = Field(default=20, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    validation_fraction: float = Field(default=0.2, ge=0, lt=1)
+    validate_every: int = Field(default=2, ge=1)
+    early_stopping_patience: int = Field(default=5, ge=1)
+    seed: int = 0
+    amp: bool = True  # used on GPU only
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            return cls.model_validate(data)
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot read the training config: {exc}") from exc
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ValueError(f"{path}: {problems}") from None
+
+
+@dataclass
+class History:
+    epochs: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_epochs: list[int] = field(default_factory=list)
+    val_dice: list[float] = field(default_factory=list)
+    best_dice: float = -1.0
+    best_epoch: int = 0
+
+
+def prepare_cases(config: TrainConfig) -> list[dict[str, np.ndarray]]:
+    """Image and label of every case on the model's grid (image in 0..1, label 0/1)."""
+    dataset = CanonicalDataset.load(config.dataset)
+    spec = PreprocessSpec(config.spacing_mm, config.hu_window)
+    items = []
+    for case in dataset.cases:
+        pre = preprocess(case_as_volume(case, config.dataset), spec)
+        loaded = case_label(case, config.dataset)
+        if loaded is None:
+            raise ValueError(f"case {case.id!r} has no label; training needs lesion masks")
+        label = loaded[0]
+        zoom = np.asarray(pre.array.shape) / np.asarray(label.shape)
+        resampled = ndimage.zoom((label > 0).astype(np.uint8), zoom, order=0, grid_mode=False)
+        if resampled.shape != pre.array.shape:
+            raise ValueError(f"case {case.id!r}: label grid {resampled.shape} != {pre.array.shape}")
+        items.append(
+            {
+                "image": pre.array[None].astype(np.float32),
+                "label": resampled[None].astype(np.float32),
+            }
+        )
+    return items
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, resume: bool = False) -> History:
+    """Train; returns the loss and validation history. Writes checkpoints, the best model's
+    weights and ``curves.png`` into ``config.output``."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    _seed(config.seed + rank)
+    device = (
+        torch.device("cuda", rank % torch.cuda.device_count())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    items = prepare_cases(config)
+    n_val = round(len(items) * config.validation_fraction) if len(items) > 1 else 0
+    val_items, train_items = items[:n_val], items[n_val:]
+    train_items = train_items[rank::world] or train_items
+    transforms = Compose(
+        [
+            RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=config.patch_size,
+                pos=config.positive_fraction,
+                neg=1.0 - config.positive_fraction,
+                num_samples=config.samples_per_case,
+                allow_smaller=True,
+            ),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
+            RandRotate90d(keys=["image", "label"], prob=0.3, spatial_axes=(1, 2)),
+        ]
+    )
+    loader = DataLoader(
+        Dataset(train_items, transforms), batch_size=config.batch_size, shuffle=True
+    )
+    net: ProbabilityNet = build_network(config.network, config.features).to(device)  # type: ignore[arg-type]
+    body: torch.nn.Module = net.body
+    if distributed:
+        body = torch.nn.parallel.DistributedDataParallel(body)
+    optimizer = torch.optim.AdamW(body.parameters(), lr=config.learning_rate)
+    loss_fn = DiceCELoss(sigmoid=True)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    config.output.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = config.output / "checkpoint.pt"
+    history, start_epoch = History(), 1
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        net.load_state_dict(state["network_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        history = History(**state["history"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from epoch %d", start_epoch - 1)
+    stale = 0
+    for epoch in range(start_epoch, config.epochs + 1):
+        body.train()
+        losses = []
+        started = time.perf_counter()
+        for batch in loader:
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            optimizer.zero_grad()
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(body(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+        history.epochs.append(epoch)
+        history.train_loss.append(float(np.mean(losses)) if losses else float("nan"))
+        if rank == 0:
+            log.info(
+                "epoch %d/%d: loss %.4f (%.1f s)",
+                epoch,
+                config.epochs,
+                history.train_loss[-1],
+                time.perf_counter() - started,
+            )
+        if val_items and epoch % config.validate_every == 0:
+            dice = _validate(net, val_items, config, device)
+            history.val_epochs.append(epoch)
+            history.val_dice.append(dice)
+            if dice > history.best_dice:
+                history.best_dice, history.best_epoch, stale = dice, epoch, 0
+                if rank == 0:
+                    torch.save(_export_state(net, config), config.output / "best.pt")
+            else:
+                stale += 1
+        if rank == 0:
+            torch.save(
+                {
+                    "epoch": epoch,
+                    "network_state": net.state_dict(),
+                    "optimizer_state": optimizer.state_dict(),
+                    "history": history.__dict__,
+                    "config": json.loads(config.model_dump_json()),
+                },
+                checkpoint_path,
+            )
+        if stale >= config.early_stopping_patience:
+            log.info("early stop at epoch %d (best %d)", epoch, history.best_epoch)
+            break
+    if rank == 0:
+        if not val_items:
+            torch.save(_export_state(net, config), config.output / "best.pt")
+        plot_curves(history, config.output / "curves.png")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return history
+
+
+def _export_state(net: ProbabilityNet, config: TrainConfig) -> dict[str, Any]:
+    return {
+        "network": config.network,
+        "features": config.features,
+        "network_state": net.state_dict(),
+        "config": json.loads(config.model_dump_json()),
+    }
+
+
+def _validate(
+    net: ProbabilityNet,
+    items: list[dict[str, np.ndarray]],
+    config: TrainConfig,
+    device: torch.device,
+) -> float:
+    """Mean Dice of the thresholded probability on whole validation volumes (sliding window)."""
+    net.eval()
+    scores = []
+    with torch.inference_mode():
+        for item in items:
+            image = torch.from_numpy(item["image"])[None].to(device)
+            prob = sliding_window_inference(image, config.patch_size, 1, net, overlap=0.25)
+            assert isinstance(prob, torch.Tensor)
+            pred = (prob[0, 0] > 0.5).cpu().numpy()
+            truth = item["label"][0] > 0.5
+            denominator = pred.sum() + truth.sum()
+            scores.append(1.0 if denominator == 0 else 2.0 * (pred & truth).sum() / denominator)
+    return float(np.mean(scores))
+
+
+def plot_curves(history: History, path: Path) -> None:
+    """Training loss and validation Dice per epoch, drawn with Pillow."""
+    width, height, pad = 640, 360, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    last = max(history.epochs or [1])
+
+    def xy(epoch: float, value: float, top: float) -> tuple[float, float]:
+        x = pad + (width - 2 * pad) * (epoch - 1) / max(last - 1, 1)
+        y = height - pad - (height - 2 * pad) * min(max(value / top, 0.0), 1.0)
+        return x, y
+
+    top = max([v for v in history.train_loss if np.isfinite(v)] or [1.0])
+    points = [xy(e, v, top) for e, v in zip(history.epochs, history.train_loss, strict=True)]
+    if len(points) > 1:
+        draw.line(points, fill="blue", width=2)
+    dice = [xy(e, v, 1.0) for e, v in zip(history.val_epochs, history.val_dice, strict=True)]
+    if len(dice) > 1:
+        draw.line(dice, fill="green", width=2)
+    for p in dice:
+        draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill="green")
+    draw.text(
+        (pad, 10), f"training loss (blue, max {top:.3f}), validation Dice (green)", fill="black"
+    )
+    image.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aidx train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    history = train(TrainConfig.load(args.config), resume=args.resume)
+    print(json.dumps({"epochs": len(history.epochs), "best_dice": history.best_dice}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
