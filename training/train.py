@@ -5,7 +5,8 @@ preprocessing (no train/serve skew), labels resampled to the same grid with near
 patches are sampled balanced between lesion and background (MONAI RandCropByPosNegLabeld),
 flipped and rotated; the U-Net body learns with Dice + cross-entropy on logits, and the exported
 network adds the sigmoid. Checkpoints every epoch (``--resume`` continues), seeded, AMP on GPU,
-validation every N epochs (Dice on validation cases), early stopping, loss curves as PNG.
+validation every N epochs with LUNA16 FROC (CPM, the serving postprocessing), early stopping,
+curves as PNG.
 Several processes (``torchrun --nproc_per_node N -m training.train ...``) train with DDP.
 """
 
@@ -35,14 +36,19 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy import ndimage
 
-from inference.preprocess import PreprocessSpec, preprocess
+from inference.postprocess import findings_from_probability
+from inference.preprocess import Preprocessed, PreprocessSpec, preprocess
+from inference.volume import Volume
 from models.networks import ProbabilityNet, build_network
 
 from .dataset import Dataset as CanonicalDataset
 from .dataset import case_label
 from .evaluate import case_as_volume
+from .froc import Detection, Nodule, Scan
+from .froc import evaluate as froc_evaluate
 
 log = logging.getLogger("aidx.train")
+VALIDATION_MIN_PROBABILITY = 0.05  # low, so that the FROC curve has its low thresholds
 
 
 class TrainConfig(BaseModel):
@@ -86,18 +92,29 @@ class History:
     epochs: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     val_epochs: list[int] = field(default_factory=list)
-    val_dice: list[float] = field(default_factory=list)
-    best_dice: float = -1.0
+    val_cpm: list[float] = field(default_factory=list)
+    best_cpm: float = -1.0
     best_epoch: int = 0
 
 
-def prepare_cases(config: TrainConfig) -> list[dict[str, np.ndarray]]:
+@dataclass
+class PreparedCase:
+    """A case on the model's grid: the training item, and what FROC validation needs."""
+
+    item: dict[str, np.ndarray]
+    pre: Preprocessed
+    volume: Volume
+    nodules: tuple[Nodule, ...]
+
+
+def prepare_cases(config: TrainConfig) -> list[PreparedCase]:
     """Image and label of every case on the model's grid (image in 0..1, label 0/1)."""
     dataset = CanonicalDataset.load(config.dataset)
     spec = PreprocessSpec(config.spacing_mm, config.hu_window)
     items = []
     for case in dataset.cases:
-        pre = preprocess(case_as_volume(case, config.dataset), spec)
+        volume = case_as_volume(case, config.dataset)
+        pre = preprocess(volume, spec)
         loaded = case_label(case, config.dataset)
         if loaded is None:
             raise ValueError(f"case {case.id!r} has no label; training needs lesion masks")
@@ -106,12 +123,12 @@ def prepare_cases(config: TrainConfig) -> list[dict[str, np.ndarray]]:
         resampled = ndimage.zoom((label > 0).astype(np.uint8), zoom, order=0, grid_mode=False)
         if resampled.shape != pre.array.shape:
             raise ValueError(f"case {case.id!r}: label grid {resampled.shape} != {pre.array.shape}")
-        items.append(
-            {
-                "image": pre.array[None].astype(np.float32),
-                "label": resampled[None].astype(np.float32),
-            }
-        )
+        item = {
+            "image": pre.array[None].astype(np.float32),
+            "label": resampled[None].astype(np.float32),
+        }
+        nodules = tuple(Nodule(les.center_mm, les.diameter_mm) for les in case.lesions)
+        items.append(PreparedCase(item, pre, volume, nodules))
     return items
 
 
@@ -155,7 +172,9 @@ def train(config: TrainConfig, resume: bool = False) -> History:
         ]
     )
     loader = DataLoader(
-        Dataset(train_items, transforms), batch_size=config.batch_size, shuffle=True
+        Dataset([c.item for c in train_items], transforms),
+        batch_size=config.batch_size,
+        shuffle=True,
     )
     net: ProbabilityNet = build_network(config.network, config.features).to(device)  # type: ignore[arg-type]
     body: torch.nn.Module = net.body
@@ -202,9 +221,9 @@ def train(config: TrainConfig, resume: bool = False) -> History:
         if val_items and epoch % config.validate_every == 0:
             dice = _validate(net, val_items, config, device)
             history.val_epochs.append(epoch)
-            history.val_dice.append(dice)
-            if dice > history.best_dice:
-                history.best_dice, history.best_epoch, stale = dice, epoch, 0
+            history.val_cpm.append(dice)
+            if dice > history.best_cpm:
+                history.best_cpm, history.best_epoch, stale = dice, epoch, 0
                 if rank == 0:
                     torch.save(_export_state(net, config), config.output / "best.pt")
             else:
@@ -243,27 +262,32 @@ def _export_state(net: ProbabilityNet, config: TrainConfig) -> dict[str, Any]:
 
 def _validate(
     net: ProbabilityNet,
-    items: list[dict[str, np.ndarray]],
+    cases: list[PreparedCase],
     config: TrainConfig,
     device: torch.device,
 ) -> float:
-    """Mean Dice of the thresholded probability on whole validation volumes (sliding window)."""
+    """CPM (LUNA16 FROC) on the validation cases, with the serving path's postprocessing."""
     net.eval()
-    scores = []
+    scans = []
     with torch.inference_mode():
-        for item in items:
-            image = torch.from_numpy(item["image"])[None].to(device)
-            prob = sliding_window_inference(image, config.patch_size, 1, net, overlap=0.25)
+        for i, case in enumerate(cases):
+            image = torch.from_numpy(case.item["image"])[None].to(device)
+            prob = sliding_window_inference(
+                image, config.patch_size, 1, net, overlap=0.25, mode="gaussian", sigma_scale=0.125
+            )
             assert isinstance(prob, torch.Tensor)
-            pred = (prob[0, 0] > 0.5).cpu().numpy()
-            truth = item["label"][0] > 0.5
-            denominator = pred.sum() + truth.sum()
-            scores.append(1.0 if denominator == 0 else 2.0 * (pred & truth).sum() / denominator)
-    return float(np.mean(scores))
+            findings = findings_from_probability(
+                prob[0, 0].cpu().numpy(), case.pre, case.volume, VALIDATION_MIN_PROBABILITY
+            )
+            detections = tuple(Detection(f.center_mm, f.probability) for f in findings)
+            scans.append(Scan(str(i), case.nodules, detections))
+    if not any(scan.nodules for scan in scans):
+        return 0.0
+    return float(froc_evaluate(scans, bootstrap=0).cpm)
 
 
 def plot_curves(history: History, path: Path) -> None:
-    """Training loss and validation Dice per epoch, drawn with Pillow."""
+    """Training loss and validation CPM per epoch, drawn with Pillow."""
     width, height, pad = 640, 360, 40
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -279,13 +303,13 @@ def plot_curves(history: History, path: Path) -> None:
     points = [xy(e, v, top) for e, v in zip(history.epochs, history.train_loss, strict=True)]
     if len(points) > 1:
         draw.line(points, fill="blue", width=2)
-    dice = [xy(e, v, 1.0) for e, v in zip(history.val_epochs, history.val_dice, strict=True)]
+    dice = [xy(e, v, 1.0) for e, v in zip(history.val_epochs, history.val_cpm, strict=True)]
     if len(dice) > 1:
         draw.line(dice, fill="green", width=2)
     for p in dice:
         draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill="green")
     draw.text(
-        (pad, 10), f"training loss (blue, max {top:.3f}), validation Dice (green)", fill="black"
+        (pad, 10), f"training loss (blue, max {top:.3f}), validation CPM (green)", fill="black"
     )
     image.save(path)
 
@@ -297,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     history = train(TrainConfig.load(args.config), resume=args.resume)
-    print(json.dumps({"epochs": len(history.epochs), "best_dice": history.best_dice}))
+    print(json.dumps({"epochs": len(history.epochs), "best_cpm": history.best_cpm}))
     return 0
 
 

@@ -51,7 +51,7 @@ def test_train_checkpoints_curves_and_resume(dataset: Path, tmp_path: Path) -> N
     history = train(config)
     assert history.epochs == [1, 2]
     assert all(math.isfinite(loss) for loss in history.train_loss)
-    assert len(history.val_dice) == 2 and 0.0 <= history.best_dice <= 1.0
+    assert len(history.val_cpm) == 2 and 0.0 <= history.best_cpm <= 1.0
     run = tmp_path / "run"
     for name in ("checkpoint.pt", "best.pt", "curves.png"):
         assert (run / name).exists(), name
