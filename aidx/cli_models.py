@@ -154,6 +154,57 @@ def dataset_phantoms(args: argparse.Namespace, config: AidxConfig) -> int:
     return EXIT_OK
 
 
+def dataset_msd(args: argparse.Namespace, config: AidxConfig) -> int:
+    del config
+    from training.converters import msd_dataset
+    from training.dataset import DatasetError
+
+    try:
+        dataset = msd_dataset(args.task_dir, args.out, args.name)
+    except (DatasetError, OSError) as exc:
+        print(f"aidx dataset msd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _report_dataset(dataset, args.out)
+    return EXIT_OK
+
+
+def dataset_luna16(args: argparse.Namespace, config: AidxConfig) -> int:
+    del config
+    from training.converters import luna16_dataset
+    from training.dataset import DatasetError
+
+    try:
+        dataset = luna16_dataset(args.luna_dir, args.annotations, args.out, series=args.series)
+    except (DatasetError, OSError) as exc:
+        print(f"aidx dataset luna16: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _report_dataset(dataset, args.out)
+    return EXIT_OK
+
+
+def dataset_dicom_seg(args: argparse.Namespace, config: AidxConfig) -> int:
+    del config
+    from training.converters_dicom import main_dicom_seg
+    from training.dataset import DatasetError
+
+    try:
+        dataset = main_dicom_seg(args.in_dir, args.out, all_segments=args.all_segments)
+    except (DatasetError, OSError) as exc:
+        print(f"aidx dataset dicom-seg: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _report_dataset(dataset, args.out)
+    return EXIT_OK
+
+
+def _report_dataset(dataset: Any, out: Path) -> None:
+    lesions = sum(len(case.lesions) for case in dataset.cases)
+    labelled = sum(case.label is not None for case in dataset.cases)
+    print(
+        f"wrote {len(dataset.cases)} cases ({labelled} with label masks, {lesions} lesions): "
+        f"{Path(out) / 'dataset.json'}"
+    )
+
+
 def evaluate(args: argparse.Namespace, config: AidxConfig) -> int:
     from inference.pipeline import runner_options
     from models.registry import ModelError

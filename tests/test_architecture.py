@@ -62,7 +62,8 @@ def test_training_config_loads() -> None:
     from training.train import TrainConfig
 
     config = TrainConfig.load(REPO / "configs" / "train" / "phantom.yaml")
-    assert config.patch_size == (48, 96, 96)
+    assert config.patch_size == (32, 64, 64)
+    assert str(config.dataset) == "aidx-data/datasets/phantoms"
 
 
 def test_torch_is_installed_so_the_check_above_means_something() -> None:

@@ -10,7 +10,7 @@
 - LUNA16: :func:`luna16_dataset` reads MetaImage (.mhd/.raw, .mha) volumes and annotations.csv
   (seriesuid, coordX, coordY, coordZ, diameter_mm). LUNA16 world coordinates are ITK physical
   coordinates, i.e. LPS mm, so they are used as they are. LUNA16 has no masks: label is null.
-- DICOM + SEG: not yet.
+- DICOM series with DICOM SEG: see training/converters_dicom.py.
 """
 
 from __future__ import annotations

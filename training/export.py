@@ -117,7 +117,7 @@ def export_checkpoint(
     config = state["config"]
     net = build_network(state["network"], int(state["features"]))
     net.load_state_dict(state["network_state"])
-    patch = tuple(int(v) for v in config["patch_size"])
+    patch = tuple(int(v) for v in config.get("inference_patch_size") or config["patch_size"])
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
     real = np.random.default_rng(1).random(patch, dtype=np.float32)
@@ -136,7 +136,7 @@ def export_checkpoint(
                 "tensor": {"name": INPUT_NAME, "shape": dims},
                 "spacing_mm": config["spacing_mm"],
                 "hu_window": config["hu_window"],
-                "patch_size": config["patch_size"],
+                "patch_size": list(patch),
             },
             "output": {
                 "tensor": {"name": OUTPUT_NAME, "shape": dims},

@@ -32,9 +32,11 @@ from monai.losses.dice import DiceCELoss
 from monai.transforms.compose import Compose
 from monai.transforms.croppad.dictionary import RandCropByPosNegLabeld
 from monai.transforms.spatial.dictionary import RandFlipd, RandRotate90d
+from monai.transforms.utility.dictionary import DeleteItemsd
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy import ndimage
+from tqdm import tqdm
 
 from inference.postprocess import findings_from_probability
 from inference.preprocess import Preprocessed, PreprocessSpec, preprocess
@@ -49,6 +51,7 @@ from .froc import evaluate as froc_evaluate
 
 log = logging.getLogger("aidx.train")
 VALIDATION_MIN_PROBABILITY = 0.05  # low, so that the FROC curve has its low thresholds
+BACKGROUND_STRIDE = 8
 
 
 class TrainConfig(BaseModel):
@@ -62,16 +65,22 @@ class TrainConfig(BaseModel):
     spacing_mm: tuple[float, float, float] = (2.0, 1.4, 1.4)
     hu_window: tuple[float, float] = (-1000.0, 400.0)
     patch_size: tuple[int, int, int] = (48, 96, 96)
+    # Sliding-window patch for validation and serving (the card); the network is fully
+    # convolutional, and a larger window than the training patch is faster. Default: patch_size.
+    inference_patch_size: tuple[int, int, int] | None = None
     batch_size: int = Field(default=2, ge=1)
     samples_per_case: int = Field(default=4, ge=1)
     positive_fraction: float = Field(default=0.5, gt=0, lt=1)
     epochs: int = Field(default=20, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
+    # Initial output probability (bias of the last layer); see _prior_bias.
+    prior_probability: float = Field(default=0.01, gt=0, lt=0.5)
     validation_fraction: float = Field(default=0.2, ge=0, lt=1)
     validate_every: int = Field(default=2, ge=1)
     early_stopping_patience: int = Field(default=5, ge=1)
     seed: int = 0
     amp: bool = True  # used on GPU only
+    progress: bool = True  # progress bar per epoch (on a terminal)
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
@@ -123,9 +132,14 @@ def prepare_cases(config: TrainConfig) -> list[PreparedCase]:
         resampled = ndimage.zoom((label > 0).astype(np.uint8), zoom, order=0, grid_mode=False)
         if resampled.shape != pre.array.shape:
             raise ValueError(f"case {case.id!r}: label grid {resampled.shape} != {pre.array.shape}")
+        flat = resampled.ravel()
         item = {
             "image": pre.array[None].astype(np.float32),
             "label": resampled[None].astype(np.float32),
+            # Patch centres, computed once (MONAI would otherwise scan the volume per draw);
+            # background centres are thinned, as any of them is as good as its neighbours.
+            "fg": np.flatnonzero(flat),
+            "bg": np.flatnonzero(flat == 0)[::BACKGROUND_STRIDE],
         }
         nodules = tuple(Nodule(les.center_mm, les.diameter_mm) for les in case.lesions)
         items.append(PreparedCase(item, pre, volume, nodules))
@@ -165,8 +179,11 @@ def train(config: TrainConfig, resume: bool = False) -> History:
                 pos=config.positive_fraction,
                 neg=1.0 - config.positive_fraction,
                 num_samples=config.samples_per_case,
+                fg_indices_key="fg",
+                bg_indices_key="bg",
                 allow_smaller=True,
             ),
+            DeleteItemsd(keys=["fg", "bg"]),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
             RandRotate90d(keys=["image", "label"], prob=0.3, spatial_axes=(1, 2)),
         ]
@@ -177,6 +194,7 @@ def train(config: TrainConfig, resume: bool = False) -> History:
         shuffle=True,
     )
     net: ProbabilityNet = build_network(config.network, config.features).to(device)  # type: ignore[arg-type]
+    _prior_bias(net, config.prior_probability)
     body: torch.nn.Module = net.body
     if distributed:
         body = torch.nn.parallel.DistributedDataParallel(body)
@@ -199,7 +217,14 @@ def train(config: TrainConfig, resume: bool = False) -> History:
         body.train()
         losses = []
         started = time.perf_counter()
-        for batch in loader:
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
+            disable=rank != 0 or not config.progress,
+            leave=False,
+        )
+        for batch in bar:
             images, labels = batch["image"].to(device), batch["label"].to(device)
             optimizer.zero_grad()
             with torch.autocast(device.type, enabled=use_amp):
@@ -208,6 +233,7 @@ def train(config: TrainConfig, resume: bool = False) -> History:
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
         history.epochs.append(epoch)
         history.train_loss.append(float(np.mean(losses)) if losses else float("nan"))
         if rank == 0:
@@ -220,6 +246,8 @@ def train(config: TrainConfig, resume: bool = False) -> History:
             )
         if val_items and epoch % config.validate_every == 0:
             dice = _validate(net, val_items, config, device)
+            if rank == 0:
+                log.info("epoch %d: validation CPM %.3f", epoch, dice)
             history.val_epochs.append(epoch)
             history.val_cpm.append(dice)
             if dice > history.best_cpm:
@@ -251,6 +279,14 @@ def train(config: TrainConfig, resume: bool = False) -> History:
     return history
 
 
+def _prior_bias(net: ProbabilityNet, prior: float) -> None:
+    """Start the output layer at the lesion prior (RetinaNet's trick): logits begin near
+    log(p / (1 - p)), so early steps learn lesions instead of "almost everything is background"."""
+    last = [m for m in net.body.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    if last.bias is not None:
+        torch.nn.init.constant_(last.bias, float(np.log(prior / (1.0 - prior))))
+
+
 def _export_state(net: ProbabilityNet, config: TrainConfig) -> dict[str, Any]:
     return {
         "network": config.network,
@@ -273,7 +309,13 @@ def _validate(
         for i, case in enumerate(cases):
             image = torch.from_numpy(case.item["image"])[None].to(device)
             prob = sliding_window_inference(
-                image, config.patch_size, 1, net, overlap=0.25, mode="gaussian", sigma_scale=0.125
+                image,
+                config.inference_patch_size or config.patch_size,
+                4,
+                net,
+                overlap=0.25,
+                mode="gaussian",
+                sigma_scale=0.125,
             )
             assert isinstance(prob, torch.Tensor)
             findings = findings_from_probability(
