@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aidx import __version__, cli_models, cli_node
+from aidx import __version__, cli_models, cli_node, cli_pipeline, cli_status
 from aidx.config import (
     AidxConfig,
     ConfigError,
@@ -71,11 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
 
-    serve = sub.add_parser("serve", help="run the DICOM node (storage SCP, assembly, outbox)")
+    serve = sub.add_parser(
+        "serve", help="run aidx: DICOM node, study assembly, inference workers, outbox, metrics"
+    )
     serve.add_argument("--ae-title", help="override node.ae_title")
     serve.add_argument("--host", help="override node.host (address to listen on)")
     serve.add_argument("--port", type=int, help="override node.port")
-    serve.set_defaults(handler=cli_node.serve)
+    serve.add_argument("--workers", type=int, help="override pipeline.workers")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="also write the demo study and send it to this node (what `make run` does)",
+    )
+    serve.set_defaults(handler=cli_pipeline.serve)
+
+    worker = sub.add_parser(
+        "worker", help="run inference workers apart from `aidx serve`, on the same store"
+    )
+    worker.add_argument("--workers", type=int, help="override pipeline.workers")
+    worker.set_defaults(handler=cli_pipeline.worker)
 
     echo = sub.add_parser("echo", help="C-ECHO a destination, or this node by default")
     echo.add_argument("destination", nargs="?", help="name under 'destinations' (default: node)")
@@ -97,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry = outbox_sub.add_parser("retry", help="queue failed exports again")
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all failed")
     retry.set_defaults(handler=cli_node.outbox_retry)
+
+    status = sub.add_parser(
+        "status", help="recent studies, or one study's timeline, results and deliveries"
+    )
+    status.add_argument("study_uid", nargs="?", metavar="STUDY_UID", help="default: list studies")
+    status.add_argument("--json", action="store_true", help="print the same data as JSON")
+    status.add_argument("--limit", type=int, default=20, help="studies to list (default 20)")
+    status.set_defaults(handler=cli_status.status)
 
     infer = sub.add_parser(
         "infer", help="detect nodules in a study folder: findings.json, sr.dcm and seg.dcm"
@@ -125,6 +147,34 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--slices", type=int, default=96)
     phantoms.add_argument("--matrix", type=int, default=256)
     phantoms.set_defaults(handler=cli_models.dataset_phantoms)
+    msd = dataset_sub.add_parser(
+        "msd", help="a Medical Segmentation Decathlon task folder (e.g. Task06_Lung)"
+    )
+    msd.add_argument("task_dir", type=Path, metavar="TASK_DIR", help="holds dataset.json")
+    msd.add_argument("out", type=Path, metavar="OUT")
+    msd.add_argument("--name", help="dataset name (default: the task's)")
+    msd.set_defaults(handler=cli_models.dataset_msd)
+    luna16 = dataset_sub.add_parser("luna16", help="LUNA16 MetaImage volumes and annotations.csv")
+    luna16.add_argument("luna_dir", type=Path, metavar="LUNA_DIR", help="searched for *.mhd")
+    luna16.add_argument("out", type=Path, metavar="OUT")
+    luna16.add_argument(
+        "--annotations", type=Path, required=True, metavar="CSV", help="LUNA16 annotations.csv"
+    )
+    luna16.add_argument(
+        "--series", nargs="+", metavar="UID", help="convert only these seriesuids (default: all)"
+    )
+    luna16.set_defaults(handler=cli_models.dataset_luna16)
+    dicom_seg = dataset_sub.add_parser(
+        "dicom-seg", help="CT series with DICOM SEG lesion masks (a folder, searched recursively)"
+    )
+    dicom_seg.add_argument("in_dir", type=Path, metavar="IN_DIR")
+    dicom_seg.add_argument("out", type=Path, metavar="OUT")
+    dicom_seg.add_argument(
+        "--all-segments",
+        action="store_true",
+        help="take every segment as lesion (default: only nodule/lesion/mass segments)",
+    )
+    dicom_seg.set_defaults(handler=cli_models.dataset_dicom_seg)
 
     evaluate = sub.add_parser(
         "evaluate", help="FROC of a model on a dataset, through the serving path (ONNX)"
@@ -209,7 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["log.level"] = args.log_level
     if args.log_format:
         overrides["log.format"] = args.log_format
-    for flag, key in (("ae_title", "node.ae_title"), ("host", "node.host"), ("port", "node.port")):
+    for flag, key in (
+        ("ae_title", "node.ae_title"),
+        ("host", "node.host"),
+        ("port", "node.port"),
+        ("workers", "pipeline.workers"),
+    ):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     try:
@@ -268,31 +323,46 @@ def _phantom(args: argparse.Namespace, config: AidxConfig) -> int:
     return EXIT_OK
 
 
-def _demo(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args
-    from training.phantom import PhantomError, PhantomOptions, generate
+def write_demo_study(config: AidxConfig, overwrite: bool = False) -> Any:
+    """Write the demo study configured under ``demo`` (kept if already there, unless
+    ``overwrite``); returns its DICOM folder, or the generator's result when it wrote one.
+    Synthetic data, torch-free."""
+    from training.phantom import PhantomOptions, generate
 
     demo = config.demo
     out = config.demo_output()
+    dicom_dir = out / "dicom"
+    if not overwrite and (out / "ground_truth.json").exists() and any(dicom_dir.glob("*.dcm")):
+        return dicom_dir
+    result = generate(
+        out,
+        PhantomOptions(
+            slices=demo.slices,
+            matrix=demo.matrix,
+            nodules=demo.nodules,
+            seed=demo.seed,
+            patient_name=demo.patient_name,
+        ),
+        overwrite=True,  # the demo folder is aidx's own; regenerating it is idempotent
+    )
+    return result
+
+
+def _demo(args: argparse.Namespace, config: AidxConfig) -> int:
+    del args
+    from training.phantom import PhantomError
+
     try:
-        result = generate(
-            out,
-            PhantomOptions(
-                slices=demo.slices,
-                matrix=demo.matrix,
-                nodules=demo.nodules,
-                seed=demo.seed,
-                patient_name=demo.patient_name,
-            ),
-            overwrite=True,  # the demo folder is aidx's own; regenerating it is idempotent
-        )
+        result = write_demo_study(config, overwrite=True)
     except PhantomError as exc:
         print(f"aidx demo: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _report_phantom(result)
+    dicom_dir = result.dicom_dir
     print(
         "\nThis is synthetic data (not for clinical use). Look at it with any DICOM viewer, or "
-        f"send it to a PACS with DCMTK:\n  storescu +sd +sp '*.dcm' HOST PORT {result.dicom_dir}"
+        f"send it to a PACS with DCMTK:\n  storescu +sd +sp '*.dcm' HOST PORT {dicom_dir}"
+        "\nor run everything on it: aidx serve --demo"
     )
     return EXIT_OK
 

@@ -144,6 +144,72 @@ class InferenceConfig(StrictModel):
     series: SeriesRulesConfig = Field(default_factory=SeriesRulesConfig)
 
 
+OutputKind = Literal["sr", "seg", "key_images"]
+
+
+class RouteConfig(StrictModel):
+    """Which series a model reads and where its results go."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    # Model reference: NAME (its active version) or NAME@VERSION; empty means models.default.
+    model: str = ""
+    # Extra conditions on top of inference.series (empty lists match anything).
+    calling_ae_titles: list[str] = Field(default_factory=list)
+    body_parts: list[str] = Field(default_factory=list)
+    series_description: str = ""  # a regular expression searched in SeriesDescription
+    # Destination name -> what to send there; empty means sr and seg to every destination.
+    outputs: dict[str, list[OutputKind]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> RouteConfig:
+        try:
+            re.compile(self.series_description)
+        except re.error as exc:
+            raise ValueError(f"series_description is not a regular expression: {exc}") from None
+        return self
+
+
+class PriorityRuleConfig(StrictModel):
+    """A study matching every condition given gets this priority (the highest match wins)."""
+
+    priority: int = Field(ge=1, le=100)
+    calling_ae_titles: list[str] = Field(default_factory=list)
+    # DICOM keyword -> regular expression its value must match,
+    # e.g. {RequestedProcedurePriority: STAT}.
+    attributes: dict[str, str] = Field(default_factory=dict)
+    study_description: str = ""  # a regular expression searched in StudyDescription
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> PriorityRuleConfig:
+        if not (self.calling_ae_titles or self.attributes or self.study_description):
+            raise ValueError("give calling_ae_titles, attributes or study_description")
+        for pattern in [self.study_description, *self.attributes.values()]:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return self
+
+
+class PipelineConfig(StrictModel):
+    # Inference workers that `aidx serve` runs in its own process (0: run `aidx worker` apart).
+    workers: int = Field(default=1, ge=0, le=64)
+    # A running job's worker renews its lease; a job whose lease ran out is taken again.
+    lease_s: float = Field(default=120.0, ge=5)
+    # Attempts at a job before it is marked failed.
+    max_attempts: int = Field(default=3, ge=1)
+    # How often separate worker processes look for queued jobs (in-process ones are woken).
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    priority_rules: list[PriorityRuleConfig] = Field(default_factory=list)
+
+
+class MetricsConfig(StrictModel):
+    # HTTP endpoint for /metrics (Prometheus) and /healthz; port 0 turns it off.
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
 class ModelsConfig(StrictModel):
     dir: Path | None = None
     default: str = Field(default="lung-nodule", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -158,6 +224,8 @@ class AidxConfig(StrictModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def demo_output(self) -> Path:

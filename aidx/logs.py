@@ -46,3 +46,4 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # pynetdicom logs every DIMSE message at INFO: hundreds of lines per study, and slow.
     logging.getLogger("pynetdicom").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
+    logging.getLogger("highdicom").setLevel("DEBUG" if level == "DEBUG" else "WARNING")

@@ -10,7 +10,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select, update
 
-from .schema import outbox
+from .jobs import RESULTS_READY, SENT, add_event
+from .schema import jobs, outbox
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,15 @@ class OutboxQueue:
         return float(value) if value is not None else None
 
     def mark_sent(self, item_id: int) -> None:
+        """The destination acknowledged the item. When it was the last of its job's items,
+        the job is sent."""
         now = time.time()
         with self._write() as conn:
+            item = conn.execute(
+                select(outbox.c.study_uid, outbox.c.job_id, outbox.c.destination).where(
+                    outbox.c.id == item_id
+                )
+            ).first()
             conn.execute(
                 update(outbox)
                 .where(outbox.c.id == item_id)
@@ -116,6 +124,24 @@ class OutboxQueue:
                     attempts=outbox.c.attempts + 1,
                 )
             )
+            if item is None or item.study_uid is None:
+                return
+            add_event(conn, item.study_uid, "sent", item.job_id, item.destination, now)
+            if item.job_id is None:
+                return
+            unsent = conn.execute(
+                select(func.count())
+                .select_from(outbox)
+                .where((outbox.c.job_id == item.job_id) & (outbox.c.state != "sent"))
+            ).scalar_one()
+            if unsent == 0:
+                changed = conn.execute(
+                    update(jobs)
+                    .where((jobs.c.id == item.job_id) & (jobs.c.state == RESULTS_READY))
+                    .values(state=SENT, updated_at=now)
+                ).rowcount
+                if changed:
+                    add_event(conn, item.study_uid, SENT, item.job_id, "all destinations", now)
 
     def mark_attempt_failed(self, item_id: int, error: str, next_attempt_at: float | None) -> None:
         """Record a failed attempt: retry at ``next_attempt_at``, or fail for good if None."""
@@ -130,7 +156,16 @@ class OutboxQueue:
         else:
             values.update(state="pending", next_attempt_at=next_attempt_at)
         with self._write() as conn:
+            item = conn.execute(
+                select(outbox.c.study_uid, outbox.c.job_id, outbox.c.destination).where(
+                    outbox.c.id == item_id
+                )
+            ).first()
             conn.execute(update(outbox).where(outbox.c.id == item_id).values(**values))
+            if item is not None and item.study_uid is not None:
+                event = "send_failed" if next_attempt_at is None else "send_retry"
+                detail = f"{item.destination}: {error}"
+                add_event(conn, item.study_uid, event, item.job_id, detail, now)
 
     def requeue_interrupted(self) -> int:
         """Items left "sending" by a process that died go back to pending (at start-up)."""

@@ -82,6 +82,10 @@ instances = Table(
     Column("received_at", Float, nullable=False),
 )
 
+# One job per completed study version (the assembler records it; workers run it).
+# queued -> running -> results_ready -> sent (every destination acknowledged), or failed (with
+# the reason) or not_applicable (no eligible series, with the reason); superseded when a later
+# version of the study completed before this one finished.
 jobs = Table(
     "jobs",
     metadata,
@@ -90,9 +94,53 @@ jobs = Table(
     Column("study_version", Integer, nullable=False),
     Column("state", String(24), nullable=False),
     Column("reason", Text),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker", String(128)),  # host:pid:n of the worker that holds it
+    Column("lease_until", Float),  # a running job whose lease ran out is taken again
+    Column("model", String(160)),  # name@version that produced the results
+    Column("series_uid", String(64)),
+    Column("result_dir", Text),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("inference_s", Float),
     UniqueConstraint("study_uid", "study_version", name="uq_job_study_version"),
+    Index("ix_jobs_claim", "state", "priority", "created_at"),
+)
+
+# The results of a job: one row per (study, series, model version, study version), so a job run
+# again after a crash replaces its row and reuses its SOP Instance UIDs.
+results = Table(
+    "results",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("series_uid", String(64), nullable=False),
+    Column("model", String(160), nullable=False),
+    Column("study_version", Integer, nullable=False),
+    Column("findings_path", Text, nullable=False),
+    Column("sr_path", Text, nullable=False),
+    Column("sr_sop_uid", String(64), nullable=False),
+    Column("seg_path", Text),
+    Column("finding_count", Integer, nullable=False),
+    Column("max_probability", Float),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("study_uid", "series_uid", "model", "study_version", name="uq_result"),
+)
+
+# The per-study timeline (append-only): what happened to a study and when.
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("job_id", Integer),
+    Column("event", String(40), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("detail", Text),
 )
 
 outbox = Table(
@@ -103,6 +151,7 @@ outbox = Table(
     Column("item_key", String(200), nullable=False),
     Column("study_uid", String(64)),
     Column("series_uid", String(64)),
+    Column("job_id", Integer),  # the job whose results these are, if any
     Column("files", Text, nullable=False),  # JSON list of paths
     # pending -> sending -> sent; pending -> failed after the last attempt
     Column("state", String(16), nullable=False),

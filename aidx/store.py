@@ -27,19 +27,22 @@ from sqlalchemy import (
     update,
 )
 
+from .jobs import QUEUED, JobQueue, add_event
 from .outbox import OutboxItem, OutboxQueue
-from .schema import instances, jobs, metadata, outbox, patients, series, studies
+from .schema import events, instances, jobs, metadata, outbox, patients, results, series, studies
 
 __all__ = [
     "IndexResult",
     "InstanceRecord",
     "OutboxItem",
     "Store",
+    "events",
     "instances",
     "jobs",
     "metadata",
     "outbox",
     "patients",
+    "results",
     "series",
     "studies",
 ]
@@ -114,7 +117,7 @@ class IndexResult:
     study_opened: bool
 
 
-class Store(OutboxQueue):
+class Store(OutboxQueue, JobQueue):
     """Thread-safe access to the index. SQLite writes are serialised by a lock in this process
     (and by SQLite's busy timeout across processes)."""
 
@@ -290,7 +293,7 @@ class Store(OutboxQueue):
             ).first()
         return (str(row[0]), float(row[1])) if row else None
 
-    def complete_study(self, study_uid: str, now: float) -> int | None:
+    def complete_study(self, study_uid: str, now: float, priority: int = 0) -> int | None:
         """Mark a settled study complete and record its job; returns the job id.
 
         Does nothing (returns None) when an instance arrived in the meantime or the study is
@@ -319,12 +322,17 @@ class Store(OutboxQueue):
                 jobs.insert().values(
                     study_uid=study_uid,
                     study_version=version,
-                    state="queued",
+                    state=QUEUED,
+                    priority=priority,
+                    attempts=0,
                     created_at=now,
                     updated_at=now,
                 )
             )
-            return int(result.inserted_primary_key[0])  # type: ignore[index]
+            job_id = int(result.inserted_primary_key[0])  # type: ignore[index]
+            detail = f"version {version}" + (f", priority {priority}" if priority else "")
+            add_event(conn, study_uid, "complete", job_id, detail, now)
+            return job_id
 
     # ------------------------------------------------------------------------------- queries
     def study(self, study_uid: str) -> dict[str, Any] | None:

@@ -19,9 +19,15 @@ log = logging.getLogger("aidx.assembly")
 
 
 class StudyAssembler:
-    def __init__(self, store: Store, on_complete: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        on_complete: Callable[[str, int], None] | None = None,
+        priority: Callable[[str], int] | None = None,
+    ) -> None:
         self.store = store
         self.on_complete = on_complete
+        self.priority = priority
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -51,15 +57,21 @@ class StudyAssembler:
             study_uid, due = nxt
             if due > current:
                 return due
-            job_id = self.store.complete_study(study_uid, current)
+            try:
+                priority = self.priority(study_uid) if self.priority is not None else 0
+            except Exception:
+                log.exception("priority of study_uid=%s failed; using 0", study_uid)
+                priority = 0
+            job_id = self.store.complete_study(study_uid, current, priority)
             if job_id is not None:
                 study = self.store.study(study_uid) or {}
                 log.info(
-                    "study complete: study_uid=%s instances=%s version=%s job=%d",
+                    "study complete: study_uid=%s instances=%s version=%s job=%d priority=%d",
                     study_uid,
                     study.get("instance_count"),
                     study.get("version"),
                     job_id,
+                    priority,
                 )
                 if self.on_complete is not None:
                     self.on_complete(study_uid, job_id)

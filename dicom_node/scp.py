@@ -144,6 +144,11 @@ class StorageSCP:
         assert self._server is not None, "the node is not started"
         return int(self._server.server_address[1])
 
+    @property
+    def running(self) -> bool:
+        """The acceptor thread is serving (for health checks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         self.policy.check_startup()
         ae = AE(ae_title=self.node.ae_title)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from aidx.config import AidxConfig
@@ -22,12 +23,20 @@ RECOVERED_AE = "(recovered)"
 
 
 class NodeService:
-    def __init__(self, config: AidxConfig, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: AidxConfig,
+        store: Store | None = None,
+        on_complete: Callable[[str, int], None] | None = None,
+        priority: Callable[[str], int] | None = None,
+    ) -> None:
+        """``on_complete(study_uid, job_id)`` is told of each job recorded (to wake workers);
+        ``priority(study_uid)`` gives a completed study's job priority."""
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(config.store_url())
         self.spool = Spool(config.data_dir / "spool", config.node.min_free_disk_mb * 1024 * 1024)
-        self.assembler = StudyAssembler(self.store)
+        self.assembler = StudyAssembler(self.store, on_complete, priority)
         self.scp = StorageSCP(config.node, self.store, self.spool, self.assembler.notify)
         self.exporter = ExportWorker(config, self.store)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +81,32 @@ def infer_study(
     key_images: bool = False,
 ) -> InferenceResult:
     """Run the model on the study's eligible series and write the results into ``out_dir``."""
+    files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
+    return infer_files(
+        files, out_dir, config, model, min_probability=min_probability, key_images=key_images
+    )
+
+
+def infer_files(
+    files: list[Path],
+    out_dir: Path,
+    config: AidxConfig,
+    model: ModelEntry,
+    *,
+    rules: SeriesRules | None = None,
+    min_probability: float | None = None,
+    key_images: bool = False,
+    revision: int = 1,
+    previous_versions: Sequence[Dataset] = (),
+    runners: dict[Path, OnnxRunner] | None = None,
+) -> InferenceResult:
+    """Run the model on the eligible series among ``files`` (one study) and write the results
+    into ``out_dir``. ``rules`` default to ``inference.series``; ``revision`` and
+    ``previous_versions`` go to the SR (a re-run of an updated study); ``runners`` caches ONNX
+    Runtime sessions between calls (a worker's)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
-    selection = select_series(files, series_rules(config))
+    selection = select_series(files, rules or series_rules(config))
     if selection.chosen is None:
         raise NotApplicableError(selection.reason())
     volume = load_series(selection.chosen.files)
@@ -95,7 +118,11 @@ def infer_study(
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    runner = OnnxRunner(model.onnx_path, card, runner_options(config))
+    runner = runners.get(model.onnx_path) if runners is not None else None
+    if runner is None:
+        runner = OnnxRunner(model.onnx_path, card, runner_options(config))
+        if runners is not None:
+            runners[model.onnx_path] = runner
     probability = runner.predict(pre.array)
     timings["model_s"] = time.perf_counter() - t
 
@@ -120,11 +147,11 @@ def infer_study(
     report.write(findings_path)
     sources: list[Dataset] = [dcmread(f, stop_before_pixels=True) for f in volume.files]
     sr_path = out_dir / "sr.dcm"
-    write_sr(findings, sources, card, sr_path)
+    write_sr(findings, sources, card, sr_path, revision, previous_versions)
     seg_path = None
     if findings:
         seg_path = out_dir / "seg.dcm"
-        write_seg(findings, sources, card, seg_path)
+        write_seg(findings, sources, card, seg_path, revision)
     key_image_paths = (
         write_key_images(findings, volume, sources, card, out_dir / "key_images")
         if key_images

@@ -53,10 +53,17 @@ REQUIRED = (
 )
 
 
-def result_uid(series_uid: str, model: ModelCard, kind: str) -> str:
-    """The UID of one ``kind`` of result object (e.g. ``"sr-instance"``) for a series and model."""
+def result_uid(series_uid: str, model: ModelCard, kind: str, revision: int = 1) -> str:
+    """The UID of one ``kind`` of result object (e.g. ``"sr-instance"``) for a series and model.
+
+    ``revision``: the study version the result is for (a study updated by late images gets a
+    new result that supersedes the old one); revision 1 keeps the UIDs of ``aidx infer``.
+    The same inputs always give the same UID, so a result sent again is the same object.
+    """
     if not series_uid or not kind:
         raise ValueError("a result UID needs the source Series Instance UID and a kind")
+    if revision > 1:
+        kind = f"{kind} revision {revision}"
     return _uid("aidx-result", series_uid, model.name, model.version, kind)
 
 

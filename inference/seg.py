@@ -53,7 +53,7 @@ CONTENT_LABEL = "NODULES"
 
 
 def build_seg(
-    findings: Sequence[Finding], datasets: Sequence[Dataset], model: ModelCard
+    findings: Sequence[Finding], datasets: Sequence[Dataset], model: ModelCard, revision: int = 1
 ) -> hd.seg.Segmentation:
     """The SEG of the findings' masks on the series whose headers are ``datasets``.
 
@@ -73,8 +73,8 @@ def build_seg(
         segment_descriptions=[_segment(i, f, series, model) for i, f in enumerate(findings, 1)],
         series_instance_uid=result_uid(series.series_uid, model, "seg-series"),
         series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=result_uid(series.series_uid, model, "seg-instance"),
-        instance_number=1,
+        sop_instance_uid=result_uid(series.series_uid, model, "seg-instance", revision),
+        instance_number=revision,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model.name,
         software_versions=model.version,
@@ -86,10 +86,14 @@ def build_seg(
 
 
 def write_seg(
-    findings: Sequence[Finding], datasets: Sequence[Dataset], model: ModelCard, path: Path
+    findings: Sequence[Finding],
+    datasets: Sequence[Dataset],
+    model: ModelCard,
+    path: Path,
+    revision: int = 1,
 ) -> hd.seg.Segmentation:
     """Build the SEG (see :func:`build_seg`) and write it to ``path`` as a Part 10 file."""
-    seg = build_seg(findings, datasets, model)
+    seg = build_seg(findings, datasets, model, revision)
     save_atomically(seg, path)
     return seg
 

@@ -6,6 +6,7 @@ series is recorded as such ("not applicable: …"), never skipped silently.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ HEADER_TAGS = [
     "ImageOrientationPatient",
     "ImagePositionPatient",
     "SOPInstanceUID",
+    "BodyPartExamined",
 ]
 
 
@@ -34,6 +36,8 @@ class SeriesRules:
     max_slice_thickness_mm: float = 5.0
     max_axial_tilt_deg: float = 10.0  # angle between the slice normal and the patient's z axis
     exclude_image_types: tuple[str, ...] = ("LOCALIZER", "DERIVED", "SECONDARY", "PROJECTION")
+    body_parts: tuple[str, ...] = ()  # Body Part Examined values accepted; empty: any
+    description_pattern: str = ""  # regular expression searched in Series Description
 
 
 @dataclass
@@ -116,6 +120,15 @@ def _check(c: Candidate, rules: SeriesRules) -> list[str]:
     excluded = sorted(types & set(rules.exclude_image_types))
     if excluded:
         reasons.append(f"image type {', '.join(excluded)}")
+    if rules.body_parts:
+        parts = {str(h.get("BodyPartExamined", "")).upper() for h in c.headers}
+        if not parts & {p.upper() for p in rules.body_parts}:
+            shown = "/".join(sorted(p for p in parts if p)) or "none"
+            reasons.append(f"body part {shown} is not {'/'.join(rules.body_parts)}")
+    if rules.description_pattern and not re.search(
+        rules.description_pattern, c.description, re.IGNORECASE
+    ):
+        reasons.append(f"description does not match {rules.description_pattern!r}")
     thickness = _thickness(c)
     if thickness != float("inf") and thickness > rules.max_slice_thickness_mm:
         reasons.append(f"slice thickness {thickness:g} mm > {rules.max_slice_thickness_mm:g} mm")

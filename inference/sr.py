@@ -87,12 +87,18 @@ SR_DESCRIPTION = "AI nodule findings"
 
 
 def build_sr(
-    findings: Sequence[Finding], datasets: Sequence[Dataset], model: ModelCard
+    findings: Sequence[Finding],
+    datasets: Sequence[Dataset],
+    model: ModelCard,
+    revision: int = 1,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 report of ``findings`` on the series whose headers are ``datasets``.
 
     ``datasets``: the source images (``dcmread(..., stop_before_pixels=True)`` is enough) in
-    volume order. Raises ValueError when the series or a finding cannot be reported.
+    volume order. ``revision``: the study version (see :func:`result_uid`);
+    ``previous_versions``: earlier reports this one supersedes (Predecessor Documents).
+    Raises ValueError when the series or a finding cannot be reported.
     """
     series = source_series(datasets)
     check_findings(findings, series)
@@ -121,8 +127,8 @@ def build_sr(
         content=report,
         series_instance_uid=result_uid(series.series_uid, model, "sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=result_uid(series.series_uid, model, "sr-instance"),
-        instance_number=1,
+        sop_instance_uid=result_uid(series.series_uid, model, "sr-instance", revision),
+        instance_number=revision,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
@@ -130,14 +136,20 @@ def build_sr(
         series_description=series_description(SR_DESCRIPTION, model),
         manufacturer_model_name=model.name,
         software_versions=model.version,
+        previous_versions=list(previous_versions) or None,
     )
 
 
 def write_sr(
-    findings: Sequence[Finding], datasets: Sequence[Dataset], model: ModelCard, path: Path
+    findings: Sequence[Finding],
+    datasets: Sequence[Dataset],
+    model: ModelCard,
+    path: Path,
+    revision: int = 1,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the report (see :func:`build_sr`) and write it to ``path`` as a Part 10 file."""
-    sr = build_sr(findings, datasets, model)
+    sr = build_sr(findings, datasets, model, revision, previous_versions)
     save_atomically(sr, path)
     return sr
 

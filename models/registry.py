@@ -179,8 +179,17 @@ class Registry:
         raise ModelError(f"no model {name}@{version} in the registry (registered: {known})")
 
     def active(self, name: str) -> ModelEntry | None:
+        """The promoted version; without one, the newest version shipped with aidx."""
         version = self._state()["active"].get(name)
-        return self.get(name, version) if version else None
+        if version:
+            return self.get(name, version)
+        shipped = [
+            ModelEntry(ModelCard.load(card_path), card_path.parent)
+            for root in self.roots[1:]
+            for card_path in sorted(root.glob(f"{name}/*/{CARD_FILE}"))
+        ]
+        shipped = [e for e in shipped if e.card.name == name]
+        return max(shipped, key=lambda e: (e.card.date, e.card.version)) if shipped else None
 
     def resolve(self, ref: str | None, default_name: str) -> ModelEntry:
         """``NAME@VERSION``, ``NAME`` (its active version) or None (the default model)."""

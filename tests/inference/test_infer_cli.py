@@ -10,61 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
-import onnx
 import pydicom
 import pytest
-from onnx import TensorProto, helper
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from models.registry import sha256_of
 from tests.conftest import require_tool
+from tests.standin_model import card, soft_tissue_model
 from training.phantom import NoduleRequest, PhantomOptions, generate
-
-DIMS: list[Any] = [1, 1, "depth", "height", "width"]
-
-
-def soft_tissue_model(path: Path) -> Path:
-    """p = sigmoid(40 (x - 0.69)): above ~ -30 HU in the (-1000, 400) window. Not a detector;
-    a stand-in with a real ONNX graph until the trained model ships."""
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, DIMS)
-    y = helper.make_tensor_value_info("probability", TensorProto.FLOAT, DIMS)
-    inits = [
-        helper.make_tensor("offset", TensorProto.FLOAT, [], [0.69]),
-        helper.make_tensor("gain", TensorProto.FLOAT, [], [40.0]),
-    ]
-    nodes = [
-        helper.make_node("Sub", ["image", "offset"], ["d"]),
-        helper.make_node("Mul", ["d", "gain"], ["s"]),
-        helper.make_node("Sigmoid", ["s"], ["probability"]),
-    ]
-    model = helper.make_model(
-        helper.make_graph(nodes, "soft-tissue", [x], [y], inits),
-        opset_imports=[helper.make_opsetid("", 17)],
-    )
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
-
-
-def card(onnx_path: Path) -> dict[str, Any]:
-    return {
-        "name": "soft-tissue",
-        "version": "0.0.1",
-        "date": "2026-11-28",
-        "network": "threshold of the input (test stand-in)",
-        "description": "Flags soft-tissue density; used to test the pipeline.",
-        "input": {
-            "tensor": {"name": "image", "shape": DIMS},
-            "spacing_mm": [2.5, 1.5, 1.5],
-            "hu_window": [-1000.0, 400.0],
-            "patch_size": [16, 64, 64],
-        },
-        "output": {"tensor": {"name": "probability", "shape": DIMS}, "operating_threshold": 0.5},
-        "training": {"data": "none", "synthetic": True, "command": "none"},
-        "intended_use": "Tests only.",
-        "limitations": ["Not a detector."],
-        "sha256": sha256_of(onnx_path),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,287 @@
+"""`aidx status`: recent studies, or one study's timeline, results and deliveries.
+
+Read from the store, so it shows what every process (node, separate workers) did. Identifies
+studies by UID only: patient names, IDs, birth dates and accession numbers are never shown.
+:func:`recent_status` and :func:`study_status` return the same data as ``--json`` prints, for
+scripts and the review app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from aidx.config import AidxConfig
+from aidx.exit_codes import EXIT_OK, EXIT_USAGE
+from aidx.jobs import FAILED, NOT_APPLICABLE
+from aidx.schema import outbox
+
+if TYPE_CHECKING:
+    from aidx.store import Store
+
+# Job states whose reason is the answer to "why are there no results?".
+_REASON_STATES = (FAILED, NOT_APPLICABLE)
+
+
+def status(args: argparse.Namespace, config: AidxConfig) -> int:
+    if args.limit < 1:
+        print(f"aidx status: --limit must be at least 1, not {args.limit}", file=sys.stderr)
+        return EXIT_USAGE
+    db = _default_db(config)
+    if db is not None and not db.exists():
+        print(
+            f"aidx status: no store at {db}: nothing was received with this data_dir; give the "
+            "node's data directory with --data-dir (or data_dir / store.url in the configuration)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    from aidx.store import Store
+
+    store = Store(config.store_url())
+    try:
+        if args.study_uid is None:
+            studies = recent_status(store, args.limit)
+            if args.json:
+                _print_json({"studies": studies})
+            else:
+                _print_recent(studies)
+            return EXIT_OK
+        report = study_status(store, args.study_uid)
+    finally:
+        store.close()
+    if report is None:
+        print(
+            f"aidx status: no study {args.study_uid} in the store; `aidx status` lists the "
+            "recent ones",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.json:
+        _print_json(report)
+    else:
+        _print_study(report)
+    return EXIT_OK
+
+
+def _default_db(config: AidxConfig) -> Path | None:
+    """The default SQLite file, which only `aidx serve` (or `send --queue`) creates."""
+    if config.store.url is not None:
+        return None
+    return (config.data_dir / "aidx.db").resolve()
+
+
+# ----------------------------------------------------------------------------------- the data
+def recent_status(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest studies (latest arrival first) with their latest job."""
+    out = []
+    for row in store.recent_studies(limit):
+        out.append(
+            {
+                "study_uid": row["study_uid"],
+                "instances": int(row["instance_count"]),
+                "study_state": row["study_state"],
+                "job_id": row["job_id"],
+                "job_state": row["job_state"],
+                "priority": row["priority"],
+                "first_image": _iso(row["first_arrival"]),
+                "last_image": _iso(row["last_arrival"]),
+                "calling_ae": row["calling_ae"],
+                "reason": row["reason"] if row["job_state"] in _REASON_STATES else None,
+            }
+        )
+    return out
+
+
+def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
+    """One study's timeline, jobs, results and outbox items; None when it is not in the store."""
+    study = store.study(study_uid)
+    if study is None:
+        return None
+    last_image = float(study["last_arrival"])
+
+    def offset(at: float | None) -> float | None:
+        return None if at is None else round(float(at) - last_image, 3)
+
+    with store.engine.connect() as conn:
+        items = [
+            dict(r._mapping)
+            for r in conn.execute(
+                select(outbox).where(outbox.c.study_uid == study_uid).order_by(outbox.c.id)
+            )
+        ]
+    return {
+        "study_uid": study_uid,
+        "state": study["state"],
+        "version": study["version"],
+        "instances": study["instance_count"],
+        "bytes": study["bytes"],
+        "calling_ae": study["calling_ae"],
+        "first_image": _iso(study["first_arrival"]),
+        "first_image_offset_s": offset(study["first_arrival"]),
+        "last_image": _iso(last_image),
+        "completed_at": _iso(study["completed_at"]),
+        "events": [
+            {
+                "at": _iso(e["at"]),
+                "offset_s": offset(e["at"]),
+                "event": e["event"],
+                "job_id": e["job_id"],
+                "detail": e["detail"],
+            }
+            for e in store.study_events(study_uid)
+        ],
+        "jobs": [
+            {
+                "id": j["id"],
+                "study_version": j["study_version"],
+                "state": j["state"],
+                "reason": j["reason"],
+                "priority": j["priority"],
+                "attempts": j["attempts"],
+                "model": j["model"],
+                "inference_s": j["inference_s"],
+                "created_at": _iso(j["created_at"]),
+                "finished_at": _iso(j["finished_at"]),
+            }
+            for j in store.study_jobs(study_uid)
+        ],
+        "results": [
+            {
+                "job_id": r["job_id"],
+                "study_version": r["study_version"],
+                "model": r["model"],
+                "series_uid": r["series_uid"],
+                "findings": r["finding_count"],
+                "max_probability": r["max_probability"],
+                "findings_path": r["findings_path"],
+                "sr_path": r["sr_path"],
+                "seg_path": r["seg_path"],
+            }
+            for r in store.study_results(study_uid)
+        ],
+        "destinations": [
+            {
+                "destination": i["destination"],
+                "outbox_id": i["id"],
+                "job_id": i["job_id"],
+                "state": i["state"],
+                "attempts": i["attempts"],
+                "files": len(json.loads(i["files"])),
+                "next_attempt_at": _iso(i["next_attempt_at"]) if i["state"] == "pending" else None,
+                "sent_at": _iso(i["sent_at"]),
+                "last_error": i["last_error"],
+            }
+            for i in items
+        ],
+    }
+
+
+def _iso(epoch: float | None) -> str | None:
+    """Local time with its UTC offset, to the millisecond."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(float(epoch)).astimezone().isoformat(timespec="milliseconds")
+
+
+# ------------------------------------------------------------------------------- the printing
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _when(iso: str | None) -> str:
+    """``2024-05-01 12:00:03.100`` (local time, as the ISO value minus its offset)."""
+    return "-" if iso is None else iso[:23].replace("T", " ")
+
+
+def _print_recent(studies: list[dict[str, Any]]) -> None:
+    if not studies:
+        print("no studies received yet")
+        return
+    width = max(len("STUDY UID"), *(len(s["study_uid"]) for s in studies))
+    print(
+        f"{'STUDY UID':<{width}}  {'IMAGES':>6}  {'STUDY':<9}  {'JOB':<14}  {'PRIO':>4}  "
+        f"{'LAST RECEIVED':<23}  REASON"
+    )
+    for s in studies:
+        priority = "-" if s["priority"] is None else str(s["priority"])
+        print(
+            f"{s['study_uid']:<{width}}  {s['instances']:>6}  {s['study_state']:<9}  "
+            f"{s['job_state'] or '-':<14}  {priority:>4}  {_when(s['last_image']):<23}  "
+            f"{s['reason'] or ''}".rstrip()
+        )
+
+
+def _print_study(r: dict[str, Any]) -> None:
+    print(f"Study {r['study_uid']}")
+    print(
+        f"  {r['state']} (version {r['version']}), {_count(r['instances'], 'instance')}, "
+        f"{_size(r['bytes'])}, from {r['calling_ae']}"
+    )
+    print("\nTimeline (offset from the last image)")
+    rows = [
+        (r["first_image"], r["first_image_offset_s"], "first image", None, ""),
+        (r["last_image"], 0.0, "last image", None, ""),
+    ]
+    rows += [
+        (e["at"], e["offset_s"], e["event"], e["job_id"], e["detail"] or "") for e in r["events"]
+    ]
+    for at, off, name, job_id, detail in rows:
+        job = f"job {job_id}" if job_id is not None else ""
+        print(f"  {_when(at)}  {_offset(off):>12}  {name:<18} {job:<8} {detail}".rstrip())
+
+    print("\nResults")
+    if not r["results"]:
+        print("  none")
+    for res in r["results"]:
+        print(
+            f"  {res['model']}  series {res['series_uid']}  {res['findings']} findings"
+            f"  (study version {res['study_version']}, job {res['job_id']})"
+        )
+        print(f"    SR   {res['sr_path']}")
+        print(f"    SEG  {res['seg_path'] or '-'}")
+
+    print("\nDestinations")
+    if not r["destinations"]:
+        print("  none")
+    for d in r["destinations"]:
+        when = f"sent {_when(d['sent_at'])}" if d["sent_at"] else ""
+        if d["next_attempt_at"]:
+            when = f"next {_when(d['next_attempt_at'])}"
+        error = f"  last error: {d['last_error']}" if d["last_error"] else ""
+        print(
+            f"  {d['destination']:<16} {d['state']:<8} attempts {d['attempts']:<3} "
+            f"job {d['job_id'] if d['job_id'] is not None else '-'}  {when}{error}".rstrip()
+        )
+
+
+def _offset(seconds: float) -> str:
+    """``+12.4 s`` near the last image; minutes, hours or days further away."""
+    sign = "-" if seconds < 0 else "+"
+    value = abs(seconds)
+    if value < 100:
+        return f"{sign}{value:.1f} s"
+    whole = int(value)
+    if whole < 3600:
+        return f"{sign}{whole // 60} min {whole % 60:02d} s"
+    if whole < 86400:
+        return f"{sign}{whole // 3600} h {whole % 3600 // 60:02d} min"
+    return f"{sign}{whole // 86400} d {whole % 86400 // 3600:02d} h"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")

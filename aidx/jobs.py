@@ -1,0 +1,438 @@
+"""The job queue in the store: what study assembly records and inference workers take.
+
+The interface is narrow on purpose: :meth:`JobQueue.claim_job`, :meth:`JobQueue.renew_lease`,
+:meth:`JobQueue.finish_job`, :meth:`JobQueue.fail_job` and :meth:`JobQueue.job_not_applicable`.
+A distributed engine can take over the queue by implementing the same five calls; the node and
+the inference engine never see the queue.
+
+Claims are optimistic (``UPDATE ... WHERE state = <as read>``), so several worker processes on
+SQLite or PostgreSQL never take the same job. A running job carries a lease that its worker
+renews; a job whose lease ran out, or whose worker process on this host is gone, is taken again
+(crash recovery). Every change appends an event to the study's timeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, select, update
+
+from .schema import events, jobs, outbox, results, studies
+
+# Job states.
+QUEUED = "queued"
+RUNNING = "running"
+RESULTS_READY = "results_ready"
+SENT = "sent"
+FAILED = "failed"
+NOT_APPLICABLE = "not_applicable"
+SUPERSEDED = "superseded"
+JOB_STATES = (QUEUED, RUNNING, RESULTS_READY, SENT, FAILED, NOT_APPLICABLE, SUPERSEDED)
+FINAL_STATES = (RESULTS_READY, SENT, FAILED, NOT_APPLICABLE, SUPERSEDED)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_uid: str
+    study_version: int
+    state: str
+    priority: int
+    attempts: int
+    worker: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One route's output of a job (see ``results`` in :mod:`aidx.schema`)."""
+
+    series_uid: str
+    model: str
+    findings_path: str
+    sr_path: str
+    sr_sop_uid: str
+    seg_path: str | None
+    finding_count: int
+    max_probability: float | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Files of a job for one destination (one outbox item, one association)."""
+
+    destination: str
+    item_key: str
+    files: list[str]
+    series_uid: str | None = None
+
+
+def worker_name(n: int = 0) -> str:
+    """``host:pid:n``: lets a restarted process find the jobs its dead predecessor held."""
+    return f"{socket.gethostname()}:{os.getpid()}:{n}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def add_event(
+    conn: Connection,
+    study_uid: str,
+    event: str,
+    job_id: int | None = None,
+    detail: str | None = None,
+    at: float | None = None,
+) -> None:
+    conn.execute(
+        events.insert().values(
+            study_uid=study_uid,
+            job_id=job_id,
+            event=event,
+            at=time.time() if at is None else at,
+            detail=detail,
+        )
+    )
+
+
+class JobQueue:
+    """Job operations of the store (mixed into :class:`aidx.store.Store`)."""
+
+    engine: Engine
+
+    def _write(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------- workers
+    def claim_job(
+        self,
+        worker: str,
+        lease_s: float,
+        now: float | None = None,
+        alive: Callable[[int], bool] = pid_alive,
+    ) -> Job | None:
+        """Take the most urgent job: queued ones by priority then age, and running ones whose
+        lease ran out or whose worker (a process on this host) is gone. Older versions of a
+        study that a newer version has overtaken are marked superseded instead of run."""
+        now = time.time() if now is None else now
+        host = worker.split(":", 1)[0]
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(jobs)
+                    .where(jobs.c.state.in_((QUEUED, RUNNING)))
+                    .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+                ).all()
+            candidate = None
+            for row in rows:
+                if row.state == QUEUED or _abandoned(row, host, now, alive):
+                    candidate = row
+                    break
+            if candidate is None:
+                return None
+            taken = self._take(candidate, worker, lease_s, now)
+            if taken is not None:
+                return taken
+
+    def _take(self, row: Any, worker: str, lease_s: float, now: float) -> Job | None:
+        with self._write() as conn:
+            newer = conn.execute(
+                select(func.count())
+                .select_from(jobs)
+                .where(
+                    (jobs.c.study_uid == row.study_uid) & (jobs.c.study_version > row.study_version)
+                )
+            ).scalar_one()
+            condition = (jobs.c.id == row.id) & (jobs.c.state == row.state)
+            if row.worker is not None:
+                condition &= jobs.c.worker == row.worker
+            if newer:
+                done = conn.execute(
+                    update(jobs)
+                    .where(condition)
+                    .values(
+                        state=SUPERSEDED,
+                        reason="a later version of the study completed before this one ran",
+                        worker=None,
+                        lease_until=None,
+                        updated_at=now,
+                        finished_at=now,
+                    )
+                ).rowcount
+                if done:
+                    add_event(conn, row.study_uid, SUPERSEDED, row.id, at=now)
+                return None
+            changed = conn.execute(
+                update(jobs)
+                .where(condition)
+                .values(
+                    state=RUNNING,
+                    worker=worker,
+                    lease_until=now + lease_s,
+                    attempts=jobs.c.attempts + 1,
+                    started_at=now,
+                    updated_at=now,
+                )
+            ).rowcount
+            if not changed:
+                return None  # another worker was faster; the caller looks again
+            if row.state == RUNNING:
+                add_event(
+                    conn, row.study_uid, "requeued", row.id, f"worker {row.worker} is gone", now
+                )
+            add_event(conn, row.study_uid, "inference_started", row.id, worker, now)
+            return Job(
+                id=int(row.id),
+                study_uid=str(row.study_uid),
+                study_version=int(row.study_version),
+                state=RUNNING,
+                priority=int(row.priority or 0),
+                attempts=int(row.attempts or 0) + 1,
+                worker=worker,
+                created_at=float(row.created_at),
+            )
+
+    def renew_lease(self, job_id: int, worker: str, lease_s: float) -> bool:
+        """Extend the lease; False when the job is no longer this worker's."""
+        now = time.time()
+        with self._write() as conn:
+            return bool(
+                conn.execute(
+                    update(jobs)
+                    .where((jobs.c.id == job_id) & (jobs.c.worker == worker))
+                    .where(jobs.c.state == RUNNING)
+                    .values(lease_until=now + lease_s, updated_at=now)
+                ).rowcount
+            )
+
+    def finish_job(
+        self,
+        job: Job,
+        worker: str,
+        records: Sequence[ResultRecord],
+        deliveries: Sequence[Delivery],
+        inference_s: float,
+    ) -> bool:
+        """Record the results and queue their deliveries, in one transaction. Run again after
+        a crash, it replaces the result rows and finds its outbox items already queued.
+        Returns False (and changes nothing) when the job is no longer this worker's."""
+        now = time.time()
+        with self._write() as conn:
+            still_ours = conn.execute(
+                select(jobs.c.id).where(
+                    (jobs.c.id == job.id) & (jobs.c.worker == worker) & (jobs.c.state == RUNNING)
+                )
+            ).first()
+            if still_ours is None:
+                return False
+            for rec in records:
+                conn.execute(
+                    results.delete().where(
+                        (results.c.study_uid == job.study_uid)
+                        & (results.c.series_uid == rec.series_uid)
+                        & (results.c.model == rec.model)
+                        & (results.c.study_version == job.study_version)
+                    )
+                )
+                conn.execute(
+                    results.insert().values(
+                        job_id=job.id,
+                        study_uid=job.study_uid,
+                        study_version=job.study_version,
+                        created_at=now,
+                        **rec.__dict__,
+                    )
+                )
+            add_event(
+                conn,
+                job.study_uid,
+                "inference_done",
+                job.id,
+                f"{sum(r.finding_count for r in records)} findings in {inference_s:.1f} s",
+                now,
+            )
+            for d in deliveries:
+                exists = conn.execute(
+                    select(outbox.c.id).where(
+                        (outbox.c.destination == d.destination) & (outbox.c.item_key == d.item_key)
+                    )
+                ).first()
+                if exists is None:
+                    _insert_outbox(conn, d, job, now)
+                    add_event(conn, job.study_uid, "send_queued", job.id, d.destination, now)
+            # Sent once every destination acknowledged (see OutboxQueue.mark_sent); with no
+            # destination, results ready is where the job ends.
+            state = RESULTS_READY
+            first = records[0] if records else None
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job.id)
+                .values(
+                    state=state,
+                    reason=None,
+                    worker=None,
+                    lease_until=None,
+                    model=", ".join(sorted({r.model for r in records})) or None,
+                    series_uid=first.series_uid if first else None,
+                    result_dir=str(Path(first.sr_path).parent) if first else None,
+                    inference_s=inference_s,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            add_event(conn, job.study_uid, state, job.id, at=now)
+            return True
+
+    def fail_job(
+        self, job: Job, worker: str, reason: str, max_attempts: int, retry: bool = True
+    ) -> str:
+        """A job that raised: queued again while attempts remain (and ``retry``), else failed.
+        Returns the new state."""
+        now = time.time()
+        state = QUEUED if retry and job.attempts < max_attempts else FAILED
+        with self._write() as conn:
+            changed = conn.execute(
+                update(jobs)
+                .where((jobs.c.id == job.id) & (jobs.c.worker == worker))
+                .values(
+                    state=state,
+                    reason=reason,
+                    worker=None,
+                    lease_until=None,
+                    updated_at=now,
+                    finished_at=now if state == FAILED else None,
+                )
+            ).rowcount
+            if changed:
+                event = FAILED if state == FAILED else "retry"
+                add_event(conn, job.study_uid, event, job.id, reason, now)
+        return state
+
+    def job_not_applicable(self, job: Job, worker: str, reason: str) -> None:
+        now = time.time()
+        with self._write() as conn:
+            changed = conn.execute(
+                update(jobs)
+                .where((jobs.c.id == job.id) & (jobs.c.worker == worker))
+                .values(
+                    state=NOT_APPLICABLE,
+                    reason=reason,
+                    worker=None,
+                    lease_until=None,
+                    updated_at=now,
+                    finished_at=now,
+                )
+            ).rowcount
+            if changed:
+                add_event(conn, job.study_uid, NOT_APPLICABLE, job.id, reason, now)
+
+    # --------------------------------------------------------------------------- queries
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return dict(row._mapping) if row else None
+
+    def job_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
+            counts = {str(state): int(n) for state, n in rows}
+        return {state: counts.get(state, 0) for state in JOB_STATES}
+
+    def previous_result(self, study_uid: str, before_version: int) -> dict[str, Any] | None:
+        """The latest result of an earlier version of the study (what a new result supersedes)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(results)
+                .where(
+                    (results.c.study_uid == study_uid) & (results.c.study_version < before_version)
+                )
+                .order_by(results.c.study_version.desc(), results.c.id.desc())
+                .limit(1)
+            ).first()
+        return dict(row._mapping) if row else None
+
+    def study_results(self, study_uid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(results).where(results.c.study_uid == study_uid).order_by(results.c.id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def study_events(self, study_uid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(events).where(events.c.study_uid == study_uid).order_by(events.c.id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def recent_studies(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Latest studies with their latest job's state (for ``aidx status``)."""
+        latest = (
+            select(jobs.c.study_uid, func.max(jobs.c.id).label("job_id"))
+            .group_by(jobs.c.study_uid)
+            .subquery()
+        )
+        query = (
+            select(
+                studies.c.study_uid,
+                studies.c.state.label("study_state"),
+                studies.c.instance_count,
+                studies.c.first_arrival,
+                studies.c.last_arrival,
+                studies.c.calling_ae,
+                jobs.c.id.label("job_id"),
+                jobs.c.state.label("job_state"),
+                jobs.c.priority,
+                jobs.c.reason,
+            )
+            .select_from(
+                studies.outerjoin(latest, latest.c.study_uid == studies.c.study_uid).outerjoin(
+                    jobs, jobs.c.id == latest.c.job_id
+                )
+            )
+            .order_by(studies.c.last_arrival.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def _abandoned(row: Any, host: str, now: float, alive: Callable[[int], bool]) -> bool:
+    if row.lease_until is not None and row.lease_until < now:
+        return True
+    parts = str(row.worker or "").split(":")
+    if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+        return not alive(int(parts[1]))
+    return False
+
+
+def _insert_outbox(conn: Connection, d: Delivery, job: Job, now: float) -> None:
+    conn.execute(
+        outbox.insert().values(
+            destination=d.destination,
+            item_key=d.item_key,
+            study_uid=job.study_uid,
+            series_uid=d.series_uid,
+            job_id=job.id,
+            files=json.dumps(d.files),
+            state="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+    )

@@ -1,0 +1,269 @@
+"""Inference workers: take a job from the store, run every route's model on the study, record
+the results and queue their deliveries.
+
+A worker holds a lease on its running job and renews it from a heartbeat thread; if the process
+dies, the job is taken again (see :mod:`aidx.jobs`). Results are written to
+``<data_dir>/results/<study>/v<version>/<route>/`` with UIDs derived from the study, series, model
+version and study version, so a job run twice writes the same objects and the PACS keeps one
+copy. ``aidx serve`` runs workers in its process (woken when a study completes); ``aidx worker``
+runs them apart, against the same store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+import models
+from inference.pipeline import InferenceResult, NotApplicableError, infer_files
+from inference.runner import OnnxRunner
+from models.registry import ModelError, Registry
+
+from .config import AidxConfig
+from .jobs import Delivery, Job, ResultRecord, worker_name
+from .routing import Route, routes
+from .store import Store
+
+log = logging.getLogger("aidx.worker")
+
+
+def model_registry(config: AidxConfig) -> Registry:
+    shipped = Path(models.__file__).resolve().parent / "shipped"  # models shipped with aidx
+    return Registry(config.models_dir(), (shipped,))
+
+
+class Worker:
+    """One inference worker thread."""
+
+    def __init__(
+        self,
+        config: AidxConfig,
+        store: Store,
+        n: int = 0,
+        registry: Registry | None = None,
+        on_results: Callable[[], None] | None = None,
+        poll_interval_s: float | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.name = worker_name(n)
+        self.registry = registry or model_registry(config)
+        self.on_results = on_results
+        self.poll_interval_s = poll_interval_s
+        self.runners: dict[Path, OnnxRunner] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.current_job: int | None = None
+
+    # ------------------------------------------------------------------------------ thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"aidx-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def notify(self, *_args: Any) -> None:
+        """A job was queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                log.exception("worker %s: unexpected error; continuing", self.name)
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
+
+    # -------------------------------------------------------------------------------- jobs
+    def run_once(self) -> bool:
+        """Take and run one job; False when the queue was empty."""
+        lease_s = self.config.pipeline.lease_s
+        job = self.store.claim_job(self.name, lease_s)
+        if job is None:
+            return False
+        self.current_job = job.id
+        heartbeat = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat, args=(job, heartbeat), name="aidx-lease", daemon=True
+        )
+        beat.start()
+        try:
+            self._run_job(job)
+        finally:
+            heartbeat.set()
+            beat.join()
+            self.current_job = None
+        return True
+
+    def _heartbeat(self, job: Job, done: threading.Event) -> None:
+        lease_s = self.config.pipeline.lease_s
+        while not done.wait(lease_s / 3):
+            if not self.store.renew_lease(job.id, self.name, lease_s):
+                log.warning("job %d: lease lost (study_uid=%s)", job.id, job.study_uid)
+                return
+
+    def _run_job(self, job: Job) -> None:
+        started = time.perf_counter()
+        log.info(
+            "job %d: running study_uid=%s version=%d attempt=%d priority=%d",
+            job.id,
+            job.study_uid,
+            job.study_version,
+            job.attempts,
+            job.priority,
+        )
+        try:
+            records, deliveries, reasons = self._routes(job)
+        except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost
+            reason = f"{type(exc).__name__}: {exc}"
+            retry = not isinstance(exc, ModelError | ValueError)
+            state = self.store.fail_job(
+                job, self.name, reason, self.config.pipeline.max_attempts, retry
+            )
+            log.error("job %d: %s (study_uid=%s): %s", job.id, state, job.study_uid, reason)
+            return
+        if not records:
+            reason = "; ".join(reasons) or "no route applies to the study"
+            self.store.job_not_applicable(job, self.name, reason)
+            log.info("job %d: not applicable (study_uid=%s): %s", job.id, job.study_uid, reason)
+            return
+        seconds = time.perf_counter() - started
+        if not self.store.finish_job(job, self.name, records, deliveries, seconds):
+            log.warning("job %d: taken by another worker meanwhile; results dropped", job.id)
+            return
+        log.info(
+            "job %d: results ready in %.1f s (study_uid=%s, %d deliveries)",
+            job.id,
+            seconds,
+            job.study_uid,
+            len(deliveries),
+        )
+        if self.on_results is not None:
+            self.on_results()
+
+    def _routes(self, job: Job) -> tuple[list[ResultRecord], list[Delivery], list[str]]:
+        study = self.store.study(job.study_uid) or {}
+        files = [Path(r["path"]) for r in self.store.study_instances(job.study_uid)]
+        previous = self._previous_report(job)
+        records: list[ResultRecord] = []
+        deliveries: list[Delivery] = []
+        reasons: list[str] = []
+        for route in routes(self.config):
+            if not route.accepts_caller(str(study.get("calling_ae", ""))):
+                reasons.append(f"route {route.name}: calling AE not routed")
+                continue
+            model = self.registry.resolve(route.model, self.config.models.default)
+            out_dir = (
+                self.config.data_dir
+                / "results"
+                / job.study_uid
+                / f"v{job.study_version}"
+                / route.name
+            )
+            try:
+                result = infer_files(
+                    files,
+                    out_dir,
+                    self.config,
+                    model,
+                    rules=route.rules,
+                    key_images=route.key_images,
+                    revision=job.study_version,
+                    previous_versions=previous,
+                    runners=self.runners,
+                )
+            except NotApplicableError as exc:
+                reasons.append(f"route {route.name}: {exc}")
+                continue
+            records.append(_record(result, model.ref))
+            deliveries.extend(_deliveries(job, route, result, model.ref))
+        return records, deliveries, reasons
+
+    def _previous_report(self, job: Job) -> list[Dataset]:
+        """The SR of the study's last earlier version, which a new result supersedes."""
+        row = self.store.previous_result(job.study_uid, job.study_version)
+        if row is None:
+            return []
+        try:
+            return [dcmread(row["sr_path"], stop_before_pixels=True)]
+        except (OSError, ValueError) as exc:
+            log.warning("job %d: previous report unreadable: %s", job.id, exc)
+            return []
+
+
+def _record(result: InferenceResult, model_ref: str) -> ResultRecord:
+    findings = result.report.findings
+    return ResultRecord(
+        series_uid=result.report.series_instance_uid,
+        model=model_ref,
+        findings_path=str(result.findings_path),
+        sr_path=str(result.sr_path),
+        sr_sop_uid=str(dcmread(result.sr_path, stop_before_pixels=True).SOPInstanceUID),
+        seg_path=str(result.seg_path) if result.seg_path else None,
+        finding_count=len(findings),
+        max_probability=max((f.probability for f in findings), default=None),
+    )
+
+
+def _deliveries(job: Job, route: Route, result: InferenceResult, model_ref: str) -> list[Delivery]:
+    out = []
+    for destination, kinds in sorted(route.outputs.items()):
+        files = [str(result.sr_path)] if "sr" in kinds else []
+        if "seg" in kinds and result.seg_path is not None:
+            files.append(str(result.seg_path))
+        if "key_images" in kinds:
+            files.extend(str(p) for p in result.key_images)
+        if files:
+            key = f"result:{job.study_uid}:v{job.study_version}:{route.name}:{model_ref}"
+            out.append(Delivery(destination, key, files, result.report.series_instance_uid))
+    return out
+
+
+class WorkerPool:
+    """``count`` workers sharing one model registry (``aidx serve`` and ``aidx worker``)."""
+
+    def __init__(
+        self,
+        config: AidxConfig,
+        store: Store,
+        count: int,
+        on_results: Callable[[], None] | None = None,
+        poll_interval_s: float | None = None,
+    ) -> None:
+        registry = model_registry(config)
+        self.workers = [
+            Worker(config, store, n, registry, on_results, poll_interval_s) for n in range(count)
+        ]
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def notify(self, *_args: Any) -> None:
+        for w in self.workers:
+            w.notify()
+
+    def alive(self) -> bool:
+        return all(w.alive() for w in self.workers)

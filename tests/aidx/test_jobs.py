@@ -1,0 +1,244 @@
+"""The job queue and the inference worker, without the network: studies indexed from phantom
+files, jobs recorded by completion, run by a worker with a stand-in ONNX model."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from aidx.config import AidxConfig, load_config
+from aidx.jobs import Delivery, ResultRecord
+from aidx.routing import priority_function, routes
+from aidx.store import Store
+from aidx.worker import Worker
+from dicom_node.parse import read_file
+from tests.standin_model import install
+from training.phantom import NoduleRequest, PhantomOptions, generate
+
+
+def _index(store: Store, files: list[Path], calling_ae: str = "PACS", at: float = 1000.0) -> str:
+    study_uid = ""
+    for path in files:
+        record = replace(read_file(path.read_bytes(), calling_ae), path=str(path))
+        store.index_instance(record, at, 1.0)
+        study_uid = record.study_uid
+    return study_uid
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("jobs")
+    result = generate(
+        root / "study",
+        PhantomOptions(
+            seed=5,
+            slices=30,
+            matrix=96,
+            slice_thickness=2.5,
+            nodule_requests=(NoduleRequest(14.0, "solid", "isolated", "smooth"),),
+            workers=1,
+        ),
+    )
+    return {"root": root, "files": sorted(Path(result.dicom_dir).glob("*.dcm"))}
+
+
+def _config(tmp_path: Path, **pipeline: Any) -> AidxConfig:
+    models = tmp_path / "models"
+    install(models, tmp_path)
+    config = load_config(
+        env={},
+        overrides={
+            "data_dir": str(tmp_path / "data"),
+            "models.dir": str(models),
+            "models.default": "soft-tissue",
+            "inference.min_volume_mm3": 50,
+        },
+    )
+    config.destinations = {"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}}  # type: ignore[dict-item]
+    for key, value in pipeline.items():
+        setattr(config.pipeline, key, value)
+    return config
+
+
+def _store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'aidx.db'}")
+
+
+def test_priority_then_age_order_and_optimistic_claims(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for n, (uid, priority) in enumerate([("1.2.3.1", 0), ("1.2.3.2", 0), ("1.2.3.3", 5)]):
+        _insert_study(store, uid)
+        store.complete_study(uid, 2000.0 + n, priority)
+    order = [store.claim_job(f"host:{999_000 + n}:0", 60.0, alive=lambda _: True) for n in range(3)]
+    assert [j.study_uid for j in order if j] == ["1.2.3.3", "1.2.3.1", "1.2.3.2"]
+    assert store.claim_job("host:1:0", 60.0, alive=lambda _: True) is None
+    assert store.job_counts()["running"] == 3
+
+
+def test_a_dead_workers_job_is_taken_again_and_an_expired_lease_too(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _insert_study(store, "1.2.3.9")
+    store.complete_study("1.2.3.9", 2000.0)
+    first = store.claim_job("here:111:0", 60.0, now=3000.0, alive=lambda _: True)
+    assert first is not None and first.attempts == 1
+    # Same host, process alive, lease valid: nobody takes it.
+    assert store.claim_job("here:222:0", 60.0, now=3001.0, alive=lambda _: True) is None
+    # The holder's process is gone: taken again, attempt 2.
+    again = store.claim_job("here:222:0", 60.0, now=3002.0, alive=lambda pid: pid != 111)
+    assert again is not None and again.id == first.id and again.attempts == 2
+    # Another host cannot see the pid; the lease running out is what frees it.
+    assert store.claim_job("there:5:0", 60.0, now=3003.0, alive=lambda _: True) is None
+    third = store.claim_job("there:5:0", 60.0, now=3100.0, alive=lambda _: True)
+    assert third is not None and third.attempts == 3
+    events = [e["event"] for e in store.study_events("1.2.3.9")]
+    assert events.count("requeued") == 2 and events[0] == "complete"
+
+
+def test_an_overtaken_version_is_superseded_not_run(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _insert_study(store, "1.2.3.7")
+    store.complete_study("1.2.3.7", 2000.0)
+    store.engine.dispose()
+    with store.engine.begin() as conn:  # a late image reopened it, and it settled again
+        conn.exec_driver_sql("UPDATE studies SET state='updated' WHERE study_uid='1.2.3.7'")
+    store.complete_study("1.2.3.7", 2100.0)
+    job = store.claim_job("h:1:0", 60.0, alive=lambda _: True)
+    assert job is not None and job.study_version == 2
+    states = {j["study_version"]: j["state"] for j in store.study_jobs("1.2.3.7")}
+    assert states == {1: "superseded", 2: "running"}
+
+
+def test_finishing_twice_queues_each_delivery_once_and_sent_closes_the_job(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    _insert_study(store, "1.2.3.8")
+    store.complete_study("1.2.3.8", 2000.0)
+    job = store.claim_job("h:1:0", 60.0, alive=lambda _: True)
+    assert job is not None
+    record = ResultRecord("1.2.3.8.1", "m@1", "f.json", "/r/sr.dcm", "1.2.9", None, 0, None)
+    delivery = Delivery("PACS", "result:1.2.3.8:v1:default:m@1", ["/r/sr.dcm"])
+    assert store.finish_job(job, "h:1:0", [record], [delivery], 1.5)
+    assert not store.finish_job(job, "h:1:0", [record], [delivery], 1.5)  # no longer running
+    # A crash after finishing, then the same job run again: one result row, one outbox item.
+    again = replace(job, attempts=2)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE jobs SET state='running', worker='h:2:0' WHERE id={job.id}")
+    assert store.finish_job(again, "h:2:0", [record], [delivery], 1.0)
+    assert len(store.study_results("1.2.3.8")) == 1
+    items = store.outbox_items()
+    assert len(items) == 1
+    store.mark_sent(items[0].id)
+    assert store.job(job.id)["state"] == "sent"  # type: ignore[index]
+
+
+def test_worker_runs_a_study_writes_results_and_queues_them(
+    phantom: dict[str, Any], tmp_path: Path
+) -> None:
+    config = _config(tmp_path)
+    store = _store(tmp_path)
+    study_uid = _index(store, phantom["files"])
+    job_id = store.complete_study(study_uid, time.time())
+    worker = Worker(config, store)
+    assert worker.run_once()
+    job = store.job(job_id)  # type: ignore[arg-type]
+    assert job is not None and job["state"] == "results_ready", job
+    assert job["model"] == "soft-tissue@0.0.1"
+    (result,) = store.study_results(study_uid)
+    sr = hd.sr.srread(result["sr_path"])
+    assert sr.SOPInstanceUID == result["sr_sop_uid"]
+    assert sr.StudyInstanceUID == study_uid
+    (item,) = store.outbox_items()
+    assert item.destination == "PACS" and item.files[0] == result["sr_path"]
+    assert result["seg_path"] in item.files
+    events = [e["event"] for e in store.study_events(study_uid)]
+    assert events == [
+        "complete",
+        "inference_started",
+        "inference_done",
+        "send_queued",
+        "results_ready",
+    ]
+    # The same study updated by late images: version 2 supersedes version 1's report.
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE studies SET state='updated' WHERE study_uid='{study_uid}'")
+    store.complete_study(study_uid, time.time())
+    assert worker.run_once()
+    v1, v2 = store.study_results(study_uid)
+    new = pydicom.dcmread(v2["sr_path"])
+    assert new.SOPInstanceUID != v1["sr_sop_uid"]
+    predecessor = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == v1["sr_sop_uid"]
+
+
+def test_a_study_without_an_eligible_series_is_not_applicable_with_the_reason(
+    phantom: dict[str, Any], tmp_path: Path
+) -> None:
+    config = _config(tmp_path)
+    config.inference.series.min_slices = 500
+    store = _store(tmp_path)
+    study_uid = _index(store, phantom["files"])
+    job_id = store.complete_study(study_uid, time.time())
+    assert Worker(config, store).run_once()
+    job = store.job(job_id)  # type: ignore[arg-type]
+    assert job is not None and job["state"] == "not_applicable"
+    assert "fewer than 500" in job["reason"]
+    assert store.outbox_items() == []
+
+
+def test_priority_rules_by_calling_ae_and_attribute(
+    phantom: dict[str, Any], tmp_path: Path
+) -> None:
+    config = _config(tmp_path)
+    config.pipeline.priority_rules = [
+        {"priority": 10, "calling_ae_titles": ["ER_CT"]},  # type: ignore[list-item]
+        {"priority": 20, "attributes": {"Modality": "^CT$"}, "calling_ae_titles": ["ER_CT"]},  # type: ignore[list-item]
+    ]
+    config = AidxConfig.model_validate(json.loads(config.model_dump_json()))
+    store = _store(tmp_path)
+    routine = _index(store, phantom["files"], calling_ae="WARD")
+    priority = priority_function(config, store)
+    assert priority(routine) == 0
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE studies SET calling_ae='ER_CT'")
+    assert priority(routine) == 20
+
+
+def test_routes_name_unknown_destinations_with_the_fix(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    config.pipeline.routes = [{"name": "chest", "outputs": {"ARCHIVE": ["sr"]}}]  # type: ignore[list-item]
+    config = AidxConfig.model_validate(json.loads(config.model_dump_json()))
+    with pytest.raises(ValueError, match=r"unknown destinations \['ARCHIVE'\]; destinations: PACS"):
+        routes(config)
+
+
+def _insert_study(store: Store, uid: str) -> None:
+    from aidx.schema import patients, studies
+
+    with store.engine.begin() as conn:
+        inserted = conn.execute(
+            patients.insert().values(patient_key=uid, patient_id="X", issuer="")
+        ).inserted_primary_key
+        assert inserted is not None
+        pk = inserted[0]
+        conn.execute(
+            studies.insert().values(
+                study_uid=uid,
+                patient_pk=pk,
+                calling_ae="PACS",
+                state="receiving",
+                version=0,
+                quiet_period_s=1.0,
+                instance_count=1,
+                bytes=1,
+                first_arrival=1000.0,
+                last_arrival=1000.0,
+            )
+        )
