@@ -215,7 +215,7 @@ def _volume_mask(
     last = np.minimum(np.ceil(corners.max(axis=0)).astype(int), np.asarray(shape) - 1)
     mask = np.zeros(shape, dtype=bool)
     if np.any(last < first):
-        return mask
+        return _nearest_voxel(c, pre, volume, mask)
     grid = np.stack(
         np.meshgrid(
             *(np.arange(a, b + 1) for a, b in zip(first, last, strict=True)), indexing="ij"
@@ -228,6 +228,18 @@ def _volume_mask(
     hit = np.zeros(valid.shape, dtype=bool)
     hit[valid] = model[tuple(inside[valid].T)]
     mask[tuple(slice(a, b + 1) for a, b in zip(first, last, strict=True))] = hit
+    return mask if hit.any() else _nearest_voxel(c, pre, volume, mask)
+
+
+def _nearest_voxel(
+    c: _Component, pre: Preprocessed, volume: Volume, mask: NDArray[np.bool_]
+) -> NDArray[np.bool_]:
+    """A component smaller than the series' voxels (a coarse series, e.g. 5 mm slices under a
+    2.5 mm model) covers no series voxel centre: mark the voxel that holds its centre, so that
+    every finding has a segment."""
+    centre = volume.to_index(pre.to_patient(c.centre[None]))[0]
+    voxel = np.clip(np.rint(centre).astype(int), 0, np.asarray(mask.shape) - 1)
+    mask[tuple(voxel)] = True
     return mask
 
 

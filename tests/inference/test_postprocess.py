@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,34 @@ def test_map_of_the_wrong_shape_is_refused(scan: tuple[Volume, Preprocessed]) ->
     volume, pre = scan
     with pytest.raises(PostprocessError, match="pass the runner's output"):
         findings_from_probability(np.zeros((3, 3, 3), np.float32), pre, volume, THRESHOLD)
+
+
+def test_a_component_smaller_than_the_series_voxels_still_gets_a_mask(tmp_path: Path) -> None:
+    """A coarse series (64² over the chest: 5.3 mm pixels) under a finer model grid: tiny
+    components cover no series voxel centre. Each finding still gets a non-empty mask (the voxel
+    holding its centre), so the SEG can be written and the job does not fail."""
+    from aidx.config import load_config
+    from inference.pipeline import infer_files
+    from models.registry import Registry
+    from tests.standin_model import install
+    from training.phantom import NoduleRequest, PhantomOptions, generate
+
+    result = generate(
+        tmp_path / "study",
+        PhantomOptions(
+            seed=101,
+            slices=24,
+            matrix=64,
+            slice_thickness=2.5,
+            nodule_requests=(NoduleRequest(14.0, "solid", "isolated", "smooth"),),
+            workers=1,
+        ),
+    )
+    name = install(tmp_path / "models", tmp_path)
+    model = Registry(tmp_path / "models").resolve(None, name)
+    config = load_config(env={}, overrides={"inference.min_volume_mm3": 50})
+    files = sorted(Path(result.dicom_dir).glob("*.dcm"))
+    out = infer_files(files, tmp_path / "out", config, model)
+    assert out.report.findings
+    assert all(f.mask is not None and f.mask.any() for f in out.report.findings)
+    assert out.seg_path is not None and out.seg_path.exists()
