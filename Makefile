@@ -24,7 +24,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
-	$(VENV)/bin/aidx demo
+	$(VENV)/bin/aidx serve --demo
 
 system-deps:
 	bash scripts/install-system-deps.sh

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--seed", type=int, default=0)
     phantoms.add_argument("--slices", type=int, default=96)
     phantoms.add_argument("--matrix", type=int, default=256)
+    phantoms.add_argument(
+        "--nodules", type=int, help="nodules per case (default: the generator's random count)"
+    )
+    phantoms.add_argument("--min-diameter", type=float, default=3.0, help="mm (default 3)")
+    phantoms.add_argument("--max-diameter", type=float, default=30.0, help="mm (default 30)")
     phantoms.set_defaults(handler=cli_models.dataset_phantoms)
     msd = dataset_sub.add_parser(
         "msd", help="a Medical Segmentation Decathlon task folder (e.g. Task06_Lung)"

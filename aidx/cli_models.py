@@ -146,7 +146,15 @@ def dataset_phantoms(args: argparse.Namespace, config: AidxConfig) -> int:
     from training.phantom import PhantomError
 
     try:
-        path = main_phantoms(args.out, args.cases, args.seed, args.slices, args.matrix)
+        path = main_phantoms(
+            args.out,
+            args.cases,
+            args.seed,
+            args.slices,
+            args.matrix,
+            nodules=args.nodules,
+            diameter_range=(args.min_diameter, args.max_diameter),
+        )
     except (DatasetError, PhantomError) as exc:
         print(f"aidx dataset phantoms: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -63,7 +63,7 @@ def test_training_config_loads() -> None:
 
     config = TrainConfig.load(REPO / "configs" / "train" / "phantom.yaml")
     assert config.patch_size == (32, 64, 64)
-    assert str(config.dataset) == "aidx-data/datasets/phantoms"
+    assert str(config.dataset) == "aidx-data/datasets/phantoms-train"
 
 
 def test_torch_is_installed_so_the_check_above_means_something() -> None:

@@ -116,9 +116,25 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
-def main_phantoms(out: Path, cases: int, seed: int, slices: int, matrix: int) -> Path:
+def main_phantoms(
+    out: Path,
+    cases: int,
+    seed: int,
+    slices: int,
+    matrix: int,
+    nodules: int | None = None,
+    diameter_range: tuple[float, float] = (3.0, 30.0),
+) -> Path:
     """``aidx dataset phantoms OUT --cases N --seed S``: returns the dataset.json path."""
-    phantom_dataset(Path(out), cases, seed, slices=slices, matrix=matrix)
+    phantom_dataset(
+        Path(out),
+        cases,
+        seed,
+        slices=slices,
+        matrix=matrix,
+        nodules=nodules,
+        diameter_range=diameter_range,
+    )
     return Path(out) / "dataset.json"
 
 

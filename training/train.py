@@ -199,7 +199,8 @@ def train(config: TrainConfig, resume: bool = False) -> History:
     if distributed:
         body = torch.nn.parallel.DistributedDataParallel(body)
     optimizer = torch.optim.AdamW(body.parameters(), lr=config.learning_rate)
-    loss_fn = DiceCELoss(sigmoid=True)
+    # Dice over the whole batch: patches without a lesion do not each count as a failed Dice.
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     config.output.mkdir(parents=True, exist_ok=True)

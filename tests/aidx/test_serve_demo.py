@@ -1,0 +1,80 @@
+"""`aidx serve --demo` (what `make run` does): everything starts, the demo study is sent to the
+node, and its result is listed by `aidx status`; /healthz and /metrics answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.peers import LOOPBACK, free_port, poll_until, stop_process
+from tests.standin_model import install
+
+AIDX = [sys.executable, "-m", "aidx"]
+
+
+def test_serve_demo_lists_the_result_and_reports_health(tmp_path: Path) -> None:
+    install(tmp_path / "models", tmp_path)
+    metrics_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    env.update(
+        {
+            "AIDX_DATA_DIR": str(tmp_path / "data"),
+            "AIDX_NODE__PORT": str(free_port()),
+            "AIDX_METRICS__PORT": str(metrics_port),
+            "AIDX_MODELS__DIR": str(tmp_path / "models"),
+            "AIDX_MODELS__DEFAULT": "soft-tissue",
+            "AIDX_INFERENCE__MIN_VOLUME_MM3": "50",
+            "AIDX_DEMO__SLICES": "30",
+            "AIDX_DEMO__MATRIX": "96",
+            "AIDX_DEMO__NODULES": "1",
+        }
+    )
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen(
+        [*AIDX, "serve", "--demo"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # stop_process signals the process group
+    )
+
+    def status() -> list[dict[str, object]]:
+        done = subprocess.run(
+            [*AIDX, "status", "--json"], capture_output=True, text=True, env=env, check=False
+        )
+        if done.returncode != 0:
+            return []
+        studies: list[dict[str, object]] = json.loads(done.stdout)["studies"]
+        return studies
+
+    try:
+        poll_until(
+            lambda: any(s["job_state"] == "results_ready" for s in status()),
+            120,
+            "the demo study's result",
+            process=process,
+            log_path=log,
+        )
+        (study,) = status()
+        assert study["instances"] == 30
+        assert study["calling_ae"] == "AIDX_DEMO"
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/healthz") as r:
+            health = json.loads(r.read())
+        assert health == {
+            "status": "ok",
+            "checks": {"store": True, "dicom_listener": True, "workers": True, "model": True},
+        }
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics") as r:
+            metrics = r.read().decode()
+        assert "aidx_instances_received_total 30.0" in metrics
+        assert 'aidx_jobs{state="results_ready"} 1.0' in metrics
+        text = log.read_text(encoding="utf-8")
+        assert "demo: sent 30 images" in text
+        assert "DEMO^CHEST" not in text  # no patient names in the log
+    finally:
+        stop_process(process)
+    assert process.returncode == 0, log.read_text(encoding="utf-8")[-3000:]
