@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.set_defaults(handler=cli_models.infer)
 
+    from aidx import cli_users  # `aidx users` and `aidx audit`: the review app's accounts
+
+    cli_users.add_parsers(sub)
+
     dataset = sub.add_parser("dataset", help="build training datasets in the canonical format")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", metavar="SOURCE", required=True)
     phantoms = dataset_sub.add_parser("phantoms", help="N synthetic phantom cases")

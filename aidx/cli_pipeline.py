@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from aidx.config import AidxConfig, ConfigError
 from aidx.exit_codes import EXIT_OK, EXIT_USAGE
 
@@ -85,7 +87,7 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
         )
         service.start()
         pool.start()
-    except (NodeStartError, OSError, ValueError) as exc:
+    except (NodeStartError, OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if model_problem:
@@ -172,8 +174,9 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     count = max(config.pipeline.workers, 1)
     try:
         model_problem = _check_pipeline(config)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
         store: Store = Store(config.store_url())
-    except (ConfigError, OSError, ValueError) as exc:
+    except (ConfigError, OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx worker: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if model_problem:

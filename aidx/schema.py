@@ -4,6 +4,8 @@ instances, the study jobs and the export outbox."""
 from __future__ import annotations
 
 from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
     Column,
     Float,
     ForeignKey,
@@ -163,4 +165,53 @@ outbox = Table(
     Column("sent_at", Float),
     UniqueConstraint("destination", "item_key", name="uq_outbox_item"),
     Index("ix_outbox_due", "state", "next_attempt_at"),
+)
+
+# Review-app accounts (issue 7). Passwords are kept only as salted scrypt hashes (ui.accounts).
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("display_name", String(200), nullable=False),
+    Column("organisation", String(200), nullable=False, default=""),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", String(255), nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("language", String(8), nullable=False, default="en"),  # interface language
+    Column("created_at", Float, nullable=False),
+    Column("password_changed_at", Float, nullable=False),
+    Column("failed_logins", Integer, nullable=False, default=0),  # consecutive; reset by a login
+    Column("locked_until", Float),
+    CheckConstraint("role IN ('radiologist', 'engineer', 'admin')", name="ck_users_role"),
+    CheckConstraint("language IN ('en', 'zh')", name="ck_users_language"),
+)
+
+# Review-app sessions: only the SHA-256 of a token is stored, so a copy of the store does not
+# let anyone in.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),  # hex SHA-256 of the token
+    Column("user_id", ForeignKey("users.id"), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),  # absolute lifetime; idle timeout on last_seen
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+# Who did what and when in the review app (append-only: the code has no update or delete).
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("username", String(64), nullable=False),
+    Column("role", String(16)),
+    Column("action", String(40), nullable=False),
+    Column("study_uid", String(64)),
+    Column("detail", Text),  # JSON object
+    Column("client", String(128)),  # the client's address
+    Index("ix_audit_log_at", "at"),
+    Index("ix_audit_log_user_at", "username", "at"),
 )

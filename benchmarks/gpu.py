@@ -1,9 +1,10 @@
 """Everything GPU-related in one call (for a lent GPU machine): which ONNX Runtime providers
-exist, the card's name, and the model time per study with TensorRT, CUDA and CPU on the same
-preprocessed phantom and the same network as benchmarks/inference.py.
+exist, the card's name, the model time per study with TensorRT, CUDA and CPU on the same
+preprocessed phantom and the same network as benchmarks/inference.py, and the training step
+throughput of configs/train/phantom.yaml on the GPU (AMP) against the CPU in the same run.
 
 Target: <= 0.5 s of model time per study with the CUDA or TensorRT provider.
-Usage: python benchmarks/gpu.py [--repeats 5] [--features 8]
+Usage: python benchmarks/gpu.py [--repeats 5] [--features 8] [--train-steps 5]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--features", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=5, help="0 skips the training part")
     args = parser.parse_args()
     available = ort.get_available_providers()
     print(f"GPU: {gpu_name()}")
@@ -91,6 +93,33 @@ def main() -> None:
                     f"  {provider} {mode}: model time median {statistics.median(times):.3f} s "
                     f"(min {min(times):.3f}) on {runner.provider}   target <= 0.5 s on GPU"
                 )
+    if args.train_steps:
+        training_throughput(args.train_steps)
+
+
+def training_throughput(steps: int) -> None:
+    """Samples/s of a training step (configs/train/phantom.yaml) on CUDA and on the CPU."""
+    try:
+        import torch
+
+        from benchmarks.training import step_times
+        from models.networks import build_network as build_train_network
+        from training.train import TrainConfig
+    except ImportError as exc:
+        print(f"training: skipped ({exc}; needs the [train] extra)")
+        return
+    config = TrainConfig.load(_HERE.parent / "configs/train/phantom.yaml")
+    batch = config.batch_size * config.samples_per_case
+    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    rates = {}
+    for name in devices:
+        net = build_train_network(config.network, config.features).to(name)  # type: ignore[arg-type]
+        times = step_times(net.body, batch, config.patch_size, steps, 1, config)
+        rates[name] = batch / statistics.median(times)
+        amp = " (AMP)" if name == "cuda" and config.amp else ""
+        print(f"training {name}{amp}: {rates[name]:.1f} samples/s, patch {config.patch_size}")
+    if "cuda" in rates:
+        print(f"training: GPU {rates['cuda'] / rates['cpu']:.1f}x the CPU in this run")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,20 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.peers import LOOPBACK, free_port, poll_until, stop_process
 from tests.standin_model import install
 
 AIDX = [sys.executable, "-m", "aidx"]
 
 
-def test_serve_demo_lists_the_result_and_reports_health(tmp_path: Path) -> None:
+@pytest.mark.parametrize("separate_worker", [False, True], ids=["in-process", "aidx-worker"])
+def test_serve_demo_lists_the_result_and_reports_health(
+    tmp_path: Path, separate_worker: bool
+) -> None:
+    """In-process workers, or none in `aidx serve` and an `aidx worker` process beside it on
+    the same store (the split a larger site uses)."""
     install(tmp_path / "models", tmp_path)
     metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
@@ -31,6 +38,8 @@ def test_serve_demo_lists_the_result_and_reports_health(tmp_path: Path) -> None:
             "AIDX_DEMO__SLICES": "30",
             "AIDX_DEMO__MATRIX": "96",
             "AIDX_DEMO__NODULES": "1",
+            "AIDX_PIPELINE__WORKERS": "0" if separate_worker else "1",
+            "AIDX_PIPELINE__POLL_INTERVAL_S": "0.2",
         }
     )
     log = tmp_path / "serve.log"
@@ -40,6 +49,17 @@ def test_serve_demo_lists_the_result_and_reports_health(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,  # stop_process signals the process group
+    )
+    worker = (
+        subprocess.Popen(
+            [*AIDX, "worker", "--workers", "1"],
+            stdout=(tmp_path / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        if separate_worker
+        else None
     )
 
     def status() -> list[dict[str, object]]:
@@ -75,6 +95,12 @@ def test_serve_demo_lists_the_result_and_reports_health(tmp_path: Path) -> None:
         text = log.read_text(encoding="utf-8")
         assert "demo: sent 30 images" in text
         assert "DEMO^CHEST" not in text  # no patient names in the log
+        if worker is not None:
+            assert "job 1: results ready" in (tmp_path / "worker.log").read_text("utf-8")
+            assert "job 1: results ready" not in text
     finally:
         stop_process(process)
+        if worker is not None:
+            stop_process(worker)
     assert process.returncode == 0, log.read_text(encoding="utf-8")[-3000:]
+    assert worker is None or worker.returncode == 0

@@ -1,0 +1,605 @@
+"""The review app's image renderer: one axial slice of a series as an RGB picture, with the AI
+result drawn over it.
+
+- The slice is windowed with the linear VOI LUT function of PS3.3 C.11.2.1.2 (Window Center and
+  Window Width), as PACS viewers do, in its stored row and column order.
+- Contours come from the result's DICOM SEG (PS3.3 A.51): each frame is placed on the slice whose
+  SOP Instance UID its Derivation Image Sequence names, and belongs to the finding whose id its
+  segment's Tracking ID (``Nodule {id}``, see ``inference.results_common``) carries. Without a
+  SEG, the findings' in-memory masks serve (a result fresh from ``inference.pipeline``).
+- Boxes come from each finding's ``bbox_mm`` (patient LPS mm), mapped to pixels with the series
+  affine; a box is drawn on every slice its bbox spans, with the finding id beside it.
+
+Everything the pictures need is prepared when the study opens (windowing aside): the SEG frames
+are decoded once and kept as small crops, and each slice's contour pixels are worked out the
+first time the slice is shown, then cached. Torch-free, as the whole serving path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import operator
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from scipy import ndimage
+
+from inference.findings import Finding, FindingsReport
+from inference.volume import Volume, load_series
+
+log = logging.getLogger("aidx.ui.viewer")
+
+
+class WindowLevel(NamedTuple):
+    window: float  # Window Width, HU
+    level: float  # Window Center, HU
+
+
+WINDOW_PRESETS: dict[str, WindowLevel] = {
+    "lung": WindowLevel(1500.0, -600.0),
+    "mediastinum": WindowLevel(350.0, 50.0),
+    "bone": WindowLevel(2000.0, 500.0),
+}
+
+RGB = tuple[int, int, int]
+# One colour per finding, in the order of the findings; saturated, so none reads as grey.
+PALETTE: tuple[RGB, ...] = (
+    (255, 64, 64),
+    (64, 200, 255),
+    (255, 210, 0),
+    (80, 225, 100),
+    (255, 110, 230),
+    (255, 150, 40),
+    (165, 125, 255),
+    (0, 230, 200),
+)
+LABEL_BACKGROUND: RGB = (0, 0, 0)
+BOX_MARGIN = 3  # pixels between a bbox edge and its drawn box: clear of the 2-pixel contour
+CROP_PAD = 2  # pixels kept around each mask crop, room for the contour outside the mask
+SQUARE = np.ones((3, 3), dtype=bool)
+
+
+def window_gray(hu: NDArray[np.floating], window: float, level: float) -> NDArray[np.uint8]:
+    """HU to 8-bit grey with the linear VOI LUT function (PS3.3 C.11.2.1.2.1):
+    ``((x - (c - 0.5)) / (w - 1) + 0.5) * 255``, clipped; ``w`` at least 1."""
+    _check_window(window, level)
+    if window == 1.0:
+        return np.where(hu <= level - 0.5, 0, 255).astype(np.uint8)
+    gain = 255.0 / (window - 1.0)
+    # +0.5 rounds to nearest on the truncating cast (the values are >= 0 after clipping).
+    offset = (0.5 - (level - 0.5) / (window - 1.0)) * 255.0 + 0.5
+    scaled = hu.astype(np.float32, copy=False) * np.float32(gain)
+    scaled += np.float32(offset)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+def _check_window(window: float, level: float) -> None:
+    if not (math.isfinite(window) and math.isfinite(level)) or window < 1.0:
+        raise ValueError(
+            f"window {window} / level {level}: the window must be a number >= 1 HU and the "
+            "level a finite number"
+        )
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One finding's mask on one slice, cropped to its extent plus CROP_PAD."""
+
+    finding_id: int
+    top: int
+    left: int
+    mask: NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class _Outline:
+    """Pixels just outside one finding's mask on one slice: a 1-pixel and a 2-pixel ring."""
+
+    finding_id: int
+    thin: tuple[NDArray[np.intp], NDArray[np.intp]]
+    thick: tuple[NDArray[np.intp], NDArray[np.intp]]
+
+
+@dataclass(frozen=True)
+class _Box:
+    """A finding's bbox in index space: the slices it spans and its pixel rectangle."""
+
+    finding_id: int
+    k0: int
+    k1: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+
+class StudyView:
+    """One series with its AI findings and their contours, rendered slice by slice.
+
+    Safe to share between the app's request threads: rendering reads only, and the contour
+    cache at worst works a slice out twice.
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        findings: Sequence[Finding] = (),
+        seg: hd.seg.Segmentation | None = None,
+        seg_name: str = "SEG",
+    ) -> None:
+        """``findings`` on ``volume``'s series; contours from ``seg`` when given, else from the
+        findings' masks (those without one get a box only). Raises ValueError on a mismatch."""
+        self.volume = volume
+        self.findings = tuple(findings)
+        self._by_id = {f.id: f for f in self.findings}
+        if len(self._by_id) != len(self.findings):
+            raise ValueError("finding ids repeat; each finding needs its own id")
+        self._colour = {f.id: _nth_colour(i) for i, f in enumerate(self.findings)}
+        pieces = (
+            _seg_pieces(seg, volume, self._by_id, seg_name)
+            if seg is not None
+            else _mask_pieces(self.findings, volume)
+        )
+        # Segments of a SEG opened without findings get colours (and ids) too.
+        drawn = {piece.finding_id for slice_pieces in pieces.values() for piece in slice_pieces}
+        for extra in sorted(drawn - self._colour.keys()):
+            self._colour[extra] = _nth_colour(len(self._colour))
+        self._pieces = pieces
+        self._outlines: dict[int, tuple[_Outline, ...]] = {}
+        self._boxes = tuple(_box(f, volume) for f in self.findings)
+        self._labels = {i: _label(str(i)) for i in self._colour}
+
+    @classmethod
+    def open(
+        cls,
+        files_or_dir: Path | str | Sequence[Path | str],
+        findings_json_path: Path | str | None = None,
+        seg_path: Path | str | None = None,
+    ) -> StudyView:
+        """Read a series (its files, or a folder holding them), its ``findings.json`` and its
+        SEG. A folder may hold other series and objects: with findings or a SEG, the series
+        they refer to is picked. Raises ValueError (VolumeError, FindingsError) with the reason.
+        """
+        start = time.perf_counter()
+        report = FindingsReport.read(Path(findings_json_path)) if findings_json_path else None
+        seg = _read_seg(Path(seg_path)) if seg_path else None
+        series_uid = report.series_instance_uid if report else _seg_series(seg, seg_path)
+        volume = load_series(_series_files(files_or_dir, series_uid))
+        if report is not None and report.series_instance_uid != volume.series_uid:
+            raise ValueError(
+                f"{findings_json_path} is for series {report.series_instance_uid}, the images "
+                f"are series {volume.series_uid}"
+            )
+        view = cls(volume, report.findings if report else (), seg, str(seg_path))
+        log.info(
+            "study view opened: series_uid=%s slices=%d findings=%d contour_slices=%d %.2f s",
+            volume.series_uid,
+            len(volume.sop_uids),
+            len(view.findings),
+            len(view._pieces),
+            time.perf_counter() - start,
+        )
+        return view
+
+    # ------------------------------------------------------------------------------ geometry
+    @property
+    def slice_count(self) -> int:
+        return len(self.volume.sop_uids)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of a slice."""
+        return int(self.volume.hu.shape[1]), int(self.volume.hu.shape[2])
+
+    def finding(self, finding_id: int) -> Finding:
+        try:
+            return self._by_id[finding_id]
+        except KeyError:
+            known = ", ".join(str(i) for i in self._by_id) or "none"
+            raise ValueError(f"no finding {finding_id} in this study (findings: {known})") from None
+
+    def colour(self, finding_id: int) -> RGB:
+        """The colour the finding is drawn in (for the findings panel's legend)."""
+        if finding_id not in self._colour:
+            self.finding(finding_id)  # raises, naming the findings
+        return self._colour[finding_id]
+
+    def finding_slice(self, finding_id: int) -> int:
+        """Index of the finding's key slice (its key SOP Instance UID) in the series."""
+        uid = self.finding(finding_id).key_sop_instance_uid
+        try:
+            return self.volume.sop_uids.index(uid)
+        except ValueError:
+            raise ValueError(
+                f"finding {finding_id}: key slice {uid} is not in series {self.volume.series_uid}"
+            ) from None
+
+    def pixel_to_patient(
+        self, slice_index: int, row: float, col: float
+    ) -> tuple[float, float, float]:
+        """Patient position (LPS mm) of a point on a slice; ``row`` and ``col`` may be fractional
+        (pixel centres at integers), as a click on a scaled image gives them."""
+        k = self._slice(slice_index)
+        rows, cols = self.shape
+        if not (-0.5 <= row <= rows - 0.5 and -0.5 <= col <= cols - 0.5):
+            raise ValueError(f"pixel ({row}, {col}) is outside the {rows}x{cols} image")
+        x, y, z = (float(v) for v in self.volume.to_patient((k, row, col)))
+        return (x, y, z)
+
+    def patient_to_pixel(self, point: Sequence[float]) -> tuple[float, float, float]:
+        """Fractional (slice, row, column) of a patient position (LPS mm)."""
+        k, r, c = (float(v) for v in self.volume.to_index(point))
+        return (k, r, c)
+
+    # ------------------------------------------------------------------------------ pictures
+    def render(
+        self,
+        slice_index: int,
+        window: float,
+        level: float,
+        overlays: bool = True,
+        selected_finding: int | None = None,
+    ) -> NDArray[np.uint8]:
+        """The slice as RGB (rows, columns, 3), windowed, with contours, boxes and finding ids
+        (``overlays``); ``selected_finding`` is drawn thicker, with its id inverted."""
+        k = self._slice(slice_index)
+        if selected_finding is not None:
+            self.colour(selected_finding)  # an unknown id raises
+        gray = window_gray(self.volume.hu[k], window, level)
+        rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
+        rgb[...] = gray[..., None]
+        if not overlays:
+            return rgb
+        outlines = self._slice_outlines(k)
+        boxes = [b for b in self._boxes if b.k0 <= k <= b.k1]
+        # The selected finding last, so that it lies on top.
+        order = [i for i in self._colour if i != selected_finding]
+        if selected_finding is not None:
+            order.append(selected_finding)
+        for fid in order:
+            selected = fid == selected_finding
+            colour = self._colour[fid]
+            for outline in outlines:
+                if outline.finding_id == fid:
+                    rgb[outline.thick if selected else outline.thin] = colour
+            for box in boxes:
+                if box.finding_id == fid:
+                    _draw_box(rgb, box, colour, 2 if selected else 1)
+                    _draw_label(rgb, box, self._labels[fid], colour, selected)
+        return rgb
+
+    def render_png(
+        self,
+        slice_index: int,
+        window: float,
+        level: float,
+        overlays: bool = True,
+        selected_finding: int | None = None,
+    ) -> bytes:
+        """:meth:`render` as PNG bytes."""
+        rgb = self.render(slice_index, window, level, overlays, selected_finding)
+        buffer = io.BytesIO()
+        # Fast compression: the picture crosses a local network once; encoding time is latency.
+        Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+    def thumbnail(
+        self,
+        finding_id: int,
+        size: int = 96,
+        window: float = WINDOW_PRESETS["lung"].window,
+        level: float = WINDOW_PRESETS["lung"].level,
+    ) -> NDArray[np.uint8]:
+        """A square RGB (size, size, 3) crop around the finding on its key slice, with its
+        contour; the crop is twice the finding's extent, at least 24 pixels."""
+        if not 8 <= size <= 1024:
+            raise ValueError(f"thumbnail size must be 8..1024 pixels, got {size}")
+        finding = self.finding(finding_id)
+        k = self.finding_slice(finding_id)
+        _, r, c = self.patient_to_pixel(finding.center_mm)
+        box = next(b for b in self._boxes if b.finding_id == finding_id)
+        half = max((box.r1 - box.r0 + 1), (box.c1 - box.c0 + 1), 24 // 2)
+        top, left = round(r) - half, round(c) - half
+        gray = window_gray(self.volume.hu[k], window, level)
+        rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
+        rgb[...] = gray[..., None]
+        for outline in self._slice_outlines(k):
+            if outline.finding_id == finding_id:
+                rgb[outline.thin] = self._colour[finding_id]
+        crop = np.zeros((2 * half + 1, 2 * half + 1, 3), dtype=np.uint8)  # black beyond edges
+        rows, cols = self.shape
+        r0, r1 = max(top, 0), min(top + 2 * half + 1, rows)
+        c0, c1 = max(left, 0), min(left + 2 * half + 1, cols)
+        if r0 < r1 and c0 < c1:
+            crop[r0 - top : r1 - top, c0 - left : c1 - left] = rgb[r0:r1, c0:c1]
+        resized = Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.uint8).copy()
+
+    # ------------------------------------------------------------------------------ internals
+    def _slice(self, slice_index: int) -> int:
+        try:
+            k = operator.index(slice_index)
+        except TypeError:
+            raise ValueError(f"slice index must be an integer, got {slice_index!r}") from None
+        if not 0 <= k < self.slice_count:
+            raise ValueError(
+                f"slice index {k} is outside 0..{self.slice_count - 1} "
+                f"(series {self.volume.series_uid} has {self.slice_count} slices)"
+            )
+        return k
+
+    def _slice_outlines(self, k: int) -> tuple[_Outline, ...]:
+        cached = self._outlines.get(k)
+        if cached is None:
+            cached = tuple(_outline(p, self.shape) for p in self._pieces.get(k, ()))
+            self._outlines[k] = cached
+        return cached
+
+
+# ---------------------------------------------------------------------------------- reading
+def _series_files(
+    files_or_dir: Path | str | Sequence[Path | str], series_uid: str | None
+) -> list[Path]:
+    """The files to load: those given, or a folder's files (those of ``series_uid`` when the
+    findings or the SEG name one; a folder may also hold other series, results and notes)."""
+    if not isinstance(files_or_dir, (str, Path)):
+        return [Path(p) for p in files_or_dir]
+    root = Path(files_or_dir)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder; pass a folder or a list of DICOM files")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if series_uid is None:
+        return files
+    picked = []
+    for path in files:
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (InvalidDicomError, OSError):
+            continue  # not a DICOM file: not part of the series
+        if str(header.get("SeriesInstanceUID", "")) == series_uid:
+            picked.append(path)
+    if not picked:
+        raise ValueError(f"none of the {len(files)} files in {root} belongs to series {series_uid}")
+    return picked
+
+
+def _read_seg(path: Path) -> hd.seg.Segmentation:
+    try:
+        return hd.seg.segread(path)
+    except Exception as exc:  # highdicom raises many kinds; all mean "not a usable SEG"
+        raise ValueError(f"{path}: not a readable DICOM SEG: {exc}") from exc
+
+
+def _seg_series(seg: hd.seg.Segmentation | None, where: Path | str | None) -> str | None:
+    if seg is None:
+        return None
+    series = sorted({str(s) for _, s, _ in seg.get_source_image_uids()})
+    if len(series) != 1:
+        raise ValueError(f"{where}: the SEG must refer to one series, it refers to {len(series)}")
+    return series[0]
+
+
+_TRACKING_ID = re.compile(r"(\d+)\s*$")
+
+
+def _segment_finding_id(
+    seg: hd.seg.Segmentation, number: int, findings: dict[int, Finding], where: str
+) -> int:
+    """The finding a segment draws: the number its Tracking ID (else label) ends with."""
+    description = seg.get_segment_description(number)
+    for text in (description.tracking_id, description.segment_label):
+        match = _TRACKING_ID.search(text or "")
+        if match:
+            fid = int(match.group(1))
+            if findings and fid not in findings:
+                raise ValueError(
+                    f"{where}: segment {number} ({text!r}) names finding {fid}, which the "
+                    "findings do not hold; open the SEG of the same result"
+                )
+            return fid
+    raise ValueError(
+        f"{where}: segment {number} has no Tracking ID naming a finding ('Nodule <id>')"
+    )
+
+
+def _frame_item(seg: hd.seg.Segmentation, n: int, keyword: str) -> Dataset | None:
+    """The first item of functional group ``keyword`` for frame ``n`` (0-based): the frame's
+    own (Per-Frame Functional Groups), else the shared one."""
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence")
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    for group in (per_frame[n] if per_frame else None, shared[0] if shared else None):
+        if group is not None and group.get(keyword):
+            item: Dataset = group[keyword].value[0]
+            return item
+    return None
+
+
+def _seg_pieces(
+    seg: hd.seg.Segmentation, volume: Volume, findings: dict[int, Finding], where: str
+) -> dict[int, list[_Piece]]:
+    """Each frame of the SEG as a crop on the slice its source image is (PS3.3 C.8.20.2 frames,
+    C.7.6.16.2.6 Derivation Image). Frames are decoded one at a time, so memory stays small."""
+    kind = seg.segmentation_type
+    if kind not in (hd.seg.SegmentationTypeValues.BINARY, hd.seg.SegmentationTypeValues.FRACTIONAL):
+        raise ValueError(
+            f"{where}: Segmentation Type {kind.value} is not shown (BINARY, FRACTIONAL)"
+        )
+    if (int(seg.Rows), int(seg.Columns)) != (volume.hu.shape[1], volume.hu.shape[2]):
+        raise ValueError(
+            f"{where}: frames are {seg.Rows}x{seg.Columns}, the series' images "
+            f"{volume.hu.shape[1]}x{volume.hu.shape[2]}"
+        )
+    frame_of_reference = str(seg.get("FrameOfReferenceUID", ""))
+    if frame_of_reference and frame_of_reference != volume.frame_of_reference_uid:
+        raise ValueError(f"{where}: Frame of Reference {frame_of_reference} is not the series'")
+    ids = {n: _segment_finding_id(seg, n, findings, where) for n in seg.segment_numbers}
+    threshold = 1
+    if kind == hd.seg.SegmentationTypeValues.FRACTIONAL:
+        threshold = max(1, math.ceil(int(seg.MaximumFractionalValue) / 2))
+    slice_of = {uid: k for k, uid in enumerate(volume.sop_uids)}
+    tolerance = 0.5 * min(volume.spacing[1:])
+    pieces: dict[int, list[_Piece]] = {}
+    for n in range(int(seg.number_of_frames)):
+        segment = _frame_item(seg, n, "SegmentIdentificationSequence")
+        derivation = _frame_item(seg, n, "DerivationImageSequence")
+        sources = derivation.get("SourceImageSequence", []) if derivation else []
+        if segment is None or not sources:
+            raise ValueError(f"{where}: frame {n + 1} names no segment or no source image")
+        uid = str(sources[0].ReferencedSOPInstanceUID)
+        k = slice_of.get(uid)
+        if k is None:
+            raise ValueError(f"{where}: frame {n + 1} lies on image {uid}, not in the series")
+        position = _frame_item(seg, n, "PlanePositionSequence")
+        if position is not None and "ImagePositionPatient" in position:
+            offset = np.array([float(v) for v in position.ImagePositionPatient])
+            gap = float(np.linalg.norm(offset - volume.to_patient((k, 0, 0))))
+            if gap > tolerance:
+                raise ValueError(
+                    f"{where}: frame {n + 1} lies {gap:.2f} mm from its source image {uid}"
+                )
+        mask = seg.get_stored_frame(n + 1) >= threshold
+        piece = _crop(ids[int(segment.ReferencedSegmentNumber)], mask)
+        if piece is not None:
+            pieces.setdefault(k, []).append(piece)
+    return pieces
+
+
+def _mask_pieces(findings: Sequence[Finding], volume: Volume) -> dict[int, list[_Piece]]:
+    pieces: dict[int, list[_Piece]] = {}
+    for finding in findings:
+        if finding.mask is None:
+            continue
+        if finding.mask.shape != volume.hu.shape:
+            raise ValueError(
+                f"finding {finding.id}: mask shape {finding.mask.shape} is not the series' "
+                f"{volume.hu.shape}"
+            )
+        for k in np.flatnonzero(finding.mask.any(axis=(1, 2))):
+            piece = _crop(finding.id, finding.mask[k])
+            if piece is not None:
+                pieces.setdefault(int(k), []).append(piece)
+    return pieces
+
+
+def _crop(finding_id: int, mask: NDArray[np.bool_]) -> _Piece | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    top, left = max(int(rows[0]) - CROP_PAD, 0), max(int(cols[0]) - CROP_PAD, 0)
+    bottom = min(int(rows[-1]) + CROP_PAD + 1, mask.shape[0])
+    right = min(int(cols[-1]) + CROP_PAD + 1, mask.shape[1])
+    return _Piece(finding_id, top, left, mask[top:bottom, left:right].copy())
+
+
+# ---------------------------------------------------------------------------------- drawing
+def _nth_colour(i: int) -> RGB:
+    """The palette, then saturated hues a golden angle apart: no two neighbours alike."""
+    if i < len(PALETTE):
+        return PALETTE[i]
+    hue = (i * 0.618033988749895) % 1.0
+    r, g, b = (min(max(abs((hue * 6 + s) % 6 - 3) - 1, 0.0), 1.0) for s in (0, 4, 2))
+    return (round(60 + 195 * r), round(60 + 195 * g), round(60 + 195 * b))
+
+
+def _outline(piece: _Piece, shape: tuple[int, int]) -> _Outline:
+    """Rings outside the mask (the lesion's own pixels stay visible), 8-connected dilation."""
+    once = ndimage.binary_dilation(piece.mask, SQUARE)
+    twice = ndimage.binary_dilation(once, SQUARE)
+
+    def pixels(ring: NDArray[np.bool_]) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+        r, c = np.nonzero(ring)
+        return r + piece.top, c + piece.left
+
+    return _Outline(piece.finding_id, pixels(once & ~piece.mask), pixels(twice & ~piece.mask))
+
+
+def _box(finding: Finding, volume: Volume) -> _Box:
+    """The bbox's eight corners in index space; the slices whose centres it holds, and the
+    pixels holding its edges."""
+    lo, hi = finding.bbox_mm
+    corners = np.array(
+        [
+            [(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[m][2]]
+            for i in (0, 1)
+            for j in (0, 1)
+            for m in (0, 1)
+        ]
+    )
+    index = volume.to_index(corners)
+    first, last = index.min(axis=0), index.max(axis=0)
+    eps = 1e-6
+    return _Box(
+        finding.id,
+        math.ceil(first[0] - eps),
+        math.floor(last[0] + eps),
+        math.floor(first[1] + 0.5),
+        math.ceil(last[1] - 0.5),
+        math.floor(first[2] + 0.5),
+        math.ceil(last[2] - 0.5),
+    )
+
+
+def _draw_box(rgb: NDArray[np.uint8], box: _Box, colour: RGB, width: int) -> None:
+    rows, cols = rgb.shape[:2]
+    r0, r1 = box.r0 - BOX_MARGIN, box.r1 + BOX_MARGIN
+    c0, c1 = box.c0 - BOX_MARGIN, box.c1 + BOX_MARGIN
+    if r1 < 0 or c1 < 0 or r0 >= rows or c0 >= cols:
+        return
+    # Edges outside the image are not drawn; the visible part of the box is.
+    cr0, cr1, cc0, cc1 = max(r0, 0), min(r1, rows - 1), max(c0, 0), min(c1, cols - 1)
+    for t in range(width):
+        if 0 <= r0 + t < rows:
+            rgb[r0 + t, cc0 : cc1 + 1] = colour
+        if 0 <= r1 - t < rows:
+            rgb[r1 - t, cc0 : cc1 + 1] = colour
+        if 0 <= c0 + t < cols:
+            rgb[cr0 : cr1 + 1, c0 + t] = colour
+        if 0 <= c1 - t < cols:
+            rgb[cr0 : cr1 + 1, c1 - t] = colour
+
+
+def _draw_label(
+    rgb: NDArray[np.uint8], box: _Box, glyphs: NDArray[np.bool_], colour: RGB, selected: bool
+) -> None:
+    """The finding id on a plate above the box's top-left corner (inside the box when there is
+    no room above); a selected finding's plate is in its colour, with dark text."""
+    rows, cols = rgb.shape[:2]
+    h, w = glyphs.shape[0] + 2, glyphs.shape[1] + 2
+    if h > rows or w > cols:
+        return
+    top = box.r0 - BOX_MARGIN - h
+    if top < 0:
+        top = max(box.r0 - BOX_MARGIN, 0) + 2
+    top = min(top, rows - h)
+    left = min(max(box.c0 - BOX_MARGIN, 0), cols - w)
+    plate = rgb[top : top + h, left : left + w]
+    plate[...] = colour if selected else LABEL_BACKGROUND
+    plate[1:-1, 1:-1][glyphs] = LABEL_BACKGROUND if selected else colour
+
+
+@lru_cache(maxsize=256)
+def _label(text: str) -> NDArray[np.bool_]:
+    """The text as a bitmap in Pillow's built-in font (read-only; shared between views)."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = (int(v) for v in font.getbbox(text))
+    image = Image.new("L", (max(right - left, 1), max(bottom - top, 1)), 0)
+    ImageDraw.Draw(image).text((-left, -top), text, fill=255, font=font)
+    glyphs = np.asarray(image) > 127
+    glyphs.setflags(write=False)
+    return glyphs
