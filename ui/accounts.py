@@ -26,7 +26,7 @@ import secrets
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
@@ -550,6 +550,7 @@ class Accounts:
                     .where(users.c.id == user.id)
                     .values(failed_logins=0, locked_until=None)
                 )
+                user = replace(user, failed_logins=0, locked_until=None)
                 session = self._new_session(conn, user, now)
                 self.audit._insert(conn, user.username, user.role, LOGIN, client=client)
                 return session

@@ -260,7 +260,7 @@ def test_five_failures_lock_the_account_until_the_lock_expires(
     assert locked.failed_logins == 5
     clock.advance(2)
     session = accounts.authenticate("alice", PASSWORD)
-    assert session.user.failed_logins == 5  # as it was when the login began
+    assert (session.user.failed_logins, session.user.locked_until) == (0, None)
     after = accounts.get_user("alice")
     assert after is not None
     assert (after.failed_logins, after.locked_until) == (0, None)
