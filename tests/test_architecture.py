@@ -30,7 +30,17 @@ SERVING = [
     "training.converters",
     "training.froc",
     "training.evaluate",
+    "training.converters_dicom",
+    "aidx.jobs",
+    "aidx.worker",
+    "aidx.routing",
+    "aidx.metrics",
+    "aidx.cli_pipeline",
+    "aidx.cli_status",
+    "aidx.cli_users",
     "ui",
+    "ui.accounts",
+    "ui.viewer",
     "models",
 ]
 

@@ -18,6 +18,7 @@ first time the slice is shown, then cached. Torch-free, as the whole serving pat
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import operator
@@ -69,6 +70,7 @@ PALETTE: tuple[RGB, ...] = (
 )
 LABEL_BACKGROUND: RGB = (0, 0, 0)
 BOX_MARGIN = 3  # pixels between a bbox edge and its drawn box: clear of the 2-pixel contour
+THUMBNAIL_CONTEXT_MM = 40.0  # field of view of a thumbnail around a small finding
 CROP_PAD = 2  # pixels kept around each mask crop, room for the contour outside the mask
 SQUARE = np.ones((3, 3), dtype=bool)
 
@@ -98,21 +100,30 @@ def _check_window(window: float, level: float) -> None:
 
 @dataclass(frozen=True)
 class _Piece:
-    """One finding's mask on one slice, cropped to its extent plus CROP_PAD."""
+    """One finding's mask on one slice, cropped to its extent plus CROP_PAD, bit-packed (a
+    body-sized mask on every slice of a 300-slice series stays a few MB)."""
 
     finding_id: int
     top: int
     left: int
-    mask: NDArray[np.bool_]
+    height: int
+    width: int
+    bits: NDArray[np.uint8]
+
+    @property
+    def mask(self) -> NDArray[np.bool_]:
+        flat = np.unpackbits(self.bits, count=self.height * self.width)
+        return flat.reshape(self.height, self.width).view(np.bool_)
 
 
 @dataclass(frozen=True)
 class _Outline:
-    """Pixels just outside one finding's mask on one slice: a 1-pixel and a 2-pixel ring."""
+    """Pixels just outside one finding's mask on one slice, a 1-pixel and a 2-pixel ring, as
+    indices into the flattened slice."""
 
     finding_id: int
-    thin: tuple[NDArray[np.intp], NDArray[np.intp]]
-    thick: tuple[NDArray[np.intp], NDArray[np.intp]]
+    thin: NDArray[np.int32]
+    thick: NDArray[np.int32]
 
 
 @dataclass(frozen=True)
@@ -178,13 +189,18 @@ class StudyView:
         start = time.perf_counter()
         report = FindingsReport.read(Path(findings_json_path)) if findings_json_path else None
         seg = _read_seg(Path(seg_path)) if seg_path else None
-        series_uid = report.series_instance_uid if report else _seg_series(seg, seg_path)
+        seg_series = _seg_series(seg, seg_path)
+        series_uid = report.series_instance_uid if report else seg_series
         volume = load_series(_series_files(files_or_dir, series_uid))
-        if report is not None and report.series_instance_uid != volume.series_uid:
-            raise ValueError(
-                f"{findings_json_path} is for series {report.series_instance_uid}, the images "
-                f"are series {volume.series_uid}"
-            )
+        named = (
+            (findings_json_path, report and report.series_instance_uid),
+            (seg_path, seg_series),
+        )
+        for path, uid in named:
+            if uid is not None and uid != volume.series_uid:
+                raise ValueError(
+                    f"{path} is for series {uid}, the images are series {volume.series_uid}"
+                )
         view = cls(volume, report.findings if report else (), seg, str(seg_path))
         log.info(
             "study view opened: series_uid=%s slices=%d findings=%d contour_slices=%d %.2f s",
@@ -241,10 +257,19 @@ class StudyView:
         x, y, z = (float(v) for v in self.volume.to_patient((k, row, col)))
         return (x, y, z)
 
-    def patient_to_pixel(self, point: Sequence[float]) -> tuple[float, float, float]:
+    def patient_to_pixel(
+        self, point: Sequence[float] | NDArray[np.floating]
+    ) -> tuple[float, float, float]:
         """Fractional (slice, row, column) of a patient position (LPS mm)."""
         k, r, c = (float(v) for v in self.volume.to_index(point))
         return (k, r, c)
+
+    def findings_on_slice(self, slice_index: int) -> tuple[int, ...]:
+        """Ids of the findings drawn on a slice (a contour there, or a bbox spanning it)."""
+        k = self._slice(slice_index)
+        ids = {p.finding_id for p in self._pieces.get(k, ())}
+        ids.update(b.finding_id for b in self._boxes if b.k0 <= k <= b.k1)
+        return tuple(sorted(ids))
 
     # ------------------------------------------------------------------------------ pictures
     def render(
@@ -261,10 +286,10 @@ class StudyView:
         if selected_finding is not None:
             self.colour(selected_finding)  # an unknown id raises
         gray = window_gray(self.volume.hu[k], window, level)
-        rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
-        rgb[...] = gray[..., None]
+        rgb = np.stack((gray, gray, gray), axis=-1)  # 5x faster than broadcasting
         if not overlays:
             return rgb
+        flat = rgb.reshape(-1, 3)  # a view: contour pixels are flat indices
         outlines = self._slice_outlines(k)
         boxes = [b for b in self._boxes if b.k0 <= k <= b.k1]
         # The selected finding last, so that it lies on top.
@@ -276,7 +301,7 @@ class StudyView:
             colour = self._colour[fid]
             for outline in outlines:
                 if outline.finding_id == fid:
-                    rgb[outline.thick if selected else outline.thin] = colour
+                    flat[outline.thick if selected else outline.thin] = colour
             for box in boxes:
                 if box.finding_id == fid:
                     _draw_box(rgb, box, colour, 2 if selected else 1)
@@ -306,21 +331,22 @@ class StudyView:
         level: float = WINDOW_PRESETS["lung"].level,
     ) -> NDArray[np.uint8]:
         """A square RGB (size, size, 3) crop around the finding on its key slice, with its
-        contour; the crop is twice the finding's extent, at least 24 pixels."""
+        contour; the crop is twice the finding's extent, and at least THUMBNAIL_CONTEXT_MM
+        (and 25 pixels) across, so that a small nodule shows its surroundings."""
         if not 8 <= size <= 1024:
             raise ValueError(f"thumbnail size must be 8..1024 pixels, got {size}")
         finding = self.finding(finding_id)
         k = self.finding_slice(finding_id)
         _, r, c = self.patient_to_pixel(finding.center_mm)
         box = next(b for b in self._boxes if b.finding_id == finding_id)
-        half = max((box.r1 - box.r0 + 1), (box.c1 - box.c0 + 1), 24 // 2)
+        context = math.ceil(THUMBNAIL_CONTEXT_MM / 2 / min(self.volume.spacing[1:]))
+        half = max(box.r1 - box.r0 + 1, box.c1 - box.c0 + 1, context, 12)
         top, left = round(r) - half, round(c) - half
         gray = window_gray(self.volume.hu[k], window, level)
-        rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
-        rgb[...] = gray[..., None]
+        rgb = np.stack((gray, gray, gray), axis=-1)
         for outline in self._slice_outlines(k):
             if outline.finding_id == finding_id:
-                rgb[outline.thin] = self._colour[finding_id]
+                rgb.reshape(-1, 3)[outline.thin] = self._colour[finding_id]
         crop = np.zeros((2 * half + 1, 2 * half + 1, 3), dtype=np.uint8)  # black beyond edges
         rows, cols = self.shape
         r0, r1 = max(top, 0), min(top + 2 * half + 1, rows)
@@ -504,7 +530,8 @@ def _crop(finding_id: int, mask: NDArray[np.bool_]) -> _Piece | None:
     top, left = max(int(rows[0]) - CROP_PAD, 0), max(int(cols[0]) - CROP_PAD, 0)
     bottom = min(int(rows[-1]) + CROP_PAD + 1, mask.shape[0])
     right = min(int(cols[-1]) + CROP_PAD + 1, mask.shape[1])
-    return _Piece(finding_id, top, left, mask[top:bottom, left:right].copy())
+    bits = np.packbits(mask[top:bottom, left:right])
+    return _Piece(finding_id, top, left, bottom - top, right - left, bits)
 
 
 # ---------------------------------------------------------------------------------- drawing
@@ -519,29 +546,22 @@ def _nth_colour(i: int) -> RGB:
 
 def _outline(piece: _Piece, shape: tuple[int, int]) -> _Outline:
     """Rings outside the mask (the lesion's own pixels stay visible), 8-connected dilation."""
-    once = ndimage.binary_dilation(piece.mask, SQUARE)
+    mask = piece.mask
+    once = ndimage.binary_dilation(mask, SQUARE)
     twice = ndimage.binary_dilation(once, SQUARE)
 
-    def pixels(ring: NDArray[np.bool_]) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    def pixels(ring: NDArray[np.bool_]) -> NDArray[np.int32]:
         r, c = np.nonzero(ring)
-        return r + piece.top, c + piece.left
+        return ((r + piece.top) * shape[1] + c + piece.left).astype(np.int32)
 
-    return _Outline(piece.finding_id, pixels(once & ~piece.mask), pixels(twice & ~piece.mask))
+    return _Outline(piece.finding_id, pixels(once & ~mask), pixels(twice & ~mask))
 
 
 def _box(finding: Finding, volume: Volume) -> _Box:
     """The bbox's eight corners in index space; the slices whose centres it holds, and the
     pixels holding its edges."""
     lo, hi = finding.bbox_mm
-    corners = np.array(
-        [
-            [(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[m][2]]
-            for i in (0, 1)
-            for j in (0, 1)
-            for m in (0, 1)
-        ]
-    )
-    index = volume.to_index(corners)
+    index = volume.to_index(np.array(list(itertools.product(*zip(lo, hi, strict=True)))))
     first, last = index.min(axis=0), index.max(axis=0)
     eps = 1e-6
     return _Box(

@@ -131,8 +131,8 @@ def test_key_slice_is_the_findings_key_sop_instance(view: StudyView, study: Stud
     for finding in view.findings:
         k = view.finding_slice(finding.id)
         assert view.volume.sop_uids[k] == finding.key_sop_instance_uid
-    k, _, _ = view.patient_to_pixel(study.nodule.center_mm)
-    assert view.finding_slice(study.nodule.id) == round(k)
+    centre_k, _, _ = view.patient_to_pixel(study.nodule.center_mm)
+    assert view.finding_slice(study.nodule.id) == round(centre_k)
 
 
 def test_key_slice_shows_the_selected_findings_contour_and_box_in_its_colour(
@@ -164,13 +164,14 @@ def test_key_slice_shows_the_selected_findings_contour_and_box_in_its_colour(
     assert r_lo < r < r_hi and c_lo < c < c_hi
     for row, col in ((r_lo, round(c)), (r_hi, round(c)), (round(r), c_lo), (round(r), c_hi)):
         assert np.all(picture[row, col] == colour), (row, col)
-    # Nothing of the finding's colour beyond its box, in a margin around it, but the id label.
-    near = coloured(picture[r_lo - 3 : r_hi + 4, c_lo - 3 : c_hi + 4])
-    inside = np.zeros_like(near)
-    inside[3:-3, 3:-3] = True
-    label_rows = slice(0, 3)  # the label plate sits above the box
-    outside = near & ~inside
-    outside[label_rows] = False
+    # Nothing in the finding's colour (its own) beyond the box, but the id label above it.
+    assert all(
+        view.colour(f.id) != view.colour(nodule.id) for f in view.findings if f.id != nodule.id
+    )
+    near = np.all(picture[r_lo - 3 : r_hi + 4, c_lo - 3 : c_hi + 4] == colour, axis=-1)
+    outside = near.copy()
+    outside[3:-3, 3:-3] = False  # the box and what it holds
+    outside[:3] = False  # the label plate sits on the box's top edge
     assert not outside.any()
 
 
@@ -227,7 +228,8 @@ def test_pixel_to_patient_follows_the_dicom_image_plane(view: StudyView, study: 
     # In the slice plane the centre maps back to itself; across it, onto the key slice.
     np.testing.assert_allclose(point[:2], study.nodule.center_mm[:2], atol=1e-6)
     assert abs(point[2] - study.nodule.center_mm[2]) <= view.volume.spacing[0] / 2
-    np.testing.assert_allclose(view.patient_to_pixel(point), (k, r, c), atol=1e-9)
+    back = np.array(view.patient_to_pixel(point))
+    np.testing.assert_allclose(back, np.array([k, r, c]), atol=1e-9)
     assert np.linalg.norm(point - np.array(study.nodule_center_mm)) < 5.0
     with pytest.raises(ValueError, match="outside the 96x96 image"):
         view.pixel_to_patient(k, 96.0, 10.0)
@@ -294,3 +296,17 @@ def test_a_view_without_findings_shows_the_images(study: Study) -> None:
     assert view.findings == ()
     assert view.volume.sop_uids == load_series(study.files).sop_uids
     assert not coloured(view.render(10, *LUNG)).any()
+
+
+def test_a_seg_alone_draws_its_segments_under_their_tracking_ids(
+    view: StudyView, study: Study
+) -> None:
+    seg_only = StudyView.open(study.files, seg_path=study.root / "out" / "seg.dcm")
+    assert seg_only.findings == ()
+    k = view.finding_slice(study.nodule.id)
+    picture = seg_only.render(k, *LUNG, selected_finding=study.nodule.id)
+    mask = study.nodule.mask
+    assert mask is not None
+    ring = ndimage.binary_dilation(mask[k], np.ones((3, 3), bool), iterations=2) & ~mask[k]
+    assert np.all(picture[ring] == np.array(seg_only.colour(study.nodule.id)))
+    assert study.nodule.id in seg_only.findings_on_slice(k)
