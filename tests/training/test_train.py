@@ -121,3 +121,19 @@ def test_cli_train_export_register(dataset: Path, tmp_path: Path) -> None:
     assert run("models", "promote", "phantom-nodule@0.0.1").returncode == 0
     shown = run("models", "show", "phantom-nodule")
     assert '"synthetic": true' in shown.stdout and '"patch_size"' in shown.stdout
+
+
+def test_positive_patch_centres_are_balanced_per_lesion_not_per_voxel() -> None:
+    import numpy as np
+
+    from training.train import CENTRES_PER_LESION, _lesion_balanced_centres
+
+    label = np.zeros((24, 24, 24), dtype=np.uint8)
+    label[2:4, 2:4, 2:4] = 1  # 8 voxels
+    label[10:20, 10:20, 10:20] = 1  # 1 000 voxels
+    centres = _lesion_balanced_centres(label, np.random.default_rng(0))
+    z = np.unravel_index(centres, label.shape)[0]
+    assert len(centres) == 2 * CENTRES_PER_LESION
+    assert (z < 5).sum() == (z >= 10).sum() == CENTRES_PER_LESION
+    assert label.ravel()[centres].all()
+    assert len(_lesion_balanced_centres(np.zeros((4, 4, 4)), np.random.default_rng(0))) == 0
