@@ -213,6 +213,27 @@ def _report_dataset(dataset: Any, out: Path) -> None:
     )
 
 
+def evaluation_figures(report: dict[str, Any]) -> dict[str, float]:
+    """The figures of a froc.json (``aidx evaluate``) that go into a model card."""
+    figures = {
+        "cpm": float(report["cpm"]),
+        "scans": float(report["n_scans"]),
+        "nodules": float(report["n_nodules"]),
+    }
+    for fp, sensitivity in zip(report["operating_points"], report["sensitivities"], strict=True):
+        figures[f"sensitivity_at_{fp:g}_fp_per_scan"] = float(sensitivity)
+    band_fp = report.get("band_fp_rate")
+    for band in report.get("size_bands", []):
+        high = band["high_mm"]
+        name = f"{band['low_mm']:g}-{high:g}mm" if high is not None else f"{band['low_mm']:g}mm+"
+        if band["sensitivity"] is not None:
+            figures[f"sensitivity_{name}_at_{band_fp:g}_fp_per_scan"] = float(band["sensitivity"])
+    ci = (report.get("bootstrap") or {}).get("cpm_ci")
+    if ci:
+        figures["cpm_ci_low"], figures["cpm_ci_high"] = float(ci[0]), float(ci[1])
+    return figures
+
+
 def evaluate(args: argparse.Namespace, config: AidxConfig) -> int:
     from inference.pipeline import runner_options
     from models.registry import ModelError
@@ -278,8 +299,11 @@ def export(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_USAGE
     evaluation = None
     if args.evaluation is not None:
-        report = json.loads(args.evaluation.read_text(encoding="utf-8"))
-        evaluation = {"cpm": float(report["cpm"])}
+        try:
+            evaluation = evaluation_figures(json.loads(args.evaluation.read_text("utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"aidx export: {args.evaluation}: not a froc.json: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     out = config.data_dir / "exports" / f"{args.name}-{args.version}"
     try:
         onnx_path, card_path, checked = export_checkpoint(

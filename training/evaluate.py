@@ -19,9 +19,12 @@ from inference.volume import Volume
 from models.registry import ModelEntry
 
 from .dataset import Case, Dataset, case_volume
-from .froc import Detection, FrocReport, Nodule, Scan, evaluate, plot_froc
+from .froc import SIZE_BANDS, Detection, FrocReport, Nodule, Scan, evaluate, plot_froc
 
 log = logging.getLogger("aidx.evaluate")
+
+# LUNA16's size bands, and all nodules of 6 mm and more (the default model's target band).
+EVALUATION_BANDS = (*SIZE_BANDS, (6.0, 100.0))
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def evaluate_model(
             )
         )
         log.info("evaluated case %s: %d detections", case.id, len(findings))
-    report = evaluate(scans, bootstrap=bootstrap)
+    report = evaluate(scans, size_bands=EVALUATION_BANDS, bootstrap=bootstrap)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "froc.json", out_dir / "froc.png"
     report.write(json_path)

@@ -62,3 +62,22 @@ def test_dataset_then_evaluate(tmp_path: Path) -> None:
         assert png.size[0] > 100
     missing = run("evaluate", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 1 and "aidx evaluate:" in missing.stderr
+
+
+def test_card_figures_from_a_froc_report() -> None:
+    from aidx.cli_models import evaluation_figures
+    from training.evaluate import EVALUATION_BANDS
+    from training.froc import Detection, Nodule, Scan
+    from training.froc import evaluate as froc
+
+    scans = [
+        Scan("a", (Nodule((0, 0, 0), 8.0), Nodule((50, 0, 0), 4.0)), (Detection((0, 0, 0), 0.9),)),
+        Scan("b", (Nodule((0, 0, 0), 12.0),), (Detection((90, 0, 0), 0.8),)),
+    ]
+    report = froc(scans, size_bands=EVALUATION_BANDS, bootstrap=20)
+    figures = evaluation_figures(report.to_json())
+    assert figures["cpm"] == report.cpm
+    assert figures["scans"] == 2 and figures["nodules"] == 3
+    assert figures["sensitivity_at_1_fp_per_scan"] == report.sensitivities[3]
+    assert figures["sensitivity_6-100mm_at_1_fp_per_scan"] == 0.5  # 8 mm found, 12 mm missed
+    assert figures["cpm_ci_low"] <= report.cpm <= figures["cpm_ci_high"]
