@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     export_cmd.add_argument("--name", required=True)
     export_cmd.add_argument("--version", required=True)
     export_cmd.add_argument("--evaluation", type=Path, help="froc.json to put in the card")
+    export_cmd.add_argument(
+        "--operating-fp-rate",
+        type=float,
+        default=1.0,
+        help="with --evaluation: the card's threshold is the FROC point with at most this many "
+        "false positives per scan (default 1)",
+    )
     export_cmd.set_defaults(handler=cli_models.export)
 
     models = sub.add_parser("models", help="list, show, register, promote or roll back models")

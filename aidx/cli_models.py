@@ -234,6 +234,18 @@ def evaluation_figures(report: dict[str, Any]) -> dict[str, float]:
     return figures
 
 
+def operating_point(report: dict[str, Any], fp_rate: float) -> tuple[float, float]:
+    """The lowest threshold of the FROC curve with at most ``fp_rate`` false positives per scan
+    (or the curve's strictest point when even that has more), and its FP rate."""
+    curve = report["curve"]
+    points = list(zip(curve["fps"], curve["thresholds"], strict=True))
+    if not points:
+        raise ValueError("the FROC curve is empty")
+    within = [(fp, t) for fp, t in points if fp <= fp_rate]
+    fp, threshold = within[-1] if within else points[0]
+    return float(min(max(threshold, 1e-6), 1.0 - 1e-7)), float(fp)
+
+
 def evaluate(args: argparse.Namespace, config: AidxConfig) -> int:
     from inference.pipeline import runner_options
     from models.registry import ModelError
@@ -298,12 +310,17 @@ def export(args: argparse.Namespace, config: AidxConfig) -> int:
         )
         return EXIT_USAGE
     evaluation = None
+    threshold = 0.5
     if args.evaluation is not None:
         try:
-            evaluation = evaluation_figures(json.loads(args.evaluation.read_text("utf-8")))
+            froc = json.loads(args.evaluation.read_text("utf-8"))
+            evaluation = evaluation_figures(froc)
+            threshold, fp_rate = operating_point(froc, args.operating_fp_rate)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"aidx export: {args.evaluation}: not a froc.json: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        evaluation["operating_fp_per_scan"] = fp_rate
+        print(f"operating threshold {threshold:.6g}: {fp_rate:g} false positives per scan")
     out = config.data_dir / "exports" / f"{args.name}-{args.version}"
     try:
         onnx_path, card_path, checked = export_checkpoint(
@@ -312,7 +329,8 @@ def export(args: argparse.Namespace, config: AidxConfig) -> int:
             args.version,
             out,
             evaluation,
-            command=" ".join(sys.argv),
+            command=" ".join(["aidx", *sys.argv[1:]]),
+            operating_threshold=threshold,
         )
         entry = _registry(config).register(onnx_path, card_path)
     except (ExportError, ModelError, OSError, KeyError) as exc:

@@ -111,6 +111,7 @@ def export_checkpoint(
     out_dir: Path,
     evaluation: dict[str, float] | None = None,
     command: str = "",
+    operating_threshold: float = 0.5,
 ) -> tuple[Path, Path, ExportReport]:
     """Export a training checkpoint (``best.pt``) to ``out_dir/model.onnx`` with its card."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -140,12 +141,19 @@ def export_checkpoint(
             },
             "output": {
                 "tensor": {"name": OUTPUT_NAME, "shape": dims},
-                "operating_threshold": 0.5,
+                "operating_threshold": operating_threshold,
             },
             "training": {
                 "data": data_summary,
                 "synthetic": synthetic,
-                "command": command or f"aidx train --config <config for {config['output']}>",
+                "command": "; then ".join(
+                    c
+                    for c in (
+                        state.get("command") or f"aidx train (output {config['output']})",
+                        command,
+                    )
+                    if c
+                ),
             },
             "evaluation": evaluation or {},
             "sha256": report.sha256,

@@ -172,7 +172,7 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, resume: bool = False) -> History:
+def train(config: TrainConfig, resume: bool = False, command: str = "") -> History:
     """Train; returns the loss and validation history. Writes checkpoints, the best model's
     weights and ``curves.png`` into ``config.output``."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -276,7 +276,7 @@ def train(config: TrainConfig, resume: bool = False) -> History:
             if dice > history.best_cpm:
                 history.best_cpm, history.best_epoch, stale = dice, epoch, 0
                 if rank == 0:
-                    torch.save(_export_state(net, config), config.output / "best.pt")
+                    torch.save(_export_state(net, config, command), config.output / "best.pt")
             else:
                 stale += 1
         if rank == 0:
@@ -295,7 +295,7 @@ def train(config: TrainConfig, resume: bool = False) -> History:
             break
     if rank == 0:
         if not val_items:
-            torch.save(_export_state(net, config), config.output / "best.pt")
+            torch.save(_export_state(net, config, command), config.output / "best.pt")
         plot_curves(history, config.output / "curves.png")
     if distributed:
         torch.distributed.destroy_process_group()
@@ -310,8 +310,9 @@ def _prior_bias(net: ProbabilityNet, prior: float) -> None:
         torch.nn.init.constant_(last.bias, float(np.log(prior / (1.0 - prior))))
 
 
-def _export_state(net: ProbabilityNet, config: TrainConfig) -> dict[str, Any]:
+def _export_state(net: ProbabilityNet, config: TrainConfig, command: str = "") -> dict[str, Any]:
     return {
+        "command": command,  # how it was trained (the model card says so)
         "network": config.network,
         "features": config.features,
         "network_state": net.state_dict(),
@@ -385,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    history = train(TrainConfig.load(args.config), resume=args.resume)
+    history = train(
+        TrainConfig.load(args.config),
+        resume=args.resume,
+        command=f"aidx train --config {args.config}",
+    )
     print(json.dumps({"epochs": len(history.epochs), "best_cpm": history.best_cpm}))
     return 0
 
