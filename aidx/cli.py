@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override node.port")
     serve.add_argument("--workers", type=int, help="override pipeline.workers")
     serve.add_argument(
+        "--metrics-port", type=int, help="override metrics.port (0 turns /metrics off)"
+    )
+    serve.add_argument(
         "--demo",
         action="store_true",
         help="also write the demo study and send it to this node (what `make run` does)",
@@ -280,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("host", "node.host"),
         ("port", "node.port"),
         ("workers", "pipeline.workers"),
+        ("metrics_port", "metrics.port"),
     ):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)

@@ -68,11 +68,18 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name=f"aidx-{self.name}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop taking jobs. A job still running after ``timeout`` is left as it is: the thread
+        is a daemon, and the job (its worker process gone) is taken again at the next start."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive() and self.current_job is not None:
+                log.info(
+                    "job %d still running at shutdown; it will be run again at the next start",
+                    self.current_job,
+                )
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

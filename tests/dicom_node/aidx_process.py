@@ -86,6 +86,9 @@ class AidxSetup:
             },
             "destinations": {k: dict(v) for k, v in (destinations or {}).items()},
             "outbox": dict(outbox or {}),
+            # Node tests run no inference workers (tests/pipeline runs the whole pipeline).
+            "pipeline": {"workers": 0},
+            "metrics": {"port": 0},
         }
         root.mkdir(parents=True, exist_ok=True)
         path = root / "aidx.yaml"

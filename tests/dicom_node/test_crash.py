@@ -43,7 +43,11 @@ class NodeProcess:
         self.data_dir = data_dir
         self.port = port
         self.log_path = log_path
-        command = [str(AIDX), "--data-dir", str(data_dir), "serve", "--port", str(port)]
+        # No inference workers: this tests the node (the pipeline tests run workers).
+        command = [
+            *(str(AIDX), "--data-dir", str(data_dir), "serve", "--port", str(port)),
+            *("--workers", "0", "--metrics-port", "0"),
+        ]
         self.process = start_process(command, log_path)
         poll_until(
             lambda: echoscu(LOOPBACK, port, called_aet=NODE_AET).returncode == 0,
