@@ -22,7 +22,8 @@ from aidx.exit_codes import EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     from aidx.store import Store
-    from ui.accounts import AuditEntry, User
+    from ui.accounts import User
+    from ui.audit import AuditEntry
 
 # The same as ui.accounts.ROLES and LANGUAGES (a test keeps them equal): the parser is built for
 # every command, and must not import the review app to be built.
@@ -183,7 +184,8 @@ def users_passwd(args: argparse.Namespace, config: AidxConfig) -> int:
 
 def users_list(args: argparse.Namespace, config: AidxConfig) -> int:
     del args
-    from ui.accounts import Accounts, format_time
+    from ui.accounts import Accounts
+    from ui.audit import format_time
 
     try:
         store = _open_store(config)
@@ -224,7 +226,7 @@ def _state(user: User, now: float) -> str:
 
 # ------------------------------------------------------------------------------------ audit
 def audit_export(args: argparse.Namespace, config: AidxConfig) -> int:
-    from ui.accounts import Audit
+    from ui.audit import Audit
 
     try:
         store = _open_store(config)
@@ -243,7 +245,7 @@ def audit_export(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def audit_list(args: argparse.Namespace, config: AidxConfig) -> int:
-    from ui.accounts import Audit
+    from ui.audit import Audit
 
     if args.limit < 1:
         return _fail("audit list", f"--limit must be at least 1, not {args.limit}")
@@ -270,7 +272,7 @@ def audit_list(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def _entry_row(e: AuditEntry) -> tuple[str, ...]:
-    from ui.accounts import format_time
+    from ui.audit import format_time
 
     detail = ", ".join(f"{k}={v}" for k, v in e.detail.items())
     return (

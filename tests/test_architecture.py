@@ -40,6 +40,7 @@ SERVING = [
     "aidx.cli_users",
     "ui",
     "ui.accounts",
+    "ui.audit",
     "ui.viewer",
     "models",
 ]

@@ -20,7 +20,6 @@ from aidx.store import Store
 from ui.accounts import (
     ADMIN,
     AUTH_FAILED_MESSAGE,
-    CSV_COLUMNS,
     ENGINEER,
     LOCKOUT_MAX_S,
     RADIOLOGIST,
@@ -28,7 +27,6 @@ from ui.accounts import (
     SESSION_MAX_AGE_S,
     AccountError,
     Accounts,
-    Audit,
     AuthError,
     PasswordPolicyError,
     PermissionDenied,
@@ -38,6 +36,7 @@ from ui.accounts import (
     require_role,
     verify_password,
 )
+from ui.audit import CSV_COLUMNS, Audit
 
 PASSWORD = "correct horse battery"
 T0 = 1_750_000_000.0

@@ -14,7 +14,8 @@ from aidx import cli_users
 from aidx.cli import main
 from aidx.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.store import Store
-from ui.accounts import AUTH_FAILED_MESSAGE, CSV_COLUMNS, Accounts, AuthError
+from ui.accounts import AUTH_FAILED_MESSAGE, Accounts, AuthError
+from ui.audit import CSV_COLUMNS
 
 PASSWORD = "correct horse battery"
 Run = Callable[..., tuple[int, str, str]]
