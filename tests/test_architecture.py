@@ -42,6 +42,7 @@ SERVING = [
     "ui.accounts",
     "ui.audit",
     "ui.viewer",
+    "ui.overlays",
     "models",
 ]
 
