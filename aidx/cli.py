@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     phantoms.add_argument("--min-diameter", type=float, default=3.0, help="mm (default 3)")
     phantoms.add_argument("--max-diameter", type=float, default=30.0, help="mm (default 30)")
+    phantoms.add_argument(
+        "--workers", type=int, default=1, help="processes generating cases (default 1)"
+    )
     phantoms.set_defaults(handler=cli_models.dataset_phantoms)
     msd = dataset_sub.add_parser(
         "msd", help="a Medical Segmentation Decathlon task folder (e.g. Task06_Lung)"

@@ -154,6 +154,7 @@ def dataset_phantoms(args: argparse.Namespace, config: AidxConfig) -> int:
             args.matrix,
             nodules=args.nodules,
             diameter_range=(args.min_diameter, args.max_diameter),
+            workers=args.workers,
         )
     except (DatasetError, PhantomError) as exc:
         print(f"aidx dataset phantoms: {exc}", file=sys.stderr)

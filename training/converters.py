@@ -20,6 +20,7 @@ import json
 import math
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,12 @@ def phantom_dataset(
     nodules: int | None = None,
     diameter_range: tuple[float, float] = (3.0, 30.0),
     work: Path | None = None,
+    workers: int = 1,
 ) -> Dataset:
     """Generate ``cases`` phantom studies (seeds seed, seed+1, ...) and convert them into the
     canonical dataset at ``out``. The DICOM studies are kept under ``work`` (default
-    ``out/sources/phantoms``)."""
+    ``out/sources/phantoms``). ``workers`` > 1 generates cases in that many processes (each
+    case depends on its seed alone, so the dataset is the same)."""
     out = Path(out)
     if cases < 1:
         raise DatasetError(f"cases must be at least 1, got {cases}")
@@ -59,21 +62,38 @@ def phantom_dataset(
         description=f"{cases} synthetic chest-CT phantoms (seed {seed}); not patient data",
         root=out,
     )
-    for n in range(cases):
-        case_seed = seed + n
-        study = work / f"phantom-{case_seed}"
-        options = PhantomOptions(
-            slices=slices,
-            matrix=matrix,
-            seed=case_seed,
-            nodules=nodules,
-            diameter_range=diameter_range,
-            write_mask=True,
-        )
-        generate(study, options, overwrite=True)
-        dataset.cases.append(convert_phantom(study, out, f"phantom-{case_seed}"))
+    jobs = [
+        (work / f"phantom-{seed + n}", out, seed + n, slices, matrix, nodules, diameter_range)
+        for n in range(cases)
+    ]
+    if workers > 1 and cases > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, cases)) as pool:
+            dataset.cases.extend(pool.map(_phantom_case, *zip(*jobs, strict=True)))
+    else:
+        dataset.cases.extend(_phantom_case(*job) for job in jobs)
     dataset.write(out)
     return dataset
+
+
+def _phantom_case(
+    study: Path,
+    out: Path,
+    case_seed: int,
+    slices: int,
+    matrix: int,
+    nodules: int | None,
+    diameter_range: tuple[float, float],
+) -> Case:
+    options = PhantomOptions(
+        slices=slices,
+        matrix=matrix,
+        seed=case_seed,
+        nodules=nodules,
+        diameter_range=diameter_range,
+        write_mask=True,
+    )
+    generate(study, options, overwrite=True)
+    return convert_phantom(study, out, f"phantom-{case_seed}")
 
 
 def convert_phantom(study: Path, out: Path, case_id: str) -> Case:
@@ -124,6 +144,7 @@ def main_phantoms(
     matrix: int,
     nodules: int | None = None,
     diameter_range: tuple[float, float] = (3.0, 30.0),
+    workers: int = 1,
 ) -> Path:
     """``aidx dataset phantoms OUT --cases N --seed S``: returns the dataset.json path."""
     phantom_dataset(
@@ -134,6 +155,7 @@ def main_phantoms(
         matrix=matrix,
         nodules=nodules,
         diameter_range=diameter_range,
+        workers=workers,
     )
     return Path(out) / "dataset.json"
 

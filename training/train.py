@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,8 @@ from inference.preprocess import Preprocessed, PreprocessSpec, preprocess
 from inference.volume import Volume
 from models.networks import ProbabilityNet, build_network
 
+from .dataset import Case, case_label
 from .dataset import Dataset as CanonicalDataset
-from .dataset import case_label
 from .evaluate import case_as_volume
 from .froc import Detection, Nodule, Scan
 from .froc import evaluate as froc_evaluate
@@ -82,6 +83,12 @@ class TrainConfig(BaseModel):
     seed: int = 0
     amp: bool = True  # used on GPU only
     progress: bool = True  # progress bar per epoch (on a terminal)
+    # Processes preparing cases and drawing patches (0: in the training process). On a GPU the
+    # patch sampling is the bottleneck without them.
+    num_workers: int = Field(default=0, ge=0)
+    # Stop after the epoch during which this many minutes of training have passed (validated
+    # then, so the best model is kept); None: no limit. Makes a run fit a session or a lease.
+    time_limit_minutes: float | None = Field(default=None, gt=0)
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
@@ -122,30 +129,35 @@ def prepare_cases(config: TrainConfig) -> list[PreparedCase]:
     dataset = CanonicalDataset.load(config.dataset)
     spec = PreprocessSpec(config.spacing_mm, config.hu_window)
     rng = np.random.default_rng(config.seed)
-    items = []
-    for case in dataset.cases:
-        volume = case_as_volume(case, config.dataset)
-        pre = preprocess(volume, spec)
-        loaded = case_label(case, config.dataset)
-        if loaded is None:
-            raise ValueError(f"case {case.id!r} has no label; training needs lesion masks")
-        label = loaded[0]
-        zoom = np.asarray(pre.array.shape) / np.asarray(label.shape)
-        resampled = ndimage.zoom((label > 0).astype(np.uint8), zoom, order=0, grid_mode=False)
-        if resampled.shape != pre.array.shape:
-            raise ValueError(f"case {case.id!r}: label grid {resampled.shape} != {pre.array.shape}")
-        flat = resampled.ravel()
-        item = {
-            "image": pre.array[None].astype(np.float32),
-            "label": resampled[None].astype(np.float32),
-            # Patch centres, computed once (MONAI would otherwise scan the volume per draw).
-            "fg": _lesion_balanced_centres(resampled, rng),
-            # Background centres are thinned: any of them is as good as its neighbours.
-            "bg": np.flatnonzero(flat == 0)[::BACKGROUND_STRIDE],
-        }
-        nodules = tuple(Nodule(les.center_mm, les.diameter_mm) for les in case.lesions)
-        items.append(PreparedCase(item, pre, volume, nodules))
-    return items
+    jobs = [(case, config.dataset, spec, int(rng.integers(2**31))) for case in dataset.cases]
+    if config.num_workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(config.num_workers, len(jobs))) as pool:
+            return list(pool.map(_prepare_case, *zip(*jobs, strict=True)))
+    return [_prepare_case(*job) for job in jobs]
+
+
+def _prepare_case(case: Case, root: Path, spec: PreprocessSpec, seed: int) -> PreparedCase:
+    volume = case_as_volume(case, root)
+    pre = preprocess(volume, spec)
+    loaded = case_label(case, root)
+    if loaded is None:
+        raise ValueError(f"case {case.id!r} has no label; training needs lesion masks")
+    label = loaded[0]
+    zoom = np.asarray(pre.array.shape) / np.asarray(label.shape)
+    resampled = ndimage.zoom((label > 0).astype(np.uint8), zoom, order=0, grid_mode=False)
+    if resampled.shape != pre.array.shape:
+        raise ValueError(f"case {case.id!r}: label grid {resampled.shape} != {pre.array.shape}")
+    flat = resampled.ravel()
+    item = {
+        "image": pre.array[None].astype(np.float32),
+        "label": resampled[None].astype(np.float32),
+        # Patch centres, computed once (MONAI would otherwise scan the volume per draw).
+        "fg": _lesion_balanced_centres(resampled, np.random.default_rng(seed)),
+        # Background centres are thinned: any of them is as good as its neighbours.
+        "bg": np.flatnonzero(flat == 0)[::BACKGROUND_STRIDE],
+    }
+    nodules = tuple(Nodule(les.center_mm, les.diameter_mm) for les in case.lesions)
+    return PreparedCase(item, pre, volume, nodules)
 
 
 def _lesion_balanced_centres(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -212,7 +224,10 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
         Dataset([c.item for c in train_items], transforms),
         batch_size=config.batch_size,
         shuffle=True,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
     )
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     net: ProbabilityNet = build_network(config.network, config.features).to(device)  # type: ignore[arg-type]
     _prior_bias(net, config.prior_probability)
     body: torch.nn.Module = net.body
@@ -236,6 +251,7 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
         start_epoch = int(state["epoch"]) + 1
         log.info("resumed from epoch %d", start_epoch - 1)
     stale = 0
+    training_started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         body.train()
         losses = []
@@ -267,7 +283,10 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
                 history.train_loss[-1],
                 time.perf_counter() - started,
             )
-        if val_items and epoch % config.validate_every == 0:
+        out_of_time = config.time_limit_minutes is not None and (
+            time.perf_counter() - training_started > 60 * config.time_limit_minutes
+        )
+        if val_items and (epoch % config.validate_every == 0 or out_of_time):
             dice = _validate(net, val_items, config, device)
             if rank == 0:
                 log.info("epoch %d: validation CPM %.3f", epoch, dice)
@@ -290,6 +309,9 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
                 },
                 checkpoint_path,
             )
+        if out_of_time:
+            log.info("time limit (%s min) reached at epoch %d", config.time_limit_minutes, epoch)
+            break
         if stale >= config.early_stopping_patience:
             log.info("early stop at epoch %d (best %d)", epoch, history.best_epoch)
             break

@@ -61,6 +61,36 @@ def test_train_checkpoints_curves_and_resume(dataset: Path, tmp_path: Path) -> N
     assert resumed.epochs == [1, 2, 3]
 
 
+def test_workers_and_a_time_limit_stop_with_a_validated_best_model(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """Workers prepare cases and draw patches; a tiny time limit stops after the first epoch,
+    which is validated then (not only every validate_every epochs), so best.pt exists."""
+    config = TrainConfig.load(
+        config_file(
+            tmp_path,
+            dataset,
+            epochs=50,
+            validate_every=40,
+            num_workers=2,
+            time_limit_minutes=1e-6,
+        )
+    )
+    history = train(config)
+    assert history.epochs == [1] and history.val_epochs == [1]
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_parallel_phantom_generation_gives_the_same_dataset(tmp_path: Path) -> None:
+    from training.dataset import Dataset
+
+    one = phantom_dataset(tmp_path / "a", 2, seed=7, slices=16, matrix=64, nodules=1)
+    two = phantom_dataset(tmp_path / "b", 2, seed=7, slices=16, matrix=64, nodules=1, workers=2)
+    assert [c.id for c in one.cases] == [c.id for c in two.cases]
+    loaded = Dataset.load(tmp_path / "b")
+    assert [c.lesions for c in loaded.cases] == [c.lesions for c in one.cases]
+
+
 def test_bad_training_config_names_the_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("dataset: x\noutput: y\nepochz: 3\n", encoding="utf-8")

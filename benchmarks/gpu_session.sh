@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything for a lent GPU machine in one call (device tool, `carry: [".whl"]`):
+#   1. installs the wheels the machine lacks (monai, nibabel, pydantic, pydicom; see
+#      docs/models/lung-nodule.md for the download command),
+#   2. benchmarks/gpu.py (providers, model time per study, training throughput GPU vs CPU),
+#   3. the training set (configs/train/phantom-gpu.yaml: 120 phantoms, 16 processes) and the
+#      GPU training run (wall-clock limit in the config),
+#   4. copies the log, best.pt and the curves to $OUT (or ./gpu-out without $OUT).
+# Usage: bash benchmarks/gpu_session.sh [train|bench|all]   (default all)
+set -uo pipefail
+what=${1:-all}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  timeout 150 python3 benchmarks/gpu.py --repeats 5 --train-steps 5 2>&1 | tee "$out/gpu-bench.log"
+fi
+if [ "$what" = all ] || [ "$what" = train ]; then
+  start=$(date +%s)
+  python3 - <<'PY' 2>&1 | tee "$out/dataset.log"
+from pathlib import Path
+from training.converters import main_phantoms
+main_phantoms(Path("aidx-data/datasets/phantoms-train-120"), 120, 1, 96, 256, nodules=6,
+              diameter_range=(4.0, 30.0), workers=16)
+print("dataset ready")
+PY
+  echo "dataset: $(( $(date +%s) - start )) s"
+  python3 -m training.train --config configs/train/phantom-gpu.yaml 2>&1 | tee "$out/train.log" \
+    | grep -v "epoch [0-9]*/[0-9]*: loss" || true
+  grep "epoch [0-9]*/[0-9]*: loss" "$out/train.log" | tail -3
+  cp aidx-data/runs/phantom-gpu/best.pt aidx-data/runs/phantom-gpu/curves.png "$out/" || true
+  echo "training total: $(( $(date +%s) - start )) s"
+fi
