@@ -215,3 +215,45 @@ audit_log = Table(
     Index("ix_audit_log_at", "at"),
     Index("ix_audit_log_user_at", "username", "at"),
 )
+
+# Radiologist review of one AI result (issue 7): new -> in_review -> signed; re-opening a signed
+# review for an amendment puts it back in_review (sign_count says how many signed SRs exist).
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("result_id", ForeignKey("results.id"), nullable=False, unique=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("opened_at", Float),  # first opened by a reviewer
+    Column("updated_at", Float, nullable=False),
+    Column("signed_by", String(64)),
+    Column("signed_at", Float),
+    Column("signed_sr_uid", String(64)),  # the latest signed SR
+    Column("signed_sr_path", Text),
+    Column("sign_count", Integer, nullable=False, default=0),
+    CheckConstraint("state IN ('new', 'in_review', 'signed')", name="ck_reviews_state"),
+)
+
+# Every decision on a finding (append-only; the latest row per (review, finding_key) counts).
+# finding_key: "ai-<finding id>" for the model's findings, "added-<n>" for a radiologist's.
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("review_id", ForeignKey("reviews.id"), nullable=False, index=True),
+    Column("finding_key", String(24), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("reason", Text),
+    Column("diameter_mm", Float),
+    Column("center_x", Float),
+    Column("center_y", Float),
+    Column("center_z", Float),
+    Column("username", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("at", Float, nullable=False),
+    CheckConstraint(
+        "action IN ('accept', 'reject', 'edit', 'add', 'remove', 'reset')", name="ck_decisions"
+    ),
+)

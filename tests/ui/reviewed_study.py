@@ -1,0 +1,95 @@
+"""A study with a real AI result in a store, ready to review (for the review-app tests): a small
+phantom indexed as the node would, run by a worker with the stand-in ONNX model (which flags
+soft tissue, so it reports a few findings), results and outbox items written."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from aidx.config import AidxConfig, load_config
+from aidx.store import Store
+from aidx.worker import Worker
+from dicom_node.parse import read_file
+from tests.standin_model import install
+from training.phantom import NoduleRequest, PhantomOptions, generate
+from ui.accounts import Accounts, User
+from ui.review import Reviews
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class ReviewedStudy:
+    config: AidxConfig
+    store: Store
+    study_uid: str
+    files: list[Path]
+    reviews: Reviews
+    accounts: Accounts
+    radiologist: User
+    admin: User
+    engineer: User
+
+    def review_id(self) -> int:
+        (row,) = [w for w in self.reviews.worklist() if w.study_uid == self.study_uid]
+        return row.review_id
+
+
+def make_config(root: Path) -> AidxConfig:
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    install(models, root)
+    config = load_config(
+        env={},
+        overrides={
+            "data_dir": str(root / "data"),
+            "models.dir": str(models),
+            "models.default": "soft-tissue",
+            "inference.min_volume_mm3": 50,
+        },
+    )
+    config.destinations = {"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}}  # type: ignore[dict-item]
+    return config
+
+
+def reviewed_study(root: Path, seed: int = 5) -> ReviewedStudy:
+    """Generate, index and run one phantom study under ``root``; users radiologist ``rad``
+    (display name ``Smith^Anna``), ``admin`` and ``eng``, all with password PASSWORD."""
+    config = make_config(root)
+    phantom = generate(
+        root / "study",
+        PhantomOptions(
+            seed=seed,
+            slices=30,
+            matrix=96,
+            slice_thickness=2.5,
+            nodule_requests=(NoduleRequest(14.0, "solid", "isolated", "smooth"),),
+            workers=1,
+        ),
+    )
+    files = sorted(Path(phantom.dicom_dir).glob("*.dcm"))
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(f"sqlite:///{config.data_dir / 'aidx.db'}")
+    study_uid = ""
+    for path in files:
+        record = replace(read_file(path.read_bytes(), "PACS"), path=str(path))
+        store.index_instance(record, time.time() - 10.0, 1.0)
+        study_uid = record.study_uid
+    store.complete_study(study_uid, time.time())
+    if not Worker(config, store).run_once():
+        raise RuntimeError("the worker found no job")
+    accounts = Accounts(store)
+    rad = accounts.add_user(
+        "rad",
+        PASSWORD,
+        role="radiologist",
+        display_name="Smith^Anna",
+        organisation="General Hospital",
+    )
+    admin = accounts.add_user("admin", PASSWORD, role="admin", display_name="Admin")
+    eng = accounts.add_user("eng", PASSWORD, role="engineer", display_name="Engineer")
+    return ReviewedStudy(
+        config, store, study_uid, files, Reviews(store, accounts.audit), accounts, rad, admin, eng
+    )
