@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aidx import __version__, cli_models, cli_node, cli_pipeline, cli_status
+from aidx import __version__, cli_models, cli_node, cli_pipeline, cli_status, cli_ui
 from aidx.config import (
     AidxConfig,
     ConfigError,
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-port", type=int, help="override metrics.port (0 turns /metrics off)"
     )
+    serve.add_argument("--ui-port", type=int, help="override ui.port (the review app)")
+    serve.add_argument(
+        "--no-ui", action="store_true", help="do not start the review app (ui.enabled false)"
+    )
     serve.add_argument(
         "--demo",
         action="store_true",
@@ -144,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     from aidx import cli_users  # `aidx users` and `aidx audit`: the review app's accounts
 
     cli_users.add_parsers(sub)
+    from aidx import cli_feedback  # `aidx feedback export`: reviews as training data
+
+    cli_feedback.add_parsers(sub)
+    cli_ui.add_parser(sub)
 
     dataset = sub.add_parser("dataset", help="build training datasets in the canonical format")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", metavar="SOURCE", required=True)
@@ -287,9 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("port", "node.port"),
         ("workers", "pipeline.workers"),
         ("metrics_port", "metrics.port"),
+        ("ui_host", "ui.host"),
+        ("ui_port", "ui.port"),
     ):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
+    if getattr(args, "no_ui", False):
+        overrides["ui.enabled"] = False
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:

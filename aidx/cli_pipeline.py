@@ -103,6 +103,17 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
             pool.stop()
             print(f"aidx serve: metrics endpoint: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    from aidx.cli_ui import start_ui
+
+    try:
+        ui_server = start_ui(config, store, demo)
+    except (OSError, ValueError) as exc:
+        if metrics is not None:
+            metrics.stop()
+        service.stop()
+        pool.stop()
+        print(f"aidx serve: review app: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     log.info(
         "aidx serving: DICOM %s@%s:%d, %d worker(s)%s",
         config.node.ae_title,
@@ -118,6 +129,8 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
     try:
         stop.wait()
     finally:
+        if ui_server is not None:
+            ui_server.stop()  # type: ignore[attr-defined]
         if metrics is not None:
             metrics.stop()
         service.stop()

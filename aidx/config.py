@@ -210,6 +210,53 @@ class MetricsConfig(StrictModel):
     port: int = Field(default=9108, ge=0, le=65535)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class UiConfig(StrictModel):
+    """The review app (``aidx ui``, and ``aidx serve`` unless ``enabled`` is false)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=7860, ge=0, le=65535)  # 0: any free port (tests)
+    # HTTPS: required when host is not a loopback address (remote reading).
+    certificate: Path | None = None
+    private_key: Path | None = None
+    session_idle_timeout_s: float = Field(default=30 * 60.0, gt=0)
+    session_max_age_s: float = Field(default=12 * 3600.0, gt=0)
+    lockout_threshold: int = Field(default=5, ge=1)  # consecutive failed logins that lock
+    lockout_base_s: float = Field(default=30.0, gt=0)  # first lock; doubled per further failure
+    lockout_max_s: float = Field(default=15 * 60.0, gt=0)
+    # Where signed SRs go when the AI result went nowhere (e.g. a study run by `aidx infer`);
+    # otherwise a signed SR follows the AI SR to each of its destinations.
+    signoff_destinations: list[str] = Field(default_factory=list)
+    organisation: str = ""  # the verifying organisation when a user has none
+
+    @model_validator(mode="after")
+    def _https_beyond_loopback(self) -> UiConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("set both ui.certificate and ui.private_key, or neither")
+        return self
+
+    @property
+    def https(self) -> bool:
+        return self.certificate is not None
+
+    def refusal(self) -> str | None:
+        """Why the app must not start as configured, or None."""
+        if self.host not in LOOPBACK_HOSTS and not self.https:
+            return (
+                f"ui.host is {self.host!r}, beyond this machine: the review app serves patient "
+                "images and needs HTTPS there. Set ui.certificate and ui.private_key (PEM "
+                "files), or keep ui.host at 127.0.0.1 behind your own TLS proxy"
+            )
+        for name in ("certificate", "private_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                return f"ui.{name}: {path} is not a readable file"
+        return None
+
+
 class ModelsConfig(StrictModel):
     dir: Path | None = None
     default: str = Field(default="lung-nodule", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -226,6 +273,7 @@ class AidxConfig(StrictModel):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ui: UiConfig = Field(default_factory=UiConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def demo_output(self) -> Path:

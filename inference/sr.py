@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import highdicom as hd
 import numpy as np
@@ -155,19 +156,34 @@ def write_sr(
 
 
 def _library(findings: Sequence[Finding], series: SourceSeries) -> list[Dataset]:
+    return image_library([f.key_sop_instance_uid for f in findings], series)
+
+
+def image_library(key_sop_instance_uids: Sequence[str], series: SourceSeries) -> list[Dataset]:
     """Images for the Image Library: the key slices, in volume order; the middle image if none.
 
     Only referenced images: a library of every slice costs about 17 ms per image to build.
     Without findings the middle image still names the series and its Frame of Reference for
     viewers that look the report's images up in the library.
     """
-    ks = sorted({series.index[f.key_sop_instance_uid] for f in findings})
+    ks = sorted({series.index[uid] for uid in key_sop_instance_uids})
     if not ks:
         ks = [len(series.datasets) // 2]
     return [series.datasets[k] for k in ks]
 
 
-def algorithm_identification(model: ModelCard) -> hd.sr.AlgorithmIdentification:
+class NamedModel(Protocol):
+    """What names a model in a report: a :class:`ModelCard`, or the ``name@version`` that a
+    result records (the radiologist's sign-off, ``ui.signoff``, has only that)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+
+def algorithm_identification(model: NamedModel) -> hd.sr.AlgorithmIdentification:
     """TID 4019 Algorithm Identification of the model."""
     return hd.sr.AlgorithmIdentification(
         name=model.name,
@@ -195,6 +211,41 @@ def key_slice_point(
     return column, row
 
 
+def centre_coordinates(
+    key: Dataset,
+    center_mm: Sequence[float],
+    frame_of_reference_uid: str,
+    what: str = "finding",
+) -> list[hd.sr.CoordinatesForMeasurement | hd.sr.CoordinatesForMeasurement3D]:
+    """The regions a measurement is INFERRED FROM (TID 320): a SCOORD POINT at the centre
+    projected onto its key slice ``key`` (SELECTED FROM that image) and a SCOORD3D POINT at the
+    centre in the Frame of Reference (patient coordinates, mm). New content items on each call
+    (one set per measurement). ValueError, naming ``what``, when the centre falls outside the
+    key slice."""
+    column, row = key_slice_point(key, center_mm)
+    columns, rows = int(key.Columns), int(key.Rows)
+    if not (0.0 <= column <= columns and 0.0 <= row <= rows):
+        raise ValueError(
+            f"{what}: centre {center_mm} falls outside its key slice {key.SOPInstanceUID} "
+            f"(column {column:.1f}, row {row:.1f} of {columns}x{rows})"
+        )
+    return [
+        hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POINT,
+            graphic_data=np.array([[column, row]]),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(key.SOPClassUID),
+                referenced_sop_instance_uid=str(key.SOPInstanceUID),
+            ),
+        ),
+        hd.sr.CoordinatesForMeasurement3D(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.array([list(center_mm)], dtype=np.float64),
+            frame_of_reference_uid=frame_of_reference_uid,
+        ),
+    ]
+
+
 def _finding_group(
     finding: Finding,
     series: SourceSeries,
@@ -203,31 +254,10 @@ def _finding_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of one finding."""
     key = series.dataset(finding.key_sop_instance_uid)
-    column, row = key_slice_point(key, finding.center_mm)
-    columns, rows = int(key.Columns), int(key.Rows)
-    if not (0.0 <= column <= columns and 0.0 <= row <= rows):
-        raise ValueError(
-            f"finding {finding.id}: centre {finding.center_mm} falls outside its key slice "
-            f"{finding.key_sop_instance_uid} (column {column:.1f}, row {row:.1f} of "
-            f"{columns}x{rows})"
-        )
+    what = f"finding {finding.id}"
 
     def coordinates() -> list[hd.sr.CoordinatesForMeasurement | hd.sr.CoordinatesForMeasurement3D]:
-        return [
-            hd.sr.CoordinatesForMeasurement(
-                graphic_type=hd.sr.GraphicTypeValues.POINT,
-                graphic_data=np.array([[column, row]]),
-                source_image=hd.sr.SourceImageForRegion(
-                    referenced_sop_class_uid=str(key.SOPClassUID),
-                    referenced_sop_instance_uid=str(key.SOPInstanceUID),
-                ),
-            ),
-            hd.sr.CoordinatesForMeasurement3D(
-                graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                graphic_data=np.array([finding.center_mm]),
-                frame_of_reference_uid=series.frame_of_reference_uid,
-            ),
-        ]
+        return centre_coordinates(key, finding.center_mm, series.frame_of_reference_uid, what)
 
     measurements = [
         hd.sr.Measurement(name=name, value=value, unit=unit, referenced_coordinates=coordinates())

@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# `aidx serve` processes started by tests run without the review app unless a test turns it on
+# (the UI tests do): it would take port 7860 and a second or two of start-up each. Tests that
+# clear AIDX_* variables for a subprocess set this one again (tests/dicom_node/aidx_process.py).
+os.environ.setdefault("AIDX_UI__ENABLED", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -43,6 +43,17 @@ SERVING = [
     "ui.audit",
     "ui.viewer",
     "ui.overlays",
+    "ui.review",
+    "ui.signoff",
+    "ui.signed_sr",
+    "ui.dashboard",
+    "ui.i18n",
+    "ui.viewer_session",
+    "ui.app",
+    "ui.web",
+    "aidx.cli_ui",
+    "aidx.cli_feedback",
+    "training.feedback",
     "models",
 ]
 

@@ -325,6 +325,19 @@ class Accounts:
             detail = {"user": user.username}
             self.audit._insert(conn, *_who(actor), PASSWORD_CHANGED, detail=detail)
 
+    def set_language(
+        self, username: str, language: str, *, actor: User | str = SYSTEM_ACTOR
+    ) -> User:
+        """The user's interface language (one of LANGUAGES)."""
+        if language not in LANGUAGES:
+            raise AccountError(f"language {language!r} is not one of {', '.join(LANGUAGES)}")
+        user = self._existing(username)
+        with self._store._write() as conn:
+            conn.execute(update(users).where(users.c.id == user.id).values(language=language))
+            detail = {"user": user.username, "language": language}
+            self.audit._insert(conn, *_who(actor), "language_changed", detail=detail)
+        return self._existing(username)
+
     def get_user(self, username: str) -> User | None:
         name = username.strip().lower()
         with self._store.engine.connect() as conn:

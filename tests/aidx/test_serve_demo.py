@@ -32,6 +32,7 @@ def test_serve_demo_lists_the_result_and_reports_health(
             "AIDX_DATA_DIR": str(tmp_path / "data"),
             "AIDX_NODE__PORT": str(free_port()),
             "AIDX_METRICS__PORT": str(metrics_port),
+            "AIDX_UI__ENABLED": "false",  # tests/ui/test_review_e2e.py runs the app
             "AIDX_MODELS__DIR": str(tmp_path / "models"),
             "AIDX_MODELS__DEFAULT": "soft-tissue",
             "AIDX_INFERENCE__MIN_VOLUME_MM3": "50",

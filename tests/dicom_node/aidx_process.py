@@ -34,8 +34,11 @@ def destination(ae_title: str, port: int) -> dict[str, Any]:
 
 
 def aidx_env() -> dict[str, str]:
-    """Our environment without ``AIDX_*`` variables, which would override the test's file."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    """Our environment without ``AIDX_*`` variables, which would override the test's file, and
+    without the review app (the UI tests start it themselves)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    env["AIDX_UI__ENABLED"] = "false"
+    return env
 
 
 @dataclass(frozen=True)

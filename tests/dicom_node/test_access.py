@@ -277,6 +277,7 @@ def test_cli_serve_beyond_loopback_without_allow_list_exits_with_reason(tmp_path
     assert script, "the aidx console script is not installed in this environment"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
     env["AIDX_NODE__MIN_FREE_DISK_MB"] = "0"
+    env["AIDX_UI__ENABLED"] = "false"
     port = free_port()
     data_dir = tmp_path / "data"
     result = subprocess.run(

@@ -1,0 +1,82 @@
+"""`aidx ui` (the review app alone) and the review app inside `aidx serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from aidx.config import AidxConfig
+from aidx.exit_codes import EXIT_OK, EXIT_USAGE
+from aidx.store import Store
+
+log = logging.getLogger("aidx.cli")
+
+DEMO_USER = "demo"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ui = sub.add_parser("ui", help="run the radiologist review app alone (aidx serve runs it too)")
+    ui.add_argument("--host", dest="ui_host", help="override ui.host")
+    ui.add_argument("--port", dest="ui_port", type=int, help="override ui.port")
+    ui.set_defaults(handler=run_ui)
+
+
+def start_ui(config: AidxConfig, store: Store, demo: bool = False) -> object | None:
+    """Start the review app in a thread (for `aidx serve`); None when ui.enabled is false.
+    Raises ValueError (refusal: HTTPS beyond loopback) or OSError (port in use)."""
+    if not config.ui.enabled:
+        return None
+    from ui.web import UiServer
+
+    server = UiServer(config, store)
+    server.start()
+    password = ensure_demo_user(server.ctx.accounts) if demo else None
+    print(f"aidx review app: {server.url}", flush=True)
+    if password:
+        print(
+            f"  sign in as '{DEMO_USER}' (radiologist) with password: {password}\n"
+            "  (shown once; `aidx users passwd demo` sets another, `aidx users add` adds users)",
+            flush=True,
+        )
+    return server
+
+
+def ensure_demo_user(accounts: object) -> str | None:
+    """The demo's radiologist account, created once with a random password (returned then)."""
+    from ui.accounts import Accounts
+
+    assert isinstance(accounts, Accounts)
+    if accounts.get_user(DEMO_USER) is not None:
+        return None
+    password = secrets.token_urlsafe(12)
+    accounts.add_user(
+        DEMO_USER,
+        password,
+        role="radiologist",
+        display_name="Demo^Radiologist",
+        organisation="aidx demo",
+    )
+    return password
+
+
+def run_ui(args: argparse.Namespace, config: AidxConfig) -> int:
+    del args
+    from ui.web import UiServer
+
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(config.store_url())
+        server = UiServer(config, store)
+    except (OSError, ValueError, SQLAlchemyError) as exc:
+        print(f"aidx ui: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"aidx review app: {server.url}  (users: aidx users add NAME --role ...)", flush=True)
+    try:
+        server.run()
+    finally:
+        store.close()
+    return EXIT_OK

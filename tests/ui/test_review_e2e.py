@@ -1,0 +1,312 @@
+"""The review app end to end, as a radiologist uses it: `aidx serve --demo` (what `make run`
+does) with Orthanc as the PACS, driven in Debian's headless Chromium by Playwright.
+
+Log in with the demo account the server prints, open the demo study from the worklist, scroll
+(keyboard and buttons), change the window, accept one finding, reject the others (one with a
+reason), add a missed one by clicking the image, sign. Then: the signed SR is in the outbox and
+in Orthanc, dciodvfy finds no error in it, highdicom reads the decisions back, the audit log
+holds each step, and the dashboard and the admin-only audit tab behave. Screenshots of each step
+are kept in test-artifacts/ui/ (CI keeps that folder).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pytest
+import yaml
+
+from aidx.store import Store
+from tests.conftest import REPO, require_tool
+from tests.inference.test_results import dciodvfy_errors
+from tests.peers import LOOPBACK, Orthanc, free_port, log_tail, poll_until, stop_process
+from tests.pipeline.harness import downloads, study_series
+from ui.accounts import Accounts
+from ui.audit import Audit
+from ui.signed_sr import DECISION
+
+pytestmark = pytest.mark.external
+
+AIDX = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "aidx"
+ARTIFACTS = REPO / "test-artifacts" / "ui"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+RESULT_DEADLINE_S = 240.0  # demo quiet period + inference of 300 x 512² on a loaded 2-core box
+UI_TIMEOUT_MS = 60_000
+
+
+@dataclass
+class Served:
+    url: str
+    password: str
+    data_dir: Path
+    log_path: Path
+    orthanc: Orthanc
+    study_uid: str
+
+
+def _aidx_binary() -> str:
+    import shutil
+    import sys
+
+    found = shutil.which("aidx", path=str(Path(sys.executable).parent))
+    assert found, "the aidx console script is not installed in this environment"
+    return found
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    require_tool("chromium", "chromium")
+    root = tmp_path_factory.mktemp("review-e2e")
+    node_port, ui_port = free_port(), free_port()
+    with Orthanc(root / "orthanc", modalities={"AIDX": ("AIDX", LOOPBACK, node_port)}) as pacs:
+        config = {
+            "node": {"ae_title": "AIDX", "port": node_port, "min_free_disk_mb": 0},
+            "destinations": {
+                "PACS": {"ae_title": "ORTHANC", "host": LOOPBACK, "port": pacs.dicom_port}
+            },
+            "outbox": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "poll_interval_s": 0.3},
+            "inference": {"providers": ["CPUExecutionProvider"]},
+            "metrics": {"port": 0},
+            "ui": {"enabled": True, "port": ui_port},
+        }
+        config_path = root / "aidx.yaml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        data_dir = root / "data"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+        log_path = root / "serve.log"
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [
+                    _aidx_binary(),
+                    "--config",
+                    str(config_path),
+                    "--data-dir",
+                    str(data_dir),
+                    "serve",
+                    "--demo",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        try:
+            found: dict[str, str] = {}
+
+            def printed() -> bool:
+                text = log_path.read_text(encoding="utf-8", errors="replace")
+                url = re.search(r"aidx review app: (http://\S+)", text)
+                password = re.search(r"with password: (\S+)", text)
+                if url and password:
+                    found.update(url=url.group(1), password=password.group(1))
+                return bool(found)
+
+            poll_until(
+                printed,
+                60.0,
+                "the review app's address and the demo login",
+                process=process,
+                log_path=log_path,
+            )
+            store = Store(f"sqlite:///{data_dir / 'aidx.db'}")
+            uid: list[str] = []
+
+            def result_ready() -> bool:
+                with store.engine.connect() as conn:
+                    row = conn.exec_driver_sql(
+                        "SELECT study_uid FROM jobs WHERE state IN ('results_ready', 'sent')"
+                    ).first()
+                if row:
+                    uid.append(str(row[0]))
+                return bool(row)
+
+            poll_until(
+                result_ready,
+                RESULT_DEADLINE_S,
+                "the demo study's AI result",
+                process=process,
+                log_path=log_path,
+            )
+            store.close()
+            yield Served(found["url"], found["password"], data_dir, log_path, pacs, uid[0])
+        finally:
+            stop_process(process)
+    assert process.returncode == 0, log_tail(log_path)
+
+
+def _shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _browser() -> Any:
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright()
+
+
+def _login(page: Any, url: str, user: str, password: str) -> None:
+    page.goto(url)
+    page.wait_for_url(re.compile(r".*/login.*"))
+    page.fill("#username", user)
+    page.fill("#password", password)
+    page.click("#sign-in")
+    page.wait_for_url(re.compile(r".*/app/en/.*"))
+
+
+def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
+    from playwright.sync_api import expect
+
+    with _browser() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1100})
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        page.goto(served.url)
+        expect(page.locator("#password")).to_be_visible()
+        _shot(page, "01-login")
+        _login(page, served.url, "demo", served.password)
+
+        # Worklist: the demo study, new, with its findings.
+        rows = page.locator("#worklist div[role=row]")  # the virtual table's data rows
+        expect(rows.first).to_contain_text("lung-nodule")
+        expect(rows.first).to_contain_text("new")
+        _shot(page, "02-worklist")
+        rows.first.locator("[role=gridcell]").nth(3).click()
+
+        # Viewer: the study opens on the first finding's key slice.
+        expect(page.locator("#viewer-status")).to_contain_text(served.study_uid)
+        slice_number = page.locator("#slice input[type=number]")
+        expect(slice_number).not_to_have_value("1")
+        start = int(slice_number.input_value())
+        findings = page.locator("#findings div[role=row]")
+        count = findings.count()
+        assert count >= 2, f"the demo study needs two findings for this test, got {count}"
+        _shot(page, "03-viewer")
+
+        # Scroll: keyboard (focus on the page, not in a field) and the buttons.
+        page.locator("#slice-image").hover()
+        page.locator("body").press("ArrowDown")
+        expect(slice_number).to_have_value(str(start + 1))
+        page.locator("body").press("ArrowDown")
+        expect(slice_number).to_have_value(str(start + 2))
+        page.click("#slice-prev")
+        expect(slice_number).to_have_value(str(start + 1))
+
+        # Window: the mediastinum preset sets width and level.
+        page.locator("#preset").get_by_text("mediastinum").click()
+        expect(page.locator("#window-width input")).to_have_value("350")
+        expect(page.locator("#window-level input")).to_have_value("50")
+        _shot(page, "04-window")
+
+        # Accept the first finding; reject the others (the second with a reason).
+        findings.first.locator("[role=gridcell]").first.click()
+        expect(page.locator("#selected")).to_contain_text("ai-")
+        page.click("#accept")
+        expect(page.locator("#message")).to_contain_text("accepted")
+        for n in range(1, count):
+            cell = findings.nth(n).locator("[role=gridcell]").first
+            key = cell.inner_text().strip()
+            cell.click()
+            expect(page.locator("#selected")).to_contain_text(key)
+            if n == 1:
+                page.fill("#reason textarea", "vessel")
+            page.click("#reject")
+            expect(page.locator("#message")).to_contain_text(f"{key} rejected")
+        _shot(page, "05-decisions")
+
+        # Add a missed finding: click the image, enter a diameter, add.
+        image = page.locator("#slice-image img")
+        box = image.bounding_box()
+        assert box is not None
+        image.click(position={"x": box["width"] * 0.30, "y": box["height"] * 0.45})
+        expect(page.locator("#clicked-point")).to_contain_text("mm")
+        page.fill("#diameter input", "8")
+        page.click("#add")
+        expect(page.locator("#message")).to_contain_text("added-1")
+        expect(findings).to_have_count(count + 1)
+        _shot(page, "06-added")
+
+        # Sign.
+        page.click("#sign")
+        expect(page.locator("#message")).to_contain_text("Signed")
+        expect(page.locator("#viewer-status")).to_contain_text("signed")
+        _shot(page, "07-signed")
+
+        # Dashboard.
+        page.get_by_role("tab", name="Dashboard").click()
+        page.click("#dashboard-refresh")
+        expect(page.locator("#dashboard-summary")).to_contain_text("signed: 1")
+        _shot(page, "08-dashboard")
+        # A radiologist sees no audit tab, and the CSV route refuses them.
+        expect(page.get_by_role("tab", name="Audit log")).to_have_count(0)
+        assert page.request.get(served.url + "admin/audit.csv").status == 403
+        browser.close()
+
+    _check_signed_report(served, accepted=1, rejected=count - 1, added=1)
+
+
+def _check_signed_report(served: Served, accepted: int, rejected: int, added: int) -> None:
+    store = Store(f"sqlite:///{served.data_dir / 'aidx.db'}")
+    try:
+        with store.engine.connect() as conn:
+            (signed_uid, signed_path) = conn.exec_driver_sql(
+                "SELECT signed_sr_uid, signed_sr_path FROM reviews WHERE state = 'signed'"
+            ).one()
+        items = [i for i in store.outbox_items() if str(signed_path) in i.files]
+        assert [i.destination for i in items] == ["PACS"]
+        assert dciodvfy_errors(Path(signed_path)) == []
+        sr = hd.sr.srread(signed_path)
+        assert sr.VerificationFlag == "VERIFIED"
+        assert str(sr.VerifyingObserverSequence[0].VerifyingObserverName) == "Demo^Radiologist"
+        # highdicom reads the decisions back: one group per included finding.
+        decided = []
+        for group in sr.content.get_image_measurement_groups():
+            (evaluation,) = group.get_qualitative_evaluations(name=DECISION)
+            decided.append(evaluation[0].ConceptCodeSequence[0].CodeValue)
+        assert sorted(decided) == sorted(["ACCEPTED"] * accepted + ["ADDED"] * added)
+        assert sr.PredecessorDocumentsSequence  # the AI SR
+        # Orthanc received the signed SR next to the AI one.
+        poll_until(
+            lambda: len(study_series(served.orthanc, served.study_uid).get("SR", [])) >= 2,
+            60.0,
+            "the signed SR in Orthanc",
+            log_path=served.log_path,
+        )
+        uids = {
+            hd.sr.srread(p).SOPInstanceUID
+            for p in downloads(
+                served.orthanc, served.study_uid, "SR", served.data_dir / "from-orthanc"
+            )
+        }
+        assert signed_uid in uids
+        # The audit log holds each step.
+        actions = [e.action for e in Audit(store).query(username="demo")]
+        for action in (
+            "login",
+            "study_view",
+            "finding_accept",
+            "finding_reject",
+            "finding_add",
+            "sign",
+        ):
+            assert action in actions, (action, actions)
+        assert actions.count("finding_reject") == rejected
+        assert Accounts(store).get_user("demo") is not None
+    finally:
+        store.close()

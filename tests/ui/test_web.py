@@ -1,0 +1,141 @@
+"""The review app's web layer in-process (FastAPI TestClient): no route without a session,
+Gradio's own API included; login, logout, language, roles; HTTPS refusal beyond loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from aidx.config import load_config
+from tests.ui.reviewed_study import PASSWORD, ReviewedStudy, reviewed_study
+from ui.web import COOKIE, UiContext, create_app
+
+# Routes of the app and of Gradio's mounted apps (pages, config, API, files, queue, uploads).
+PROTECTED = [
+    ("GET", "/"),
+    ("GET", "/app/en/"),
+    ("GET", "/app/zh/"),
+    ("GET", "/app/en/config"),
+    ("GET", "/app/en/gradio_api/info"),
+    ("GET", "/app/en/gradio_api/info?all_endpoints=true"),
+    ("POST", "/app/en/gradio_api/queue/join"),
+    ("GET", "/app/en/gradio_api/queue/data?session_hash=x"),
+    ("POST", "/app/en/gradio_api/upload"),
+    ("GET", "/app/en/gradio_api/file=/etc/passwd"),
+    ("GET", "/app/en/theme.css"),
+    ("GET", "/app/en/gradio_api/startup-events"),
+    ("POST", "/app/en/gradio_api/run/predict"),
+    ("GET", "/admin/audit.csv"),
+    ("POST", "/language"),
+    ("GET", "/logout"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+    ("GET", "/nonexistent"),
+]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, ReviewedStudy]:
+    study = reviewed_study(tmp_path_factory.mktemp("web"))
+    ctx = UiContext(study.config, study.store, study.accounts, study.reviews)
+    _, gate = create_app(ctx)
+    return TestClient(gate, base_url="http://127.0.0.1"), study
+
+
+def login(client: TestClient, user: str, password: str = PASSWORD) -> None:
+    client.cookies.clear()
+    response = client.post(
+        "/login", data={"username": user, "password": password}, follow_redirects=False
+    )
+    assert response.status_code == 303, response.text
+    assert COOKIE in response.cookies
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+def test_nothing_without_a_session(
+    app: tuple[TestClient, ReviewedStudy], method: str, path: str
+) -> None:
+    client, _ = app
+    client.cookies.clear()
+    response = client.request(method, path, follow_redirects=False)
+    assert response.status_code == 401, (path, response.status_code)
+    assert response.json() == {"detail": "login required"}
+    assert "gradio" not in response.text.lower()
+    page = client.request(method, path, headers={"Accept": "text/html"}, follow_redirects=False)
+    if method == "GET":
+        assert page.status_code == 303 and page.headers["location"].startswith("/login?next=")
+    else:
+        assert page.status_code == 401
+    client.cookies.set(COOKIE, "forged")
+    forged = client.request(method, path, follow_redirects=False)
+    assert forged.status_code == 401
+    client.cookies.clear()
+
+
+def test_login_page_is_open_and_failures_are_generic_and_audited(
+    app: tuple[TestClient, ReviewedStudy],
+) -> None:
+    client, study = app
+    client.cookies.clear()
+    page = client.get("/login")
+    assert page.status_code == 200 and 'name="password"' in page.text
+    assert page.headers["cache-control"] == "no-store"
+    zh = client.get("/login?lang=zh")
+    assert "登录" in zh.text
+    for user in ("rad", "nobody"):
+        bad = client.post("/login", data={"username": user, "password": "wrong password"})
+        assert bad.status_code == 401 and "Sign-in failed" in bad.text
+        assert COOKIE not in bad.cookies
+    failures = study.accounts.audit.query(action="login_failed")
+    assert len(failures) >= 2
+
+
+def test_a_session_opens_the_app_and_logout_ends_it(
+    app: tuple[TestClient, ReviewedStudy],
+) -> None:
+    client, study = app
+    response = client.post(
+        "/login",
+        data={"username": "rad", "password": PASSWORD, "next": "https://evil.example/"},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/app/en/"
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    token = response.cookies[COOKIE]
+    client.cookies.set(COOKIE, token)
+    assert client.get("/app/en/", follow_redirects=False).status_code == 200
+    assert client.get("/app/en/config").status_code == 200
+    assert client.get("/", follow_redirects=False).headers["location"] == "/app/en/"
+    assert client.get("/logout", follow_redirects=False).status_code == 303
+    client.cookies.set(COOKIE, token)  # the old token no longer works, even if kept
+    assert client.get("/app/en/config").status_code == 401
+    actions = [e.action for e in study.accounts.audit.query(username="rad")]
+    assert "login" in actions and "logout" in actions
+
+
+def test_roles_admin_pages_and_language(app: tuple[TestClient, ReviewedStudy]) -> None:
+    client, study = app
+    login(client, "rad")
+    assert client.get("/admin/audit.csv").status_code == 403
+    login(client, "admin")
+    csv = client.get("/admin/audit.csv")
+    assert (csv.status_code == 200 and csv.text.startswith("\ufeff")) or "action" in csv.text
+    assert "login" in csv.text
+    login(client, "eng")
+    changed = client.post("/language", data={"lang": "zh"}, follow_redirects=False)
+    assert changed.headers["location"] == "/app/zh/"
+    assert study.accounts.get_user("eng").language == "zh"  # type: ignore[union-attr]
+    assert client.get("/", follow_redirects=False).headers["location"] == "/app/zh/"
+    assert client.post("/language", data={"lang": "fr"}).status_code == 400
+
+
+def test_https_is_required_beyond_loopback(tmp_path: Path) -> None:
+    config = load_config(env={}, overrides={"data_dir": str(tmp_path), "ui.host": "0.0.0.0"})
+    refusal = config.ui.refusal()
+    assert refusal is not None and "HTTPS" in refusal and "ui.certificate" in refusal
+    from aidx.cli import main
+
+    assert main(["--data-dir", str(tmp_path), "ui", "--host", "0.0.0.0", "--port", "0"]) == 2

@@ -1,0 +1,419 @@
+"""The review app's pages (Gradio Blocks), built once per interface language by ui/web.py.
+
+Tabs: worklist (sortable, filterable), viewer with findings panel (decisions saved as they are
+made), dashboard, and the audit log (administrators). Handlers get the signed-in user from the
+request (the session gate put it there; Gradio's auth_dependency names it) and check the role
+on the server for every action: hiding a tab is a convenience, not the protection.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from datetime import datetime
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ui.accounts import PermissionDenied, User
+from ui.app_audit import audit_tab_contents
+from ui.app_dashboard import dashboard_tab
+from ui.i18n import LANGUAGE_NAMES, text
+from ui.review import ReviewError
+from ui.viewer import WINDOW_PRESETS
+from ui.viewer_session import (
+    ViewerState,
+    add_finding,
+    click_point,
+    decide,
+    findings_table,
+    open_review,
+    render_slice,
+    reopen,
+    sign_review,
+    step_slice,
+    thumbnails,
+)
+
+log = logging.getLogger("aidx.ui.app")
+
+# Up/Down (and PageUp/PageDown, j/k) scroll the slices when the focus is not in a text field.
+KEYBOARD_JS = """
+<script>
+document.addEventListener('keydown', (e) => {
+  const t = e.target;
+  if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+  const next = ['ArrowDown', 'PageDown', 'j'].includes(e.key);
+  const prev = ['ArrowUp', 'PageUp', 'k'].includes(e.key);
+  if (!next && !prev) return;
+  const button = document.getElementById(next ? 'slice-next' : 'slice-prev');
+  if (button && button.offsetParent !== null) { e.preventDefault(); button.click(); }
+});
+</script>
+"""
+
+CSS = """
+#slice-image img { image-rendering: pixelated; }
+.aidx-warning { color: #b45309; font-size: 0.85rem; }
+"""
+
+
+def current_user(ctx: Any, request: gr.Request) -> User:
+    """The request's user, read again from the store (a disabled account stops at once)."""
+    name = getattr(request, "username", None)
+    user: User | None = ctx.accounts.get_user(name) if name else None
+    if user is None or user.disabled:
+        raise PermissionDenied("not signed in")
+    return user
+
+
+def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
+    """The Blocks for one language, and the HTML head it needs."""
+
+    def t(key: str, **values: object) -> str:
+        return text(lang, key, **values)
+
+    status_choices = [
+        (t("status_all"), ""),
+        (t("status_new"), "new"),
+        (t("status_in_review"), "in_review"),
+        (t("status_signed"), "signed"),
+    ]
+    sort_choices = [
+        (t("sort_priority"), "priority"),
+        (t("sort_received"), "received"),
+        (t("sort_probability"), "probability"),
+        (t("sort_findings"), "findings"),
+    ]
+    preset_choices = [(t(f"preset_{p}"), p) for p in WINDOW_PRESETS] + [
+        (t("preset_manual"), "manual")
+    ]
+    worklist_columns = [
+        t("col_review"),
+        t("col_priority"),
+        t("col_status"),
+        t("col_patient"),
+        t("col_patient_id"),
+        t("col_accession"),
+        t("col_description"),
+        t("col_findings"),
+        t("col_max_probability"),
+        t("col_received"),
+        t("col_model"),
+    ]
+
+    def worklist(status: str, search: str, sort: str, request: gr.Request) -> pd.DataFrame:
+        current_user(ctx, request)
+        rows = ctx.reviews.worklist(status=status or None, search=search or None)
+        key = {
+            "received": lambda w: -w.received_at,
+            "probability": lambda w: -(w.max_probability or 0.0),
+            "findings": lambda w: -w.finding_count,
+        }.get(sort)
+        if key is not None:
+            rows = sorted(rows, key=key)
+        data = [
+            [
+                w.review_id,
+                w.priority,
+                t(f"status_{w.status}"),
+                w.patient_name.replace("^", " ").strip(),
+                w.patient_id,
+                w.accession_number,
+                w.description,
+                w.finding_count,
+                round(w.max_probability, 3) if w.max_probability is not None else None,
+                datetime.fromtimestamp(w.received_at).strftime("%Y-%m-%d %H:%M"),
+                w.model,
+            ]
+            for w in rows
+        ]
+        return pd.DataFrame(data, columns=worklist_columns)
+
+    def on_load(request: gr.Request) -> tuple[Any, ...]:
+        user = current_user(ctx, request)
+        other = "zh" if lang == "en" else "en"
+        header = (
+            f"**{t('title')}** · {t('signed_in_as', name=user.display_name, role=user.role)} · "
+            f"[{t('log_out')}](/logout) · "
+            f"<form method='post' action='/language' style='display:inline'>"
+            f"<input type='hidden' name='lang' value='{other}'>"
+            f"<button id='switch-language' type='submit' style='text-decoration:underline'>"
+            f"{LANGUAGE_NAMES[other]}</button></form>"
+        )
+        return (
+            header,
+            gr.update(visible=user.role == "admin"),
+            worklist("", "", "priority", request),
+        )
+
+    def guarded(fn: Any) -> Any:
+        """Run a handler; show refusals and review errors to the user instead of failing."""
+
+        @functools.wraps(fn)  # Gradio reads the signature to pass the event and the request
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except PermissionDenied:
+                raise gr.Error(t("no_permission")) from None
+            except (ReviewError, ValueError) as exc:
+                raise gr.Error(str(exc)) from None
+
+        return run
+
+    with gr.Blocks(title=t("title"), analytics_enabled=False) as blocks:
+        state = gr.State(ViewerState())
+        with gr.Row():
+            header = gr.Markdown(elem_id="header")
+        gr.Markdown(f"<span class='aidx-warning'>{t('not_clinical')}</span>")
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab(t("tab_worklist"), id="worklist", elem_id="tab-worklist"):
+                with gr.Row():
+                    status = gr.Dropdown(status_choices, value="", label=t("status"))
+                    search = gr.Textbox(label=t("search"))
+                    sort = gr.Dropdown(sort_choices, value="priority", label=t("sort"))
+                    refresh = gr.Button(t("refresh"), elem_id="worklist-refresh")
+                gr.Markdown(t("open_hint"))
+                table = gr.Dataframe(
+                    headers=worklist_columns,
+                    interactive=False,
+                    elem_id="worklist",
+                    wrap=True,
+                )
+            with gr.Tab(t("tab_viewer"), id="viewer", elem_id="tab-viewer"):
+                viewer_status = gr.Markdown(t("no_study"), elem_id="viewer-status")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        image = gr.Image(
+                            label=t("slice"),
+                            interactive=False,
+                            elem_id="slice-image",
+                            show_label=False,
+                            format="png",
+                            height=600,
+                        )
+                        with gr.Row():
+                            prev_button = gr.Button("▲", elem_id="slice-prev", min_width=60)
+                            slider = gr.Slider(
+                                1, 2, value=1, step=1, label=t("slice"), elem_id="slice"
+                            )
+                            next_button = gr.Button("▼", elem_id="slice-next", min_width=60)
+                        with gr.Row():
+                            preset = gr.Radio(
+                                preset_choices,
+                                value="lung",
+                                label=t("window_preset"),
+                                elem_id="preset",
+                            )
+                            width = gr.Number(
+                                WINDOW_PRESETS["lung"].window,
+                                label=t("window_width"),
+                                elem_id="window-width",
+                            )
+                            level = gr.Number(
+                                WINDOW_PRESETS["lung"].level,
+                                label=t("window_level"),
+                                elem_id="window-level",
+                            )
+                            overlays = gr.Checkbox(True, label=t("overlays"), elem_id="overlays")
+                    with gr.Column(scale=2):
+                        findings = gr.Dataframe(
+                            label=t("findings"),
+                            interactive=False,
+                            elem_id="findings",
+                        )
+                        gallery = gr.Gallery(
+                            label=t("thumbnails"),
+                            columns=4,
+                            height=140,
+                            elem_id="thumbnails",
+                            allow_preview=False,
+                        )
+                        selected = gr.Markdown(t("select_first"), elem_id="selected")
+                        with gr.Row():
+                            accept = gr.Button(t("accept"), variant="primary", elem_id="accept")
+                            reject = gr.Button(t("reject"), variant="stop", elem_id="reject")
+                        reason = gr.Textbox(label=t("reason"), elem_id="reason")
+                        with gr.Row():
+                            diameter = gr.Number(
+                                label=t("diameter_mm"), elem_id="diameter", minimum=0
+                            )
+                            edit = gr.Button(t("edit_diameter"), elem_id="edit")
+                        gr.Markdown(t("click_to_add"))
+                        point = gr.Markdown("", elem_id="clicked-point")
+                        with gr.Row():
+                            add = gr.Button(t("add_finding"), elem_id="add")
+                            remove = gr.Button(t("remove"), elem_id="remove")
+                        with gr.Row():
+                            sign = gr.Button(t("sign"), variant="primary", elem_id="sign")
+                            amend = gr.Button(t("reopen"), elem_id="reopen")
+                        message = gr.Markdown("", elem_id="message")
+            with gr.Tab(t("tab_dashboard"), id="dashboard", elem_id="tab-dashboard"):
+                dashboard_tab(ctx, t, current_user)
+            with gr.Tab(
+                t("tab_audit"), id="audit", elem_id="tab-audit", visible=False
+            ) as audit_tab:
+                audit_tab_contents(ctx, t, current_user)
+
+        viewer_outputs = [
+            state,
+            viewer_status,
+            image,
+            slider,
+            findings,
+            gallery,
+            selected,
+            diameter,
+            point,
+            message,
+        ]
+
+        def view(st: ViewerState, msg: str = "") -> tuple[Any, ...]:
+            return (
+                st,
+                st.status_line(t),
+                render_slice(ctx, st),
+                gr.update(minimum=1, maximum=max(st.slice_count, 2), value=st.slice + 1),
+                findings_table(ctx, st, t),
+                thumbnails(ctx, st),
+                st.selected_line(t),
+                st.selected_diameter(ctx),
+                st.point_line(t),
+                msg,
+            )
+
+        blocks.load(on_load, None, [header, audit_tab, table])
+        for trigger in (refresh.click, status.change, sort.change, search.submit):
+            trigger(worklist, [status, search, sort], table)
+
+        @guarded
+        def on_open(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
+            user = current_user(ctx, request)
+            row = evt.row_value if evt.row_value is not None else None
+            review_id = int(row[0]) if row else None
+            if review_id is None:
+                raise ReviewError(t("open_hint"))
+            st = open_review(ctx, user, review_id, client=_client(request))
+            return (*view(st), gr.Tabs(selected="viewer"))
+
+        table.select(on_open, [state], [*viewer_outputs, tabs])
+
+        def rerender(
+            st: ViewerState, s: float, p: str, w: float, lv: float, o: bool, request: gr.Request
+        ) -> Any:
+            current_user(ctx, request)
+            st.slice = int(s) - 1 if st.review_id else 0
+            st.preset, st.window, st.level, st.overlays = p, float(w or 1), float(lv or 0), o
+            return st, render_slice(ctx, st)
+
+        slider.input(rerender, [state, slider, preset, width, level, overlays], [state, image])
+        overlays.change(rerender, [state, slider, preset, width, level, overlays], [state, image])
+        for number in (width, level):
+            number.submit(
+                lambda *a: ("manual", *rerender(*a)),
+                [state, slider, preset, width, level, overlays],
+                [preset, state, image],
+            )
+
+        def on_preset(st: ViewerState, p: str, request: gr.Request) -> Any:
+            current_user(ctx, request)
+            if p in WINDOW_PRESETS:
+                st.preset, (st.window, st.level) = p, WINDOW_PRESETS[p]
+            return st, st.window, st.level, render_slice(ctx, st)
+
+        preset.input(on_preset, [state, preset], [state, width, level, image])
+
+        def on_step(delta: int) -> Any:
+            def step(st: ViewerState, request: gr.Request) -> Any:
+                current_user(ctx, request)
+                step_slice(st, delta)
+                return st, gr.update(value=st.slice + 1), render_slice(ctx, st)
+
+            return step
+
+        prev_button.click(on_step(-1), [state], [state, slider, image])
+        next_button.click(on_step(+1), [state], [state, slider, image])
+
+        @guarded
+        def on_finding(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
+            current_user(ctx, request)
+            row = evt.row_value
+            if row:
+                st.select(ctx, str(row[0]))
+            return view(st)
+
+        findings.select(on_finding, [state], viewer_outputs)
+
+        @guarded
+        def on_thumbnail(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
+            current_user(ctx, request)
+            keys = [k for k, _ in st.thumbnail_keys]
+            if isinstance(evt.index, int) and 0 <= evt.index < len(keys):
+                st.select(ctx, keys[evt.index])
+            return view(st)
+
+        gallery.select(on_thumbnail, [state], viewer_outputs)
+
+        def decision(action: str) -> Any:
+            @guarded
+            def run(st: ViewerState, why: str, d: float | None, request: gr.Request) -> Any:
+                user = current_user(ctx, request)
+                what = decide(
+                    ctx, st, user, action, reason=why, diameter_mm=d, client=_client(request)
+                )
+                return (*view(st, t("saved", what=what)), "")
+
+            return run
+
+        for button, action in (
+            (accept, "accept"),
+            (reject, "reject"),
+            (edit, "edit"),
+            (remove, "remove"),
+        ):
+            button.click(decision(action), [state, reason, diameter], [*viewer_outputs, reason])
+
+        @guarded
+        def on_click(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
+            current_user(ctx, request)
+            x, y = evt.index  # column, row of the clicked pixel
+            click_point(ctx, st, row=float(y), col=float(x))
+            return st, st.point_line(t), render_slice(ctx, st)
+
+        image.select(on_click, [state], [state, point, image])
+
+        @guarded
+        def on_add(st: ViewerState, d: float | None, request: gr.Request) -> Any:
+            user = current_user(ctx, request)
+            what = add_finding(ctx, st, user, d, client=_client(request))
+            return view(st, t("saved", what=what))
+
+        add.click(on_add, [state, diameter], viewer_outputs)
+
+        @guarded
+        def on_sign(st: ViewerState, request: gr.Request) -> Any:
+            user = current_user(ctx, request)
+            result = sign_review(ctx, st, user, client=_client(request))
+            if result.destinations:
+                msg = t("signed_ok", uid=result.sr_uid, destinations=", ".join(result.destinations))
+            else:
+                msg = t("signed_no_destination", uid=result.sr_uid)
+            return view(st, msg)
+
+        sign.click(on_sign, [state], viewer_outputs)
+
+        @guarded
+        def on_reopen(st: ViewerState, request: gr.Request) -> Any:
+            user = current_user(ctx, request)
+            reopen(ctx, st, user, client=_client(request))
+            return view(st)
+
+        amend.click(on_reopen, [state], viewer_outputs)
+
+    return blocks, KEYBOARD_JS + f"<style>{CSS}</style>"
+
+
+def _client(request: gr.Request) -> str | None:
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None)

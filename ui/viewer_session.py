@@ -1,0 +1,294 @@
+"""One browser session's viewer: which review is open, the slice, window, selected finding and
+the point clicked for a missed finding; and the actions on it (ui/app.py wires them to Gradio).
+
+Opened studies are kept in a small cache of :class:`ui.viewer.StudyView` (opening a 300-slice
+series takes about a second; scrolling then renders in milliseconds), shared by sessions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from ui.accounts import User
+from ui.review import ReviewCase, ReviewedFinding, ReviewError
+from ui.signoff import sign
+from ui.viewer import WINDOW_PRESETS, StudyView
+
+CACHE_SIZE = 4
+ADDED_COLOUR = (255, 255, 255)
+POINT_COLOUR = (255, 255, 0)
+T = Callable[..., str]
+
+_cache: OrderedDict[int, StudyView] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+@dataclass
+class ViewerState:
+    review_id: int | None = None
+    slice: int = 0  # 0-based index into the series
+    slice_count: int = 0
+    preset: str = "lung"
+    window: float = WINDOW_PRESETS["lung"].window
+    level: float = WINDOW_PRESETS["lung"].level
+    overlays: bool = True
+    selected: str | None = None  # finding key
+    point: tuple[int, float, float, float, float, float] | None = None  # k, row, col, x, y, z
+    state: str = ""
+    study_uid: str = ""
+    thumbnail_keys: list[tuple[str, str]] = field(default_factory=list)
+
+    def status_line(self, t: T) -> str:
+        if self.review_id is None:
+            return t("no_study")
+        return f"**{self.study_uid}** · " + t("review_state", state=t(f"status_{self.state}"))
+
+    def selected_line(self, t: T) -> str:
+        return f"**{t('selected')}:** {self.selected}" if self.selected else t("select_first")
+
+    def point_line(self, t: T) -> str:
+        if self.point is None:
+            return ""
+        k, _, _, x, y, z = self.point
+        return t("clicked_at", slice=k + 1, x=x, y=y, z=z)
+
+    def selected_diameter(self, ctx: Any) -> float | None:
+        if self.review_id is None or self.selected is None:
+            return None
+        for f in ctx.reviews.findings(self.review_id):
+            if f.key == self.selected:
+                return round(float(f.diameter_mm), 1)
+        return None
+
+    def select(self, ctx: Any, key: str) -> None:
+        """Select a finding and jump to its slice."""
+        if self.review_id is None:
+            raise ReviewError("open a study first")
+        found = {f.key: f for f in ctx.reviews.findings(self.review_id)}
+        if key not in found:
+            raise ReviewError(f"no finding {key}")
+        self.selected = key
+        self.slice = finding_slice(study_view(ctx, self.review_id), found[key])
+
+
+def study_view(ctx: Any, review_id: int) -> StudyView:
+    with _cache_lock:
+        view = _cache.get(review_id)
+        if view is not None:
+            _cache.move_to_end(review_id)
+            return view
+    case: ReviewCase = ctx.reviews.case(review_id)
+    files = [
+        row["path"]
+        for row in ctx.store.study_instances(case.study_uid)
+        if _series_of(row) in (None, case.series_uid)
+    ]
+    view = StudyView.open(files, case.findings_path, case.seg_path)
+    with _cache_lock:
+        _cache[review_id] = view
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return view
+
+
+def _series_of(row: dict[str, Any]) -> str | None:
+    value = row.get("series_uid")
+    return str(value) if value else None
+
+
+def finding_slice(view: StudyView, finding: ReviewedFinding) -> int:
+    if finding.ai is not None:
+        return view.finding_slice(finding.ai.id)
+    k, _, _ = view.patient_to_pixel(finding.center_mm)
+    return int(min(max(round(k), 0), view.slice_count - 1))
+
+
+def open_review(ctx: Any, user: User, review_id: int, client: str | None) -> ViewerState:
+    case = ctx.reviews.open(review_id, user, client)
+    view = study_view(ctx, review_id)
+    st = ViewerState(
+        review_id=review_id,
+        slice_count=view.slice_count,
+        state=case.state,
+        study_uid=case.study_uid,
+    )
+    found = ctx.reviews.findings(review_id)
+    if found:
+        st.selected = found[0].key
+        st.slice = finding_slice(view, found[0])
+    else:
+        st.slice = view.slice_count // 2
+    return st
+
+
+def step_slice(st: ViewerState, delta: int) -> None:
+    if st.review_id is not None:
+        st.slice = int(min(max(st.slice + delta, 0), st.slice_count - 1))
+
+
+def render_slice(ctx: Any, st: ViewerState) -> NDArray[np.uint8] | None:
+    if st.review_id is None:
+        return None
+    view = study_view(ctx, st.review_id)
+    st.slice = int(min(max(st.slice, 0), view.slice_count - 1))
+    found = ctx.reviews.findings(st.review_id)
+    selected_ai = next((f.ai.id for f in found if f.key == st.selected and f.ai is not None), None)
+    rgb = view.render(st.slice, st.window, st.level, st.overlays, selected_ai)
+    if st.overlays:
+        for f in found:
+            if f.source == "added" and f.status != "removed":
+                _draw_sphere_section(
+                    rgb, view, st.slice, f.center_mm, f.diameter_mm, thick=f.key == st.selected
+                )
+    if st.point is not None and st.point[0] == st.slice:
+        _draw_cross(rgb, st.point[1], st.point[2])
+    return rgb
+
+
+def _draw_sphere_section(
+    rgb: NDArray[np.uint8],
+    view: StudyView,
+    k: int,
+    center: tuple[float, float, float],
+    diameter: float,
+    thick: bool,
+) -> None:
+    """The circle where the added finding's sphere cuts slice ``k`` (nothing off the sphere)."""
+    ck, cr, cc = view.patient_to_pixel(center)
+    dz = abs(k - ck) * view.volume.spacing[0]
+    radius_mm = diameter / 2.0
+    if dz > radius_mm:
+        return
+    r_mm = float(np.sqrt(max(radius_mm**2 - dz**2, 0.0)))
+    rows, cols = rgb.shape[:2]
+    angles = np.linspace(0, 2 * np.pi, 180, endpoint=False)
+    width = 2 if thick else 1
+    for w in range(width):
+        rr = cr + (r_mm / view.volume.spacing[1] + w) * np.sin(angles)
+        cc_ = cc + (r_mm / view.volume.spacing[2] + w) * np.cos(angles)
+        ok = (rr >= 0) & (rr < rows) & (cc_ >= 0) & (cc_ < cols)
+        rgb[rr[ok].astype(int), cc_[ok].astype(int)] = ADDED_COLOUR
+
+
+def _draw_cross(rgb: NDArray[np.uint8], row: float, col: float, size: int = 6) -> None:
+    rows, cols = rgb.shape[:2]
+    r, c = round(row), round(col)
+    rgb[max(r - size, 0) : min(r + size + 1, rows), min(max(c, 0), cols - 1)] = POINT_COLOUR
+    rgb[min(max(r, 0), rows - 1), max(c - size, 0) : min(c + size + 1, cols)] = POINT_COLOUR
+
+
+def findings_table(ctx: Any, st: ViewerState, t: T) -> pd.DataFrame:
+    columns = [
+        t("col_finding"),
+        t("col_decision"),
+        t("col_diameter"),
+        t("col_volume"),
+        t("col_probability"),
+        t("col_slice"),
+    ]
+    if st.review_id is None:
+        return pd.DataFrame([], columns=columns)
+    view = study_view(ctx, st.review_id)
+    rows = []
+    for f in ctx.reviews.findings(st.review_id):
+        rows.append(
+            [
+                f.key,
+                t(f"decision_{f.status}") + (f" ({f.reason})" if f.reason else ""),
+                round(f.diameter_mm, 1),
+                round(f.ai.volume_mm3, 0) if f.ai is not None else None,
+                round(f.ai.probability, 3) if f.ai is not None else None,
+                finding_slice(view, f) + 1,
+            ]
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def thumbnails(ctx: Any, st: ViewerState) -> list[tuple[NDArray[np.uint8], str]]:
+    if st.review_id is None:
+        return []
+    view = study_view(ctx, st.review_id)
+    out = []
+    st.thumbnail_keys = []
+    for f in ctx.reviews.findings(st.review_id):
+        if f.ai is not None:
+            out.append((view.thumbnail(f.ai.id, size=96), f.key))
+            st.thumbnail_keys.append((f.key, f.status))
+    return out
+
+
+def decide(
+    ctx: Any,
+    st: ViewerState,
+    user: User,
+    action: str,
+    *,
+    reason: str | None,
+    diameter_mm: float | None,
+    client: str | None,
+) -> str:
+    if st.review_id is None or st.selected is None:
+        raise ReviewError("select a finding first")
+    done = ctx.reviews.decide(
+        st.review_id,
+        st.selected,
+        action,
+        user,
+        reason=reason if action == "reject" else None,
+        diameter_mm=diameter_mm if action == "edit" else None,
+        client=client,
+    )
+    st.state = ctx.reviews.case(st.review_id).state
+    return f"{done.key} {done.status}"
+
+
+def click_point(ctx: Any, st: ViewerState, row: float, col: float) -> None:
+    if st.review_id is None:
+        raise ReviewError("open a study first")
+    view = study_view(ctx, st.review_id)
+    x, y, z = view.pixel_to_patient(st.slice, row, col)
+    st.point = (st.slice, row, col, x, y, z)
+
+
+def add_finding(
+    ctx: Any, st: ViewerState, user: User, diameter_mm: float | None, client: str | None
+) -> str:
+    if st.review_id is None:
+        raise ReviewError("open a study first")
+    if st.point is None:
+        raise ReviewError("click the image where the finding is first")
+    added = ctx.reviews.add(st.review_id, st.point[3:], diameter_mm or 0.0, user, client)
+    st.selected, st.point = added.key, None
+    st.state = ctx.reviews.case(st.review_id).state
+    return f"{added.key} ({added.diameter_mm:.1f} mm)"
+
+
+def sign_review(ctx: Any, st: ViewerState, user: User, client: str | None) -> Any:
+    if st.review_id is None:
+        raise ReviewError("open a study first")
+    result = sign(
+        ctx.reviews,
+        ctx.store,
+        st.review_id,
+        user,
+        ctx.config.data_dir / "signed",
+        fallback_destinations=ctx.config.ui.signoff_destinations,
+        client=client,
+        default_organisation=ctx.config.ui.organisation,
+    )
+    st.state = ctx.reviews.case(st.review_id).state
+    return result
+
+
+def reopen(ctx: Any, st: ViewerState, user: User, client: str | None) -> None:
+    if st.review_id is None:
+        raise ReviewError("open a study first")
+    st.state = ctx.reviews.reopen(st.review_id, user, client).state

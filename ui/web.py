@@ -1,0 +1,374 @@
+"""The review app's web server: login, sessions, the gate in front of every route, and the
+Gradio app (ui/app.py) mounted behind it, one per interface language.
+
+- Every request passes :class:`SessionGate` (pure ASGI, so Gradio's streaming routes work
+  unchanged) except ``GET/POST /login``. Without a valid session an HTML page request is sent
+  to the login page and anything else (Gradio's API, uploads, files, config) gets 401 with
+  nothing of the app. Gradio also receives an ``auth_dependency`` that reads the gate's user,
+  so its own routes would refuse an anonymous request even without the gate.
+- The session is a cookie (``aidx_session``: HttpOnly, SameSite=Strict, Secure under HTTPS)
+  holding a random token; the store keeps only its hash (ui.accounts). Failed logins are slowed
+  down by the account lockout; every login, logout and failure is in the audit log.
+- ``/app/en/`` and ``/app/zh/``: the app in each language; ``/`` sends a user to theirs, and
+  ``POST /language`` changes it. ``/admin/audit.csv``: the audit log for administrators.
+- :class:`UiServer` runs it all in uvicorn (HTTPS when ``ui.certificate`` is set), in a thread
+  for ``aidx serve`` or in the foreground for ``aidx ui``.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import logging
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from aidx.config import AidxConfig
+from aidx.store import Store
+from ui.accounts import Accounts, AuthError, User
+from ui.app import build_app
+from ui.i18n import LANGUAGES, text
+from ui.review import Reviews
+
+log = logging.getLogger("aidx.ui.web")
+
+COOKIE = "aidx_session"
+OPEN_PATHS = ("/login",)  # the only routes served without a session
+VALIDATE_CACHE_S = 5.0  # a token checked this recently is not checked against the store again
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass
+class UiContext:
+    """What the app's handlers need: the store and the services on it."""
+
+    config: AidxConfig
+    store: Store
+    accounts: Accounts
+    reviews: Reviews
+
+
+def client_of(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return f"{client[0]}" if client else None
+
+
+class SessionGate:
+    """ASGI middleware: only requests with a valid session reach the app (see module doc)."""
+
+    def __init__(self, app: ASGIApp, accounts: Accounts) -> None:
+        self.app = app
+        self.accounts = accounts
+        self._checked: dict[str, tuple[User, float]] = {}
+        self._lock = threading.Lock()
+
+    def user(self, token: str | None, client: str | None) -> User | None:
+        if not token:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            hit = self._checked.get(token)
+        if hit is not None and now - hit[1] < VALIDATE_CACHE_S:
+            return hit[0]
+        user = self.accounts.validate(token, client)
+        with self._lock:
+            if user is None:
+                self._checked.pop(token, None)
+            else:
+                if len(self._checked) > 10_000:
+                    self._checked.clear()
+                self._checked[token] = (user, now)
+        return user
+
+    def forget(self, token: str | None) -> None:
+        with self._lock:
+            self._checked.pop(token or "", None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        user = self.user(cookie_token(scope), client_of(scope))
+        if user is None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4401})
+                return
+            await _refuse(scope, send)
+            return
+        scope.setdefault("state", {})["user"] = user
+        await self.app(scope, receive, send)
+
+
+def cookie_token(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"cookie":
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(value.decode("latin-1"))
+            except Exception:  # noqa: BLE001 - a malformed cookie header is no session
+                return None
+            morsel = jar.get(COOKIE)
+            return morsel.value if morsel else None
+    return None
+
+
+async def _refuse(scope: Scope, send: Send) -> None:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    wants_page = scope.get("method") == "GET" and "text/html" in headers.get("accept", "")
+    if wants_page:
+        target = scope.get("path", "/")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        response: Response = RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+    else:
+        response = Response(
+            '{"detail": "login required"}', status_code=401, media_type="application/json"
+        )
+    await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _safe_next(target: str | None, lang: str) -> str:
+    """Only a local path (no scheme, no host): never an open redirect."""
+    default = f"/app/{lang}/"
+    if not target:
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return default
+    if target.startswith("/login") or target.startswith("/logout"):
+        return default
+    return target
+
+
+def login_page(lang: str, message: str = "", next_path: str = "", status: int = 200) -> Response:
+    def t(key: str) -> str:
+        return html.escape(text(lang, key))
+
+    other = "zh" if lang == "en" else "en"
+    body = f"""<!doctype html>
+<html lang="{"zh-Hans" if lang == "zh" else "en"}"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{t("login_title")}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; background: #111827; color: #e5e7eb;
+       display: flex; justify-content: center; align-items: center; min-height: 100vh; margin: 0; }}
+form {{ background: #1f2937; padding: 2rem 2.5rem; border-radius: 8px; width: 22rem; }}
+h1 {{ font-size: 1.3rem; margin-top: 0; }}
+label {{ display: block; margin-top: 1rem; }}
+input {{ width: 100%; padding: .5rem; margin-top: .3rem; box-sizing: border-box;
+         border-radius: 4px; border: 1px solid #4b5563; background: #111827; color: #e5e7eb; }}
+button {{ margin-top: 1.5rem; width: 100%; padding: .6rem; background: #2563eb; color: white;
+          border: 0; border-radius: 4px; font-size: 1rem; cursor: pointer; }}
+.msg {{ color: #fca5a5; margin-top: 1rem; }}
+.foot {{ margin-top: 1.2rem; font-size: .85rem; color: #9ca3af; }}
+a {{ color: #93c5fd; }}
+</style></head><body>
+<form method="post" action="/login" autocomplete="off">
+<h1>{t("login_title")}</h1>
+<input type="hidden" name="next" value="{html.escape(next_path)}">
+<input type="hidden" name="lang" value="{lang}">
+<label>{t("username")}<input id="username" name="username" autocomplete="username" required></label>
+<label>{t("password")}<input id="password" name="password" type="password"
+  autocomplete="current-password" required></label>
+<button id="sign-in" type="submit">{t("sign_in")}</button>
+{f'<p class="msg" role="alert">{html.escape(message)}</p>' if message else ""}
+<p class="foot"><a href="/login?lang={other}">{t("switch_language")}</a> ·
+{t("not_clinical")}</p>
+</form></body></html>"""
+    response = HTMLResponse(body, status_code=status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
+    """The whole web app (routes + Gradio apps), wrapped in the session gate."""
+    api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    https = ctx.config.ui.https
+    gate_holder: dict[str, SessionGate] = {}
+
+    @api.get("/login")
+    def get_login(request: Request) -> Response:
+        lang = request.query_params.get("lang", "en")
+        lang = lang if lang in LANGUAGES else "en"
+        return login_page(lang, next_path=request.query_params.get("next", ""))
+
+    @api.post("/login")
+    async def post_login(request: Request) -> Response:
+        form = await request.form()
+        username = str(form.get("username", ""))
+        password = str(form.get("password", ""))
+        lang = str(form.get("lang", "en"))
+        lang = lang if lang in LANGUAGES else "en"
+        client = request.client.host if request.client else None
+        try:
+            session = ctx.accounts.authenticate(username, password, client)
+        except AuthError:
+            return login_page(lang, text(lang, "login_failed"), str(form.get("next", "")), 401)
+        target = _safe_next(str(form.get("next", "")), session.user.language)
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            COOKIE,
+            session.token,
+            max_age=int(ctx.accounts.max_age_s),
+            httponly=True,
+            secure=https,
+            samesite="strict",
+            path="/",
+        )
+        return response
+
+    @api.get("/logout")
+    def logout(request: Request) -> Response:
+        user: User = request.state.user
+        token = request.cookies.get(COOKIE)
+        ctx.accounts.revoke(token, request.client.host if request.client else None)
+        gate_holder["gate"].forget(token)
+        response = RedirectResponse(f"/login?lang={user.language}", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    @api.get("/")
+    def home(request: Request) -> Response:
+        return RedirectResponse(f"/app/{request.state.user.language}/", status_code=303)
+
+    @api.post("/language")
+    async def language(request: Request) -> Response:
+        form = await request.form()
+        lang = str(form.get("lang", ""))
+        if lang not in LANGUAGES:
+            return Response("unknown language", status_code=400)
+        user: User = request.state.user
+        ctx.accounts.set_language(user.username, lang, actor=user)
+        gate_holder["gate"].forget(request.cookies.get(COOKIE))
+        return RedirectResponse(f"/app/{lang}/", status_code=303)
+
+    @api.get("/admin/audit.csv")
+    def audit_csv(request: Request) -> Response:
+        user: User = request.state.user
+        if user.role != "admin":
+            return Response("administrators only", status_code=403)
+        buffer = io.StringIO()
+        count = ctx.accounts.audit.export_csv(buffer)
+        ctx.accounts.audit.record(
+            user.username,
+            user.role,
+            "audit_export",
+            detail={"entries": count},
+            client=request.client.host if request.client else None,
+        )
+        return Response(
+            buffer.getvalue().encode("utf-8"),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="aidx-audit.csv"'},
+        )
+
+    def gradio_user(request: Request) -> str | None:
+        user = getattr(request.state, "user", None)
+        return user.username if isinstance(user, User) else None
+
+    for lang in LANGUAGES:
+        blocks, head = build_app(ctx, lang)
+        gr.mount_gradio_app(
+            api,
+            blocks,
+            path=f"/app/{lang}",
+            auth_dependency=gradio_user,
+            footer_links=[],
+            head=head,
+            ssr_mode=False,
+        )
+    gate = SessionGate(api, ctx.accounts)
+    gate_holder["gate"] = gate
+    return api, gate
+
+
+class UiServer:
+    """uvicorn serving :func:`create_app` on ``ui.host:ui.port`` (HTTPS with a certificate)."""
+
+    def __init__(self, config: AidxConfig, store: Store) -> None:
+        refusal = config.ui.refusal()
+        if refusal:
+            raise ValueError(refusal)
+        accounts = Accounts(
+            store,
+            idle_timeout_s=config.ui.session_idle_timeout_s,
+            max_age_s=config.ui.session_max_age_s,
+            lockout_threshold=config.ui.lockout_threshold,
+            lockout_base_s=config.ui.lockout_base_s,
+            lockout_max_s=config.ui.lockout_max_s,
+        )
+        self.ctx = UiContext(config, store, accounts, Reviews(store, accounts.audit))
+        self.app, self.gate = create_app(self.ctx)
+        self._socket = socket.socket(
+            socket.AF_INET6 if ":" in config.ui.host else socket.AF_INET, socket.SOCK_STREAM
+        )
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((config.ui.host, config.ui.port))
+        self.port = int(self._socket.getsockname()[1])
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ctx.config.ui.https else "http"
+        host = self.ctx.config.ui.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{self.port}/"
+
+    def _make_server(self) -> Any:
+        ui = self.ctx.config.ui
+        config = uvicorn.Config(
+            self.gate,
+            log_level="warning",
+            ssl_certfile=str(ui.certificate) if ui.certificate else None,
+            ssl_keyfile=str(ui.private_key) if ui.private_key else None,
+            timeout_graceful_shutdown=2,
+        )
+        return uvicorn.Server(config)
+
+    def run(self) -> None:
+        """Serve in this thread until :meth:`stop` (or a signal, for ``aidx ui``)."""
+        self._server = self._make_server()
+        self._server.run(sockets=[self._socket])
+
+    def start(self) -> None:
+        self._server = self._make_server()
+        self._server.install_signal_handlers = lambda: None  # the main thread owns signals
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
+            name="aidx-ui",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._socket.close()
