@@ -74,19 +74,21 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
 
-from aidx.store import Store
 from inference.findings import Finding
 from inference.volume import Volume, load_series
-from ui.review import ReviewCase, ReviewedFinding, Reviews
 
 from .converters_dicom import _check_grid, _mask
 from .dataset import Case, Dataset, DatasetError, Lesion, write_case
+
+if TYPE_CHECKING:  # the caller (aidx feedback export) passes the store and its reviews in
+    from aidx.store import Store
+    from ui.review import ReviewCase, ReviewedFinding, Reviews
 
 log = logging.getLogger("aidx.feedback")
 
