@@ -6,7 +6,9 @@
 #   3. the training set (configs/train/phantom-gpu.yaml: 120 phantoms, 16 processes) and the
 #      GPU training run (wall-clock limit in the config),
 #   4. copies the log, best.pt and the curves to $OUT (or ./gpu-out without $OUT).
-# Usage: bash benchmarks/gpu_session.sh [train|bench|all]   (default all)
+#   finetune: the dataset, then configs/train/phantom-gpu-finetune.yaml from the carried
+#   aidx-data/runs/phantom-gpu/best.pt (carry that path too).
+# Usage: bash benchmarks/gpu_session.sh [train|bench|finetune|all]   (default all)
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-gpu-out}
@@ -23,7 +25,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "$what" = all ] || [ "$what" = bench ]; then
   timeout 150 python3 benchmarks/gpu.py --repeats 5 --train-steps 5 2>&1 | tee "$out/gpu-bench.log"
 fi
-if [ "$what" = all ] || [ "$what" = train ]; then
+config=configs/train/phantom-gpu.yaml
+run=aidx-data/runs/phantom-gpu
+if [ "$what" = finetune ]; then
+  config=configs/train/phantom-gpu-finetune.yaml
+  run=aidx-data/runs/phantom-gpu-finetune
+fi
+if [ "$what" = all ] || [ "$what" = train ] || [ "$what" = finetune ]; then
   start=$(date +%s)
   python3 - <<'PY' 2>&1 | tee "$out/dataset.log"
 from pathlib import Path
@@ -33,9 +41,9 @@ main_phantoms(Path("aidx-data/datasets/phantoms-train-120"), 120, 1, 96, 256, no
 print("dataset ready")
 PY
   echo "dataset: $(( $(date +%s) - start )) s"
-  python3 -m training.train --config configs/train/phantom-gpu.yaml 2>&1 | tee "$out/train.log" \
+  python3 -m training.train --config "$config" 2>&1 | tee "$out/train.log" \
     | grep -v "epoch [0-9]*/[0-9]*: loss" || true
   grep "epoch [0-9]*/[0-9]*: loss" "$out/train.log" | tail -3
-  cp aidx-data/runs/phantom-gpu/best.pt aidx-data/runs/phantom-gpu/curves.png "$out/" || true
+  cp "$run/best.pt" "$run/curves.png" "$out/" || true
   echo "training total: $(( $(date +%s) - start )) s"
 fi

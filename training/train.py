@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -89,6 +90,11 @@ class TrainConfig(BaseModel):
     # Stop after the epoch during which this many minutes of training have passed (validated
     # then, so the best model is kept); None: no limit. Makes a run fit a session or a lease.
     time_limit_minutes: float | None = Field(default=None, gt=0)
+    # "cosine": the learning rate falls from learning_rate to 0 over the run (its share of
+    # time_limit_minutes when set, else of epochs); "constant" keeps it.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Start from these weights (a best.pt or checkpoint.pt), e.g. to fine-tune a shipped model.
+    init_weights: Path | None = None
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
@@ -230,6 +236,10 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
     torch.backends.cudnn.benchmark = device.type == "cuda"
     net: ProbabilityNet = build_network(config.network, config.features).to(device)  # type: ignore[arg-type]
     _prior_bias(net, config.prior_probability)
+    if config.init_weights is not None:
+        initial = torch.load(config.init_weights, map_location="cpu", weights_only=False)
+        net.load_state_dict(initial["network_state"])
+        log.info("started from the weights in %s", config.init_weights)
     body: torch.nn.Module = net.body
     if distributed:
         body = torch.nn.parallel.DistributedDataParallel(body)
@@ -264,6 +274,11 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
             leave=False,
         )
         for batch in bar:
+            if config.lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = config.learning_rate * _cosine(
+                        config, epoch, time.perf_counter() - training_started
+                    )
             images, labels = batch["image"].to(device), batch["label"].to(device)
             optimizer.zero_grad()
             with torch.autocast(device.type, enabled=use_amp):
@@ -322,6 +337,15 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
     if distributed:
         torch.distributed.destroy_process_group()
     return history
+
+
+def _cosine(config: TrainConfig, epoch: int, elapsed_s: float) -> float:
+    """The cosine schedule's factor (1 -> 0) at this point of the run."""
+    if config.time_limit_minutes is not None:
+        done = elapsed_s / (60 * config.time_limit_minutes)
+    else:
+        done = (epoch - 1) / max(config.epochs, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
 
 
 def _prior_bias(net: ProbabilityNet, prior: float) -> None:

@@ -81,6 +81,26 @@ def test_workers_and_a_time_limit_stop_with_a_validated_best_model(
     assert (tmp_path / "run" / "best.pt").exists()
 
 
+def test_fine_tuning_starts_from_given_weights_with_a_cosine_schedule(
+    dataset: Path, tmp_path: Path
+) -> None:
+    from training.train import _cosine
+
+    (tmp_path / "a").mkdir()
+    first = TrainConfig.load(config_file(tmp_path / "a", dataset, epochs=1))
+    train(first)
+    best = tmp_path / "a" / "run" / "best.pt"
+    (tmp_path / "b").mkdir()
+    tuned = TrainConfig.load(
+        config_file(tmp_path / "b", dataset, epochs=2, init_weights=str(best), lr_schedule="cosine")
+    )
+    assert train(tuned).epochs == [1, 2]
+    assert [_cosine(tuned, e, 0.0) for e in (1, 2)] == [1.0, 0.5]
+    timed = tuned.model_copy(update={"time_limit_minutes": 1.0})
+    assert _cosine(timed, 1, 30.0) == pytest.approx(0.5)
+    assert _cosine(timed, 1, 600.0) == 0.0
+
+
 def test_parallel_phantom_generation_gives_the_same_dataset(tmp_path: Path) -> None:
     from training.dataset import Dataset
 
