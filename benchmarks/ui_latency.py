@@ -278,7 +278,7 @@ def main() -> None:
         ("server: render_png (baseline)", server_times["cold"]),
         ("server: render_png, warm", server_times["warm"]),
         ("server: render_slice (RGB), warm", server_times["render_slice"]),
-        ("server: Gradio's PNG of it", server_times["gradio_png"]),
+        ("server: Gradio's own PNG (unused)", server_times["gradio_png"]),
     ]
     for name, values in rows:
         print(f"  {name:<33} {med(values):7.1f} {p95(values):7.1f}")

@@ -29,9 +29,9 @@ from ui.viewer_session import (
     decide,
     findings_table,
     open_review,
-    render_slice,
     reopen,
     sign_review,
+    slice_png,
     step_slice,
     thumbnails,
 )
@@ -162,7 +162,8 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
 
         return run
 
-    with gr.Blocks(title=t("title"), analytics_enabled=False) as blocks:
+    # Gradio's copies of the slices (patient images) leave its cache after half an hour.
+    with gr.Blocks(title=t("title"), analytics_enabled=False, delete_cache=(600, 1800)) as blocks:
         state = gr.State(ViewerState())
         with gr.Row():
             header = gr.Markdown(elem_id="header")
@@ -273,7 +274,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             return (
                 st,
                 st.status_line(t),
-                render_slice(ctx, st),
+                slice_png(ctx, st),
                 gr.update(minimum=1, maximum=max(st.slice_count, 2), value=st.slice + 1),
                 findings_table(ctx, st, t),
                 thumbnails(ctx, st),
@@ -305,7 +306,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             current_user(ctx, request)
             st.slice = int(s) - 1 if st.review_id else 0
             st.preset, st.window, st.level, st.overlays = p, float(w or 1), float(lv or 0), o
-            return st, render_slice(ctx, st)
+            return st, slice_png(ctx, st)
 
         slider.input(rerender, [state, slider, preset, width, level, overlays], [state, image])
         overlays.change(rerender, [state, slider, preset, width, level, overlays], [state, image])
@@ -320,7 +321,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             current_user(ctx, request)
             if p in WINDOW_PRESETS:
                 st.preset, (st.window, st.level) = p, WINDOW_PRESETS[p]
-            return st, st.window, st.level, render_slice(ctx, st)
+            return st, st.window, st.level, slice_png(ctx, st)
 
         preset.input(on_preset, [state, preset], [state, width, level, image])
 
@@ -328,7 +329,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             def step(st: ViewerState, request: gr.Request) -> Any:
                 current_user(ctx, request)
                 step_slice(st, delta)
-                return st, gr.update(value=st.slice + 1), render_slice(ctx, st)
+                return st, gr.update(value=st.slice + 1), slice_png(ctx, st)
 
             return step
 
@@ -379,7 +380,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             current_user(ctx, request)
             x, y = evt.index  # column, row of the clicked pixel
             click_point(ctx, st, row=float(y), col=float(x))
-            return st, st.point_line(t), render_slice(ctx, st)
+            return st, st.point_line(t), slice_png(ctx, st)
 
         image.select(on_click, [state], [state, point, image])
 

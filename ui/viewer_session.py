@@ -7,15 +7,19 @@ series takes about a second; scrolling then renders in milliseconds), shared by 
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
+from PIL import Image
 
 from ui.accounts import User
 from ui.review import ReviewCase, ReviewedFinding, ReviewError
@@ -23,12 +27,16 @@ from ui.signoff import sign
 from ui.viewer import WINDOW_PRESETS, StudyView
 
 CACHE_SIZE = 4
+PNG_KEEP = 256  # rendered slice files kept on disk (Gradio copies each into its own cache)
 ADDED_COLOUR = (255, 255, 255)
 POINT_COLOUR = (255, 255, 0)
 T = Callable[..., str]
 
 _cache: OrderedDict[int, StudyView] = OrderedDict()
 _cache_lock = threading.Lock()
+_png_dir: list[Path] = []  # created on first use
+_png_files: deque[Path] = deque()
+_png_lock = threading.Lock()
 
 
 @dataclass
@@ -151,6 +159,26 @@ def render_slice(ctx: Any, st: ViewerState) -> NDArray[np.uint8] | None:
     if st.point is not None and st.point[0] == st.slice:
         _draw_cross(rgb, st.point[1], st.point[2])
     return rgb
+
+
+def slice_png(ctx: Any, st: ViewerState) -> str | None:
+    """:func:`render_slice` as a PNG file for the browser, encoded with fast compression (Gradio
+    would re-encode an array at zlib's default level: about 68 ms of a 512² slice against 15 ms).
+    The files live in a private temporary folder; the oldest are removed as new ones come."""
+    rgb = render_slice(ctx, st)
+    if rgb is None:
+        return None
+    with _png_lock:
+        if not _png_dir:
+            _png_dir.append(Path(tempfile.mkdtemp(prefix="aidx-ui-")))
+        fd, name = tempfile.mkstemp(suffix=".png", dir=_png_dir[0])
+        _png_files.append(Path(name))
+        stale = [_png_files.popleft() for _ in range(max(len(_png_files) - PNG_KEEP, 0))]
+    with os.fdopen(fd, "wb") as f:
+        Image.fromarray(rgb).save(f, format="PNG", compress_level=1)
+    for old in stale:
+        old.unlink(missing_ok=True)
+    return name
 
 
 def _draw_sphere_section(
