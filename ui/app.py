@@ -134,8 +134,9 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
     def on_load(request: gr.Request) -> tuple[Any, ...]:
         user = current_user(ctx, request)
         other = "zh" if lang == "en" else "en"
+        who = t("signed_in_as", name=user.display_name, role=t(f"role_{user.role}"))
         header = (
-            f"**{t('title')}** · {t('signed_in_as', name=user.display_name, role=user.role)} · "
+            f"**{t('title')}** · {who} · "
             f"[{t('log_out')}](/logout) · "
             f"<form method='post' action='/language' style='display:inline'>"
             f"<input type='hidden' name='lang' value='{other}'>"

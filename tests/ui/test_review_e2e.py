@@ -261,6 +261,61 @@ def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
     _check_signed_report(served, accepted=1, rejected=count - 1, added=1)
 
 
+def _add_user(served: Served, name: str, role: str, language: str) -> None:
+    added = subprocess.run(
+        [
+            _aidx_binary(),
+            "--data-dir",
+            str(served.data_dir),
+            "users",
+            "add",
+            name,
+            "--role",
+            role,
+            "--name",
+            f"Test^{name}",
+            "--language",
+            language,
+            "--password-stdin",
+        ],
+        input="a long enough password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AIDX_")},
+    )
+    assert added.returncode == 0, added.stderr
+
+
+def test_admin_reads_the_audit_log_and_a_chinese_user_gets_chinese(served: Served) -> None:
+    from playwright.sync_api import expect
+
+    _add_user(served, "auditor", "admin", "en")
+    _add_user(served, "lin", "engineer", "zh")
+    with _browser() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1100})
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        _login(page, served.url, "auditor", "a long enough password")
+        page.get_by_role("tab", name="Audit log").click()
+        page.click("#audit-refresh")
+        expect(page.locator("#audit")).to_contain_text("finding_reject")
+        expect(page.locator("#audit")).to_contain_text("sign")
+        _shot(page, "09-audit-admin")
+        csv = page.request.get(served.url + "admin/audit.csv")
+        assert csv.status == 200 and "finding_accept" in csv.text()
+        page.goto(served.url + "logout")
+        page.fill("#username", "lin")
+        page.fill("#password", "a long enough password")
+        page.click("#sign-in")
+        page.wait_for_url(re.compile(r".*/app/zh/.*"))
+        expect(page.get_by_role("tab", name="工作列表")).to_be_visible()
+        expect(page.locator("#worklist")).to_contain_text("已签署")  # the signed demo study
+        _shot(page, "10-worklist-zh")
+        browser.close()
+
+
 def _check_signed_report(served: Served, accepted: int, rejected: int, added: int) -> None:
     store = Store(f"sqlite:///{served.data_dir / 'aidx.db'}")
     try:

@@ -3,14 +3,23 @@ Gradio's own API included; login, logout, language, roles; HTTPS refusal beyond 
 
 from __future__ import annotations
 
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from aidx.config import load_config
+from aidx.store import Store
+from tests.dicom_node.test_tls import Pki, pki  # noqa: F401  (the throwaway CA fixture)
+from tests.peers import poll_until
 from tests.ui.reviewed_study import PASSWORD, ReviewedStudy, reviewed_study
-from ui.web import COOKIE, UiContext, create_app
+from ui.i18n import missing, text
+from ui.web import COOKIE, UiContext, UiServer, create_app
 
 # Routes of the app and of Gradio's mounted apps (pages, config, API, files, queue, uploads).
 PROTECTED = [
@@ -139,3 +148,65 @@ def test_https_is_required_beyond_loopback(tmp_path: Path) -> None:
     from aidx.cli import main
 
     assert main(["--data-dir", str(tmp_path), "ui", "--host", "0.0.0.0", "--port", "0"]) == 2
+
+
+def test_the_app_serves_https_with_the_configured_certificate(
+    tmp_path: Path,
+    pki: Pki,  # noqa: F811  (the fixture imported above)
+) -> None:
+    """HTTPS end to end through uvicorn: the page over TLS (checked against the test CA), the
+    session cookie marked Secure, and no plain HTTP on that port."""
+    config = load_config(
+        env={},
+        overrides={
+            "data_dir": str(tmp_path),
+            "ui.port": 0,
+            "ui.certificate": str(pki.server_cert),
+            "ui.private_key": str(pki.server_key),
+        },
+    )
+    store = Store(config.store_url())
+    server = UiServer(config, store)
+    server.start()
+    try:
+        server.ctx.accounts.add_user("rad", PASSWORD, role="radiologist", display_name="R^A")
+        assert server.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=context),
+            urllib.request.ProxyHandler({}),
+            _NoRedirect(),
+        )
+
+        def login_page_served() -> bool:
+            try:
+                with opener.open(server.url + "login", timeout=10) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        poll_until(login_page_served, 30.0, "the login page over HTTPS")
+        form = urllib.parse.urlencode({"username": "rad", "password": PASSWORD}).encode()
+        with pytest.raises(urllib.error.HTTPError) as redirect:
+            opener.open(server.url + "login", data=form, timeout=10)
+        assert redirect.value.code == 303
+        cookie = redirect.value.headers["set-cookie"].lower()
+        assert "secure" in cookie and "httponly" in cookie
+        with pytest.raises(OSError):
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"http://127.0.0.1:{server.port}/login", timeout=10
+            )
+    finally:
+        server.stop()
+        store.close()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def test_every_interface_text_exists_in_both_languages() -> None:
+    assert missing("zh") == []
+    assert text("zh", "sign") == "签署报告" and text("en", "sign") == "Sign report"
+    assert text("fr", "sign") == "Sign report"  # an unknown language falls back to English
