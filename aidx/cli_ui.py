@@ -42,6 +42,12 @@ def start_ui(config: AidxConfig, store: Store, demo: bool = False) -> object | N
             "  (shown once; `aidx users passwd demo` sets another, `aidx users add` adds users)",
             flush=True,
         )
+    elif demo:
+        print(
+            f"  sign in as '{DEMO_USER}' with the password printed at the first `make run` "
+            f"(forgotten: aidx --data-dir {config.data_dir} users passwd {DEMO_USER})",
+            flush=True,
+        )
     return server
 
 

@@ -148,7 +148,10 @@ def test_shows_one_study_timeline_results_and_deliveries(
     # The last image came at T0 + 2; the study completed 10 s (its quiet period) later, and
     # inference finished about ten minutes after that.
     assert offsets[:4] == ["-2.0 s", "+0.0 s", "+10.0 s", "+11.0 s"]
-    assert re.fullmatch(r"\+(9|10) min \d\d s", offsets[4]), offsets[4]
+    # Sent "now", about 10 minutes after T0, which is taken when the module is collected: on a
+    # loaded machine the test may run minutes after collection.
+    sent = re.fullmatch(r"\+(\d+) min \d\d s", offsets[4])
+    assert sent and int(sent.group(1)) >= 9, offsets[4]
     assert "lung-nodule@1.0.0" in out and "2 findings" in out
     assert "/results/1/sr.dcm" in out and "/results/1/seg.dcm" in out
     destinations = out.split("Destinations")[1].strip().splitlines()
