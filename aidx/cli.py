@@ -208,6 +208,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bootstrap", type=int, default=100, help="0 disables the CPM CI")
     evaluate.set_defaults(handler=cli_models.evaluate)
 
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="fit a model's finding probabilities on held-apart cases; registers a new version",
+    )
+    calibrate.add_argument("--model", metavar="NAME@VERSION", help="default: the active model")
+    calibrate.add_argument(
+        "--dataset",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="canonical dataset that neither training nor the evaluation uses",
+    )
+    calibrate.add_argument("--version", required=True, help="version of the calibrated model")
+    calibrate.add_argument(
+        "--segmentation-threshold",
+        type=float,
+        default=0.5,
+        help="voxel probability that outlines a finding (default 0.5)",
+    )
+    calibrate.add_argument(
+        "--evaluation", type=Path, help="froc.json of the calibrated model to put in its card"
+    )
+    calibrate.add_argument(
+        "--operating-fp-rate",
+        type=float,
+        default=1.0,
+        help="with --evaluation: the threshold at this many false positives per scan",
+    )
+    calibrate.set_defaults(handler=cli_models.calibrate)
+
     train_cmd = sub.add_parser("train", help="train a detector (needs the [train] extra)")
     # Its own dest: the global --config names the aidx configuration, not the training one.
     train_cmd.add_argument(

@@ -279,6 +279,82 @@ def evaluate(args: argparse.Namespace, config: AidxConfig) -> int:
     return EXIT_OK
 
 
+def calibrate(args: argparse.Namespace, config: AidxConfig) -> int:
+    """`aidx calibrate`: fit the calibration, register NAME@VERSION with the same ONNX file."""
+    import json
+    import shutil
+
+    from inference.pipeline import runner_options
+    from models.registry import ModelCard, ModelError
+    from training.calibrate import CalibrationError
+    from training.calibrate import calibrate as fit_calibration
+    from training.dataset import DatasetError
+
+    try:
+        source = _registry(config).resolve(args.model, config.models.default)
+        calibration, samples = fit_calibration(
+            source,
+            args.dataset,
+            runner_options(config),
+            args.segmentation_threshold,
+            config.inference.min_volume_mm3,
+            config.inference.merge_distance_mm,
+        )
+    except (ModelError, DatasetError, CalibrationError, ValueError) as exc:
+        print(f"aidx calibrate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"calibration of {source.ref}: p = sigmoid({calibration.intercept:.3f} + "
+        f"{calibration.volume_coef:.3f} ln(1 + volume mm3) + {calibration.max_coef:.3f} "
+        f"logit(max)); {calibration.fitted_on}"
+    )
+    card = source.card
+    threshold, evaluation = 0.5, {}
+    if args.evaluation is not None:
+        try:
+            froc = json.loads(args.evaluation.read_text("utf-8"))
+            evaluation = evaluation_figures(froc)
+            threshold, fp_rate = operating_point(froc, args.operating_fp_rate)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"aidx calibrate: {args.evaluation}: not a froc.json: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        evaluation["operating_fp_per_scan"] = fp_rate
+        print(f"operating threshold {threshold:.6g}: {fp_rate:g} false positives per scan")
+    command = (
+        f"aidx calibrate --model {source.ref} --dataset {args.dataset} --version {args.version}"
+        f" --segmentation-threshold {args.segmentation_threshold:g}"
+    )
+    calibrated = ModelCard.model_validate(
+        {
+            **json.loads(card.model_dump_json()),
+            "version": args.version,
+            "output": {
+                **json.loads(card.output.model_dump_json()),
+                "operating_threshold": threshold,
+                "calibration": json.loads(calibration.model_dump_json()),
+            },
+            "training": {
+                **json.loads(card.training.model_dump_json()),
+                "command": f"{card.training.command}; then {command}",
+            },
+            "evaluation": evaluation,
+        }
+    )
+    out = config.data_dir / "exports" / f"{card.name}-{args.version}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source.onnx_path, out / "model.onnx")
+        (out / "card.json").write_text(calibrated.model_dump_json(indent=2) + "\n", "utf-8")
+        entry = _registry(config).register(out / "model.onnx", out / "card.json")
+    except (ModelError, OSError) as exc:
+        print(f"aidx calibrate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    nodules = int(samples.is_nodule.sum())
+    print(f"{len(samples.is_nodule)} components ({nodules} on nodules) in {samples.cases} cases")
+    print(f"registered {entry.ref}; evaluate it, then promote: aidx models promote {entry.ref}")
+    return EXIT_OK
+
+
 def train(args: argparse.Namespace, config: AidxConfig) -> int:
     del config
     try:

@@ -135,6 +135,7 @@ def infer_files(
         threshold,
         min_volume_mm3=config.inference.min_volume_mm3,
         merge_distance_mm=config.inference.merge_distance_mm,
+        calibration=card.output.calibration,
     )
     timings["postprocess_s"] = time.perf_counter() - t
 

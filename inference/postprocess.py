@@ -1,12 +1,15 @@
 """From a probability map in model space to ``Finding`` records in patient coordinates.
 
 The map (on the grid of ``Preprocessed``: LPS-ordered, resampled) is thresholded at the
-operating point, split into 26-connected components, components smaller than a minimum volume
-are dropped, and components whose centres lie closer than a merge distance are joined
-(single linkage: fragments of one lesion cut by a thin gap become one finding). Each finding is
-measured in millimetres through the preprocessing affine: probability-weighted centre, longest
-3D extent (maximum Feret diameter), volume, bounding box. Its key slice and its mask are on the
-ORIGINAL series grid (``Volume``), where the SR's image references and the SEG's frames live.
+operating point (or, for a calibrated model, at the calibration's segmentation threshold; each
+finding's probability is then the calibrated one, and findings below the operating point are
+dropped: see ``models.registry.Calibration``), split into 26-connected components, components
+smaller than a minimum volume are dropped, and components whose centres lie closer than a merge
+distance are joined (single linkage: fragments of one lesion cut by a thin gap become one
+finding). Each finding is measured in millimetres through the preprocessing affine:
+probability-weighted centre, longest 3D extent (maximum Feret diameter), volume, bounding box.
+Its key slice and its mask are on the ORIGINAL series grid (``Volume``), where the SR's image
+references and the SEG's frames live.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +26,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import pdist
 from skimage import measure
+
+from models.registry import Calibration
 
 from .findings import Finding, Point
 from .preprocess import Preprocessed
@@ -58,11 +63,14 @@ def findings_from_probability(
     threshold: float,
     min_volume_mm3: float = MIN_VOLUME_MM3,
     merge_distance_mm: float = MERGE_DISTANCE_MM,
+    calibration: Calibration | None = None,
 ) -> list[Finding]:
     """Findings (ids 1..N by decreasing probability) from a probability map on ``pre``'s grid.
 
     ``probability`` is what the runner returned for ``pre.array``; ``volume`` is the series it
-    was preprocessed from, whose grid carries the key slice and the masks.
+    was preprocessed from, whose grid carries the key slice and the masks. With
+    ``calibration``, components are cut at its segmentation threshold and ``threshold``
+    applies to the calibrated probability.
     """
     if probability.shape != pre.array.shape:
         raise PostprocessError(
@@ -73,7 +81,8 @@ def findings_from_probability(
         raise PostprocessError(f"threshold must be in (0, 1), got {threshold}")
     axes = pre.affine[:3, :3]
     voxel_mm3 = abs(float(np.linalg.det(axes)))
-    labels = _label(probability >= threshold, connectivity=3)  # 26-connected
+    cut = calibration.segmentation_threshold if calibration is not None else threshold
+    labels = _label(probability >= cut, connectivity=3)  # 26-connected
     components: list[_Component] = []
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
@@ -85,7 +94,13 @@ def findings_from_probability(
         weight = np.asarray(probability[box][local], dtype=np.float32)
         components.append(_Component(index, weight))
     groups = _merge(components, axes, merge_distance_mm)
-    measured = [_measure(group, probability, threshold, pre, volume, voxel_mm3) for group in groups]
+    measured = [_measure(group, probability, cut, pre, volume, voxel_mm3) for group in groups]
+    if calibration is not None:
+        measured = [
+            replace(m, probability=calibrated(calibration, m.volume_mm3, m.probability))
+            for m in measured
+        ]
+        measured = [m for m in measured if m.probability >= threshold]
     measured.sort(key=lambda m: (-m.probability, -m.volume_mm3))
     return [
         Finding(
@@ -100,6 +115,17 @@ def findings_from_probability(
         )
         for i, m in enumerate(measured, start=1)
     ]
+
+
+def calibrated(calibration: Calibration, volume_mm3: float, max_probability: float) -> float:
+    """The calibrated probability of a component (see ``models.registry.Calibration``)."""
+    p = min(max(max_probability, 1e-6), 1.0 - 1e-6)
+    z = (
+        calibration.intercept
+        + calibration.volume_coef * math.log1p(volume_mm3)
+        + calibration.max_coef * math.log(p / (1.0 - p))
+    )
+    return 1.0 / (1.0 + math.exp(-min(max(z, -50.0), 50.0)))
 
 
 def _merge(

@@ -51,10 +51,27 @@ class InputSpec(_Strict):
     patch_size: tuple[int, int, int]  # sliding-window patch (z, y, x)
 
 
+class Calibration(_Strict):
+    """A finding's probability from its connected component (Platt scaling), fitted by
+    ``aidx calibrate`` on cases that neither training nor the evaluation used:
+    ``p = sigmoid(intercept + volume_coef * ln(1 + volume_mm3) + max_coef * logit(max))``, where
+    the component is the region at or above ``segmentation_threshold`` and ``max`` its highest
+    voxel probability. Without it, a finding's probability is that maximum, which a network
+    trained with Dice loss saturates at 1.0 for true and false findings alike."""
+
+    segmentation_threshold: float = Field(default=0.5, gt=0, lt=1)
+    intercept: float
+    volume_coef: float
+    max_coef: float
+    fitted_on: str  # the calibration data, in words
+
+
 class OutputSpec(_Strict):
     tensor: TensorSpec
     kind: Literal["probability"] = "probability"  # per-voxel lesion probability, 0..1
+    # Findings at or above this probability are reported (the calibrated one when calibrated).
     operating_threshold: float = Field(gt=0, lt=1)
+    calibration: Calibration | None = None
 
 
 class TrainingSpec(_Strict):

@@ -69,13 +69,23 @@ def evaluate_model(
     card = model.card
     spec = PreprocessSpec(card.input.spacing_mm, card.input.hu_window)
     runner = OnnxRunner(model.onnx_path, card, options)
+    # A calibrated model's components are fixed by its segmentation threshold; the floor then
+    # applies to calibrated probabilities, which spread lower: keep nearly all of them so the
+    # FROC curve reaches its high false-positive rates.
+    floor = min_probability if card.output.calibration is None else min(min_probability, 1e-4)
     scans = []
     for case in dataset.cases:
         volume = case_as_volume(case, dataset_dir)
         pre = preprocess(volume, spec)
         probability = runner.predict(pre.array)
         findings = findings_from_probability(
-            probability, pre, volume, min_probability, min_volume_mm3, merge_distance_mm
+            probability,
+            pre,
+            volume,
+            floor,
+            min_volume_mm3,
+            merge_distance_mm,
+            calibration=card.output.calibration,
         )
         scans.append(
             Scan(

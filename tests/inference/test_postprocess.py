@@ -196,3 +196,42 @@ def test_a_component_smaller_than_the_series_voxels_still_gets_a_mask(tmp_path: 
     assert out.report.findings
     assert all(f.mask is not None and f.mask.any() for f in out.report.findings)
     assert out.seg_path is not None and out.seg_path.exists()
+
+
+def test_a_calibrated_model_ranks_by_size_and_peak_and_drops_below_the_threshold(
+    scan: tuple[Volume, Preprocessed],
+) -> None:
+    """With a calibration, components are cut at its segmentation threshold, each finding's
+    probability is the calibrated one (formula below), and ``threshold`` filters on it: a large
+    saturated blob outranks a small saturated one, which falls below the operating point."""
+    from inference.postprocess import calibrated
+    from models.registry import Calibration
+
+    volume, pre = scan
+    points = patient_grid(pre)
+    middle = pre.to_patient(np.asarray(pre.array.shape, dtype=np.float64) / 2)
+    large, small = middle + np.array([-30.0, 0.0, 0.0]), middle + np.array([30.0, 0.0, 0.0])
+    probability = np.maximum(
+        blob(points, large, 0.999999, 16.0), blob(points, small, 0.999999, 5.0)
+    )
+    calibration = Calibration(
+        segmentation_threshold=THRESHOLD,
+        intercept=-6.0,
+        volume_coef=1.0,
+        max_coef=0.1,
+        fitted_on="test",
+    )
+    everything = findings_from_probability(probability, pre, volume, 0.001, calibration=calibration)
+    assert len(everything) == 2
+    first, second = everything
+    assert np.linalg.norm(np.asarray(first.center_mm) - large) < 1.5
+    assert first.probability > second.probability
+    for f in everything:
+        near = np.linalg.norm(points - np.asarray(f.center_mm), axis=-1) <= 3.0
+        peak = min(float(probability[near].max()), 1 - 1e-6)
+        z = -6.0 + math.log1p(f.volume_mm3) + 0.1 * math.log(peak / (1 - peak))
+        assert f.probability == pytest.approx(1 / (1 + math.exp(-z)), rel=1e-6)
+        assert calibrated(calibration, f.volume_mm3, peak) == pytest.approx(f.probability)
+    cut = (first.probability + second.probability) / 2
+    (kept,) = findings_from_probability(probability, pre, volume, cut, calibration=calibration)
+    assert kept.center_mm == first.center_mm
