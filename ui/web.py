@@ -46,6 +46,15 @@ log = logging.getLogger("aidx.ui.web")
 COOKIE = "aidx_session"
 OPEN_PATHS = ("/login",)  # the only routes served without a session
 VALIDATE_CACHE_S = 5.0  # a token checked this recently is not checked against the store again
+# On every response: no framing by other sites (clickjacking), no MIME sniffing, no referrer
+# (URLs hold study identifiers), and HSTS under HTTPS.
+SECURITY_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+HSTS = (b"strict-transport-security", b"max-age=31536000")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -72,9 +81,10 @@ def client_of(scope: Scope) -> str | None:
 class SessionGate:
     """ASGI middleware: only requests with a valid session reach the app (see module doc)."""
 
-    def __init__(self, app: ASGIApp, accounts: Accounts) -> None:
+    def __init__(self, app: ASGIApp, accounts: Accounts, https: bool = False) -> None:
         self.app = app
         self.accounts = accounts
+        self.headers = [*SECURITY_HEADERS, *([HSTS] if https else [])]
         self._checked: dict[str, tuple[User, float]] = {}
         self._lock = threading.Lock()
 
@@ -104,6 +114,8 @@ class SessionGate:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "http":
+            send = self._with_headers(send)
         path = scope.get("path", "")
         if path in OPEN_PATHS:
             await self.app(scope, receive, send)
@@ -117,6 +129,16 @@ class SessionGate:
             return
         scope.setdefault("state", {})["user"] = user
         await self.app(scope, receive, send)
+
+    def _with_headers(self, send: Send) -> Send:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in self.headers if k not in present]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        return sending
 
 
 def cookie_token(scope: Scope) -> str | None:
@@ -301,7 +323,7 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
             head=head,
             ssr_mode=False,
         )
-    gate = SessionGate(api, ctx.accounts)
+    gate = SessionGate(api, ctx.accounts, https)
     gate_holder["gate"] = gate
     return api, gate
 

@@ -80,6 +80,8 @@ def test_nothing_without_a_session(
     client.cookies.set(COOKIE, "forged")
     forged = client.request(method, path, follow_redirects=False)
     assert forged.status_code == 401
+    assert forged.headers["x-frame-options"] == "DENY"
+    assert forged.headers["referrer-policy"] == "no-referrer"
     client.cookies.clear()
 
 
@@ -116,6 +118,10 @@ def test_a_session_opens_the_app_and_logout_ends_it(
     token = response.cookies[COOKIE]
     client.cookies.set(COOKIE, token)
     assert client.get("/app/en/", follow_redirects=False).status_code == 200
+    app_page = client.get("/app/en/")
+    assert app_page.status_code == 200
+    assert app_page.headers["content-security-policy"] == "frame-ancestors 'none'"
+    assert "strict-transport-security" not in app_page.headers  # plain HTTP here
     assert client.get("/app/en/config").status_code == 200
     assert client.get("/", follow_redirects=False).headers["location"] == "/app/en/"
     assert client.get("/logout", follow_redirects=False).status_code == 303
@@ -192,6 +198,7 @@ def test_the_app_serves_https_with_the_configured_certificate(
         assert redirect.value.code == 303
         cookie = redirect.value.headers["set-cookie"].lower()
         assert "secure" in cookie and "httponly" in cookie
+        assert redirect.value.headers["strict-transport-security"] == "max-age=31536000"
         with pytest.raises(OSError):
             urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
                 f"http://127.0.0.1:{server.port}/login", timeout=10
