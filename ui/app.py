@@ -170,7 +170,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             header = gr.Markdown(elem_id="header")
         gr.Markdown(f"<span class='aidx-warning'>{t('not_clinical')}</span>")
         with gr.Tabs(elem_id="tabs") as tabs:
-            with gr.Tab(t("tab_worklist"), id="worklist", elem_id="tab-worklist"):
+            with gr.Tab(t("tab_worklist"), id="worklist", elem_id="tab-worklist") as worklist_page:
                 with gr.Row():
                     status = gr.Dropdown(status_choices, value="", label=t("status"))
                     search = gr.Textbox(label=t("search"))
@@ -251,12 +251,14 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                             sign = gr.Button(t("sign"), variant="primary", elem_id="sign")
                             amend = gr.Button(t("reopen"), elem_id="reopen")
                         message = gr.Markdown("", elem_id="message")
-            with gr.Tab(t("tab_dashboard"), id="dashboard", elem_id="tab-dashboard"):
-                dashboard_tab(ctx, t, current_user)
+            with gr.Tab(
+                t("tab_dashboard"), id="dashboard", elem_id="tab-dashboard"
+            ) as dashboard_page:
+                load_dashboard, dashboard_outputs = dashboard_tab(ctx, t, current_user)
             with gr.Tab(
                 t("tab_audit"), id="audit", elem_id="tab-audit", visible=False
             ) as audit_tab:
-                audit_tab_contents(ctx, t, current_user)
+                load_audit, audit_outputs = audit_tab_contents(ctx, t, current_user)
 
         viewer_outputs = [
             state,
@@ -286,7 +288,15 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             )
 
         blocks.load(on_load, None, [header, audit_tab, table])
-        for trigger in (refresh.click, status.change, sort.change, search.submit):
+        dashboard_page.select(load_dashboard, None, dashboard_outputs)
+        audit_tab.select(load_audit, None, audit_outputs)
+        for trigger in (
+            refresh.click,
+            status.change,
+            sort.change,
+            search.submit,
+            worklist_page.select,
+        ):
             trigger(worklist, [status, search, sort], table)
 
         @guarded

@@ -15,7 +15,10 @@ from ui.audit import format_time
 SHOWN = 500  # newest entries shown; the CSV holds them all
 
 
-def audit_tab_contents(ctx: Any, t: Callable[..., str], current_user: Callable[..., Any]) -> None:
+def audit_tab_contents(
+    ctx: Any, t: Callable[..., str], current_user: Callable[..., Any]
+) -> tuple[Callable[..., Any], list[Any]]:
+    """The tab's components; returns its loader and outputs (run when the tab opens too)."""
     columns = ["time", "user", "role", "action", "study", "detail", "client"]
     gr.Markdown(f"{t('admins_only')} [{t('audit_download')}](/admin/audit.csv)")
     refresh = gr.Button(t("audit_refresh"), elem_id="audit-refresh")
@@ -49,3 +52,4 @@ def audit_tab_contents(ctx: Any, t: Callable[..., str], current_user: Callable[.
             raise gr.Error(t("no_permission")) from None
 
     refresh.click(guarded, None, table)
+    return guarded, [table]

@@ -59,7 +59,10 @@ def dashboard_data(ctx: Any) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFr
     return "\n".join(lines), stages, rates_long, findings
 
 
-def dashboard_tab(ctx: Any, t: Callable[..., str], current_user: Callable[..., Any]) -> None:
+def dashboard_tab(
+    ctx: Any, t: Callable[..., str], current_user: Callable[..., Any]
+) -> tuple[Callable[..., Any], list[Any]]:
+    """The tab's components; returns its loader and outputs (run when the tab opens too)."""
     refresh = gr.Button(t("dashboard_refresh"), elem_id="dashboard-refresh")
     summary = gr.Markdown(elem_id="dashboard-summary")
     turnaround = gr.BarPlot(
@@ -88,4 +91,6 @@ def dashboard_tab(ctx: Any, t: Callable[..., str], current_user: Callable[..., A
         current_user(ctx, request)
         return dashboard_data(ctx)
 
-    refresh.click(load, None, [summary, turnaround, decisions, findings])
+    outputs = [summary, turnaround, decisions, findings]
+    refresh.click(load, None, outputs)
+    return load, outputs
