@@ -38,18 +38,35 @@ from ui.viewer_session import (
 
 log = logging.getLogger("aidx.ui.app")
 
-# Up/Down (and PageUp/PageDown, j/k) scroll the slices when the focus is not in a text field.
+# Up/Down (and PageUp/PageDown, j/k) scroll the slices when the focus is not in a text field, and
+# so does the mouse wheel over the image (as in a PACS viewer), one slice per notch, at most one
+# step per 60 ms so that a fast wheel does not queue dozens of renders.
 KEYBOARD_JS = """
 <script>
-document.addEventListener('keydown', (e) => {
-  const t = e.target;
-  if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
-  const next = ['ArrowDown', 'PageDown', 'j'].includes(e.key);
-  const prev = ['ArrowUp', 'PageUp', 'k'].includes(e.key);
-  if (!next && !prev) return;
-  const button = document.getElementById(next ? 'slice-next' : 'slice-prev');
-  if (button && button.offsetParent !== null) { e.preventDefault(); button.click(); }
-});
+(() => {
+  const step = (next) => {
+    const button = document.getElementById(next ? 'slice-next' : 'slice-prev');
+    if (button && button.offsetParent !== null) { button.click(); return true; }
+    return false;
+  };
+  document.addEventListener('keydown', (e) => {
+    const t = e.target;
+    if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+    const next = ['ArrowDown', 'PageDown', 'j'].includes(e.key);
+    const prev = ['ArrowUp', 'PageUp', 'k'].includes(e.key);
+    if ((next || prev) && step(next)) e.preventDefault();
+  });
+  let last = 0;
+  document.addEventListener('wheel', (e) => {
+    const image = document.getElementById('slice-image');
+    if (!image || !image.contains(e.target) || e.deltaY === 0) return;
+    e.preventDefault();
+    const now = performance.now();
+    if (now - last < 60) return;
+    last = now;
+    step(e.deltaY > 0);
+  }, { passive: false });
+})();
 </script>
 """
 

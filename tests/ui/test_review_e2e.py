@@ -207,6 +207,11 @@ def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
         expect(slice_number).to_have_value(str(start + 2))
         page.click("#slice-prev")
         expect(slice_number).to_have_value(str(start + 1))
+        page.locator("#slice-image").hover()
+        page.mouse.wheel(0, 120)  # the pointer is over the image: one slice on
+        expect(slice_number).to_have_value(str(start + 2))
+        page.mouse.wheel(0, -120)
+        expect(slice_number).to_have_value(str(start + 1))
 
         # Window: the mediastinum preset sets width and level.
         page.locator("#preset").get_by_text("mediastinum").click()
