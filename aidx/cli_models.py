@@ -6,6 +6,7 @@ Training-side modules are imported only inside the commands that need them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -247,6 +248,25 @@ def operating_point(report: dict[str, Any], fp_rate: float) -> tuple[float, floa
     return float(min(max(threshold, 1e-6), 1.0 - 1e-7)), float(fp)
 
 
+def card_evaluation(
+    args: argparse.Namespace, command: str
+) -> tuple[float, dict[str, float] | None] | None:
+    """The operating threshold and card figures from ``--evaluation`` (a froc.json) at
+    ``--operating-fp-rate``; (0.5, None) without it; None (after saying why) when unreadable."""
+    if args.evaluation is None:
+        return 0.5, None
+    try:
+        froc = json.loads(args.evaluation.read_text("utf-8"))
+        evaluation = evaluation_figures(froc)
+        threshold, fp_rate = operating_point(froc, args.operating_fp_rate)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"aidx {command}: {args.evaluation}: not a froc.json: {exc}", file=sys.stderr)
+        return None
+    evaluation["operating_fp_per_scan"] = fp_rate
+    print(f"operating threshold {threshold:.6g}: {fp_rate:g} false positives per scan")
+    return threshold, evaluation
+
+
 def evaluate(args: argparse.Namespace, config: AidxConfig) -> int:
     from inference.pipeline import runner_options
     from models.registry import ModelError
@@ -290,6 +310,10 @@ def calibrate(args: argparse.Namespace, config: AidxConfig) -> int:
     from training.calibrate import calibrate as fit_calibration
     from training.dataset import DatasetError
 
+    read = card_evaluation(args, "calibrate")
+    if read is None:
+        return EXIT_USAGE
+    threshold, evaluation = read[0], read[1] or {}
     try:
         source = _registry(config).resolve(args.model, config.models.default)
         calibration, samples = fit_calibration(
@@ -309,17 +333,6 @@ def calibrate(args: argparse.Namespace, config: AidxConfig) -> int:
         f"logit(max)); {calibration.fitted_on}"
     )
     card = source.card
-    threshold, evaluation = 0.5, {}
-    if args.evaluation is not None:
-        try:
-            froc = json.loads(args.evaluation.read_text("utf-8"))
-            evaluation = evaluation_figures(froc)
-            threshold, fp_rate = operating_point(froc, args.operating_fp_rate)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"aidx calibrate: {args.evaluation}: not a froc.json: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        evaluation["operating_fp_per_scan"] = fp_rate
-        print(f"operating threshold {threshold:.6g}: {fp_rate:g} false positives per scan")
     command = (
         f"aidx calibrate --model {source.ref} --dataset {args.dataset} --version {args.version}"
         f" --segmentation-threshold {args.segmentation_threshold:g}"
@@ -374,7 +387,6 @@ def train(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def export(args: argparse.Namespace, config: AidxConfig) -> int:
-    import json
 
     from models.registry import ModelError
 
@@ -386,18 +398,10 @@ def export(args: argparse.Namespace, config: AidxConfig) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    evaluation = None
-    threshold = 0.5
-    if args.evaluation is not None:
-        try:
-            froc = json.loads(args.evaluation.read_text("utf-8"))
-            evaluation = evaluation_figures(froc)
-            threshold, fp_rate = operating_point(froc, args.operating_fp_rate)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"aidx export: {args.evaluation}: not a froc.json: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        evaluation["operating_fp_per_scan"] = fp_rate
-        print(f"operating threshold {threshold:.6g}: {fp_rate:g} false positives per scan")
+    read = card_evaluation(args, "export")
+    if read is None:
+        return EXIT_USAGE
+    threshold, evaluation = read
     out = config.data_dir / "exports" / f"{args.name}-{args.version}"
     try:
         onnx_path, card_path, checked = export_checkpoint(

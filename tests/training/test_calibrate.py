@@ -62,3 +62,41 @@ def test_cli_registers_a_calibrated_version(tmp_path: Path) -> None:
     assert calibration["segmentation_threshold"] == 0.5
     assert "2 cases" in calibration["fitted_on"]
     assert "aidx calibrate" in card["training"]["command"]
+
+
+def test_cli_puts_an_evaluation_and_its_threshold_in_the_card(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    models = data / "models"
+    models.mkdir(parents=True)
+    name = install(models, tmp_path)
+    phantom_dataset(
+        tmp_path / "cal", 2, seed=11, slices=32, matrix=96, nodules=2, diameter_range=(12.0, 20.0)
+    )
+    common = ["--data-dir", str(data)]
+    base = [*common, "calibrate", "--model", f"{name}@0.0.1", "--dataset", str(tmp_path / "cal")]
+    assert main([*base, "--version", "0.0.2"]) == 0
+    evaluated = main(
+        [
+            *common,
+            "evaluate",
+            "--model",
+            f"{name}@0.0.2",
+            "--dataset",
+            str(tmp_path / "cal"),
+            "--out",
+            str(tmp_path / "eval"),
+            "--bootstrap",
+            "0",
+        ]
+    )
+    assert evaluated == 0
+    froc = tmp_path / "eval" / "froc.json"
+    assert main([*base, "--version", "0.0.3", "--evaluation", str(froc)]) == 0
+    card = json.loads((models / name / "0.0.3" / "card.json").read_text("utf-8"))
+    report = json.loads(froc.read_text("utf-8"))
+    assert card["evaluation"]["cpm"] == pytest.approx(report["cpm"])
+    assert "operating_fp_per_scan" in card["evaluation"]
+    assert 0.0 < card["output"]["operating_threshold"] < 1.0
+    (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
+    bad = [*base, "--version", "0.0.4", "--evaluation", str(tmp_path / "bad.json")]
+    assert main(bad) == 2
