@@ -214,7 +214,10 @@ def _feret_diameter(
     inside[tuple((c.index - first).T)] = True
     crop[(crop >= threshold) & ~inside] = 0.0  # neighbours above threshold belong to others
     crop = np.pad(crop, 1)  # zeros around: the surface closes at the volume's border too
-    vertices, _, _, _ = _marching_cubes(crop, level=threshold)
+    # A component whose voxels all sit exactly at the threshold has no surface at that level
+    # (marching cubes needs values on both sides): take the level just below its maximum.
+    level = min(threshold, float(np.nextafter(np.float32(crop.max()), np.float32(0.0))))
+    vertices, _, _, _ = _marching_cubes(crop, level=level)
     points = vertices @ axes.T
     with contextlib.suppress(QhullError):  # flat or tiny sets: all vertices are few anyway
         points = points[ConvexHull(points).vertices]

@@ -136,6 +136,20 @@ def test_nothing_above_threshold_gives_no_findings(scan: tuple[Volume, Preproces
     assert findings_from_probability(probability, pre, volume, THRESHOLD) == []
 
 
+def test_a_component_exactly_at_the_threshold_is_measured(
+    scan: tuple[Volume, Preprocessed],
+) -> None:
+    """A plateau at exactly the threshold (float16 maps, saturated networks) has no isosurface
+    at that level; it is still a finding, measured by the surface just below its maximum."""
+    volume, pre = scan
+    probability = np.zeros(pre.array.shape, dtype=np.float32)
+    k, r, c = (np.asarray(pre.array.shape) // 2).tolist()
+    probability[k - 1 : k + 2, r - 3 : r + 4, c - 3 : c + 4] = THRESHOLD
+    [finding] = findings_from_probability(probability, pre, volume, THRESHOLD)
+    spacing = np.linalg.norm(pre.affine[:3, :3], axis=0)
+    assert 4 * spacing[1] < finding.diameter_mm < 10 * spacing[1]
+
+
 def test_flipped_series_gets_the_same_finding_and_its_own_mask(
     scan: tuple[Volume, Preprocessed],
 ) -> None:
