@@ -36,7 +36,7 @@ from monai.transforms.croppad.dictionary import RandCropByPosNegLabeld
 from monai.transforms.spatial.dictionary import RandFlipd, RandRotate90d
 from monai.transforms.utility.dictionary import DeleteItemsd
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -55,6 +55,8 @@ log = logging.getLogger("aidx.train")
 VALIDATION_MIN_PROBABILITY = 0.05  # low, so that the FROC curve has its low thresholds
 BACKGROUND_STRIDE = 8
 CENTRES_PER_LESION = 64
+SMALL_LESION_MM = 6.0
+HARD_NEGATIVE_MARGIN = 2  # voxels around a lesion that are not counted as its false positive
 
 
 class TrainConfig(BaseModel):
@@ -95,6 +97,22 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     # Start from these weights (a best.pt or checkpoint.pt), e.g. to fine-tune a shipped model.
     init_weights: Path | None = None
+    # Hard-negative mining (needs init_weights): this share of the background patches is centred
+    # on voxels that the starting network calls lesion (probability >= 0.5) away from every
+    # lesion: its false positives, found once by running it over the training cases.
+    hard_negative_fraction: float = Field(default=0.0, ge=0, lt=1)
+    # Lesions smaller than SMALL_LESION_MM (equivalent-sphere diameter on the model grid) get
+    # this many times the positive patches of the others: the small ones are the ones missed.
+    small_lesion_factor: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _mining_needs_weights(self) -> TrainConfig:
+        if self.hard_negative_fraction > 0 and self.init_weights is None:
+            raise ValueError(
+                "hard_negative_fraction needs init_weights (the network whose false positives "
+                "are mined); set init_weights or hard_negative_fraction: 0"
+            )
+        return self
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
@@ -135,14 +153,19 @@ def prepare_cases(config: TrainConfig) -> list[PreparedCase]:
     dataset = CanonicalDataset.load(config.dataset)
     spec = PreprocessSpec(config.spacing_mm, config.hu_window)
     rng = np.random.default_rng(config.seed)
-    jobs = [(case, config.dataset, spec, int(rng.integers(2**31))) for case in dataset.cases]
+    jobs = [
+        (case, config.dataset, spec, int(rng.integers(2**31)), config.small_lesion_factor)
+        for case in dataset.cases
+    ]
     if config.num_workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(config.num_workers, len(jobs))) as pool:
             return list(pool.map(_prepare_case, *zip(*jobs, strict=True)))
     return [_prepare_case(*job) for job in jobs]
 
 
-def _prepare_case(case: Case, root: Path, spec: PreprocessSpec, seed: int) -> PreparedCase:
+def _prepare_case(
+    case: Case, root: Path, spec: PreprocessSpec, seed: int, small_factor: int = 1
+) -> PreparedCase:
     volume = case_as_volume(case, root)
     pre = preprocess(volume, spec)
     loaded = case_label(case, root)
@@ -158,7 +181,9 @@ def _prepare_case(case: Case, root: Path, spec: PreprocessSpec, seed: int) -> Pr
         "image": pre.array[None].astype(np.float32),
         "label": resampled[None].astype(np.float32),
         # Patch centres, computed once (MONAI would otherwise scan the volume per draw).
-        "fg": _lesion_balanced_centres(resampled, np.random.default_rng(seed)),
+        "fg": _lesion_balanced_centres(
+            resampled, np.random.default_rng(seed), small_factor, float(np.prod(spec.spacing_mm))
+        ),
         # Background centres are thinned: any of them is as good as its neighbours.
         "bg": np.flatnonzero(flat == 0)[::BACKGROUND_STRIDE],
     }
@@ -166,19 +191,30 @@ def _prepare_case(case: Case, root: Path, spec: PreprocessSpec, seed: int) -> Pr
     return PreparedCase(item, pre, volume, nodules)
 
 
-def _lesion_balanced_centres(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _lesion_balanced_centres(
+    label: np.ndarray,
+    rng: np.random.Generator,
+    small_factor: int = 1,
+    voxel_mm3: float = 1.0,
+) -> np.ndarray:
     """Flat indices of lesion voxels, CENTRES_PER_LESION drawn from each lesion (26-connected
     component): a positive patch is then centred on each lesion equally often. Drawn from all
     voxels, a 28 mm nodule (~1 500 voxels at 2 x 1.4 x 1.4 mm) would take a hundred times the
-    patches of a 6 mm one, and the network would learn only large nodules."""
+    patches of a 6 mm one, and the network would learn only large nodules. Lesions under
+    SMALL_LESION_MM get ``small_factor`` times as many."""
     components, count = ndimage.label(label > 0, structure=np.ones((3, 3, 3)))
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     flat = components.ravel()
     order = np.argsort(flat, kind="stable")
     starts = np.searchsorted(flat[order], np.arange(1, count + 2))
+    small_voxels = math.pi / 6 * SMALL_LESION_MM**3 / voxel_mm3
     centres = [
-        rng.choice(order[starts[k] : starts[k + 1]], CENTRES_PER_LESION, replace=True)
+        rng.choice(
+            order[starts[k] : starts[k + 1]],
+            CENTRES_PER_LESION * (small_factor if starts[k + 1] - starts[k] < small_voxels else 1),
+            replace=True,
+        )
         for k in range(count)
     ]
     return np.concatenate(centres).astype(np.int64)
@@ -226,13 +262,6 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
             RandRotate90d(keys=["image", "label"], prob=0.3, spatial_axes=(1, 2)),
         ]
     )
-    loader = DataLoader(
-        Dataset([c.item for c in train_items], transforms),
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
-    )
     torch.backends.cudnn.benchmark = device.type == "cuda"
     net: ProbabilityNet = build_network(config.network, config.features).to(device)  # type: ignore[arg-type]
     _prior_bias(net, config.prior_probability)
@@ -240,6 +269,16 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
         initial = torch.load(config.init_weights, map_location="cpu", weights_only=False)
         net.load_state_dict(initial["network_state"])
         log.info("started from the weights in %s", config.init_weights)
+    if config.hard_negative_fraction > 0:
+        mined = _mine_hard_negatives(net, train_items, config, device)
+        log.info("hard negatives: %d voxels in %d cases", mined, len(train_items))
+    loader = DataLoader(
+        Dataset([c.item for c in train_items], transforms),
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+    )
     body: torch.nn.Module = net.body
     if distributed:
         body = torch.nn.parallel.DistributedDataParallel(body)
@@ -346,6 +385,36 @@ def _cosine(config: TrainConfig, epoch: int, elapsed_s: float) -> float:
     else:
         done = (epoch - 1) / max(config.epochs, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+
+
+def _mine_hard_negatives(
+    net: ProbabilityNet, cases: list[PreparedCase], config: TrainConfig, device: torch.device
+) -> int:
+    """Run the starting network over each case; its false-positive voxels (probability >= 0.5,
+    more than HARD_NEGATIVE_MARGIN voxels from any lesion) join the case's background centres,
+    drawn (with repeats) so that they make up ``hard_negative_fraction`` of them."""
+    net.eval()
+    total = 0
+    rng = np.random.default_rng(config.seed)
+    with torch.inference_mode():
+        for case in cases:
+            image = torch.from_numpy(case.item["image"])[None].to(device)
+            prob = sliding_window_inference(
+                image, config.inference_patch_size or config.patch_size, 4, net, overlap=0.25
+            )
+            assert isinstance(prob, torch.Tensor)
+            lesion = ndimage.binary_dilation(
+                case.item["label"][0] > 0, iterations=HARD_NEGATIVE_MARGIN
+            )
+            hard = np.flatnonzero(((prob[0, 0].cpu().numpy() >= 0.5) & ~lesion).ravel())
+            total += hard.size
+            if hard.size:
+                bg = case.item["bg"]
+                share = config.hard_negative_fraction
+                draws = max(1, round(share / (1 - share) * bg.size))
+                case.item["bg"] = np.concatenate([bg, rng.choice(hard, draws, replace=True)])
+    net.train()
+    return total
 
 
 def _prior_bias(net: ProbabilityNet, prior: float) -> None:

@@ -187,3 +187,53 @@ def test_positive_patch_centres_are_balanced_per_lesion_not_per_voxel() -> None:
     assert (z < 5).sum() == (z >= 10).sum() == CENTRES_PER_LESION
     assert label.ravel()[centres].all()
     assert len(_lesion_balanced_centres(np.zeros((4, 4, 4)), np.random.default_rng(0))) == 0
+
+
+def test_small_lesions_get_more_positive_centres() -> None:
+    import numpy as np
+
+    from training.train import CENTRES_PER_LESION, _lesion_balanced_centres
+
+    label = np.zeros((20, 40, 40), dtype=np.uint8)
+    label[2:4, 2:4, 2:4] = 1  # 8 voxels of 1 mm³: a 2.5 mm sphere's volume
+    label[8:18, 10:30, 10:30] = 1  # 4 000 mm³
+    centres = _lesion_balanced_centres(label, np.random.default_rng(0), 3, 1.0)
+    small = np.unravel_index(centres, label.shape)[0] < 5
+    assert small.sum() == 3 * CENTRES_PER_LESION and (~small).sum() == CENTRES_PER_LESION
+    assert label.ravel()[centres].all()
+
+
+class _Thresholder(torch.nn.Module):
+    """A 'network' that calls every voxel brighter than 0.5 a lesion (logit > 0 there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) * 100.0
+
+
+def test_hard_negatives_are_the_starting_networks_false_positives(
+    dataset: Path, tmp_path: Path
+) -> None:
+    from scipy import ndimage
+
+    from models.networks import ProbabilityNet
+    from training.train import HARD_NEGATIVE_MARGIN, _mine_hard_negatives, prepare_cases
+
+    config = TrainConfig.load(
+        config_file(tmp_path, dataset, hard_negative_fraction=0.25, init_weights="w.pt")
+    )
+    cases = prepare_cases(config)
+    before = [case.item["bg"].size for case in cases]
+    net = ProbabilityNet(_Thresholder())
+    assert _mine_hard_negatives(net, cases, config, torch.device("cpu")) > 0
+    for case, n_bg in zip(cases, before, strict=True):
+        image, label = case.item["image"][0], case.item["label"][0]
+        hard = case.item["bg"][n_bg:]
+        near = ndimage.binary_dilation(label > 0, iterations=HARD_NEGATIVE_MARGIN).ravel()
+        assert (image.ravel()[hard] >= 0.5).all() and not near[hard].any()
+        assert hard.size / case.item["bg"].size == pytest.approx(0.25, abs=0.05)
+
+
+def test_hard_negatives_need_starting_weights(dataset: Path, tmp_path: Path) -> None:
+    path = config_file(tmp_path, dataset, hard_negative_fraction=0.5)
+    with pytest.raises(ValueError, match="hard_negative_fraction needs init_weights"):
+        TrainConfig.load(path)
