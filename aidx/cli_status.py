@@ -147,6 +147,7 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
                 "model": j["model"],
                 "inference_s": j["inference_s"],
                 "created_at": _iso(j["created_at"]),
+                "started_at": _iso(j["started_at"]),
                 "finished_at": _iso(j["finished_at"]),
             }
             for j in store.study_jobs(study_uid)

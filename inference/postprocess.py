@@ -4,7 +4,8 @@ The map (on the grid of ``Preprocessed``: LPS-ordered, resampled) is thresholded
 operating point (or, for a calibrated model, at the calibration's segmentation threshold; each
 finding's probability is then the calibrated one, and findings below the operating point are
 dropped: see ``models.registry.Calibration``), split into 26-connected components, components
-smaller than a minimum volume are dropped, and components whose centres lie closer than a merge
+smaller than a minimum volume or mostly outside the patient's body (``Preprocessed.body``) are
+dropped, and components whose centres lie closer than a merge
 distance are joined (single linkage: fragments of one lesion cut by a thin gap become one
 finding). Each finding is measured in millimetres through the preprocessing affine:
 probability-weighted centre, longest 3D extent (maximum Feret diameter), volume, bounding box.
@@ -91,6 +92,8 @@ def findings_from_probability(
         if len(local[0]) * voxel_mm3 < min_volume_mm3:
             continue
         index = np.stack([ax + s.start for ax, s in zip(local, box, strict=True)], axis=1)
+        if pre.body is not None and pre.body[tuple(index.T)].mean() < 0.5:
+            continue  # mostly outside the patient's body
         weight = np.asarray(probability[box][local], dtype=np.float32)
         components.append(_Component(index, weight))
     groups = _merge(components, axes, merge_distance_mm)

@@ -19,6 +19,7 @@ from scipy import ndimage
 from .volume import Volume
 
 AXIS_TOLERANCE = 0.02  # how far direction cosines may be from a patient axis (≈ 1.1°)
+BODY_HU = -500.0  # tissue; the lungs (about -850 HU) are inside the body as holes of it
 
 
 class PreprocessError(ValueError):
@@ -45,6 +46,8 @@ class Preprocessed:
 
     array: NDArray[np.float32]
     affine: NDArray[np.float64]  # (k, row, column, 1) -> patient (x, y, z, 1)
+    # Voxels inside the patient (see body_mask); None: not known, nothing is excluded.
+    body: NDArray[np.bool_] | None = None
 
     def to_patient(self, index: NDArray[np.floating]) -> NDArray[np.float64]:
         idx = np.asarray(index, dtype=np.float64)
@@ -71,7 +74,7 @@ def preprocess(volume: Volume, spec: PreprocessSpec) -> Preprocessed:
     array = np.clip(resampled, lo, hi, out=np.empty_like(resampled, dtype=np.float32))
     array -= np.float32(lo)
     array *= np.float32(1.0 / (hi - lo))
-    return Preprocessed(array=array, affine=out_affine)
+    return Preprocessed(array=array, affine=out_affine, body=body_mask(resampled))
 
 
 def to_lps(volume: Volume) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
@@ -102,3 +105,21 @@ def to_lps(volume: Volume) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
     reordered[:3, :3] = affine[:3, :3][:, order]
     reordered[:3, 3] = affine[:3, 3]
     return hu, reordered
+
+
+def body_mask(hu: NDArray[np.float32]) -> NDArray[np.bool_]:
+    """The patient's body on an LPS (z, y, x) grid: voxels above BODY_HU with the holes of each
+    axial slice filled (lungs and airways lie inside the body's ring), then the largest
+    connected part (the table, clothing and air are out). A finding outside it is not in the
+    patient. A field of view that cuts through the chest wall opens the ring on that slice: its
+    lungs then count as outside; such series lose the findings of those slices."""
+    tissue = hu > BODY_HU
+    body = np.empty_like(tissue)
+    for k in range(tissue.shape[0]):
+        body[k] = ndimage.binary_fill_holes(tissue[k])
+    labels, count = ndimage.label(body)
+    if count > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        body = labels == int(sizes.argmax())
+    return body

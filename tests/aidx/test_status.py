@@ -7,6 +7,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,8 @@ def test_shows_one_study_timeline_results_and_deliveries(
     assert delivery["attempts"] == 2 and delivery["sent_at"] is not None
     assert delivery["last_error"] is None and delivery["files"] == 2
     assert report["jobs"][0]["state"] == "sent" and report["jobs"][0]["inference_s"] == 4.2
+    started = datetime.fromisoformat(report["jobs"][0]["started_at"]).timestamp()
+    assert started == pytest.approx(T0 + 13, abs=1e-3)  # claimed by the worker then
     assert not any(secret in out for secret in PATIENT_DETAILS)
 
 

@@ -150,6 +150,19 @@ def test_a_component_exactly_at_the_threshold_is_measured(
     assert 4 * spacing[1] < finding.diameter_mm < 10 * spacing[1]
 
 
+def test_a_component_outside_the_body_is_dropped(scan: tuple[Volume, Preprocessed]) -> None:
+    """The air around the patient (where a network normalising each patch sees only noise) and
+    the table are not the patient: a blob there is no finding; inside the lungs it is one."""
+    volume, pre = scan
+    assert pre.body is not None
+    points = patient_grid(pre)
+    corner = pre.to_patient(np.array([pre.array.shape[0] // 2, 4.0, 4.0]))
+    assert not pre.body[pre.array.shape[0] // 2, 4, 4]
+    in_air = blob(points, corner, 0.9, 6.0)
+    assert findings_from_probability(in_air, pre, volume, THRESHOLD) == []
+    assert len(findings_from_probability(in_air, replace(pre, body=None), volume, THRESHOLD)) == 1
+
+
 def test_flipped_series_gets_the_same_finding_and_its_own_mask(
     scan: tuple[Volume, Preprocessed],
 ) -> None:
@@ -165,7 +178,7 @@ def test_flipped_series_gets_the_same_finding_and_its_own_mask(
     for v in (volume, flipped):
         pre = preprocess(v, SPEC)
         points = patient_grid(pre)
-        centre = pre.to_patient(np.array([20.0, 40.3, 60.7]))
+        centre = pre.to_patient(np.array([20.0, 100.3, 70.7]))  # in a lung
         found = findings_from_probability(blob(points, centre, 0.9, 10.0), pre, v, THRESHOLD)
         assert len(found) == 1
         results.append(found[0])

@@ -74,6 +74,20 @@ def test_resampled_affine_points_at_the_nodule(phantom: tuple[Volume, np.ndarray
     assert np.allclose(pre.to_patient(np.zeros(3)), volume.origin)
 
 
+def test_body_mask_holds_the_lungs_and_nodule_but_not_the_air(
+    phantom: tuple[Volume, np.ndarray],
+) -> None:
+    volume, centre = phantom
+    pre = preprocess(volume, SPEC)
+    assert pre.body is not None and pre.body.shape == pre.array.shape
+    assert value_at(pre.body, pre.affine, centre) == 1.0  # an isolated nodule, inside a lung
+    lung = (pre.array < 0.2) & pre.body  # aerated lung is in the body, as holes of its ring
+    assert lung.sum() > 0.1 * pre.body.sum()
+    assert not pre.body[:, :3, :3].any()  # air in the corners of the field of view
+    flipped = preprocess(flipped_rows(volume), SPEC).body
+    assert flipped is not None and np.array_equal(flipped, pre.body)
+
+
 def test_oblique_series_is_refused(phantom: tuple[Volume, np.ndarray]) -> None:
     volume, _ = phantom
     angle = np.radians(20)
