@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Connection, Row, select, update
+from sqlalchemy import Connection, Row, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from aidx.schema import sessions, users
@@ -489,6 +489,10 @@ class Accounts:
         return True
 
     def _new_session(self, conn: Connection, user: User, now: float) -> Session:
+        # Sessions past their maximum age can never be valid again: each login clears them, so
+        # the table holds only sessions that are open or were ended early (the audit log keeps
+        # the history of logins, logouts and expiries).
+        conn.execute(delete(sessions).where(sessions.c.expires_at <= now))
         token = secrets.token_urlsafe(32)
         expires_at = now + self.max_age_s
         conn.execute(

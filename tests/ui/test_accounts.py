@@ -345,6 +345,21 @@ def test_a_session_ends_at_its_maximum_age_even_in_use(accounts: Accounts, clock
     assert [e.detail for e in expired] == [{"reason": "maximum age"}]
 
 
+def test_a_login_clears_sessions_past_their_maximum_age(
+    accounts: Accounts, clock: Clock, store: Store
+) -> None:
+    old = accounts.authenticate("alice", PASSWORD).token
+    clock.advance(SESSION_MAX_AGE_S - 1)
+    recent = accounts.authenticate("alice", PASSWORD).token
+    clock.advance(1)  # the first session's maximum age is reached; the second is open
+    newest = accounts.authenticate("alice", PASSWORD).token
+    with store.engine.connect() as conn:
+        stored = set(conn.execute(select(sessions.c.token_hash)).scalars())
+    assert stored == {hashlib.sha256(t.encode()).hexdigest() for t in (recent, newest)}
+    assert accounts.validate(old) is None
+    assert accounts.validate(recent) is not None and accounts.validate(newest) is not None
+
+
 def test_logout_revokes_the_session(accounts: Accounts) -> None:
     token = accounts.authenticate("alice", PASSWORD).token
     other = accounts.authenticate("alice", PASSWORD).token
