@@ -32,6 +32,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class _RequestorConnectFailures(logging.Filter):
+    """pynetdicom logs two ERROR lines ("Association request failed", "TCP Initialisation
+    Error") whenever a connection it requests fails. aidx's requestors (the outbox, ``aidx
+    send``/``echo``) report that failure themselves, with the destination and what happens
+    next, so these lines are dropped unless pynetdicom is logged at DEBUG."""
+
+    PREFIXES = ("Association request failed", "TCP Initialisation Error")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            return True
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+_CONNECT_FAILURES = _RequestorConnectFailures()
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Configure the root logger once per process (later calls replace the handler)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -46,4 +63,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # pynetdicom logs every DIMSE message at INFO: hundreds of lines per study, and slow.
     logging.getLogger("pynetdicom").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
+    transport = logging.getLogger("pynetdicom.transport")
+    if _CONNECT_FAILURES not in transport.filters:
+        transport.addFilter(_CONNECT_FAILURES)
     logging.getLogger("highdicom").setLevel("DEBUG" if level == "DEBUG" else "WARNING")

@@ -77,6 +77,35 @@ def test_send_files_to_a_closed_port_names_the_destination(small_study: Path) ->
         send_files(unreachable, "AIDX", sorted(small_study.glob("*.dcm")))
 
 
+def test_a_refused_connection_is_one_warning_not_pynetdicom_errors(
+    small_study: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pynetdicom's own ERROR lines for a failed connection are dropped at INFO (aidx reports
+    the failure with the destination) and kept at DEBUG."""
+    import logging
+
+    from aidx.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("pynetdicom").level)
+    unreachable = DestinationConfig(ae_title="NOBODY", host=LOOPBACK, port=free_port())
+    files = sorted(small_study.glob("*.dcm"))
+    try:
+        printed = {}
+        for level in ("INFO", "DEBUG"):
+            setup_logging(level)
+            with pytest.raises(SendError, match="aborted or unreachable"):
+                send_files(unreachable, "AIDX", files)
+            printed[level] = capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("pynetdicom").setLevel(saved[2])
+    assert "TCP Initialisation Error" not in printed["INFO"]
+    assert "ERROR" not in printed["INFO"]
+    assert "TCP Initialisation Error" in printed["DEBUG"]
+
+
 @pytest.fixture(scope="module")
 def slice_files(small_study: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[UID, Path]:
     """One phantom slice as stored (explicit VR little endian), RLE and JPEG 2000 lossless."""
