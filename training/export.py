@@ -113,9 +113,13 @@ def export_checkpoint(
     command: str = "",
     operating_threshold: float = 0.5,
 ) -> tuple[Path, Path, ExportReport]:
-    """Export a training checkpoint (``best.pt``) to ``out_dir/model.onnx`` with its card."""
+    """Export a training checkpoint to ``out_dir/model.onnx`` with its card: ``best.pt`` (the
+    best validated weights) or ``checkpoint.pt`` (the last epoch's, e.g. at the end of a cosine
+    schedule when the validation set is too small to choose by)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     config = state["config"]
+    state.setdefault("network", config["network"])
+    state.setdefault("features", config["features"])
     net = build_network(state["network"], int(state["features"]))
     net.load_state_dict(state["network_state"])
     patch = tuple(int(v) for v in config.get("inference_patch_size") or config["patch_size"])

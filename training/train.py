@@ -356,6 +356,7 @@ def train(config: TrainConfig, resume: bool = False, command: str = "") -> Histo
             torch.save(
                 {
                     "epoch": epoch,
+                    "command": command,
                     "network_state": net.state_dict(),
                     "optimizer_state": optimizer.state_dict(),
                     "history": history.__dict__,

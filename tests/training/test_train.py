@@ -3,6 +3,7 @@ processes (gloo)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -59,6 +60,15 @@ def test_train_checkpoints_curves_and_resume(dataset: Path, tmp_path: Path) -> N
     assert best["network"] == "basic_unet" and best["features"] == 4
     resumed = train(TrainConfig.load(config_file(tmp_path, dataset, epochs=3)), resume=True)
     assert resumed.epochs == [1, 2, 3]
+    # The last epoch's weights export as well as the best ones (end of a cosine schedule).
+    from training.export import export_checkpoint
+
+    _, card_path, _ = export_checkpoint(
+        run / "checkpoint.pt", "tiny", "0.0.1", tmp_path / "export", command="aidx export x"
+    )
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    assert card["network"].startswith("basic_unet (MONAI), features 4")
+    assert card["training"]["command"].endswith("; then aidx export x")
 
 
 def test_workers_and_a_time_limit_stop_with_a_validated_best_model(
