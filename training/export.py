@@ -129,6 +129,9 @@ def export_checkpoint(
     report = export_onnx(net, onnx_path, (patch[0], patch[1], patch[2]), real_input=real)
     dims: list[int | str] = ["batch", 1, "depth", "height", "width"]
     data_summary, synthetic = _training_data(Path(config["dataset"]))
+    if config.get("init_weights"):
+        # Fine-tuned: the card names the starting weights (their own card tells their data).
+        data_summary += f"; fine-tuned from the weights in {config['init_weights']}"
     card = ModelCard.model_validate(
         {
             "name": name,

@@ -105,6 +105,11 @@ def test_fine_tuning_starts_from_given_weights_with_a_cosine_schedule(
         config_file(tmp_path / "b", dataset, epochs=2, init_weights=str(best), lr_schedule="cosine")
     )
     assert train(tuned).epochs == [1, 2]
+    from training.export import export_checkpoint
+
+    _, card_path, _ = export_checkpoint(tuned.output / "best.pt", "t", "0.0.2", tmp_path / "x")
+    data = json.loads(card_path.read_text(encoding="utf-8"))["training"]["data"]
+    assert data.endswith(f"; fine-tuned from the weights in {best}")
     assert [_cosine(tuned, e, 0.0) for e in (1, 2)] == [1.0, 0.5]
     timed = tuned.model_copy(update={"time_limit_minutes": 1.0})
     assert _cosine(timed, 1, 30.0) == pytest.approx(0.5)
