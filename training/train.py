@@ -399,15 +399,11 @@ def _mine_hard_negatives(
     rng = np.random.default_rng(config.seed)
     with torch.inference_mode():
         for case in cases:
-            image = torch.from_numpy(case.item["image"])[None].to(device)
-            prob = sliding_window_inference(
-                image, config.inference_patch_size or config.patch_size, 4, net, overlap=0.25
-            )
-            assert isinstance(prob, torch.Tensor)
+            prob = _probability(net, case, config, device)
             lesion = ndimage.binary_dilation(
                 case.item["label"][0] > 0, iterations=HARD_NEGATIVE_MARGIN
             )
-            hard = np.flatnonzero(((prob[0, 0].cpu().numpy() >= 0.5) & ~lesion).ravel())
+            hard = np.flatnonzero(((prob >= 0.5) & ~lesion).ravel())
             total += hard.size
             if hard.size:
                 bg = case.item["bg"]
@@ -436,6 +432,25 @@ def _export_state(net: ProbabilityNet, config: TrainConfig, command: str = "") -
     }
 
 
+def _probability(
+    net: ProbabilityNet, case: PreparedCase, config: TrainConfig, device: torch.device
+) -> np.ndarray:
+    """The network's probability map of a whole case, by the serving path's sliding window
+    (Gaussian blending, overlap 0.25); call under ``torch.inference_mode``."""
+    image = torch.from_numpy(case.item["image"])[None].to(device)
+    prob = sliding_window_inference(
+        image,
+        config.inference_patch_size or config.patch_size,
+        4,
+        net,
+        overlap=0.25,
+        mode="gaussian",
+        sigma_scale=0.125,
+    )
+    assert isinstance(prob, torch.Tensor)
+    return np.asarray(prob[0, 0].cpu().numpy())
+
+
 def _validate(
     net: ProbabilityNet,
     cases: list[PreparedCase],
@@ -447,19 +462,11 @@ def _validate(
     scans = []
     with torch.inference_mode():
         for i, case in enumerate(cases):
-            image = torch.from_numpy(case.item["image"])[None].to(device)
-            prob = sliding_window_inference(
-                image,
-                config.inference_patch_size or config.patch_size,
-                4,
-                net,
-                overlap=0.25,
-                mode="gaussian",
-                sigma_scale=0.125,
-            )
-            assert isinstance(prob, torch.Tensor)
             findings = findings_from_probability(
-                prob[0, 0].cpu().numpy(), case.pre, case.volume, VALIDATION_MIN_PROBABILITY
+                _probability(net, case, config, device),
+                case.pre,
+                case.volume,
+                VALIDATION_MIN_PROBABILITY,
             )
             detections = tuple(Detection(f.center_mm, f.probability) for f in findings)
             scans.append(Scan(str(i), case.nodules, detections))
