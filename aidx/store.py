@@ -9,7 +9,9 @@ replaying it changes nothing.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,6 +119,20 @@ class IndexResult:
     study_opened: bool
 
 
+def _create_schema(engine: Engine) -> None:
+    """Create the tables that are missing. ``aidx serve`` and ``aidx worker`` processes started
+    together on a new database would race between create_all's "does it exist?" and "CREATE
+    TABLE"; on SQLite both run under one write lock (BEGIN IMMEDIATE; the others wait for it
+    through the busy timeout), elsewhere the server's DDL transaction does the same."""
+    if engine.dialect.name != "sqlite":
+        metadata.create_all(engine)
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        metadata.create_all(conn)
+        conn.commit()
+
+
 class Store(OutboxQueue, JobQueue):
     """Thread-safe access to the index. SQLite writes are serialised by a lock in this process
     (and by SQLite's busy timeout across processes)."""
@@ -130,7 +146,7 @@ class Store(OutboxQueue, JobQueue):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock()
         self._known_series: set[str] = set()  # series whose rows exist (committed)
-        metadata.create_all(self.engine)
+        _create_schema(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -361,8 +377,17 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     # WAL: readers never block the writer. NORMAL: a commit survives a crash of the process
     # (what kill -9 tests); files are fsync'd separately and re-indexed at start-up if needed.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # Switching a new database to WAL answers "locked" at once (no busy handler) while another
+    # process does the same: back off and try again, as the busy handler would.
+    for attempt in range(200):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 199:
+                raise
+            time.sleep(0.01 * min(attempt + 1, 10))
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

@@ -242,3 +242,32 @@ def _insert_study(store: Store, uid: str) -> None:
                 last_arrival=1000.0,
             )
         )
+
+
+def test_processes_opening_a_new_database_together_all_start(tmp_path: Path) -> None:
+    """`aidx serve` and its `aidx worker` processes start together on a new database: each
+    creates the missing tables, and none may fail because another created them first."""
+    import threading
+
+    for n in range(15):
+        url = f"sqlite:///{(tmp_path / f'race{n}.db').resolve()}"
+        barrier = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def open_store(
+            url: str = url,
+            barrier: threading.Barrier = barrier,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            barrier.wait()
+            try:
+                Store(url).close()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_store) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
