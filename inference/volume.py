@@ -1,6 +1,7 @@
 """DICOM series to a 3D volume in Hounsfield units, with its geometry in patient coordinates.
 
-Slices are ordered by their position along the slice normal (not by Instance Number), the
+Slices are ordered by their position along the slice normal (not by Instance Number; the Instance
+Numbers are kept, in volume order, for viewers that number images as the PACS does), the
 rescale is applied, and the geometry is checked: a series with gantry tilt, a missing slice or
 irregular spacing is refused with the reason, so that findings are never placed in the wrong
 spot. Compressed transfer syntaxes decode through pydicom's pixel handlers and the pylibjpeg
@@ -50,6 +51,7 @@ class Volume:
     series_uid: str
     frame_of_reference_uid: str
     files: tuple[Path, ...] = ()  # the source file of each slice, in volume order
+    instance_numbers: tuple[int | None, ...] = ()  # each slice's Instance Number, volume order
 
     @property
     def affine(self) -> NDArray[np.float64]:
@@ -111,7 +113,17 @@ def load_series(files: Sequence[Path]) -> Volume:
         series_uid=str(first.SeriesInstanceUID),
         frame_of_reference_uid=str(getattr(first, "FrameOfReferenceUID", "")),
         files=tuple(files[i] for i in order),
+        instance_numbers=tuple(_instance_number(headers[i]) for i in order),
     )
+
+
+def _instance_number(ds: Dataset) -> int | None:
+    """Instance Number (Type 2 in CT: it may be empty), or None when absent or not an integer."""
+    value = ds.get("InstanceNumber")
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 REQUIRED = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")

@@ -30,8 +30,11 @@ from ui.viewer_session import (
     findings_table,
     open_review,
     reopen,
+    set_slider,
     sign_review,
+    slice_info,
     slice_png,
+    slider_value,
     step_slice,
     thumbnails,
 )
@@ -218,6 +221,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                                 1, 2, value=1, step=1, label=t("slice"), elem_id="slice"
                             )
                             next_button = gr.Button("▼", elem_id="slice-next", min_width=60)
+                        slice_text = gr.Markdown("", elem_id="slice-info")
                         with gr.Row():
                             preset = gr.Radio(
                                 preset_choices,
@@ -282,6 +286,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             viewer_status,
             image,
             slider,
+            slice_text,
             findings,
             gallery,
             selected,
@@ -295,12 +300,13 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                 st,
                 st.status_line(t),
                 slice_png(ctx, st),
-                gr.update(minimum=1, maximum=max(st.slice_count, 2), value=st.slice + 1),
+                gr.update(minimum=1, maximum=max(st.slice_count, 2), value=slider_value(ctx, st)),
+                slice_info(ctx, st, t),
                 findings_table(ctx, st, t),
                 thumbnails(ctx, st),
                 st.selected_line(t),
                 st.selected_diameter(ctx),
-                st.point_line(t),
+                st.point_line(ctx, t),
                 msg,
             )
 
@@ -332,17 +338,18 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             st: ViewerState, s: float, p: str, w: float, lv: float, o: bool, request: gr.Request
         ) -> Any:
             current_user(ctx, request)
-            st.slice = int(s) - 1 if st.review_id else 0
+            set_slider(ctx, st, s)
             st.preset, st.window, st.level, st.overlays = p, float(w or 1), float(lv or 0), o
-            return st, slice_png(ctx, st)
+            return st, slice_png(ctx, st), slice_info(ctx, st, t)
 
-        slider.input(rerender, [state, slider, preset, width, level, overlays], [state, image])
-        overlays.change(rerender, [state, slider, preset, width, level, overlays], [state, image])
+        rendered = [state, image, slice_text]
+        slider.input(rerender, [state, slider, preset, width, level, overlays], rendered)
+        overlays.change(rerender, [state, slider, preset, width, level, overlays], rendered)
         for number in (width, level):
             number.submit(
                 lambda *a: ("manual", *rerender(*a)),
                 [state, slider, preset, width, level, overlays],
-                [preset, state, image],
+                [preset, *rendered],
             )
 
         def on_preset(st: ViewerState, p: str, request: gr.Request) -> Any:
@@ -356,13 +363,14 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         def on_step(delta: int) -> Any:
             def step(st: ViewerState, request: gr.Request) -> Any:
                 current_user(ctx, request)
-                step_slice(st, delta)
-                return st, gr.update(value=st.slice + 1), slice_png(ctx, st)
+                step_slice(ctx, st, delta)
+                value = slider_value(ctx, st)
+                return st, gr.update(value=value), slice_png(ctx, st), slice_info(ctx, st, t)
 
             return step
 
-        prev_button.click(on_step(-1), [state], [state, slider, image])
-        next_button.click(on_step(+1), [state], [state, slider, image])
+        prev_button.click(on_step(-1), [state], [state, slider, image, slice_text])
+        next_button.click(on_step(+1), [state], [state, slider, image, slice_text])
 
         @guarded
         def on_finding(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
@@ -408,7 +416,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             current_user(ctx, request)
             x, y = evt.index  # column, row of the clicked pixel
             click_point(ctx, st, row=float(y), col=float(x))
-            return st, st.point_line(t), slice_png(ctx, st)
+            return st, st.point_line(ctx, t), slice_png(ctx, st)
 
         image.select(on_click, [state], [state, point, image])
 

@@ -97,6 +97,31 @@ def _check_window(window: float, level: float) -> None:
         )
 
 
+def display_order(volume: Volume) -> tuple[int, ...]:
+    """The volume's slice indices in the order a radiologist scrolls them.
+
+    That is the PACS's order: by Instance Number, when every slice has a distinct one and
+    they rise or fall steadily along the series. Otherwise, the usual hanging: an axial
+    series from the head down, a sagittal one from the patient's right, a coronal one from the
+    front (volume index k rises along the slice normal, in LPS coordinates).
+    """
+    n = len(volume.sop_uids)
+    forward, backward = tuple(range(n)), tuple(range(n - 1, -1, -1))
+    numbers = volume.instance_numbers
+    if len(numbers) == n and all(x is not None for x in numbers):
+        steps = np.diff(np.asarray(numbers, dtype=np.int64))
+        if (steps > 0).all():
+            return forward
+        if (steps < 0).all():
+            return backward
+    axis = int(np.argmax(np.abs(volume.normal)))
+    towards = float(volume.normal[axis])
+    # LPS: +z is the head (show the highest first); +x is the patient's left and +y the back
+    # (show the lowest first).
+    reverse = towards > 0 if axis == 2 else towards < 0
+    return backward if reverse else forward
+
+
 @dataclass(frozen=True)
 class _Outline:
     """Pixels just outside one finding's mask on one slice, a 1-pixel and a 2-pixel ring, as
@@ -155,6 +180,8 @@ class StudyView:
         self._outlines: dict[int, tuple[_Outline, ...]] = {}
         self._boxes = tuple(_box(f, volume) for f in self.findings)
         self._labels = {i: _label(str(i)) for i in self._colour}
+        self._display = display_order(volume)
+        self._position = {k: pos for pos, k in enumerate(self._display)}
 
     @classmethod
     def open(
@@ -202,6 +229,26 @@ class StudyView:
     def shape(self) -> tuple[int, int]:
         """(rows, columns) of a slice."""
         return int(self.volume.hu.shape[1]), int(self.volume.hu.shape[2])
+
+    def display_position(self, slice_index: int) -> int:
+        """Where a slice (volume index) comes in the viewer's scroll order (0-based)."""
+        return self._position[self._slice(slice_index)]
+
+    def slice_at(self, position: int) -> int:
+        """The slice (volume index) at a scroll position (0-based; clamped to the series)."""
+        return self._display[min(max(int(position), 0), self.slice_count - 1)]
+
+    def instance_number(self, slice_index: int) -> int | None:
+        """The slice's DICOM Instance Number (the image number the PACS shows), if it has one."""
+        numbers = self.volume.instance_numbers
+        k = self._slice(slice_index)
+        return numbers[k] if len(numbers) == self.slice_count else None
+
+    def slice_location(self, slice_index: int) -> float:
+        """Position of the slice along its normal (mm), as the PACS shows Slice Location for an
+        axial series (the patient z coordinate there)."""
+        k = self._slice(slice_index)
+        return float(self.volume.to_patient((k, 0.0, 0.0)) @ self.volume.normal)
 
     def finding(self, finding_id: int) -> Finding:
         try:

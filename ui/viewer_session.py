@@ -42,7 +42,7 @@ _png_lock = threading.Lock()
 @dataclass
 class ViewerState:
     review_id: int | None = None
-    slice: int = 0  # 0-based index into the series
+    slice: int = 0  # 0-based volume index (along the slice normal; see StudyView.slice_at)
     slice_count: int = 0
     preset: str = "lung"
     window: float = WINDOW_PRESETS["lung"].window
@@ -62,11 +62,11 @@ class ViewerState:
     def selected_line(self, t: T) -> str:
         return f"**{t('selected')}:** {self.selected}" if self.selected else t("select_first")
 
-    def point_line(self, t: T) -> str:
-        if self.point is None:
+    def point_line(self, ctx: Any, t: T) -> str:
+        if self.point is None or self.review_id is None:
             return ""
         k, _, _, x, y, z = self.point
-        return t("clicked_at", slice=k + 1, x=x, y=y, z=z)
+        return t("clicked_at", image=image_label(study_view(ctx, self.review_id), k), x=x, y=y, z=z)
 
     def selected_diameter(self, ctx: Any) -> float | None:
         if self.review_id is None or self.selected is None:
@@ -137,9 +137,45 @@ def open_review(ctx: Any, user: User, review_id: int, client: str | None) -> Vie
     return st
 
 
-def step_slice(st: ViewerState, delta: int) -> None:
+def image_label(view: StudyView, k: int) -> str:
+    """The slice's image number as the PACS shows it (its Instance Number), or, without one,
+    its place in the scroll order."""
+    number = view.instance_number(k)
+    return str(number) if number is not None else str(view.display_position(k) + 1)
+
+
+def slider_value(ctx: Any, st: ViewerState) -> int:
+    """The slice's 1-based place in the scroll order (the slider's value)."""
+    if st.review_id is None:
+        return 1
+    return study_view(ctx, st.review_id).display_position(st.slice) + 1
+
+
+def set_slider(ctx: Any, st: ViewerState, value: float) -> None:
+    """Go to the slice at a 1-based scroll position (the slider's value)."""
     if st.review_id is not None:
-        st.slice = int(min(max(st.slice + delta, 0), st.slice_count - 1))
+        st.slice = study_view(ctx, st.review_id).slice_at(int(value) - 1)
+
+
+def step_slice(ctx: Any, st: ViewerState, delta: int) -> None:
+    """Move ``delta`` slices on in the scroll order (the PACS's order), staying in the series."""
+    if st.review_id is not None:
+        view = study_view(ctx, st.review_id)
+        st.slice = view.slice_at(view.display_position(st.slice) + delta)
+
+
+def slice_info(ctx: Any, st: ViewerState, t: T) -> str:
+    """What the PACS overlay says about the slice: image number, place, slice location."""
+    if st.review_id is None:
+        return ""
+    view = study_view(ctx, st.review_id)
+    return t(
+        "slice_info",
+        image=image_label(view, st.slice),
+        position=view.display_position(st.slice) + 1,
+        count=view.slice_count,
+        location=view.slice_location(st.slice),
+    )
 
 
 def render_slice(ctx: Any, st: ViewerState) -> NDArray[np.uint8] | None:
@@ -234,7 +270,7 @@ def findings_table(ctx: Any, st: ViewerState, t: T) -> pd.DataFrame:
                 round(f.diameter_mm, 1),
                 round(f.ai.volume_mm3, 0) if f.ai is not None else None,
                 round(f.ai.probability, 3) if f.ai is not None else None,
-                finding_slice(view, f) + 1,
+                image_label(view, finding_slice(view, f)),
             ]
         )
     return pd.DataFrame(rows, columns=columns)

@@ -197,12 +197,17 @@ def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
         findings = page.locator("#findings div[role=row]")
         count = findings.count()
         assert count >= 2, f"the demo study needs two findings for this test, got {count}"
+        # Images are numbered as in the PACS (Instance Number): the first finding's image.
+        info = page.locator("#slice-info")
+        image_number = int(findings.first.locator("[role=gridcell]").nth(5).inner_text())
+        expect(info).to_contain_text(f"Image {image_number} · {start} of ")
         _shot(page, "03-viewer")
 
         # Scroll: keyboard (focus on the page, not in a field) and the buttons.
         page.locator("#slice-image").hover()
         page.locator("body").press("ArrowDown")
         expect(slice_number).to_have_value(str(start + 1))
+        expect(info).to_contain_text(f"Image {image_number + 1} · {start + 1} of ")
         page.locator("body").press("ArrowDown")
         expect(slice_number).to_have_value(str(start + 2))
         page.click("#slice-prev")

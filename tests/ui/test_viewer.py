@@ -24,7 +24,7 @@ from inference.volume import Volume, load_series
 from models.registry import Registry
 from tests.standin_model import install
 from training.phantom import NoduleRequest, PhantomOptions, generate
-from ui.viewer import BOX_MARGIN, WINDOW_PRESETS, StudyView, window_gray
+from ui.viewer import BOX_MARGIN, WINDOW_PRESETS, StudyView, display_order, window_gray
 
 LUNG = WINDOW_PRESETS["lung"]
 
@@ -310,3 +310,47 @@ def test_a_seg_alone_draws_its_segments_under_their_tracking_ids(
     ring = ndimage.binary_dilation(mask[k], np.ones((3, 3), bool), iterations=2) & ~mask[k]
     assert np.all(picture[ring] == np.array(seg_only.colour(study.nodule.id)))
     assert study.nodule.id in seg_only.findings_on_slice(k)
+
+
+# ---------------------------------------------------------------------------- image numbering
+def test_the_viewer_numbers_and_orders_images_as_the_pacs_does(view: StudyView) -> None:
+    # The phantom numbers its images from the head down, as a CT scanner does; the volume runs
+    # from the feet up (along the slice normal). Scrolling follows the Instance Numbers.
+    numbers = [int(dcmread(f, stop_before_pixels=True).InstanceNumber) for f in view.volume.files]
+    assert list(view.volume.instance_numbers) == numbers
+    assert numbers == sorted(numbers, reverse=True)
+    shown = [view.instance_number(view.slice_at(p)) for p in range(view.slice_count)]
+    assert shown == sorted(numbers)
+    assert [view.display_position(view.slice_at(p)) for p in range(view.slice_count)] == list(
+        range(view.slice_count)
+    )
+    top = view.slice_at(0)
+    assert view.slice_location(top) == pytest.approx(
+        float(dcmread(view.volume.files[top], stop_before_pixels=True).ImagePositionPatient[2])
+    )
+    assert view.slice_location(view.slice_at(1)) < view.slice_location(top)  # head first
+    assert view.slice_at(-5) == view.slice_at(0)  # positions clamp to the series
+    assert view.slice_at(10_000) == view.slice_at(view.slice_count - 1)
+
+
+def test_without_usable_instance_numbers_axial_images_go_from_the_head_down() -> None:
+    base = uniform_volume(0.0)  # two slices, the normal along +z: k = 1 is nearer the head
+    assert display_order(base) == (1, 0)
+    assert display_order(replace(base, instance_numbers=(None, 4))) == (1, 0)
+    assert display_order(replace(base, instance_numbers=(7, 7))) == (1, 0)  # not distinct
+    assert display_order(replace(base, instance_numbers=(1, 2))) == (0, 1)  # the PACS's order
+    assert display_order(replace(base, instance_numbers=(2, 1))) == (1, 0)
+    three = replace(
+        base,
+        hu=np.zeros((3, 8, 8), np.float32),
+        sop_uids=("1.1", "1.2", "1.3"),
+        instance_numbers=(1, 3, 2),  # not steady along the series: hang by geometry
+    )
+    assert display_order(three) == (2, 1, 0)
+    feet_up = replace(base, normal=np.array([0, 0, -1.0]), row_dir=np.array([-1.0, 0, 0]))
+    assert display_order(feet_up) == (0, 1)
+    # Sagittal from the patient's right (-x in LPS), coronal from the front (-y).
+    for normal, order in (((1.0, 0, 0), (0, 1)), ((-1.0, 0, 0), (1, 0)), ((0, 1.0, 0), (0, 1))):
+        assert display_order(replace(base, normal=np.array(normal))) == order
+    view = StudyView(replace(base, instance_numbers=()))
+    assert view.instance_number(0) is None
