@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aidx import __version__, cli_models, cli_node, cli_pipeline, cli_status, cli_ui
+from aidx import __version__, cli_db, cli_models, cli_node, cli_pipeline, cli_status, cli_ui
 from aidx.config import (
     AidxConfig,
     ConfigError,
@@ -24,6 +24,7 @@ from aidx.config import (
 )
 from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.logs import setup_logging
+from aidx.migrations import SchemaVersionError
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_feedback.add_parsers(sub)
     cli_ui.add_parser(sub)
+    cli_db.add_parsers(sub)
 
     dataset = sub.add_parser("dataset", help="build training datasets in the canonical format")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", metavar="SOURCE", required=True)
@@ -339,7 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
     handler: Handler = args.handler
-    return handler(args, config)
+    try:
+        return handler(args, config)
+    except SchemaVersionError as exc:  # any command that opens the store
+        print(f"aidx: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _config_show(args: argparse.Namespace, config: AidxConfig) -> int:

@@ -24,12 +24,14 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    make_url,
     select,
     text,
     update,
 )
 
 from .jobs import QUEUED, JobQueue, add_event
+from .migrations import prepare
 from .outbox import OutboxItem, OutboxQueue
 from .schema import events, instances, jobs, metadata, outbox, patients, results, series, studies
 
@@ -119,18 +121,22 @@ class IndexResult:
     study_opened: bool
 
 
-def _create_schema(engine: Engine) -> None:
-    """Create the tables that are missing. ``aidx serve`` and ``aidx worker`` processes started
-    together on a new database would race between create_all's "does it exist?" and "CREATE
-    TABLE"; on SQLite both run under one write lock (BEGIN IMMEDIATE; the others wait for it
-    through the busy timeout), elsewhere the server's DDL transaction does the same."""
-    if engine.dialect.name != "sqlite":
-        metadata.create_all(engine)
-        return
+def _open_schema(engine: Engine, where: str) -> None:
+    """Create a new database's tables, or check an existing one's schema version
+    (aidx.migrations). ``aidx serve`` and ``aidx worker`` processes started together on a new
+    database would race between "does it exist?" and "CREATE TABLE"; on SQLite both run under
+    one write lock (BEGIN IMMEDIATE; the others wait for it through the busy timeout),
+    elsewhere the server's DDL transaction does the same."""
     with engine.connect() as conn:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-        metadata.create_all(conn)
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        prepare(conn, where)
         conn.commit()
+
+
+def safe_url(url: str) -> str:
+    """The store URL with any password masked, for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 class Store(OutboxQueue, JobQueue):
@@ -146,7 +152,7 @@ class Store(OutboxQueue, JobQueue):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock()
         self._known_series: set[str] = set()  # series whose rows exist (committed)
-        _create_schema(self.engine)
+        _open_schema(self.engine, safe_url(url))
 
     def close(self) -> None:
         self.engine.dispose()

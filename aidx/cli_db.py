@@ -1,0 +1,102 @@
+"""`aidx db status` and `aidx db upgrade`: the store's schema version (aidx.migrations)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from aidx.config import AidxConfig
+from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from aidx.migrations import SchemaVersionError, state, upgrade
+from aidx.store import safe_url
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    db = sub.add_parser("db", help="the store's schema version: show it, upgrade it")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser(
+        "status", help="the database's schema version and the upgrades it lacks"
+    ).set_defaults(handler=db_status)
+    up = db_sub.add_parser(
+        "upgrade",
+        help="apply the missing upgrades (stop aidx serve/worker/ui first; backs up SQLite)",
+    )
+    up.add_argument(
+        "--backup-dir", type=Path, help="where the SQLite backup goes (default: beside the file)"
+    )
+    up.set_defaults(handler=db_upgrade)
+
+
+def _engine(config: AidxConfig) -> tuple[Engine | None, str]:
+    url = config.store_url()
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return None, url
+    return create_engine(url), url
+
+
+def db_status(args: argparse.Namespace, config: AidxConfig) -> int:
+    del args
+    engine, url = _engine(config)
+    if engine is None:
+        print(f"no database at {safe_url(url)} yet: aidx serve creates it (schema version latest)")
+        return EXIT_OK
+    try:
+        with engine.connect() as conn:
+            st = state(conn)
+    except SQLAlchemyError as exc:
+        print(f"aidx db status: cannot read {safe_url(url)}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        engine.dispose()
+    where = safe_url(url)
+    if st.version is None:
+        print(f"{where}: empty (no aidx tables); aidx creates schema version {st.latest}")
+    elif st.version > st.latest:
+        print(
+            f"{where}: schema version {st.version}, newer than this aidx's {st.latest}: "
+            "run the newer aidx, or restore the backup made before its upgrade"
+        )
+        return EXIT_FAILED
+    elif st.pending:
+        print(f"{where}: schema version {st.version}; this aidx needs {st.latest}. Upgrades:")
+        for step in st.pending:
+            print(f"  {step.version}: {step.description}")
+        print("stop every aidx process using it, then run: aidx db upgrade")
+        return EXIT_FAILED
+    else:
+        print(f"{where}: schema version {st.version} (up to date)")
+    return EXIT_OK
+
+
+def db_upgrade(args: argparse.Namespace, config: AidxConfig) -> int:
+    engine, url = _engine(config)
+    if engine is None:
+        print(f"no database at {safe_url(url)}: nothing to upgrade (aidx serve creates one)")
+        return EXIT_OK
+    try:
+        before, applied, backup = upgrade(engine, args.backup_dir)
+    except SchemaVersionError as exc:
+        print(f"aidx db upgrade: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SQLAlchemyError, OSError) as exc:
+        print(
+            f"aidx db upgrade: failed, the database is unchanged (one transaction): {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    finally:
+        engine.dispose()
+    where = safe_url(url)
+    if not applied:
+        print(f"{where}: schema version {before.latest}, nothing to upgrade")
+        return EXIT_OK
+    if backup is not None:
+        print(f"backup of version {before.version}: {backup}")
+    for step in applied:
+        print(f"upgraded to {step.version}: {step.description}")
+    print(f"{where}: schema version {applied[-1].version}")
+    return EXIT_OK
