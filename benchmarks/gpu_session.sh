@@ -6,8 +6,9 @@
 #   3. the training set (configs/train/phantom-gpu.yaml: 120 phantoms, 16 processes) and the
 #      GPU training run (wall-clock limit in the config),
 #   4. copies the log, best.pt and the curves to $OUT (or ./gpu-out without $OUT).
-#   finetune: the dataset, then configs/train/phantom-gpu-finetune.yaml from the carried
-#   aidx-data/runs/phantom-gpu/best.pt (carry that path too).
+#   finetune: a dataset with nodules from 3 mm, then configs/train/phantom-gpu-finetune.yaml
+#   from the carried aidx-data/runs/phantom-cpu-finetune/checkpoint.pt (the network of the
+#   default model 0.5.0; carry that path too), with small-nodule sampling and hard negatives.
 # Usage: bash benchmarks/gpu_session.sh [train|bench|finetune|all]   (default all)
 set -uo pipefail
 what=${1:-all}
@@ -27,17 +28,20 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
 fi
 config=configs/train/phantom-gpu.yaml
 run=aidx-data/runs/phantom-gpu
+export AIDX_GPU_DATASET=aidx-data/datasets/phantoms-train-120 AIDX_GPU_MIN_DIAMETER=4.0
 if [ "$what" = finetune ]; then
   config=configs/train/phantom-gpu-finetune.yaml
   run=aidx-data/runs/phantom-gpu-finetune
+  export AIDX_GPU_DATASET=aidx-data/datasets/phantoms-train-120-from3 AIDX_GPU_MIN_DIAMETER=3.0
 fi
 if [ "$what" = all ] || [ "$what" = train ] || [ "$what" = finetune ]; then
   start=$(date +%s)
   python3 - <<'PY' 2>&1 | tee "$out/dataset.log"
+import os
 from pathlib import Path
 from training.converters import main_phantoms
-main_phantoms(Path("aidx-data/datasets/phantoms-train-120"), 120, 1, 96, 256, nodules=6,
-              diameter_range=(4.0, 30.0), workers=16)
+main_phantoms(Path(os.environ["AIDX_GPU_DATASET"]), 120, 1, 96, 256, nodules=6,
+              diameter_range=(float(os.environ["AIDX_GPU_MIN_DIAMETER"]), 30.0), workers=16)
 print("dataset ready")
 PY
   echo "dataset: $(( $(date +%s) - start )) s"

@@ -252,3 +252,14 @@ def test_hard_negatives_need_starting_weights(dataset: Path, tmp_path: Path) -> 
     path = config_file(tmp_path, dataset, hard_negative_fraction=0.5)
     with pytest.raises(ValueError, match="hard_negative_fraction needs init_weights"):
         TrainConfig.load(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[2] / "configs" / "train").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_shipped_training_config_is_valid(path: Path) -> None:
+    config = TrainConfig.load(path)  # raises, naming the key, on a bad or unknown key
+    if config.hard_negative_fraction > 0:
+        assert config.init_weights is not None  # mining needs a starting network
