@@ -6,13 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from aidx.config import AidxConfig
 from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.migrations import SchemaVersionError, state, upgrade
-from aidx.store import safe_url
+from aidx.store import create_store_engine, safe_url
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,7 +35,7 @@ def _engine(config: AidxConfig) -> tuple[Engine | None, str]:
     url = config.store_url()
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None, url
-    return create_engine(url), url
+    return create_store_engine(url), url
 
 
 def db_status(args: argparse.Namespace, config: AidxConfig) -> int:
@@ -96,6 +96,8 @@ def db_upgrade(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_OK
     if backup is not None:
         print(f"backup of version {before.version}: {backup}")
+    else:
+        print("no backup made: a PostgreSQL store is backed up with pg_dump before upgrading")
     for step in applied:
         print(f"upgraded to {step.version}: {step.description}")
     print(f"{where}: schema version {applied[-1].version}")

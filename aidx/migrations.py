@@ -24,13 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, func, inspect, select
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, func, inspect, select, text
 from sqlalchemy.engine import Connection, Engine
 
 from . import __version__
 from .schema import decisions, metadata
 
 BASELINE = 1  # the schema of a database made before versions were recorded
+# PostgreSQL advisory lock key for schema changes (any constant shared by all aidx processes).
+SCHEMA_LOCK_KEY = 0x41494458  # "AIDX"
 
 versioning = MetaData()
 schema_version = Table(
@@ -80,6 +82,17 @@ class SchemaState:
     @property
     def current(self) -> bool:
         return self.version == self.latest
+
+
+def schema_lock(conn: Connection) -> None:
+    """Start the connection's transaction holding the store's schema lock, so that processes
+    creating or upgrading the schema take turns: SQLite's write lock (BEGIN IMMEDIATE; others
+    wait through the busy timeout), PostgreSQL's transaction-scoped advisory lock."""
+    dialect = conn.engine.dialect.name
+    if dialect == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif dialect == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
 
 
 def current_version(conn: Connection) -> int | None:
@@ -150,10 +163,7 @@ def upgrade(
         return before, (), None
     backup = _backup(engine, before.version, backup_dir) if sqlite else None
     with engine.connect() as conn:
-        if sqlite:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")  # no other writer while the schema changes
-        else:
-            conn.begin()
+        schema_lock(conn)  # no other writer while the schema changes
         now = state(conn, migrations)  # another process may have upgraded meanwhile
         versioning.create_all(conn)
         if now.version == BASELINE and not _recorded(conn, BASELINE):

@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 
 from .jobs import QUEUED, JobQueue, add_event
-from .migrations import prepare
+from .migrations import prepare, schema_lock
 from .outbox import OutboxItem, OutboxQueue
 from .schema import events, instances, jobs, metadata, outbox, patients, results, series, studies
 
@@ -124,14 +124,37 @@ class IndexResult:
 def _open_schema(engine: Engine, where: str) -> None:
     """Create a new database's tables, or check an existing one's schema version
     (aidx.migrations). ``aidx serve`` and ``aidx worker`` processes started together on a new
-    database would race between "does it exist?" and "CREATE TABLE"; on SQLite both run under
-    one write lock (BEGIN IMMEDIATE; the others wait for it through the busy timeout),
-    elsewhere the server's DDL transaction does the same."""
+    database would race between "does it exist?" and "CREATE TABLE"; they take turns under one
+    lock (SQLite: BEGIN IMMEDIATE, the others wait through the busy timeout; PostgreSQL: a
+    transaction-scoped advisory lock)."""
     with engine.connect() as conn:
-        if engine.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        schema_lock(conn)
         prepare(conn, where)
         conn.commit()
+
+
+def engine_url(url: str) -> str:
+    """The SQLAlchemy URL for ``store.url``: PostgreSQL goes through psycopg 3 (the
+    ``[postgres]`` extra), whichever of the usual spellings the URL uses."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+def create_store_engine(url: str) -> Engine:
+    """An engine for ``store.url``; a PostgreSQL URL without its driver installed is refused
+    with the fix (ValueError)."""
+    try:
+        return create_engine(
+            engine_url(url),
+            connect_args={"check_same_thread": False} if url.startswith("sqlite") else {},
+        )
+    except ImportError as exc:
+        raise ValueError(
+            f"store.url {safe_url(url)} needs a database driver that is not installed "
+            f"({exc.name}): pip install 'aidx[postgres]' for PostgreSQL"
+        ) from exc
 
 
 def safe_url(url: str) -> str:
@@ -146,8 +169,7 @@ class Store(OutboxQueue, JobQueue):
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        connect_args: dict[str, Any] = {"check_same_thread": False} if self.is_sqlite else {}
-        self.engine: Engine = create_engine(url, connect_args=connect_args)
+        self.engine: Engine = create_store_engine(url)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests talk to, when they are missing and we may install them:
-# DCMTK (storescu, echoscu), dicom3tools (dciodvfy), Orthanc (the PACS) and Chromium (UI tests).
+# DCMTK (storescu, echoscu), dicom3tools (dciodvfy), Orthanc (the PACS), Chromium (UI tests) and
+# PostgreSQL (the store's second back end; the tests start their own throwaway server).
 # Not root: prints what is missing; the tests then skip (or fail with CI=true) with the reason.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ missing=()
 for path in "${!tools[@]}"; do
   [ -x "$path" ] || missing+=("${tools[$path]}")
 done
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
@@ -25,5 +27,7 @@ echo "install-system-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# Debian starts Orthanc as a service on install; the tests run their own instances.
-if command -v systemctl >/dev/null 2>&1; then systemctl stop orthanc 2>/dev/null || true; fi
+# Debian starts Orthanc and PostgreSQL as services on install; the tests run their own.
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl stop orthanc postgresql 2>/dev/null || true
+fi

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +32,31 @@ def require_tool(name: str, package: str) -> str:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A throwaway PostgreSQL server for the whole run (tests.peers.postgres)."""
+    from tests.peers.postgres import POSTGRES_PACKAGE, Postgres, postgres_bin
+    from tests.peers.process import ToolMissingError
+
+    try:
+        postgres_bin()
+        import psycopg  # noqa: F401 - the driver the [postgres] extra installs
+    except (ToolMissingError, ImportError) as exc:
+        message = f"PostgreSQL store tests need Debian's '{POSTGRES_PACKAGE}' and psycopg: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty store database: SQLite in the test's folder, or one on the PostgreSQL
+    server (the store's two supported back ends)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'aidx.db'}"
+    server = request.getfixturevalue("postgres_server")
+    return str(server.new_database())

@@ -67,12 +67,12 @@ def _config(tmp_path: Path, **pipeline: Any) -> AidxConfig:
     return config
 
 
-def _store(tmp_path: Path) -> Store:
-    return Store(f"sqlite:///{tmp_path / 'aidx.db'}")
+def _store(url: str) -> Store:
+    return Store(url)
 
 
-def test_priority_then_age_order_and_optimistic_claims(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_priority_then_age_order_and_optimistic_claims(store_url: str) -> None:
+    store = _store(store_url)
     for n, (uid, priority) in enumerate([("1.2.3.1", 0), ("1.2.3.2", 0), ("1.2.3.3", 5)]):
         _insert_study(store, uid)
         store.complete_study(uid, 2000.0 + n, priority)
@@ -82,8 +82,8 @@ def test_priority_then_age_order_and_optimistic_claims(tmp_path: Path) -> None:
     assert store.job_counts()["running"] == 3
 
 
-def test_a_dead_workers_job_is_taken_again_and_an_expired_lease_too(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_a_dead_workers_job_is_taken_again_and_an_expired_lease_too(store_url: str) -> None:
+    store = _store(store_url)
     _insert_study(store, "1.2.3.9")
     store.complete_study("1.2.3.9", 2000.0)
     first = store.claim_job("here:111:0", 60.0, now=3000.0, alive=lambda _: True)
@@ -101,8 +101,8 @@ def test_a_dead_workers_job_is_taken_again_and_an_expired_lease_too(tmp_path: Pa
     assert events.count("requeued") == 2 and events[0] == "complete"
 
 
-def test_an_overtaken_version_is_superseded_not_run(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_an_overtaken_version_is_superseded_not_run(store_url: str) -> None:
+    store = _store(store_url)
     _insert_study(store, "1.2.3.7")
     store.complete_study("1.2.3.7", 2000.0)
     store.engine.dispose()
@@ -116,9 +116,9 @@ def test_an_overtaken_version_is_superseded_not_run(tmp_path: Path) -> None:
 
 
 def test_finishing_twice_queues_each_delivery_once_and_sent_closes_the_job(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
-    store = _store(tmp_path)
+    store = _store(store_url)
     _insert_study(store, "1.2.3.8")
     store.complete_study("1.2.3.8", 2000.0)
     job = store.claim_job("h:1:0", 60.0, alive=lambda _: True)
@@ -140,10 +140,10 @@ def test_finishing_twice_queues_each_delivery_once_and_sent_closes_the_job(
 
 
 def test_worker_runs_a_study_writes_results_and_queues_them(
-    phantom: dict[str, Any], tmp_path: Path
+    phantom: dict[str, Any], tmp_path: Path, store_url: str
 ) -> None:
     config = _config(tmp_path)
-    store = _store(tmp_path)
+    store = _store(store_url)
     study_uid = _index(store, phantom["files"])
     job_id = store.complete_study(study_uid, time.time())
     worker = Worker(config, store)
@@ -179,11 +179,11 @@ def test_worker_runs_a_study_writes_results_and_queues_them(
 
 
 def test_a_study_without_an_eligible_series_is_not_applicable_with_the_reason(
-    phantom: dict[str, Any], tmp_path: Path
+    phantom: dict[str, Any], tmp_path: Path, store_url: str
 ) -> None:
     config = _config(tmp_path)
     config.inference.series.min_slices = 500
-    store = _store(tmp_path)
+    store = _store(store_url)
     study_uid = _index(store, phantom["files"])
     job_id = store.complete_study(study_uid, time.time())
     assert Worker(config, store).run_once()
@@ -194,7 +194,7 @@ def test_a_study_without_an_eligible_series_is_not_applicable_with_the_reason(
 
 
 def test_priority_rules_by_calling_ae_and_attribute(
-    phantom: dict[str, Any], tmp_path: Path
+    phantom: dict[str, Any], tmp_path: Path, store_url: str
 ) -> None:
     config = _config(tmp_path)
     config.pipeline.priority_rules = [
@@ -202,7 +202,7 @@ def test_priority_rules_by_calling_ae_and_attribute(
         {"priority": 20, "attributes": {"Modality": "^CT$"}, "calling_ae_titles": ["ER_CT"]},  # type: ignore[list-item]
     ]
     config = AidxConfig.model_validate(json.loads(config.model_dump_json()))
-    store = _store(tmp_path)
+    store = _store(store_url)
     routine = _index(store, phantom["files"], calling_ae="WARD")
     priority = priority_function(config, store)
     assert priority(routine) == 0
@@ -244,13 +244,20 @@ def _insert_study(store: Store, uid: str) -> None:
         )
 
 
-def test_processes_opening_a_new_database_together_all_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_processes_opening_a_new_database_together_all_start(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """`aidx serve` and its `aidx worker` processes start together on a new database: each
     creates the missing tables, and none may fail because another created them first."""
     import threading
 
-    for n in range(15):
-        url = f"sqlite:///{(tmp_path / f'race{n}.db').resolve()}"
+    server = request.getfixturevalue("postgres_server") if backend == "postgresql" else None
+    for n in range(15 if server is None else 6):
+        if server is None:
+            url = f"sqlite:///{(tmp_path / f'race{n}.db').resolve()}"
+        else:
+            url = server.new_database()
         barrier = threading.Barrier(4)
         errors: list[BaseException] = []
 
@@ -271,3 +278,43 @@ def test_processes_opening_a_new_database_together_all_start(tmp_path: Path) -> 
         for t in threads:
             t.join()
         assert errors == []
+
+
+def test_workers_claiming_together_take_each_job_once(store_url: str) -> None:
+    """Several workers (threads with their own names, as worker processes have) claim at the
+    same moment: every job is taken by exactly one of them."""
+    import threading
+
+    store = _store(store_url)
+    uids = [f"1.2.9.{n}" for n in range(24)]
+    for n, uid in enumerate(uids):
+        _insert_study(store, uid)
+        store.complete_study(uid, 3000.0 + n)
+    barrier = threading.Barrier(6)
+    taken: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        name = f"host:{990_000 + n}:0"
+        mine: list[str] = []
+        own = _store(store_url)  # its own engine and lock, as a worker process has
+        barrier.wait()
+        try:
+            while (job := own.claim_job(name, 60.0, alive=lambda _: True)) is not None:
+                mine.append(job.study_uid)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+        finally:
+            own.close()
+        taken[name] = mine
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    claimed = [uid for mine in taken.values() for uid in mine]
+    assert sorted(claimed) == sorted(uids)  # all taken, none twice
+    assert store.job_counts()["running"] == len(uids)
+    store.close()
