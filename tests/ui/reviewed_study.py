@@ -54,10 +54,12 @@ def make_config(root: Path) -> AidxConfig:
     return config
 
 
-def reviewed_study(root: Path, seed: int = 5) -> ReviewedStudy:
+def reviewed_study(root: Path, seed: int = 5, store_url: str | None = None) -> ReviewedStudy:
     """Generate, index and run one phantom study under ``root``; users radiologist ``rad``
-    (display name ``Smith^Anna``), ``admin`` and ``eng``, all with password PASSWORD."""
+    (display name ``Smith^Anna``), ``admin`` and ``eng``, all with password PASSWORD. The store
+    is ``store_url`` (default: SQLite in the data folder)."""
     config = make_config(root)
+    config.store.url = store_url
     phantom = generate(
         root / "study",
         PhantomOptions(
@@ -71,7 +73,7 @@ def reviewed_study(root: Path, seed: int = 5) -> ReviewedStudy:
     )
     files = sorted(Path(phantom.dicom_dir).glob("*.dcm"))
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(f"sqlite:///{config.data_dir / 'aidx.db'}")
+    store = Store(config.store_url())
     study_uid = ""
     for path in files:
         record = replace(read_file(path.read_bytes(), "PACS"), path=str(path))

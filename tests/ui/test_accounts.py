@@ -61,8 +61,8 @@ def fast_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'aidx.db'}")
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)  # SQLite and PostgreSQL
     yield s
     s.close()
 

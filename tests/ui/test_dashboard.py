@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from aidx.schema import jobs, patients, results, studies
@@ -36,8 +37,8 @@ class Clock:
 
 
 @pytest.fixture
-def study(tmp_path: Path) -> ReviewedStudy:
-    return reviewed_study(tmp_path)
+def study(tmp_path: Path, store_url: str) -> ReviewedStudy:
+    return reviewed_study(tmp_path, store_url=store_url)
 
 
 def _times(store: Store) -> dict[str, Any]:
@@ -236,7 +237,7 @@ def test_a_later_version_keeps_the_earlier_results_receipt(study: ReviewedStudy)
     version 1 was still made from the images received before."""
     before = _times(study.store)
     record = read_file(study.files[0].read_bytes(), "PACS")
-    late = replace(record, sop_uid=record.sop_uid + ".99", path=str(study.files[0]))
+    late = replace(record, sop_uid=generate_uid(), path=str(study.files[0]))  # a new instance
     study.store.index_instance(late, time.time() + 5.0, 1.0)
     assert _times(study.store)["last_arrival"] > before["created_at"]
     (row,) = dashboard.turnaround(study.store).to_dict("records")
@@ -246,8 +247,8 @@ def test_a_later_version_keeps_the_earlier_results_receipt(study: ReviewedStudy)
     )
 
 
-def test_an_empty_store_gives_empty_frames_with_their_columns(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'aidx.db'}")
+def test_an_empty_store_gives_empty_frames_with_their_columns(store_url: str) -> None:
+    store = Store(store_url)
     times = dashboard.turnaround(store)
     per_study = dashboard.findings_per_study(store)
     frames = {

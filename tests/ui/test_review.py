@@ -13,8 +13,8 @@ from ui.review import ReviewError
 
 
 @pytest.fixture
-def study(tmp_path: Path) -> ReviewedStudy:
-    return reviewed_study(tmp_path)
+def study(tmp_path: Path, store_url: str) -> ReviewedStudy:
+    return reviewed_study(tmp_path, store_url=store_url)
 
 
 def test_worklist_lists_the_result_as_new_with_its_counts(study: ReviewedStudy) -> None:
