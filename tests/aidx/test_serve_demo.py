@@ -18,12 +18,16 @@ from tests.standin_model import install
 AIDX = [sys.executable, "-m", "aidx"]
 
 
-@pytest.mark.parametrize("separate_worker", [False, True], ids=["in-process", "aidx-worker"])
+@pytest.mark.parametrize(
+    ("separate_worker", "backend"),
+    [(False, "sqlite"), (True, "sqlite"), (True, "postgresql")],
+    ids=["in-process", "aidx-worker", "aidx-worker-postgresql"],
+)
 def test_serve_demo_lists_the_result_and_reports_health(
-    tmp_path: Path, separate_worker: bool
+    tmp_path: Path, separate_worker: bool, backend: str, request: pytest.FixtureRequest
 ) -> None:
     """In-process workers, or none in `aidx serve` and an `aidx worker` process beside it on
-    the same store (the split a larger site uses)."""
+    the same store (the split a larger site uses), on SQLite or PostgreSQL."""
     install(tmp_path / "models", tmp_path)
     metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
@@ -43,6 +47,8 @@ def test_serve_demo_lists_the_result_and_reports_health(
             "AIDX_PIPELINE__POLL_INTERVAL_S": "0.2",
         }
     )
+    if backend == "postgresql":
+        env["AIDX_STORE__URL"] = request.getfixturevalue("postgres_server").new_database()
     log = tmp_path / "serve.log"
     process = subprocess.Popen(
         [*AIDX, "serve", "--demo"],
