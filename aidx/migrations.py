@@ -157,9 +157,11 @@ def upgrade(
             f"{before.latest}: run the newer aidx, or restore the backup made before its upgrade"
         )
     if before.version is None or not before.pending:
-        if before.version is None:
-            with engine.begin() as conn:
-                prepare(conn, str(engine.url), migrations)
+        if before.version is None:  # an empty database (a new PostgreSQL one): create it
+            with engine.connect() as conn:
+                schema_lock(conn)
+                prepare(conn, engine.url.render_as_string(hide_password=True), migrations)
+                conn.commit()
         return before, (), None
     backup = _backup(engine, before.version, backup_dir) if sqlite else None
     with engine.connect() as conn:

@@ -161,3 +161,12 @@ def test_db_commands_on_a_data_dir_without_a_database(
     assert main(["--data-dir", str(tmp_path), "db", "upgrade"]) == 0
     assert "nothing to upgrade" in capsys.readouterr().out
     assert not (tmp_path / "aidx.db").exists()
+
+
+def test_upgrading_an_empty_database_creates_it_at_the_latest_version(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    before, applied, backup = upgrade(engine)
+    assert before.version is None and applied == () and backup is None
+    engine.dispose()
+    assert version_of(store_url) == LATEST
+    Store(store_url).close()
