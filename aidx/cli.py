@@ -209,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
     evaluate.add_argument("--bootstrap", type=int, default=100, help="0 disables the CPM CI")
     evaluate.set_defaults(handler=cli_models.evaluate)
+    compare = sub.add_parser(
+        "compare",
+        help="compare two evaluations of one dataset (paired bootstrap of the CPM difference)",
+    )
+    compare.add_argument("a", type=Path, metavar="EVAL_A", help="an `aidx evaluate --out` folder")
+    compare.add_argument("b", type=Path, metavar="EVAL_B", help="the other one")
+    compare.add_argument("--dataset", type=Path, required=True, metavar="DIR")
+    compare.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
+    compare.add_argument("--out", type=Path, help="also write the comparison as JSON")
+    compare.set_defaults(handler=cli_models.compare)
 
     calibrate = sub.add_parser(
         "calibrate",

@@ -299,6 +299,37 @@ def evaluate(args: argparse.Namespace, config: AidxConfig) -> int:
     return EXIT_OK
 
 
+def compare(args: argparse.Namespace, config: AidxConfig) -> int:
+    """`aidx compare A B --dataset DIR`: two evaluations, paired bootstrap of the CPM gain."""
+    del config
+    from training.dataset import DatasetError
+    from training.evaluate import compare_evaluations
+    from training.froc import FrocError
+
+    try:
+        result = compare_evaluations(args.dataset, args.a, args.b, bootstrap=args.bootstrap)
+    except (DatasetError, FrocError) as exc:
+        print(f"aidx compare: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{result.n_scans} scans, {result.n_nodules} nodules ({args.dataset})")
+    for name, folder, cpm, sens in (
+        ("A", args.a, result.cpm_a, result.sensitivities_a),
+        ("B", args.b, result.cpm_b, result.sensitivities_b),
+    ):
+        points = " ".join(f"{s:.3f}" for s in sens)
+        print(f"  {name} {folder}: CPM {cpm:.3f}  (sensitivity at 1/8..8 FP/scan: {points})")
+    lo, hi = result.difference_ci
+    print(
+        f"  B - A: {result.difference:+.3f}, {result.confidence:.0%} paired bootstrap "
+        f"{lo:+.3f} to {hi:+.3f}; B better in {result.b_better_fraction:.1%} of "
+        f"{result.bootstrap_samples} resamples"
+    )
+    if args.out is not None:
+        args.out.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+        print(f"  written: {args.out}")
+    return EXIT_OK
+
+
 def calibrate(args: argparse.Namespace, config: AidxConfig) -> int:
     """`aidx calibrate`: fit the calibration, register NAME@VERSION with the same ONNX file."""
     import json

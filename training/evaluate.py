@@ -19,7 +19,22 @@ from inference.volume import Volume
 from models.registry import ModelEntry
 
 from .dataset import Case, Dataset, case_volume
-from .froc import SIZE_BANDS, Detection, FrocReport, Nodule, Scan, evaluate, plot_froc
+from .froc import (
+    SIZE_BANDS,
+    Comparison,
+    Detection,
+    FrocError,
+    FrocReport,
+    Nodule,
+    Scan,
+    build_scans,
+    compare,
+    evaluate,
+    load_ground_truth,
+    plot_froc,
+    read_detections_csv,
+    write_detections_csv,
+)
 
 log = logging.getLogger("aidx.evaluate")
 
@@ -32,6 +47,7 @@ class Evaluation:
     report: FrocReport
     json_path: Path
     png_path: Path
+    detections_path: Path  # every detection, LUNA16 submission CSV (for `aidx compare`)
 
 
 def case_as_volume(case: Case, root: Path) -> Volume:
@@ -64,7 +80,7 @@ def evaluate_model(
     bootstrap: int = 100,
 ) -> Evaluation:
     """Detect on every case (down to ``min_probability``, so that the FROC curve has its low
-    thresholds) and write ``froc.json`` and ``froc.png`` into ``out_dir``."""
+    thresholds) and write ``froc.json``, ``froc.png`` and ``detections.csv`` into ``out_dir``."""
     dataset = Dataset.load(dataset_dir)
     card = model.card
     spec = PreprocessSpec(card.input.spacing_mm, card.input.hu_window)
@@ -98,6 +114,26 @@ def evaluate_model(
     report = evaluate(scans, size_bands=EVALUATION_BANDS, bootstrap=bootstrap)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "froc.json", out_dir / "froc.png"
+    detections_path = out_dir / "detections.csv"
     report.write(json_path)
     plot_froc(report, png_path)
-    return Evaluation(report, json_path, png_path)
+    write_detections_csv(scans, detections_path)
+    return Evaluation(report, json_path, png_path, detections_path)
+
+
+def compare_evaluations(
+    dataset_dir: Path, a_dir: Path, b_dir: Path, bootstrap: int = 1000, seed: int = 0
+) -> Comparison:
+    """Compare two ``aidx evaluate`` outputs (their ``detections.csv``) on the dataset both
+    were evaluated on, with a paired bootstrap over its scans."""
+    truth = load_ground_truth(dataset_dir / "dataset.json")
+    scans = []
+    for folder in (a_dir, b_dir):
+        csv = folder / "detections.csv"
+        if not csv.is_file():
+            raise FrocError(
+                f"{csv} not found: compare takes folders written by `aidx evaluate --out` "
+                "(evaluate again to get the detections file)"
+            )
+        scans.append(build_scans(truth, read_detections_csv(csv), missing_ok=True))
+    return compare(scans[0], scans[1], bootstrap=bootstrap, seed=seed)

@@ -474,3 +474,149 @@ def build_scans(
         Scan(uid, nodules, detections.get(uid, ()), excluded)
         for uid, (nodules, excluded) in truth.items()
     ]
+
+
+# ------------------------------------------------------------------------------ detections
+DETECTIONS_CSV_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+
+
+def write_detections_csv(scans: Sequence[Scan], path: Path) -> None:
+    """Every scan's detections in LUNA16's submission format (seriesuid: the scan id; patient
+    coordinates in mm), so that an evaluation can be compared or re-scored without inference."""
+    lines = [",".join(DETECTIONS_CSV_HEADER)]
+    for scan in scans:
+        if "," in scan.id or '"' in scan.id:
+            raise FrocError(f"scan id {scan.id!r} cannot be written to CSV (comma or quote)")
+        for d in scan.detections:
+            x, y, z = d.center_mm
+            lines.append(f"{scan.id},{x!r},{y!r},{z!r},{d.probability!r}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_detections_csv(path: Path) -> dict[str, tuple[Detection, ...]]:
+    """Detections per scan id from a LUNA16-style CSV (columns named in the header, any order)."""
+    try:
+        rows = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise FrocError(f"{path}: cannot read detections ({exc})") from exc
+    if not rows:
+        raise FrocError(f"{path}: empty; expected the header {','.join(DETECTIONS_CSV_HEADER)}")
+    header = [h.strip() for h in rows[0].split(",")]
+    missing = [h for h in DETECTIONS_CSV_HEADER if h not in header]
+    if missing:
+        raise FrocError(f"{path}: the header lacks {', '.join(missing)}")
+    col = {h: header.index(h) for h in DETECTIONS_CSV_HEADER}
+    out: dict[str, list[Detection]] = {}
+    for number, row in enumerate(rows[1:], start=2):
+        if not row.strip():
+            continue
+        cells = row.split(",")
+        try:
+            scan_id = cells[col["seriesuid"]].strip()
+            centre = _point([cells[col[k]] for k in ("coordX", "coordY", "coordZ")], scan_id)
+            probability = float(cells[col["probability"]])
+        except (IndexError, ValueError) as exc:
+            raise FrocError(f"{path}:{number}: {exc}") from exc
+        out.setdefault(scan_id, []).append(Detection(centre, probability))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------ comparison
+@dataclass(frozen=True)
+class Comparison:
+    """Two systems' FROC on the same scans, with a paired bootstrap of the CPM difference."""
+
+    n_scans: int
+    n_nodules: int
+    cpm_a: float
+    cpm_b: float
+    sensitivities_a: tuple[float, ...]
+    sensitivities_b: tuple[float, ...]
+    operating_points: tuple[float, ...]
+    bootstrap_samples: int
+    bootstrap_seed: int
+    confidence: float
+    difference_ci: tuple[float, float]  # CPM(b) - CPM(a)
+    b_better_fraction: float  # resamples with CPM(b) > CPM(a)
+
+    @property
+    def difference(self) -> float:
+        return self.cpm_b - self.cpm_a
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "aidx-froc-compare/1",
+            "n_scans": self.n_scans,
+            "n_nodules": self.n_nodules,
+            "operating_points": list(self.operating_points),
+            "a": {"cpm": self.cpm_a, "sensitivities": list(self.sensitivities_a)},
+            "b": {"cpm": self.cpm_b, "sensitivities": list(self.sensitivities_b)},
+            "difference": self.difference,
+            "bootstrap": {
+                "samples": self.bootstrap_samples,
+                "seed": self.bootstrap_seed,
+                "confidence": self.confidence,
+                "difference_ci": list(self.difference_ci),
+                "b_better_fraction": self.b_better_fraction,
+            },
+        }
+
+
+def compare(
+    scans_a: Sequence[Scan],
+    scans_b: Sequence[Scan],
+    *,
+    operating_points: Sequence[float] = OPERATING_POINTS,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Comparison:
+    """Compare two systems scored on the same scans and ground truth. The bootstrap resamples
+    scans once for both systems (paired), so the interval is for the difference itself: much
+    narrower than the two CPM intervals side by side, which share most of their noise."""
+    if bootstrap < 1 or not 0.0 < confidence < 1.0:
+        raise FrocError("bootstrap must be >= 1 and confidence in (0, 1)")
+    by_id_b = {s.id: s for s in scans_b}
+    if sorted(by_id_b) != sorted(s.id for s in scans_a) or len(by_id_b) != len(scans_b):
+        raise FrocError("the two evaluations must cover the same scans, once each")
+    for a in scans_a:
+        b = by_id_b[a.id]
+        if (a.nodules, a.exclude) != (b.nodules, b.exclude):
+            raise FrocError(f"scan {a.id}: the two evaluations have different ground truth")
+    ordered_b = [by_id_b[s.id] for s in scans_a]
+    report_a = evaluate(scans_a, operating_points=operating_points, bootstrap=0)
+    report_b = evaluate(ordered_b, operating_points=operating_points, bootstrap=0)
+    matched_a = [_match(s) for s in scans_a]
+    matched_b = [_match(s) for s in ordered_b]
+    n = len(scans_a)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(bootstrap):
+        pick = rng.integers(0, n, size=n)
+        scores_a = np.concatenate([matched_a[i].nodule_scores for i in pick])
+        if len(scores_a) == 0:
+            continue
+        scores_b = np.concatenate([matched_b[i].nodule_scores for i in pick])
+        fp_a = np.concatenate([matched_a[i].fp_scores for i in pick])
+        fp_b = np.concatenate([matched_b[i].fp_scores for i in pick])
+        diffs.append(
+            _cpm(scores_b, fp_b, n, operating_points) - _cpm(scores_a, fp_a, n, operating_points)
+        )
+    if not diffs:
+        raise FrocError("no bootstrap resample held a nodule; evaluate on more scans")
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    lo, hi = np.percentile(diffs, [tail, 100.0 - tail])
+    return Comparison(
+        n_scans=n,
+        n_nodules=report_a.n_nodules,
+        cpm_a=report_a.cpm,
+        cpm_b=report_b.cpm,
+        sensitivities_a=report_a.sensitivities,
+        sensitivities_b=report_b.sensitivities,
+        operating_points=tuple(float(p) for p in operating_points),
+        bootstrap_samples=len(diffs),
+        bootstrap_seed=seed,
+        confidence=confidence,
+        difference_ci=(float(lo), float(hi)),
+        b_better_fraction=float(np.mean(np.asarray(diffs) > 0)),
+    )

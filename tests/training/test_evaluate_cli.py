@@ -60,6 +60,28 @@ def test_dataset_then_evaluate(tmp_path: Path) -> None:
     assert 0.0 <= report["cpm"] <= 1.0
     with Image.open(tmp_path / "eval" / "froc.png") as png:
         assert png.size[0] > 100
+    detections = (tmp_path / "eval" / "detections.csv").read_text("utf-8").splitlines()
+    assert detections[0] == "seriesuid,coordX,coordY,coordZ,probability"
+    assert {row.split(",")[0] for row in detections[1:]} <= {c["id"] for c in dataset["cases"]}
+    # Two evaluations of one dataset compared (here the same one twice: no difference).
+    compared = run(
+        "compare",
+        str(tmp_path / "eval"),
+        str(tmp_path / "eval"),
+        "--dataset",
+        str(tmp_path / "ds"),
+        "--bootstrap",
+        "50",
+        "--out",
+        str(tmp_path / "compare.json"),
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert "B - A: +0.000" in compared.stdout
+    assert json.loads((tmp_path / "compare.json").read_text("utf-8"))["difference"] == 0.0
+    no_csv = run(
+        "compare", str(tmp_path / "ds"), str(tmp_path / "eval"), "--dataset", str(tmp_path / "ds")
+    )
+    assert no_csv.returncode == 1 and "evaluate again" in no_csv.stderr
     missing = run("evaluate", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 1 and "aidx evaluate:" in missing.stderr
 

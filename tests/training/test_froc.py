@@ -19,10 +19,13 @@ from training.froc import (
     Nodule,
     Scan,
     build_scans,
+    compare,
     evaluate,
     load_detections,
     load_ground_truth,
     plot_froc,
+    read_detections_csv,
+    write_detections_csv,
 )
 
 
@@ -285,3 +288,60 @@ def test_froc_does_not_load_torch() -> None:
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------ detections CSV, comparison
+def test_detections_csv_round_trips_in_luna16_submission_format(tmp_path: Path) -> None:
+    scans = two_scans([det(0.125, -3.5, 1e-3, 0.9), det(50, 0, 0, 1 / 3)], [])
+    path = tmp_path / "detections.csv"
+    write_detections_csv(scans, path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "seriesuid,coordX,coordY,coordZ,probability" and len(lines) == 3
+    assert read_detections_csv(path) == {"A": scans[0].detections}  # exact floats
+    # Columns by name, in any order; a bad row names its line.
+    path.write_text("probability,seriesuid,coordZ,coordY,coordX\n0.5,X,3,2,1\n", "utf-8")
+    assert read_detections_csv(path) == {"X": (det(1, 2, 3, 0.5),)}
+    path.write_text("seriesuid,coordX,coordY,coordZ,probability\nX,1,2,oops,0.5\n", "utf-8")
+    with pytest.raises(FrocError, match=r"detections.csv:2"):
+        read_detections_csv(path)
+    path.write_text("seriesuid,coordX,coordY,probability\n", "utf-8")
+    with pytest.raises(FrocError, match="lacks coordZ"):
+        read_detections_csv(path)
+
+
+def many_scans(found: int, n: int = 30) -> list[Scan]:
+    """n scans, each with one nodule and one FP (p 0.4); the first ``found`` nodules are hit
+    with p 0.9."""
+    return [
+        Scan(
+            f"s{i}",
+            (nod(0, 0, 0, 10),),
+            (det(0, 0, 0, 0.9),) * (i < found) + (det(90, 0, 0, 0.4),),
+        )
+        for i in range(n)
+    ]
+
+
+def test_compare_gives_a_paired_interval_for_the_cpm_difference() -> None:
+    same = compare(many_scans(20), many_scans(20), bootstrap=200)
+    assert same.difference == 0.0 and same.difference_ci == (0.0, 0.0)
+    assert same.b_better_fraction == 0.0
+    better = compare(many_scans(15), many_scans(24), bootstrap=500, seed=1)
+    assert better.cpm_a == pytest.approx(0.5) and better.cpm_b == pytest.approx(0.8)
+    assert better.difference == pytest.approx(0.3)
+    lo, hi = better.difference_ci
+    assert 0.0 < lo < 0.3 < hi  # B finds nodules A misses and never the reverse
+    assert better.b_better_fraction == 1.0
+    # Paired: the difference's interval is narrower than either CPM's own interval.
+    own = evaluate(many_scans(15), bootstrap=500, seed=1).cpm_ci
+    assert own is not None and hi - lo < own[1] - own[0]
+    assert better.to_json()["bootstrap"]["difference_ci"] == [lo, hi]
+
+
+def test_compare_refuses_evaluations_of_different_scans_or_truth() -> None:
+    with pytest.raises(FrocError, match="same scans"):
+        compare(many_scans(5), many_scans(5, n=29))
+    other = many_scans(5)
+    other[3] = Scan("s3", (nod(1, 0, 0, 10),), other[3].detections)
+    with pytest.raises(FrocError, match="scan s3: the two evaluations have different"):
+        compare(many_scans(5), other)
