@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from aidx.config import AidxConfig
 from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.migrations import SchemaVersionError, state, upgrade
+from aidx.migrations import SchemaVersionError, backup, state, upgrade
 from aidx.store import create_store_engine, safe_url
 
 
@@ -29,6 +29,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--backup-dir", type=Path, help="where the SQLite backup goes (default: beside the file)"
     )
     up.set_defaults(handler=db_upgrade)
+    save = db_sub.add_parser(
+        "backup", help="a consistent copy of an SQLite store, also while aidx runs"
+    )
+    save.add_argument("--to", type=Path, help="folder for the copy (default: beside the file)")
+    save.set_defaults(handler=db_backup)
 
 
 def _engine(config: AidxConfig) -> tuple[Engine | None, str]:
@@ -101,4 +106,23 @@ def db_upgrade(args: argparse.Namespace, config: AidxConfig) -> int:
     for step in applied:
         print(f"upgraded to {step.version}: {step.description}")
     print(f"{where}: schema version {applied[-1].version}")
+    return EXIT_OK
+
+
+def db_backup(args: argparse.Namespace, config: AidxConfig) -> int:
+    engine, url = _engine(config)
+    if engine is None:
+        print(f"aidx db backup: no database at {safe_url(url)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        target = backup(engine, args.to)
+    except SchemaVersionError as exc:
+        print(f"aidx db backup: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SQLAlchemyError, OSError) as exc:
+        print(f"aidx db backup: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        engine.dispose()
+    print(f"backup of {safe_url(url)}: {target} ({target.stat().st_size} bytes)")
     return EXIT_OK

@@ -163,7 +163,7 @@ def upgrade(
                 prepare(conn, engine.url.render_as_string(hide_password=True), migrations)
                 conn.commit()
         return before, (), None
-    backup = _backup(engine, before.version, backup_dir) if sqlite else None
+    saved = backup(engine, backup_dir) if sqlite else None
     with engine.connect() as conn:
         schema_lock(conn)  # no other writer while the schema changes
         now = state(conn, migrations)  # another process may have upgraded meanwhile
@@ -174,24 +174,35 @@ def upgrade(
             step.apply(conn)
             _record(conn, step.version, step.description)
         conn.commit()
-    return before, now.pending, backup
+    return before, now.pending, saved
 
 
-def _backup(engine: Engine, version: int, backup_dir: Path | None) -> Path:
+def backup(engine: Engine, backup_dir: Path | None = None) -> Path:
+    """A consistent copy of an SQLite store, made while aidx may be running (``VACUUM INTO``
+    reads one snapshot, WAL pages included), named after its schema version and the time:
+    ``aidx.db.v2-20261128-120000.bak`` beside the file or in ``backup_dir``. Raises
+    SchemaVersionError for other databases (PostgreSQL has pg_dump) and in-memory ones."""
+    if engine.dialect.name != "sqlite":
+        raise SchemaVersionError(
+            f"aidx backs up SQLite stores only; back up this {engine.dialect.name} database "
+            "with its own tools (PostgreSQL: pg_dump -Fc)"
+        )
     database = engine.url.database
     if not database or database == ":memory:":
         raise SchemaVersionError("an in-memory SQLite database has nothing to back up")
+    with engine.connect() as conn:
+        version = current_version(conn)
     source = Path(database)
     folder = backup_dir or source.parent
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = folder / f"{source.name}.v{version}-{stamp}.bak"
+    label = f"v{version}" if version is not None else "empty"
+    target = folder / f"{source.name}.{label}-{stamp}.bak"
     n = 1
     while target.exists():
-        target = folder / f"{source.name}.v{version}-{stamp}-{n}.bak"
+        target = folder / f"{source.name}.{label}-{stamp}-{n}.bak"
         n += 1
     with engine.connect() as conn:
-        # A consistent copy even while readers are open (WAL pages included).
         conn.exec_driver_sql("VACUUM INTO ?", (str(target),))
     return target
 

@@ -170,3 +170,27 @@ def test_upgrading_an_empty_database_creates_it_at_the_latest_version(store_url:
     engine.dispose()
     assert version_of(store_url) == LATEST
     Store(store_url).close()
+
+
+def test_db_backup_copies_a_running_sqlite_store_and_points_postgresql_to_pg_dump(
+    store_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("AIDX_STORE__URL", store_url)
+    store = Store(store_url)  # stays open, as a running aidx serve would hold it
+    with store.engine.begin() as conn:
+        conn.execute(events.insert().values(study_uid="1.2.3", event="received", at=1.0))
+    code = main(["--data-dir", str(tmp_path), "db", "backup", "--to", str(tmp_path / "saved")])
+    out, err = capsys.readouterr()
+    if store_url.startswith("sqlite"):
+        assert code == 0
+        (copy,) = (tmp_path / "saved").glob(f"aidx.db.v{LATEST}-*.bak")
+        assert str(copy) in out
+        with sqlite3.connect(copy) as conn:
+            assert conn.execute("SELECT study_uid FROM events").fetchall() == [("1.2.3",)]
+            assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (LATEST,)
+    else:
+        assert code == 2 and "pg_dump" in err
+    store.close()
