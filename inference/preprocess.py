@@ -111,15 +111,28 @@ def body_mask(hu: NDArray[np.float32]) -> NDArray[np.bool_]:
     """The patient's body on an LPS (z, y, x) grid: voxels above BODY_HU with the holes of each
     axial slice filled (lungs and airways lie inside the body's ring), then the largest
     connected part (the table, clothing and air are out). A finding outside it is not in the
-    patient. A field of view that cuts through the chest wall opens the ring on that slice: its
-    lungs then count as outside; such series lose the findings of those slices."""
+    patient. Where a field of view cuts through the body, the image edge closes its ring:
+    along each edge the body touches, everything between the first and the last body pixel
+    counts as wall, so the lungs of a cut chest stay inside."""
     tissue = hu > BODY_HU
     body = np.empty_like(tissue)
     for k in range(tissue.shape[0]):
-        body[k] = ndimage.binary_fill_holes(tissue[k])
+        body[k] = _fill_closed_by_edges(tissue[k])
     labels, count = ndimage.label(body)
     if count > 1:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         body = labels == int(sizes.argmax())
     return body
+
+
+def _fill_closed_by_edges(tissue: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Fill the holes of one slice's tissue, treating the stretch of each image edge between
+    the first and last tissue pixel as closed (the body continues beyond the field of view)."""
+    framed = np.pad(tissue, 1, constant_values=False)
+    for edge in (framed[1, 1:-1], framed[-2, 1:-1], framed[1:-1, 1], framed[1:-1, -2]):
+        touching = np.flatnonzero(edge)
+        if len(touching) > 1:
+            edge[touching[0] : touching[-1] + 1] = True
+    filled = ndimage.binary_fill_holes(framed)[1:-1, 1:-1]
+    return np.asarray(filled | tissue)

@@ -8,7 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from inference.preprocess import PreprocessError, PreprocessSpec, preprocess, to_lps
+from inference.preprocess import (
+    PreprocessError,
+    PreprocessSpec,
+    body_mask,
+    preprocess,
+    to_lps,
+)
 from inference.volume import Volume, load_series
 from training.phantom import NoduleRequest, PhantomOptions, generate
 
@@ -117,3 +123,18 @@ def test_preprocessing_is_torch_free() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_body_mask_keeps_the_lung_of_a_chest_cut_by_the_field_of_view() -> None:
+    """A small field of view cuts through the chest wall: the lung reaches the image edge. The
+    edge closes the body's ring there, so the lung still counts as inside the body."""
+    rows, cols = np.mgrid[0:96, 0:96]
+    body = ((rows - 48) / 40.0) ** 2 + ((cols - 20) / 60.0) ** 2 <= 1.0  # cut at the left edge
+    lung = ((rows - 48) / 25.0) ** 2 + ((cols - 10) / 30.0) ** 2 <= 1.0  # reaches the edge
+    hu = np.full((3, 96, 96), -1000.0, dtype=np.float32)  # air around the patient
+    hu[:, body] = 40.0
+    hu[:, lung] = -850.0
+    mask = body_mask(hu)
+    assert mask[:, 48, 0].all() and mask[:, 48, 20].all()  # lung at the cut edge and inside
+    assert not mask[:, 48, 90].any() and not mask[:, 2, 2].any()  # the air around stays out
+    assert mask[1].sum() == pytest.approx(body.sum(), rel=0.02)
