@@ -9,7 +9,9 @@ the study from the worklist, then:
 
 - presses ArrowDown, and clicks the ▼ button (#slice-next): --steps times each after --warmup
   steps, from the key event (keydown / pointerdown, the event's own timestamp) to the slice's
-  <img> having a new src and its ``load`` event fired, timed in the page (performance.now);
+  <img> having a new src and its ``load`` event fired, timed in the page (performance.now).
+  Both go through the page's scrolling script: the slice comes from /viewer/slice.png, and the
+  next three were prefetched while the previous step was shown (as in continuous scrolling);
 - changes the window preset to mediastinum (and back to lung), the same way.
 
 Baseline, after the browser is done: ``StudyView.render_png`` of the timed slices on a freshly

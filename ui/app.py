@@ -35,8 +35,8 @@ from ui.viewer_session import (
     slice_info,
     slice_png,
     slider_value,
-    step_slice,
     thumbnails,
+    viewer_meta,
 )
 
 log = logging.getLogger("aidx.ui.app")
@@ -47,17 +47,80 @@ log = logging.getLogger("aidx.ui.app")
 KEYBOARD_JS = """
 <script>
 (() => {
-  const step = (next) => {
-    const button = document.getElementById(next ? 'slice-next' : 'slice-prev');
-    if (button && button.offsetParent !== null) { button.click(); return true; }
-    return false;
+  // Scrolling fetches slices straight from /viewer/slice.png (the server's own rendering) and
+  // prefetches the next few in the direction of travel, so a step costs one image swap instead
+  // of a Gradio round trip. Each step sets #slice-jump (which a click on the image sends with
+  // it); 150 ms after the last step #slice-sync tells the server, whose renders then follow.
+  // Without a study open (#viewer-meta empty) nothing happens.
+  const cache = new Map();
+  let shown = 0, timer = null;
+  const meta = () => {
+    const m = document.querySelector('#viewer-meta [data-review]');
+    return m ? m.dataset : null;
+  };
+  const sliderInput = () => document.querySelector('#slice input[type=number]');
+  const url = (m, pos) => '/viewer/slice.png?review=' + m.review + '&pos=' + pos +
+    '&w=' + m.w + '&l=' + m.l + '&ov=' + m.ov + '&sel=' + encodeURIComponent(m.sel) +
+    '&lang=' + m.lang;
+  const load = (u) => {
+    if (!cache.has(u)) {
+      cache.set(u, fetch(u, { credentials: 'same-origin' }).then((r) => {
+        if (!r.ok) throw new Error('slice ' + r.status);
+        const info = decodeURIComponent(r.headers.get('X-Aidx-Slice-Info') || '');
+        return r.blob().then((b) => ({ src: URL.createObjectURL(b), info }));
+      }));
+      if (cache.size > 64) {
+        const [key, old] = cache.entries().next().value;
+        cache.delete(key);
+        old.then((s) => URL.revokeObjectURL(s.src)).catch(() => {});
+      }
+    }
+    return cache.get(u);
+  };
+  const show = (m, pos) => {
+    const ticket = ++shown;
+    load(url(m, pos)).then((s) => {
+      if (ticket !== shown) return;  // a later step is on its way
+      const img = document.querySelector('#slice-image img');
+      if (img) img.src = s.src;
+      const line = document.querySelector('#slice-info p');
+      if (line && s.info) line.textContent = s.info;
+    }).catch(() => cache.delete(url(m, pos)));
+  };
+  const setJump = (value) => {  // the position on screen, which a click on the image uses
+    const jump = document.querySelector('#slice-jump input');
+    if (!jump) return;
+    jump.value = String(value);
+    jump.dispatchEvent(new Event('input', { bubbles: true }));
+  };
+  const sync = () => {
+    const button = document.getElementById('slice-sync');
+    if (button) button.click();
+  };
+  window.aidxStep = (delta) => {
+    const m = meta(), input = sliderInput();
+    if (!m || !input) return false;
+    const count = Number(m.count), current = Number(input.value) || 1;
+    const next = Math.min(Math.max(current + delta, 1), count);
+    if (next !== current) {
+      input.value = String(next);
+      show(m, next - 1);
+      for (let i = 1; i <= 3; i++) {
+        const p = next - 1 + i * Math.sign(delta);
+        if (p >= 0 && p < count) load(url(m, p));
+      }
+      setJump(next);
+      clearTimeout(timer);
+      timer = setTimeout(sync, 150);
+    }
+    return true;
   };
   document.addEventListener('keydown', (e) => {
     const t = e.target;
     if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
     const next = ['ArrowDown', 'PageDown', 'j'].includes(e.key);
     const prev = ['ArrowUp', 'PageUp', 'k'].includes(e.key);
-    if ((next || prev) && step(next)) e.preventDefault();
+    if ((next || prev) && window.aidxStep(next ? 1 : -1)) e.preventDefault();
   });
   let last = 0;
   document.addEventListener('wheel', (e) => {
@@ -65,16 +128,16 @@ KEYBOARD_JS = """
     if (!image || !image.contains(e.target) || e.deltaY === 0) return;
     e.preventDefault();
     const now = performance.now();
-    if (now - last < 60) return;
+    if (now - last < 30) return;
     last = now;
-    step(e.deltaY > 0);
+    window.aidxStep(e.deltaY > 0 ? 1 : -1);
   }, { passive: false });
 })();
 </script>
 """
-
 CSS = """
 #slice-image img { image-rendering: pixelated; }
+#viewer-meta, #slice-jump, #slice-sync { display: none !important; }
 .aidx-warning { color: #b45309; font-size: 0.85rem; }
 """
 
@@ -222,6 +285,9 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                             )
                             next_button = gr.Button("▼", elem_id="slice-next", min_width=60)
                         slice_text = gr.Markdown("", elem_id="slice-info")
+                        meta = gr.HTML("<span></span>", elem_id="viewer-meta")
+                        jump = gr.Number(1, elem_id="slice-jump", precision=0)
+                        sync = gr.Button("sync", elem_id="slice-sync")
                         with gr.Row():
                             preset = gr.Radio(
                                 preset_choices,
@@ -287,6 +353,8 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             image,
             slider,
             slice_text,
+            meta,
+            jump,
             findings,
             gallery,
             selected,
@@ -302,6 +370,8 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                 slice_png(ctx, st),
                 gr.update(minimum=1, maximum=max(st.slice_count, 2), value=slider_value(ctx, st)),
                 slice_info(ctx, st, t),
+                viewer_meta(st, lang),
+                slider_value(ctx, st),
                 findings_table(ctx, st, t),
                 thumbnails(ctx, st),
                 st.selected_line(t),
@@ -340,9 +410,10 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             current_user(ctx, request)
             set_slider(ctx, st, s)
             st.preset, st.window, st.level, st.overlays = p, float(w or 1), float(lv or 0), o
-            return st, slice_png(ctx, st), slice_info(ctx, st, t)
+            shown = (slice_png(ctx, st), slice_info(ctx, st, t), viewer_meta(st, lang))
+            return st, *shown, slider_value(ctx, st)
 
-        rendered = [state, image, slice_text]
+        rendered = [state, image, slice_text, meta, jump]
         slider.input(rerender, [state, slider, preset, width, level, overlays], rendered)
         overlays.change(rerender, [state, slider, preset, width, level, overlays], rendered)
         for number in (width, level):
@@ -356,21 +427,19 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             current_user(ctx, request)
             if p in WINDOW_PRESETS:
                 st.preset, (st.window, st.level) = p, WINDOW_PRESETS[p]
-            return st, st.window, st.level, slice_png(ctx, st)
+            return st, st.window, st.level, slice_png(ctx, st), viewer_meta(st, lang)
 
-        preset.input(on_preset, [state, preset], [state, width, level, image])
+        preset.input(on_preset, [state, preset], [state, width, level, image, meta])
 
-        def on_step(delta: int) -> Any:
-            def step(st: ViewerState, request: gr.Request) -> Any:
-                current_user(ctx, request)
-                step_slice(ctx, st, delta)
-                value = slider_value(ctx, st)
-                return st, gr.update(value=value), slice_png(ctx, st), slice_info(ctx, st, t)
+        def on_jump(st: ViewerState, value: float, request: gr.Request) -> Any:
+            """The scrolling script's position (it showed the slice already)."""
+            current_user(ctx, request)
+            set_slider(ctx, st, value)
+            return st, gr.update(value=slider_value(ctx, st)), slice_info(ctx, st, t)
 
-            return step
-
-        prev_button.click(on_step(-1), [state], [state, slider, image, slice_text])
-        next_button.click(on_step(+1), [state], [state, slider, image, slice_text])
+        sync.click(on_jump, [state, jump], [state, slider, slice_text], trigger_mode="always_last")
+        prev_button.click(None, js="() => { window.aidxStep && window.aidxStep(-1); }")
+        next_button.click(None, js="() => { window.aidxStep && window.aidxStep(1); }")
 
         @guarded
         def on_finding(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
@@ -412,13 +481,16 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             button.click(decision(action), [state, reason, diameter], [*viewer_outputs, reason])
 
         @guarded
-        def on_click(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
+        def on_click(
+            st: ViewerState, position: float, evt: gr.SelectData, request: gr.Request
+        ) -> Any:
             current_user(ctx, request)
+            set_slider(ctx, st, position)  # the slice on screen, even mid-scroll
             x, y = evt.index  # column, row of the clicked pixel
             click_point(ctx, st, row=float(y), col=float(x))
             return st, st.point_line(ctx, t), slice_png(ctx, st)
 
-        image.select(on_click, [state], [state, point, image])
+        image.select(on_click, [state, jump], [state, point, image])
 
         @guarded
         def on_add(st: ViewerState, d: float | None, request: gr.Request) -> Any:

@@ -7,6 +7,8 @@ series takes about a second; scrolling then renders in milliseconds), shared by 
 
 from __future__ import annotations
 
+import html
+import io
 import os
 import tempfile
 import threading
@@ -157,13 +159,6 @@ def set_slider(ctx: Any, st: ViewerState, value: float) -> None:
         st.slice = study_view(ctx, st.review_id).slice_at(int(value) - 1)
 
 
-def step_slice(ctx: Any, st: ViewerState, delta: int) -> None:
-    """Move ``delta`` slices on in the scroll order (the PACS's order), staying in the series."""
-    if st.review_id is not None:
-        view = study_view(ctx, st.review_id)
-        st.slice = view.slice_at(view.display_position(st.slice) + delta)
-
-
 def slice_info(ctx: Any, st: ViewerState, t: T) -> str:
     """What the PACS overlay says about the slice: image number, place, slice location."""
     if st.review_id is None:
@@ -195,6 +190,35 @@ def render_slice(ctx: Any, st: ViewerState) -> NDArray[np.uint8] | None:
     if st.point is not None and st.point[0] == st.slice:
         _draw_cross(rgb, st.point[1], st.point[2])
     return rgb
+
+
+def slice_png_bytes(ctx: Any, st: ViewerState) -> bytes | None:
+    """:func:`render_slice` as PNG bytes (fast compression), for the direct slice route."""
+    rgb = render_slice(ctx, st)
+    if rgb is None:
+        return None
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def viewer_meta(st: ViewerState, lang: str) -> str:
+    """What the page's scrolling script needs to fetch slices itself (ui/app.py, SCROLL_JS):
+    the review, the slice count, window, level, overlays, the selected finding, the language.
+    Hidden; no patient data."""
+    if st.review_id is None:
+        return "<span></span>"
+    values = {
+        "review": st.review_id,
+        "count": st.slice_count,
+        "w": f"{st.window:g}",
+        "l": f"{st.level:g}",
+        "ov": int(st.overlays),
+        "sel": st.selected or "",
+        "lang": lang,
+    }
+    attributes = " ".join(f'data-{k}="{html.escape(str(v))}"' for k, v in values.items())
+    return f"<span {attributes}></span>"
 
 
 def slice_png(ctx: Any, st: ViewerState) -> str | None:

@@ -39,7 +39,8 @@ from aidx.store import Store
 from ui.accounts import Accounts, AuthError, User
 from ui.app import build_app
 from ui.i18n import LANGUAGES, text
-from ui.review import Reviews
+from ui.review import ReviewError, Reviews
+from ui.viewer_session import ViewerState, slice_info, slice_png_bytes, study_view
 
 log = logging.getLogger("aidx.ui.web")
 
@@ -306,6 +307,51 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
             buffer.getvalue().encode("utf-8"),
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": 'attachment; filename="aidx-audit.csv"'},
+        )
+
+    viewed: set[tuple[str, int]] = set()  # (user, review) pairs known to have an audited view
+
+    @api.get("/viewer/slice.png")
+    def viewer_slice(
+        request: Request,
+        review: int,
+        pos: int,
+        w: float,
+        l: float,  # noqa: E741 - the window level, as the page's script names it
+        ov: int = 1,
+        sel: str = "",
+        lang: str = "en",
+    ) -> Response:
+        """One slice as PNG, fetched by the page's scrolling script (ui/app.py) without a
+        Gradio round trip: the same rendering as the viewer's. Only for a review the user has
+        opened in the viewer (that open is the audited study view)."""
+        user: User = request.state.user
+        try:
+            if (user.username, review) not in viewed:
+                if not ctx.reviews.has_viewed(review, user.username):
+                    return Response("open the study in the viewer first", status_code=403)
+                viewed.add((user.username, review))
+            st = ViewerState(
+                review_id=review, window=w, level=l, overlays=bool(ov), selected=sel or None
+            )
+            view = study_view(ctx, review)
+            st.slice_count = view.slice_count
+            st.slice = view.slice_at(pos)
+            png = slice_png_bytes(ctx, st)
+            language = lang if lang in LANGUAGES else "en"
+            info = slice_info(ctx, st, lambda key, **v: text(language, key, **v))
+        except ReviewError as exc:
+            return Response(str(exc), status_code=404)
+        except ValueError as exc:  # a window below 1 HU, a non-finite level
+            return Response(str(exc), status_code=400)
+        return Response(
+            png or b"",
+            media_type="image/png",
+            headers={
+                "Cache-Control": "private, no-store",
+                "X-Aidx-Slice-Position": str(view.display_position(st.slice) + 1),
+                "X-Aidx-Slice-Info": quote(info),
+            },
         )
 
     def gradio_user(request: Request) -> str | None:

@@ -217,6 +217,16 @@ def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
         expect(slice_number).to_have_value(str(start + 2))
         page.mouse.wheel(0, -120)
         expect(slice_number).to_have_value(str(start + 1))
+        # The page's script fetched those slices from the slice route itself (no Gradio round
+        # trip), and the server follows: a click at once after a step marks the slice on screen.
+        expect(page.locator("#slice-image img")).to_have_attribute("src", re.compile(r"^blob:"))
+        page.locator("body").press("ArrowDown")
+        page.locator("#slice-image img").click()
+        expect(page.locator("#clicked-point")).to_contain_text(f"image {image_number + 2},")
+        expect(info).to_contain_text(f"Image {image_number + 2} · {start + 2} of ")
+        slice_route = served.url + "viewer/slice.png?review={}&pos=0&w=1500&l=-600"
+        assert page.request.get(slice_route.format(1)).status == 200
+        assert page.request.get(slice_route.format(999)).status == 404
 
         # Window: the mediastinum preset sets width and level.
         page.locator("#preset").get_by_text("mediastinum").click()
@@ -315,6 +325,9 @@ def test_admin_reads_the_audit_log_and_a_chinese_user_gets_chinese(served: Serve
         _shot(page, "09-audit-admin")
         csv = page.request.get(served.url + "admin/audit.csv")
         assert csv.status == 200 and "finding_accept" in csv.text()
+        # The slice route serves only studies this user opened in the viewer (an audited view).
+        slice_route = served.url + "viewer/slice.png?review=1&pos=0&w=1500&l=-600"
+        assert page.request.get(slice_route).status == 403
         page.goto(served.url + "logout")
         page.fill("#username", "lin")
         page.fill("#password", "a long enough password")
