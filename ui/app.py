@@ -61,7 +61,7 @@ KEYBOARD_JS = """
   const sliderInput = () => document.querySelector('#slice input[type=number]');
   const url = (m, pos) => '/viewer/slice.png?review=' + m.review + '&pos=' + pos +
     '&w=' + m.w + '&l=' + m.l + '&ov=' + m.ov + '&sel=' + encodeURIComponent(m.sel) +
-    '&lang=' + m.lang;
+    '&pt=' + m.pt + '&lang=' + m.lang + '&rev=' + m.rev;
   const load = (u) => {
     if (!cache.has(u)) {
       cache.set(u, fetch(u, { credentials: 'same-origin' }).then((r) => {
@@ -488,9 +488,9 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             set_slider(ctx, st, position)  # the slice on screen, even mid-scroll
             x, y = evt.index  # column, row of the clicked pixel
             click_point(ctx, st, row=float(y), col=float(x))
-            return st, st.point_line(ctx, t), slice_png(ctx, st)
+            return st, st.point_line(ctx, t), slice_png(ctx, st), viewer_meta(st, lang)
 
-        image.select(on_click, [state, jump], [state, point, image])
+        image.select(on_click, [state, jump], [state, point, image, meta])
 
         @guarded
         def on_add(st: ViewerState, d: float | None, request: gr.Request) -> Any:

@@ -12,6 +12,7 @@ import io
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -204,10 +205,11 @@ def slice_png_bytes(ctx: Any, st: ViewerState) -> bytes | None:
 
 def viewer_meta(st: ViewerState, lang: str) -> str:
     """What the page's scrolling script needs to fetch slices itself (ui/app.py, SCROLL_JS):
-    the review, the slice count, window, level, overlays, the selected finding, the language.
-    Hidden; no patient data."""
+    the review, the slice count, window, level, overlays, the selected finding, the marked
+    point, the language. Hidden; no patient data."""
     if st.review_id is None:
         return "<span></span>"
+    k, row, col = st.point[:3] if st.point is not None else (-1, 0.0, 0.0)
     values = {
         "review": st.review_id,
         "count": st.slice_count,
@@ -215,7 +217,11 @@ def viewer_meta(st: ViewerState, lang: str) -> str:
         "l": f"{st.level:g}",
         "ov": int(st.overlays),
         "sel": st.selected or "",
+        "pt": f"{k},{row:g},{col:g}",  # the marked point (its cross), k = -1: none
         "lang": lang,
+        # New with every server render: slices fetched before (other decisions, an added
+        # finding) are not reused.
+        "rev": time.monotonic_ns(),
     }
     attributes = " ".join(f'data-{k}="{html.escape(str(v))}"' for k, v in values.items())
     return f"<span {attributes}></span>"

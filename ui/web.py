@@ -320,6 +320,7 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
         l: float,  # noqa: E741 - the window level, as the page's script names it
         ov: int = 1,
         sel: str = "",
+        pt: str = "-1,0,0",
         lang: str = "en",
     ) -> Response:
         """One slice as PNG, fetched by the page's scrolling script (ui/app.py) without a
@@ -334,6 +335,9 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
             st = ViewerState(
                 review_id=review, window=w, level=l, overlays=bool(ov), selected=sel or None
             )
+            k, row, col = (float(v) for v in pt.split(","))
+            if k >= 0:  # the marked point's cross, on its slice (render_slice draws it)
+                st.point = (int(k), row, col, 0.0, 0.0, 0.0)
             view = study_view(ctx, review)
             st.slice_count = view.slice_count
             st.slice = view.slice_at(pos)

@@ -3,6 +3,7 @@ Gradio's own API included; login, logout, language, roles; HTTPS refusal beyond 
 
 from __future__ import annotations
 
+import io
 import ssl
 import urllib.error
 import urllib.parse
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from aidx.config import load_config
 from aidx.store import Store
@@ -19,6 +21,7 @@ from tests.dicom_node.test_tls import Pki, pki  # noqa: F401  (the throwaway CA 
 from tests.peers import poll_until
 from tests.ui.reviewed_study import PASSWORD, ReviewedStudy, reviewed_study
 from ui.i18n import missing, text
+from ui.viewer_session import study_view
 from ui.web import COOKIE, UiContext, UiServer, create_app
 
 # Routes of the app and of Gradio's mounted apps (pages, config, API, files, queue, uploads).
@@ -37,6 +40,7 @@ PROTECTED = [
     ("GET", "/app/en/gradio_api/startup-events"),
     ("POST", "/app/en/gradio_api/run/predict"),
     ("GET", "/admin/audit.csv"),
+    ("GET", "/viewer/slice.png?review=1&pos=0&w=1500&l=-600"),
     ("POST", "/language"),
     ("GET", "/logout"),
     ("GET", "/docs"),
@@ -145,6 +149,36 @@ def test_roles_admin_pages_and_language(app: tuple[TestClient, ReviewedStudy]) -
     assert study.accounts.get_user("eng").language == "zh"  # type: ignore[union-attr]
     assert client.get("/", follow_redirects=False).headers["location"] == "/app/zh/"
     assert client.post("/language", data={"lang": "fr"}).status_code == 400
+
+
+def test_slice_route_serves_the_viewer_picture_for_studies_the_user_opened(
+    app: tuple[TestClient, ReviewedStudy],
+) -> None:
+    client, study = app
+    review = study.review_id()
+    route = "/viewer/slice.png?review={}&pos={}&w={}&l=-600&pt={}"
+    login(client, "eng")  # has not opened the study: every image access follows a view
+    assert client.get(route.format(review, 0, 1500, "-1,0,0")).status_code == 403
+    study.reviews.open(review, study.engineer)  # what opening it in the viewer records
+    first = client.get(route.format(review, 0, 1500, "-1,0,0"))
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.headers["cache-control"] == "private, no-store"
+    with Image.open(io.BytesIO(first.content)) as png:
+        assert png.size == (96, 96)  # the series' matrix
+    view = study_view(UiContext(study.config, study.store, study.accounts, study.reviews), review)
+    info = urllib.parse.unquote(first.headers["x-aidx-slice-info"])
+    top = view.slice_at(0)
+    assert info.startswith(f"Image {view.instance_number(top)} · 1 of {view.slice_count}")
+    # Past the end: the last slice. Another window: another picture. A marked point: a cross.
+    last = client.get(route.format(review, 10_000, 1500, "-1,0,0"))
+    assert last.headers["x-aidx-slice-position"] == str(view.slice_count)
+    narrow = client.get(route.format(review, 0, 350, "-1,0,0"))
+    assert narrow.status_code == 200 and narrow.content != first.content
+    marked = client.get(route.format(review, 0, 1500, f"{top},48,48"))
+    assert marked.content != first.content
+    assert client.get(route.format(review, 0, 0, "-1,0,0")).status_code == 400  # window 0 HU
+    assert client.get(route.format(review, 0, 1500, "x")).status_code == 400
+    assert client.get(route.format(review + 99, 0, 1500, "-1,0,0")).status_code == 404
 
 
 def test_https_is_required_beyond_loopback(tmp_path: Path) -> None:
