@@ -137,7 +137,7 @@ KEYBOARD_JS = """
 """
 CSS = """
 #slice-image img { image-rendering: pixelated; }
-#viewer-meta, #slice-jump, #slice-sync { display: none !important; }
+#viewer-hidden { display: none !important; }
 .aidx-warning { color: #b45309; font-size: 0.85rem; }
 """
 
@@ -285,9 +285,10 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                             )
                             next_button = gr.Button("▼", elem_id="slice-next", min_width=60)
                         slice_text = gr.Markdown("", elem_id="slice-info")
-                        meta = gr.HTML("<span></span>", elem_id="viewer-meta")
-                        jump = gr.Number(1, elem_id="slice-jump", precision=0)
-                        sync = gr.Button("sync", elem_id="slice-sync")
+                        with gr.Row(elem_id="viewer-hidden"):  # for the scrolling script
+                            meta = gr.HTML("<span></span>", elem_id="viewer-meta")
+                            jump = gr.Number(1, elem_id="slice-jump", precision=0)
+                            sync = gr.Button("sync", elem_id="slice-sync")
                         with gr.Row():
                             preset = gr.Radio(
                                 preset_choices,
