@@ -44,6 +44,8 @@ from ui.viewer_session import ViewerState, slice_info, slice_png_bytes, study_vi
 
 log = logging.getLogger("aidx.ui.web")
 
+VIEWED_MEMORY = 10_000  # (user, review) pairs the slice route remembers as viewed
+
 COOKIE = "aidx_session"
 OPEN_PATHS = ("/login",)  # the only routes served without a session
 VALIDATE_CACHE_S = 5.0  # a token checked this recently is not checked against the store again
@@ -331,6 +333,8 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
             if (user.username, review) not in viewed:
                 if not ctx.reviews.has_viewed(review, user.username):
                     return Response("open the study in the viewer first", status_code=403)
+                if len(viewed) >= VIEWED_MEMORY:  # a cache of the audit log: start it again
+                    viewed.clear()
                 viewed.add((user.username, review))
             st = ViewerState(
                 review_id=review, window=w, level=l, overlays=bool(ov), selected=sel or None
