@@ -27,14 +27,11 @@ from .froc import (
     FrocReport,
     Nodule,
     Scan,
-    build_scans,
     compare,
     evaluate,
-    load_ground_truth,
     plot_froc,
-    read_detections_csv,
-    write_detections_csv,
 )
+from .froc_io import build_scans, load_ground_truth, read_detections_csv, write_detections_csv
 
 log = logging.getLogger("aidx.evaluate")
 

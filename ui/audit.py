@@ -60,6 +60,21 @@ class Audit:
         with self._store._write() as conn:
             return self._insert(conn, username, role, action, study_uid, detail, client)
 
+    def has_viewed(self, username: str, study_uid: str) -> bool:
+        """Whether the user opened this study in the viewer (an audited study_view): what a
+        direct image request must follow, so that every image access is audited."""
+        with self._store.engine.connect() as conn:
+            found = conn.execute(
+                select(audit_log.c.id)
+                .where(
+                    (audit_log.c.username == username)
+                    & (audit_log.c.action == "study_view")
+                    & (audit_log.c.study_uid == study_uid)
+                )
+                .limit(1)
+            ).first()
+        return found is not None
+
     def _insert(
         self,
         conn: Connection,

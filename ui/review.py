@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from sqlalchemy import and_, func, select
 
-from aidx.schema import audit_log, decisions, jobs, patients, results, reviews, studies
+from aidx.schema import decisions, jobs, patients, results, reviews, studies
 from aidx.store import Store
 from inference.findings import Finding, FindingsReport
 from ui.accounts import PermissionDenied, User
@@ -340,22 +340,6 @@ class Reviews:
             client,
         )
         return self.case(review_id)
-
-    def has_viewed(self, review_id: int, username: str) -> bool:
-        """Whether the user opened this review's study in the viewer (an audited study_view):
-        what a direct image request must follow, so that every image access is audited."""
-        case = self.case(review_id)
-        with self._store.engine.connect() as conn:
-            found = conn.execute(
-                select(audit_log.c.id)
-                .where(
-                    (audit_log.c.username == username)
-                    & (audit_log.c.action == "study_view")
-                    & (audit_log.c.study_uid == case.study_uid)
-                )
-                .limit(1)
-            ).first()
-        return found is not None
 
     def decide(
         self,

@@ -331,7 +331,8 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
         user: User = request.state.user
         try:
             if (user.username, review) not in viewed:
-                if not ctx.reviews.has_viewed(review, user.username):
+                study_uid = ctx.reviews.case(review).study_uid  # unknown review: 404
+                if not ctx.accounts.audit.has_viewed(user.username, study_uid):
                     return Response("open the study in the viewer first", status_code=403)
                 if len(viewed) >= VIEWED_MEMORY:  # a cache of the audit log: start it again
                     viewed.clear()

@@ -18,12 +18,14 @@ from training.froc import (
     FrocReport,
     Nodule,
     Scan,
-    build_scans,
     compare,
     evaluate,
+    plot_froc,
+)
+from training.froc_io import (
+    build_scans,
     load_detections,
     load_ground_truth,
-    plot_froc,
     read_detections_csv,
     write_detections_csv,
 )
