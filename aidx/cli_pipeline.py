@@ -95,7 +95,9 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
     metrics = None
     if config.metrics.port:
         health = _health(service, pool, config, model_problem is None)
-        metrics = MetricsServer(config.metrics.host, config.metrics.port, store, health)
+        metrics = MetricsServer(
+            config.metrics.host, config.metrics.port, store, health, [service.scp.guard]
+        )
         try:
             metrics.start()
         except OSError as exc:

@@ -79,14 +79,30 @@ class NodeConfig(StrictModel):
     ae_title: str = Field(default="AIDX", pattern=AE_TITLE_PATTERN)
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=1, le=65535)
-    max_pdu: int = Field(default=0, ge=0)
+    # The Maximum Length negotiated (PS3.8 D.1); 0: unlimited (the largest data set).
+    max_pdu: int = Field(default=1024 * 1024, ge=0)
     max_associations: int = Field(default=16, ge=1, le=1000)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # The whole A-ASSOCIATE-RQ (and TLS handshake) must arrive within this many seconds.
+    association_request_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    # Connections of one peer address, pending or associated; no address can take every slot.
+    max_connections_per_address: int = Field(default=8, ge=1, le=1000)
+    # Connections whose association request has not arrived yet: per address, and in all.
+    max_pending_per_address: int = Field(default=4, ge=1, le=1000)
+    max_pending_connections: int = Field(default=32, ge=1, le=10000)
+    # The largest data set accepted, as received and as inflated (Deflated transfer syntax).
+    max_dataset_mb: int = Field(default=512, ge=1, le=65536)
+    # Sequences nested deeper than this are refused (0xC000).
+    max_sequence_depth: int = Field(default=32, ge=1, le=256)
     study_quiet_period_s: float = Field(default=30.0, gt=0, le=86400)
     min_free_disk_mb: int = Field(default=1024, ge=0)
     accept_any_calling_ae: bool = False
     allowed_peers: list[PeerConfig] = Field(default_factory=list)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+
+    @property
+    def max_dataset_bytes(self) -> int:
+        return self.max_dataset_mb * 1024 * 1024
 
     @model_validator(mode="after")
     def _tls_server_files(self) -> NodeConfig:

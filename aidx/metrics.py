@@ -26,6 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select, text
 from sqlalchemy.engine import make_url
 
@@ -167,13 +168,24 @@ class MetricsServer:
     built-in ``store`` check; the answer is 200 only when every check is true.
     """
 
-    def __init__(self, host: str, port: int, store: Store, health: HealthChecks) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        store: Store,
+        health: HealthChecks,
+        collectors: Iterable[Collector] = (),
+    ) -> None:
+        """``collectors``: figures of this process beside the store's (the node's connection
+        refusals)."""
         self.host = host
         self.requested_port = port
         self.store = store
         self.health = health
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(StoreCollector(store))
+        for collector in collectors:
+            self.registry.register(collector)
         ProcessCollector(registry=self.registry)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None

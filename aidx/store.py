@@ -52,7 +52,19 @@ __all__ = [
 ]
 
 # Prepared statements of the receive path (plain SQL: the same on SQLite and PostgreSQL).
-_SQL_INSTANCE_EXISTS = text("SELECT 1 FROM instances WHERE sop_uid = :sop_uid")
+_SQL_INSTANCE_PLACE = text(
+    "SELECT i.study_uid, i.series_uid, p.patient_key, i.path FROM instances i "
+    "JOIN studies s ON s.study_uid = i.study_uid JOIN patients p ON p.id = s.patient_pk "
+    "WHERE i.sop_uid = :sop_uid"
+)
+_SQL_SERIES_PLACE = text(
+    "SELECT r.study_uid, p.patient_key FROM series r JOIN studies s ON s.study_uid = r.study_uid "
+    "JOIN patients p ON p.id = s.patient_pk WHERE r.series_uid = :series_uid"
+)
+_SQL_STUDY_PATIENT = text(
+    "SELECT p.patient_key FROM studies s JOIN patients p ON p.id = s.patient_pk "
+    "WHERE s.study_uid = :study_uid"
+)
 _SQL_INSTANCE_RESENT = text(
     "UPDATE instances SET path = :path, size = :size, transfer_syntax = :transfer_syntax, "
     "received_at = :received_at WHERE sop_uid = :sop_uid"
@@ -82,7 +94,7 @@ _SQL_SERIES_BUMP = text(
 )
 
 StudyState = Literal["receiving", "complete", "updated"]
-IndexOutcome = Literal["new", "duplicate"]
+IndexOutcome = Literal["new", "duplicate", "conflict"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,11 @@ class InstanceRecord:
     size: int
     calling_ae: str
 
+    @property
+    def patient_key(self) -> str:
+        """The patient's key in the index: issuer and Patient ID."""
+        return f"{self.issuer}\\{self.patient_id}"
+
 
 @dataclass(frozen=True)
 class IndexResult:
@@ -119,6 +136,8 @@ class IndexResult:
     # A new study, a complete one reopened by a late instance, or an open one whose quiet
     # period shrank: the study assembler has to plan its completion again.
     study_opened: bool
+    # With "conflict": why the instance was not indexed (UIDs only, never patient data).
+    conflict: str = ""
 
 
 def _open_schema(engine: Engine, where: str) -> None:
@@ -173,7 +192,8 @@ class Store(OutboxQueue, JobQueue):
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock()
-        self._known_series: set[str] = set()  # series whose rows exist (committed)
+        # Series whose rows exist (committed): their study and patient key.
+        self._known_series: dict[str, tuple[str, str]] = {}
         _open_schema(self.engine, safe_url(url))
 
     def close(self) -> None:
@@ -195,7 +215,11 @@ class Store(OutboxQueue, JobQueue):
         the common case (its series already indexed) is five prepared statements.
         """
         with self._write() as conn:
-            if conn.execute(_SQL_INSTANCE_EXISTS, {"sop_uid": rec.sop_uid}).first() is not None:
+            place = conn.execute(_SQL_INSTANCE_PLACE, {"sop_uid": rec.sop_uid}).first()
+            why = self._conflict(conn, rec, place)
+            if why:
+                return IndexResult("conflict", study_opened=False, conflict=why)
+            if place is not None:
                 conn.execute(
                     _SQL_INSTANCE_RESENT,
                     {
@@ -230,13 +254,59 @@ class Store(OutboxQueue, JobQueue):
                     "received_at": received_at,
                 },
             )
-        self._known_series.add(rec.series_uid)
         if len(self._known_series) > 10_000:
             self._known_series.clear()
+        self._known_series[rec.series_uid] = (rec.study_uid, rec.patient_key)
         return IndexResult("new", study_opened=opened)
 
+    def uid_conflict(self, rec: InstanceRecord) -> str:
+        """Why ``rec`` cannot be indexed beside what is indexed, or "" (checked before its file
+        is written, so a conflicting instance never replaces a stored file)."""
+        with self.engine.connect() as conn:
+            place = conn.execute(_SQL_INSTANCE_PLACE, {"sop_uid": rec.sop_uid}).first()
+            return self._conflict(conn, rec, place)
+
+    def _conflict(self, conn: Connection, rec: InstanceRecord, place: Any) -> str:
+        """A UID of ``rec`` that is indexed under another study, series or patient: a re-used
+        UID, never a re-send. The reason names UIDs only."""
+        if place is not None:
+            study_uid, series_uid, patient_key, _ = place
+            if study_uid != rec.study_uid or series_uid != rec.series_uid:
+                return (
+                    f"SOP Instance UID {rec.sop_uid} is stored in study {study_uid} series "
+                    f"{series_uid}; this one is in study {rec.study_uid} series {rec.series_uid}"
+                )
+            if patient_key != rec.patient_key:
+                return (
+                    f"SOP Instance UID {rec.sop_uid} of study {study_uid} is stored for another "
+                    "patient"
+                )
+            return ""
+        known = self._known_series.get(rec.series_uid)
+        if known is None:
+            row = conn.execute(_SQL_SERIES_PLACE, {"series_uid": rec.series_uid}).first()
+            known = (str(row[0]), str(row[1])) if row is not None else None
+        if known is not None:
+            if known[0] != rec.study_uid:
+                return (
+                    f"Series Instance UID {rec.series_uid} is stored in study {known[0]}; this "
+                    f"instance ({rec.sop_uid}) is in study {rec.study_uid}"
+                )
+            if known[1] != rec.patient_key:
+                return (
+                    f"study {rec.study_uid} is stored for another patient than instance "
+                    f"{rec.sop_uid}'s"
+                )
+            return ""
+        row = conn.execute(_SQL_STUDY_PATIENT, {"study_uid": rec.study_uid}).first()
+        if row is not None and str(row[0]) != rec.patient_key:
+            return (
+                f"study {rec.study_uid} is stored for another patient than instance {rec.sop_uid}'s"
+            )
+        return ""
+
     def _patient(self, conn: Connection, rec: InstanceRecord) -> int:
-        key = f"{rec.issuer}\\{rec.patient_id}"
+        key = rec.patient_key
         row = conn.execute(select(patients.c.id).where(patients.c.patient_key == key)).first()
         if row is not None:
             return int(row[0])

@@ -11,7 +11,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes
@@ -19,9 +19,11 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import UID
 from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
 
+from aidx.deflate import DEFLATED_SYNTAXES, InflateLimitError, inflate
 from aidx.store import InstanceRecord
 
 from . import status
@@ -30,8 +32,6 @@ from .spool import valid_uid
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.1.20261128"
 IMPLEMENTATION_VERSION = "AIDX_0_1"
 UNDEFINED_LENGTH = 0xFFFFFFFF
-# Transfer syntaxes whose data set is deflated (PS3.5 A.5; JPIP Referenced Deflate variants).
-DEFLATED_SYNTAXES = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 REQUIRED_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
 INDEXED = (
@@ -103,19 +103,52 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
-def parse_dataset(dataset_bytes: bytes, transfer_syntax: str) -> Dataset:
-    """Read a data set in ``transfer_syntax`` (values stay raw until used) and check that it
-    is complete."""
+@dataclass(frozen=True)
+class ParseLimits:
+    """What the node accepts of one data set: its size (also as inflated) and the depth of its
+    nested sequences."""
+
+    max_dataset_bytes: int = 512 * 1024 * 1024
+    max_sequence_depth: int = 32
+
+
+# Values longer than this are not read into memory on the receive path: their position is
+# checked against the data set's end, and they stay in the file as received.
+DEFER_BYTES = 64 * 1024
+
+
+def parse_dataset(
+    dataset_bytes: bytes | memoryview, transfer_syntax: str, limits: ParseLimits | None = None
+) -> Dataset:
+    """Read a data set in ``transfer_syntax`` (values stay raw until used; large ones, such as
+    pixel data, are not read) and check that it is complete and within ``limits``."""
+    limits = limits or ParseLimits()
     syntax = UID(transfer_syntax)
-    stream = dataset_bytes
+    stream: bytes | bytearray | memoryview = dataset_bytes
     try:
         if syntax in DEFLATED_SYNTAXES:
-            stream = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
+            stream = inflate(dataset_bytes, limits.max_dataset_bytes)
+        reader = _ViewReader(stream)
         ds = read_dataset(
-            BytesIO(stream),
+            cast(BinaryIO, reader),
             is_implicit_VR=syntax.is_implicit_VR,
             is_little_endian=syntax.is_little_endian,
+            defer_size=DEFER_BYTES,
         )
+        # Where pydicom reads a deferred value from if one is used (a long sequence).
+        ds.filename, ds.buffer, ds.timestamp, ds.fileobj_type = None, reader, None, open
+        check_complete(ds, len(stream))
+        check_depth(ds, limits.max_sequence_depth)
+    except InflateLimitError as exc:
+        raise InstanceError(
+            status.OUT_OF_RESOURCES,
+            f"{exc} (node.max_dataset_mb); nothing was stored",
+        ) from exc
+    except RecursionError as exc:
+        raise InstanceError(
+            status.CANNOT_UNDERSTAND,
+            f"sequences nested deeper than node.max_sequence_depth ({limits.max_sequence_depth})",
+        ) from exc
     except (
         zlib.error,
         struct.error,  # an element header cut short
@@ -126,19 +159,74 @@ def parse_dataset(dataset_bytes: bytes, transfer_syntax: str) -> Dataset:
         OSError,
         NotImplementedError,
     ) as exc:
+        if isinstance(exc, InstanceError):
+            raise
         raise InstanceError(status.CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}") from exc
-    check_complete(ds)
     return ds
 
 
-def check_complete(ds: Dataset) -> None:
-    """Refuse a truncated data set: each top-level element must hold the bytes it declares,
-    and an image must have pixel data."""
+class _ViewReader:
+    """A read-only file over a buffer, without copying it (BytesIO would)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = (
+            len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
+        )
+        chunk = bytes(self._view[self._pos : end])
+        self._pos = max(end, self._pos)
+        return chunk
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+
+def check_depth(ds: Dataset, max_depth: int, depth: int = 1) -> None:
+    """Refuse sequences nested deeper than ``max_depth`` (each level is converted only when the
+    one above it is within the limit)."""
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every value
+        raw: Any = ds.get_item(tag, keep_deferred=True)
+        vr = getattr(raw, "VR", None)
+        if vr != "SQ" and not (vr in (None, "UN") and _is_sequence_tag(tag)):
+            continue
+        if depth > max_depth:
+            raise InstanceError(
+                status.CANNOT_UNDERSTAND,
+                f"sequences nested deeper than node.max_sequence_depth ({max_depth})",
+            )
+        value = ds[tag].value
+        if isinstance(value, Sequence):
+            for item in value:
+                check_depth(item, max_depth, depth + 1)
+
+
+def _is_sequence_tag(tag: Any) -> bool:
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
+
+
+def check_complete(ds: Dataset, end: int | None = None) -> None:
+    """Refuse a truncated data set: each top-level element must hold the bytes it declares
+    (a value that was not read must lie before ``end``), and an image must have pixel data."""
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every value
         # keep_deferred: an empty value is not converted (which fails for an unknown VR).
         raw: Any = ds.get_item(tag, keep_deferred=True)
         length = getattr(raw, "length", None)
-        arrived = len(raw.value or b"")
+        value = raw.value
+        if value is None and length and end is not None and length != UNDEFINED_LENGTH:
+            arrived = max(min(end - raw.value_tell, length), 0)  # deferred: not read
+        else:
+            arrived = len(value or b"")
         if length is not None and length != UNDEFINED_LENGTH and arrived < length:
             raise InstanceError(
                 status.CANNOT_UNDERSTAND,

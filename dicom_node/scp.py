@@ -8,6 +8,7 @@ failure becomes a DIMSE status and one log line naming the SOP Instance UID and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -32,7 +33,15 @@ from aidx.store import Store
 
 from . import status
 from .client import VERIFICATION
-from .parse import InstanceError, file_meta_bytes, parse_dataset, read_record
+from .guard import Connection, ConnectionGuard
+from .limits import (
+    PDU_SLACK,
+    BoundedDIMSE,
+    BoundedSocket,
+    OversizedDataSet,
+    advertised_max_pdu,
+)
+from .parse import InstanceError, ParseLimits, file_meta_bytes, parse_dataset, read_record
 from .policy import (
     REJECT_PERMANENT,
     SOURCE_SERVICE_USER,
@@ -54,18 +63,42 @@ class _Counts:
     started: float = field(default_factory=time.monotonic)
 
 
-class _PolicyACSE(ACSE):
-    """ACSE that applies the access policy before pynetdicom's own negotiation."""
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-transient, by the service provider (presentation
+# related), local limit exceeded.
+REJECT_TRANSIENT = 0x02
+SOURCE_PROVIDER_PRESENTATION = 0x03
+REASON_LOCAL_LIMIT_EXCEEDED = 0x02
 
-    def __init__(self, assoc: Association, policy: AccessPolicy) -> None:
+
+class _PolicyACSE(ACSE):
+    """ACSE that applies the node's association limit and the access policy before
+    pynetdicom's own negotiation; it runs once the whole A-ASSOCIATE-RQ has arrived."""
+
+    def __init__(
+        self,
+        assoc: Association,
+        policy: AccessPolicy,
+        guard: ConnectionGuard,
+        connection: Connection | None,
+    ) -> None:
         super().__init__(assoc)
         self._policy = policy
+        self._guard = guard
+        self._connection = connection
 
     def _negotiate_as_acceptor(self) -> None:
         request = cast(Any, self.requestor.primitive)
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         address = self.assoc.requestor.address
+        if self._connection is not None and self._guard.requested(self._connection):
+            self.requestor.ae_title = calling
+            self.send_reject(
+                REJECT_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, REASON_LOCAL_LIMIT_EXCEEDED
+            )
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
         decision = self._policy.decide(calling, called, address)
         if isinstance(decision, Rejection):
             self.requestor.ae_title = calling
@@ -86,31 +119,46 @@ class _PolicyACSE(ACSE):
 
 
 class _AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved off the accepting thread.
+    """pynetdicom's threaded server with admission control and the TLS handshake moved off the
+    accepting thread.
 
     pynetdicom handshakes in ``get_request``, on the one thread that accepts every connection,
     with no deadline: a client that connects and stays silent would stop the node accepting
-    anyone. Here each connection handshakes on its own thread, within the network timeout.
+    anyone. Here each connection is first admitted by the :class:`ConnectionGuard` (per-address
+    and pending limits, a deadline for the whole association request), then handshakes on its
+    own thread.
     """
+
+    guard: ConnectionGuard
+    current = threading.local()  # the connection being set up on this thread
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        plain = cast(socket.socket, request)
+        connection = self.guard.admit(plain, str(client_address[0]))
+        if connection is None:
+            return
         with contextlib.suppress(OSError):  # answer each C-STORE at once (no Nagle delay)
-            cast(socket.socket, request).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
-            plain = cast(socket.socket, request)
             try:
-                plain.settimeout(self.ae.network_timeout)
+                plain.settimeout(self.guard.node.association_request_timeout_s)
                 request = self.ssl_context.wrap_socket(plain, server_side=True)
                 request.settimeout(None)  # as accepted; pynetdicom applies its own timeouts
+                connection.sock = request  # the TLS socket took over the descriptor
             except OSError as exc:
                 log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.guard.release(connection)
                 self.shutdown_request(plain)
                 return
-        super().process_request_thread(request, client_address)
+        self.current.connection = connection
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.current.connection = None
 
 
 def _allowed(cx: PresentationContext, rights: Rights) -> bool:
@@ -138,6 +186,8 @@ class StorageSCP:
         self._thread: threading.Thread | None = None
         self._counts: dict[int, _Counts] = {}
         self._counts_lock = threading.Lock()
+        self.guard = ConnectionGuard(node)
+        self.parse_limits = ParseLimits(node.max_dataset_bytes, node.max_sequence_depth)
 
     @property
     def port(self) -> int:
@@ -152,8 +202,12 @@ class StorageSCP:
     def start(self) -> None:
         self.policy.check_startup()
         ae = AE(ae_title=self.node.ae_title)
-        ae.maximum_pdu_size = self.node.max_pdu
-        ae.maximum_associations = self.node.max_associations
+        # Unlimited (0) is advertised as the largest data set: a peer then never sends a PDU
+        # that the node would refuse to read.
+        ae.maximum_pdu_size = advertised_max_pdu(self.node.max_pdu, self.node.max_dataset_bytes)
+        # The node's own limit counts only associations whose request has arrived (guard);
+        # pynetdicom's counts pending connections too, so it is set past both.
+        ae.maximum_associations = self.node.max_associations + self.node.max_pending_connections
         ae.network_timeout = self.node.network_timeout_s
         ae.acse_timeout = 30
         ae.dimse_timeout = self.node.network_timeout_s
@@ -167,12 +221,21 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._handle_closed),
             (evt.EVT_ABORTED, self._handle_closed),
         ]
-        policy = self.policy
+        policy, guard = self.policy, self.guard
+        max_pdu = ae.maximum_pdu_size + PDU_SLACK
+        max_dataset = self.node.max_dataset_bytes
 
         class _Handler(RequestHandler):
             def _create_association(self) -> Association:
                 assoc = super()._create_association()
-                assoc.acse = _PolicyACSE(assoc, policy)
+                connection: Connection | None = getattr(
+                    _AssociationServer.current, "connection", None
+                )
+                if connection is not None:
+                    connection.thread = assoc
+                BoundedSocket.adopt(cast(Any, assoc.dul.socket), max_pdu)
+                assoc.dimse = BoundedDIMSE(assoc, max_dataset)
+                assoc.acse = _PolicyACSE(assoc, policy, guard, connection)
                 return assoc
 
         ssl_context = server_context(self.node.tls) if self.node.tls.enabled else None
@@ -183,6 +246,8 @@ class StorageSCP:
             server_class=_AssociationServer,
             request_handler=_Handler,
         )
+        cast(_AssociationServer, server).guard = self.guard
+        self.guard.start()
         self._server = server
         # What AE.start_server does: shutdown() expects the server in the AE's list.
         ae._servers.append(server)
@@ -206,6 +271,7 @@ class StorageSCP:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        self.guard.stop()
 
     # ------------------------------------------------------------------------------ handlers
     def _handle_accepted(self, event: evt.Event) -> None:
@@ -274,24 +340,65 @@ class StorageSCP:
                 status.CANNOT_UNDERSTAND, "the request's Affected SOP Instance UID is invalid"
             )
         transfer_syntax = str(event.context.transfer_syntax)
-        dataset_bytes = cast(Any, event.request).DataSet.getvalue()
-        ds = parse_dataset(dataset_bytes, transfer_syntax)
+        received = cast(Any, event.request).DataSet
+        if isinstance(received, OversizedDataSet):
+            raise InstanceError(
+                status.OUT_OF_RESOURCES,
+                f"the data set of {received.received} bytes exceeds node.max_dataset_mb "
+                f"({received.limit} bytes); nothing was stored",
+            )
+        dataset_bytes = received.getbuffer()
+        ds = parse_dataset(dataset_bytes, transfer_syntax, self.parse_limits)
         meta = file_meta_bytes(sop_class_uid, sop_uid, transfer_syntax)
         size = len(meta) + len(dataset_bytes)
         record = read_record(ds, sop_uid, sop_class_uid, transfer_syntax, calling_ae, size)
+        conflict = self.store.uid_conflict(record)
+        if conflict:
+            raise InstanceError(
+                status.DUPLICATE_SOP_INSTANCE, f"{conflict}; the stored one is kept"
+            )
+        final = self.spool.path_for(record.study_uid, record.series_uid, sop_uid)
+        existed = final.exists()
         try:
             path = self.spool.store(
-                record.study_uid, record.series_uid, sop_uid, meta + dataset_bytes
+                record.study_uid, record.series_uid, sop_uid, meta, dataset_bytes
             )
         except DiskFloorError as exc:
             raise InstanceError(status.OUT_OF_RESOURCES, str(exc)) from exc
         except OSError as exc:
             raise InstanceError(status.OUT_OF_RESOURCES, f"cannot write the file: {exc}") from exc
-        result = self.store.index_instance(
-            replace(record, path=str(path)),
-            time.time(),
-            self.policy.quiet_period_s(calling_ae),
-        )
+        try:
+            result = self.store.index_instance(
+                replace(record, path=str(path)),
+                time.time(),
+                self.policy.quiet_period_s(calling_ae),
+            )
+        except Exception as exc:
+            # No success is sent, so nothing may stay behind: a new file goes (a re-sent one
+            # replaced a file that is indexed already, and stays).
+            if not existed:
+                path.unlink(missing_ok=True)
+            if _out_of_space(exc):
+                raise InstanceError(
+                    status.OUT_OF_RESOURCES, f"cannot index the instance: {exc}"
+                ) from exc
+            raise
+        if result.outcome == "conflict":
+            if not existed:
+                path.unlink(missing_ok=True)
+            raise InstanceError(
+                status.DUPLICATE_SOP_INSTANCE, f"{result.conflict}; the stored one is kept"
+            )
         if result.study_opened and self.on_study_opened is not None:
             self.on_study_opened(record.study_uid)
         return result.outcome
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A write that failed because the disk is full (SQLite says so in words)."""
+    text = str(exc).lower()
+    return (
+        getattr(exc, "errno", None) == errno.ENOSPC
+        or "disk is full" in text
+        or ("no space left" in text)
+    )

@@ -49,20 +49,24 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Write ``data`` durably and return its final path; raises DiskFloorError or OSError
-        and then leaves nothing behind."""
-        if self.free_bytes() - len(data) < self.min_free_bytes:
+    def store(
+        self, study_uid: str, series_uid: str, sop_uid: str, *parts: bytes | memoryview
+    ) -> Path:
+        """Write ``parts`` (one after another, not joined in memory) durably and return the
+        final path; raises DiskFloorError or OSError and then leaves nothing behind."""
+        size = sum(len(part) for part in parts)
+        if self.free_bytes() - size < self.min_free_bytes:
             raise DiskFloorError(f"free disk space below {self.min_free_bytes} bytes")
         final = self.path_for(study_uid, series_uid, sop_uid)
         temp = self.incoming / f"{sop_uid}.{uuid.uuid4().hex}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -7,6 +7,8 @@ REFUSED_NOT_AUTHORIZED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 # Error: the data set does not match the SOP class (or the UIDs in the request).
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+# Failure: the SOP Instance UID is in use by another study, series or patient (PS3.7 C.4).
+DUPLICATE_SOP_INSTANCE = 0x0111
 # Error: cannot understand (malformed, undecodable or missing required UIDs).
 CANNOT_UNDERSTAND = 0xC000
 # Processing failure: an unexpected error in the node; logged with its traceback.

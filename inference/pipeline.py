@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from aidx.config import AidxConfig
+from aidx.deflate import InflateLimitError, inflated_size
 from models.registry import ModelEntry
 
 from .findings import FindingsReport
@@ -87,6 +89,22 @@ def infer_study(
     )
 
 
+def within_inflate_limit(files: list[Path], limit: int) -> list[Path]:
+    """``files`` less the deflated ones that inflate past ``limit`` (pydicom would inflate them
+    whole, without a bound, before reading a single attribute); each one left out is logged."""
+    kept: list[Path] = []
+    for path in files:
+        try:
+            inflated_size(path, limit)
+        except InflateLimitError:
+            log.warning("%s left out: its deflated data set inflates past %d bytes", path, limit)
+            continue
+        except (OSError, ValueError, EOFError, zlib.error):
+            pass  # not a readable Part 10 file: series selection skips it as before
+        kept.append(path)
+    return kept
+
+
 def infer_files(
     files: list[Path],
     out_dir: Path,
@@ -106,6 +124,7 @@ def infer_files(
     Runtime sessions between calls (a worker's)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    files = within_inflate_limit(files, config.node.max_dataset_bytes)
     selection = select_series(files, rules or series_rules(config))
     if selection.chosen is None:
         raise NotApplicableError(selection.reason())
