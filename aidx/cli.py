@@ -25,6 +25,7 @@ from aidx.config import (
 from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.logs import setup_logging
 from aidx.migrations import SchemaVersionError
+from aidx.permissions import private_key_problem, private_umask, sqlite_path, tighten_data_dir
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -322,6 +323,12 @@ def _phantom_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Files 0640, folders 0750 for everything this command writes (aidx.permissions).
+    with private_umask():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -350,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aidx: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
+    tighten_data_dir(config.data_dir, sqlite_path(config.store_url()))
     handler: Handler = args.handler
     try:
         return handler(args, config)
@@ -368,9 +376,31 @@ def _config_show(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def _config_check(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args, config  # loading already validated it
+    del args  # loading already validated the configuration; the key files are checked here
+    problems = key_file_problems(config)
+    for problem in problems:
+        print(f"aidx: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
     print("configuration is valid")
     return EXIT_OK
+
+
+def key_file_problems(config: AidxConfig) -> list[str]:
+    """Every configured TLS private key that must not be used (aidx.permissions), as
+    ``setting: problem``."""
+    keys = {
+        "node.tls.private_key": config.node.tls.private_key,
+        "ui.private_key": config.ui.private_key,
+    }
+    for name, destination in config.destinations.items():
+        keys[f"destinations.{name}.tls.private_key"] = destination.tls.private_key
+    problems = []
+    for setting, path in keys.items():
+        problem = private_key_problem(path) if path is not None else None
+        if problem is not None:
+            problems.append(f"{setting}: {problem}")
+    return problems
 
 
 def _phantom(args: argparse.Namespace, config: AidxConfig) -> int:

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from aidx.permissions import private_key_problem
+
 ENV_PREFIX = "AIDX_"
 ENV_CONFIG_FILE = "AIDX_CONFIG"
 MASK = "********"
@@ -270,6 +272,10 @@ class UiConfig(StrictModel):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 return f"ui.{name}: {path} is not a readable file"
+        if self.private_key is not None:
+            problem = private_key_problem(self.private_key)
+            if problem is not None:
+                return f"ui.private_key: {problem}"
         return None
 
 

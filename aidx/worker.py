@@ -20,6 +20,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 import models
 from inference.pipeline import InferenceResult, NotApplicableError, infer_files
@@ -28,6 +29,7 @@ from models.registry import ModelError, Registry
 
 from .config import AidxConfig
 from .jobs import Delivery, Job, ResultRecord, worker_name
+from .logs import exception_text, patient_values, patient_values_of, redact
 from .routing import Route, routes
 from .store import Store
 
@@ -128,6 +130,13 @@ class Worker:
                 return
 
     def _run_job(self, job: Job) -> None:
+        files = [Path(r["path"]) for r in self.store.study_instances(job.study_uid)]
+        # Whatever the libraries log or raise while this study is worked on, its patient's
+        # values never reach the log, the job's reason or the study's events.
+        with patient_values(_patient_values(files)):
+            self._run_study(job, files)
+
+    def _run_study(self, job: Job, files: list[Path]) -> None:
         started = time.perf_counter()
         log.info(
             "job %d: running study_uid=%s version=%d attempt=%d priority=%d",
@@ -138,9 +147,9 @@ class Worker:
             job.priority,
         )
         try:
-            records, deliveries, reasons = self._routes(job)
+            records, deliveries, reasons = self._routes(job, files)
         except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = exception_text(exc)  # no patient values, no values a library quoted
             retry = not isinstance(exc, ModelError | ValueError)
             state = self.store.fail_job(
                 job, self.name, reason, self.config.pipeline.max_attempts, retry
@@ -148,7 +157,7 @@ class Worker:
             log.error("job %d: %s (study_uid=%s): %s", job.id, state, job.study_uid, reason)
             return
         if not records:
-            reason = "; ".join(reasons) or "no route applies to the study"
+            reason = redact("; ".join(reasons) or "no route applies to the study")
             self.store.job_not_applicable(job, self.name, reason)
             log.info("job %d: not applicable (study_uid=%s): %s", job.id, job.study_uid, reason)
             return
@@ -166,9 +175,10 @@ class Worker:
         if self.on_results is not None:
             self.on_results()
 
-    def _routes(self, job: Job) -> tuple[list[ResultRecord], list[Delivery], list[str]]:
+    def _routes(
+        self, job: Job, files: list[Path]
+    ) -> tuple[list[ResultRecord], list[Delivery], list[str]]:
         study = self.store.study(job.study_uid) or {}
-        files = [Path(r["path"]) for r in self.store.study_instances(job.study_uid)]
         previous = self._previous_report(job)
         records: list[ResultRecord] = []
         deliveries: list[Delivery] = []
@@ -214,6 +224,16 @@ class Worker:
         except (OSError, ValueError) as exc:
             log.warning("job %d: previous report unreadable: %s", job.id, exc)
             return []
+
+
+def _patient_values(files: list[Path]) -> set[str]:
+    """The patient's values in the study's first readable image (see ``patient_values_of``)."""
+    for path in files[:3]:
+        try:
+            return patient_values_of(dcmread(path, stop_before_pixels=True))
+        except (OSError, ValueError, InvalidDicomError):
+            continue  # the job itself will say why the image cannot be read
+    return set()
 
 
 def _record(result: InferenceResult, model_ref: str) -> ResultRecord:

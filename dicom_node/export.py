@@ -22,6 +22,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from aidx.config import AidxConfig, DestinationConfig, OutboxConfig
+from aidx.logs import exception_text
 from aidx.store import OutboxItem, Store
 
 from .client import no_delay, settle_reactor
@@ -186,7 +187,8 @@ class ExportWorker:
             retry_at = None
             if attempts < self.config.outbox.max_attempts:
                 retry_at = time.time() + backoff_s(attempts, self.config.outbox)
-            error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
+            # A library's exception text may quote a patient value (aidx.logs).
+            error = str(exc) if isinstance(exc, SendError) else exception_text(exc)
             self.store.mark_attempt_failed(item.id, error, retry_at)
             log.warning(
                 "outbox item %d to %s: attempt %d failed: %s%s",

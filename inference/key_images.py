@@ -20,7 +20,13 @@ from scipy import ndimage
 from models.registry import ModelCard
 
 from .findings import Finding
-from .results_common import MANUFACTURER, result_uid, save_atomically, series_description
+from .results_common import (
+    MANUFACTURER,
+    copyable_sources,
+    result_uid,
+    save_atomically,
+    series_description,
+)
 from .volume import Volume
 
 KEY_IMAGE_SERIES_NUMBER = 9003
@@ -57,16 +63,20 @@ def build_key_images(
         raise ValueError(
             f"{len(sources)} source headers for a volume of {len(volume.sop_uids)} slices"
         )
-    images = []
+    slices = []
     for finding in findings:
         try:
-            k = volume.sop_uids.index(finding.key_sop_instance_uid)
+            slices.append(volume.sop_uids.index(finding.key_sop_instance_uid))
         except ValueError:
             raise ValueError(
                 f"finding {finding.id}: key slice {finding.key_sop_instance_uid} is not in the "
                 "series"
             ) from None
-        source = sources[k]
+    # The key slices' patient and study values that parse, the others left empty.
+    keys = dict(zip(slices, copyable_sources([sources[k] for k in slices]), strict=True))
+    images = []
+    for finding, k in zip(findings, slices, strict=True):
+        source = keys[k]
         mask = finding.mask[k] if finding.mask is not None else None
         picture = render_key_image(volume.hu[k], mask)
         spacing = tuple(float(v) for v in source.PixelSpacing)

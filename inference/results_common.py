@@ -8,11 +8,19 @@
   measurement group and the SEG's segment, so that viewers join the two.
 - The source series check: the writers take the series' datasets in volume order (as
   ``inference.volume.Volume``: sorted along the slice normal), one series, one Frame of Reference.
+- Patient and study attributes that do not parse: highdicom copies the Patient and Study
+  modules of a source image into each result and fails on a date, time or age it cannot read
+  (PatientBirthDate ``1961-02-03``), or writes it on as it is. The writers copy such a value
+  only if it is valid for its VR; otherwise the result carries it empty (these attributes are
+  Type 2 or 3) and a warning names the attribute and the image, never the value
+  (:func:`copyable_sources`). Names and identifiers are copied as they are.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import uuid
 from collections.abc import Sequence
@@ -21,16 +29,23 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, DT, TM, validate_value
 
 from inference.findings import Finding
 from models.registry import ModelCard
 
+log = logging.getLogger("aidx.inference")
+
 MANUFACTURER = "aidx"
 SR_SERIES_NUMBER = 9001
 SEG_SERIES_NUMBER = 9002
+RESULT_FILE_MODE = 0o640  # docs/conformance.md: data at rest
 LO_MAX = 64  # characters of a Long String (Series Description, Device Serial Number)
 
 # Codes both objects use (PS3.16): what was found, where, and by what kind of algorithm.
@@ -51,6 +66,33 @@ REQUIRED = (
     "Rows",
     "Columns",
 )
+
+
+# Patient and study attributes that the result objects copy from a source image (highdicom's
+# Patient, General Study and Patient Study modules: all of group 0010, the Clinical Trial
+# Subject group 0012, and these), checked before they are copied.
+STUDY_ATTRIBUTES = frozenset(
+    tag_for_keyword(k)
+    for k in (
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "ReferringPhysicianName",
+        "StudyDescription",
+        "PhysiciansOfRecord",
+        "NameOfPhysiciansReadingStudy",
+        "AdmittingDate",
+        "AdmittingTime",
+        "LastMenstrualDate",
+    )
+)
+PATIENT_GROUPS = (0x0010, 0x0012)
+# Value representations whose values must parse; text (names, identifiers) is copied as it is.
+PARSED_VRS = ("DA", "TM", "DT", "AS", "DS", "IS")
+_PARSERS = {"DA": DA, "TM": TM, "DT": DT}
+PATIENT_SEX_VALUES = ("M", "F", "O")  # PS3.3 C.7.1.1, the values highdicom accepts
+_PATIENT_SEX = tag_for_keyword("PatientSex")
 
 
 def result_uid(series_uid: str, model: ModelCard, kind: str, revision: int = 1) -> str:
@@ -149,11 +191,90 @@ def source_series(datasets: Sequence[Dataset]) -> SourceSeries:
                 f"{uids[k]} along the slice normal; pass them as ordered in Volume.sop_uids"
             )
     return SourceSeries(
-        datasets=tuple(datasets),
+        datasets=tuple(copyable_sources(datasets)),
         series_uid=str(first.SeriesInstanceUID),
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
         index={uid: k for k, uid in enumerate(uids)},
     )
+
+
+def value_is_valid(vr: str, value: object) -> bool:
+    """Whether ``value`` (one value or a MultiValue) is valid for ``vr``: it matches the VR's
+    syntax (PS3.5 6.2), and a date or time is one that exists. Empty is valid."""
+    items = list(value) if isinstance(value, MultiValue) else [value]
+    for item in items:
+        if item is None or item == "":
+            continue
+        text = item.decode("ascii", "replace") if isinstance(item, bytes) else str(item)
+        try:
+            validate_value(vr, text, pydicom_config.RAISE)
+            parse = _PARSERS.get(vr)
+            if parse is not None:
+                parse(text)
+        except (ValueError, TypeError, OverflowError):
+            return False
+    return True
+
+
+def invalid_attributes(ds: Dataset) -> list[int]:
+    """Tags of the patient and study attributes of ``ds`` that would be copied into a result
+    but whose values do not parse (see :data:`PARSED_VRS`), or a Patient's Sex that is not
+    M, F or O."""
+    bad = []
+    # keys(), not the dataset: iterating a Dataset converts every element.
+    for tag in list(ds.keys()):
+        if tag.group not in PATIENT_GROUPS and tag not in STUDY_ATTRIBUTES:
+            continue
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:  # a private or unknown attribute: not copied by a module
+            continue
+        if tag != _PATIENT_SEX and vr not in PARSED_VRS:
+            continue
+        try:
+            value = ds[tag].value
+        except (ValueError, TypeError, OverflowError):  # pydicom cannot even convert it
+            bad.append(int(tag))
+            continue
+        if tag == _PATIENT_SEX:
+            valid = value in (None, "", *PATIENT_SEX_VALUES)
+        else:
+            valid = value_is_valid(vr, value)
+        if not valid:
+            bad.append(int(tag))
+    return bad
+
+
+def copyable_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The source datasets as the result writers may copy them: an image whose patient or study
+    attribute does not parse (:func:`invalid_attributes`) is replaced by a copy in which that
+    attribute is empty, with a warning per attribute that names its keyword, the first such
+    image and the study (UIDs; never the value). The caller's datasets are not changed; valid
+    ones are passed through as they are."""
+    out: list[Dataset] = []
+    found: dict[int, list[str]] = {}
+    for ds in datasets:
+        bad = invalid_attributes(ds)
+        if not bad:
+            out.append(ds)
+            continue
+        fixed = copy.deepcopy(ds)
+        for tag in bad:
+            fixed.add_new(tag, dictionary_VR(tag), None)  # present and empty (Type 2)
+            found.setdefault(tag, []).append(str(ds.get("SOPInstanceUID", "?")))
+        out.append(fixed)
+    study_uid = str(datasets[0].get("StudyInstanceUID", "?")) if datasets else "?"
+    for tag, sop_uids in found.items():
+        log.warning(
+            "%s of the source images is not a valid %s value; the results carry it empty "
+            "(study_uid=%s, sop_uid=%s%s)",
+            keyword_for_tag(tag) or f"{tag:08X}",
+            dictionary_VR(tag),
+            study_uid,
+            sop_uids[0],
+            f" and {len(sop_uids) - 1} more images" if len(sop_uids) > 1 else "",
+        )
+    return out
 
 
 def check_findings(findings: Sequence[Finding], series: SourceSeries) -> None:
@@ -181,12 +302,15 @@ def _positions(datasets: Sequence[Dataset]) -> NDArray[np.float64]:
 
 
 def save_atomically(dataset: Dataset, path: Path) -> None:
-    """Write a Part 10 file so that a reader never sees a half-written one (rename at the end)."""
+    """Write a Part 10 file so that a reader never sees a half-written one (rename at the end),
+    readable by its owner and group only (:data:`RESULT_FILE_MODE`): results carry patient data.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with tmp.open("xb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, RESULT_FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
             dataset.save_as(f, enforce_file_format=True)
             f.flush()
             os.fsync(f.fileno())

@@ -38,6 +38,8 @@ Document (PS3.3 A.35.13, Comprehensive 3D SR IOD; PS3.16 TID 1500 "Measurement R
 The document is COMPLETE, PRELIMINARY and UNVERIFIED (a radiologist's sign-off is a new SR).
 Patient, study and accession are copied from the source images by highdicom, and so is the
 Specific Character Set, so a name such as ``王^小明`` is written in the source's own character set.
+A date, time, age or number among them that does not parse is left empty, with a warning naming
+the attribute (``inference.results_common.copyable_sources``).
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+    """The key as a PEM file that only its owner reads: aidx refuses any other key."""
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -86,6 +87,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
             serialization.NoEncryption(),
         )
     )
+    path.chmod(0o600)
     return path
 
 
