@@ -285,7 +285,28 @@ class _RequestorConnectFailures(logging.Filter):
         return not str(record.msg).startswith(self.PREFIXES)
 
 
+class _CutShortPdus(logging.Filter):
+    """pynetdicom logs an ERROR line (and, for a socket error, a traceback) when a connection
+    closes in the middle of a PDU, naming no peer. The node reports each such connection itself,
+    once, with the peer address and the reason (its deadline, a limit, or the peer hanging up:
+    ``dicom_node.guard`` and ``dicom_node.limits``), so these are dropped unless pynetdicom is
+    logged at DEBUG."""
+
+    PREFIXES = (
+        "The received PDU is shorter than expected",
+        "Connection closed before the entire PDU was received",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            return True
+        if isinstance(record.msg, OSError):  # LOGGER.exception(exc) after a failed read
+            return False
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
 _CONNECT_FAILURES = _RequestorConnectFailures()
+_CUT_SHORT = _CutShortPdus()
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
@@ -307,4 +328,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     transport = logging.getLogger("pynetdicom.transport")
     if _CONNECT_FAILURES not in transport.filters:
         transport.addFilter(_CONNECT_FAILURES)
+    dul = logging.getLogger("pynetdicom.dul")
+    if _CUT_SHORT not in dul.filters:
+        dul.addFilter(_CUT_SHORT)
     logging.getLogger("highdicom").setLevel("DEBUG" if level == "DEBUG" else "WARNING")

@@ -233,7 +233,7 @@ class StorageSCP:
                 )
                 if connection is not None:
                     connection.thread = assoc
-                BoundedSocket.adopt(cast(Any, assoc.dul.socket), max_pdu)
+                BoundedSocket.adopt(cast(Any, assoc.dul.socket), max_pdu, connection)
                 assoc.dimse = BoundedDIMSE(assoc, max_dataset)
                 assoc.acse = _PolicyACSE(assoc, policy, guard, connection)
                 return assoc

@@ -415,3 +415,30 @@ def test_when_pending_requests_are_full_the_oldest_goes_not_the_newcomer(
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_closed_slow_connection_is_one_line_not_pynetdicom_errors(
+    start_node: NodeFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With aidx's logging, the node's line (address, reason) is the only one: pynetdicom's
+    "PDU is shorter than expected" ERROR, which names no peer, is dropped at INFO."""
+    from aidx.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("pynetdicom").level)
+    node = start_node(node__association_request_timeout_s=1.0)
+    try:
+        setup_logging("INFO")
+        slow = connect(node.port)
+        slow.sendall(b"\x01\x00\x00\x00\x00\xce\x00")  # a header and a byte, then nothing
+        assert closed_by_node(slow)
+        slow.close()
+        wait_for(lambda: not any(node.scp.guard.open_counts()), "the closed connection gone")
+        assert echo_ok(node.port)
+        printed = capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("pynetdicom").setLevel(saved[2])
+    assert printed.count("association_request_timeout_s") == 1, printed
+    assert "ERROR" not in printed and "shorter than expected" not in printed, printed
