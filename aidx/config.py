@@ -249,11 +249,28 @@ class UiConfig(StrictModel):
     # otherwise a signed SR follows the AI SR to each of its destinations.
     signoff_destinations: list[str] = Field(default_factory=list)
     organisation: str = ""  # the verifying organisation when a user has none
+    # Origins (scheme://host[:port]) besides the app's own from which a browser may post to the
+    # app: only for a reverse proxy that rewrites the Host header (ui/web_guard.py).
+    trusted_origins: list[str] = Field(default_factory=list)
+    # Failed (or still running) sign-ins one client address may make in the window; more: 429.
+    login_rate_limit: int = Field(default=10, ge=1)
+    login_rate_window_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _https_beyond_loopback(self) -> UiConfig:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("set both ui.certificate and ui.private_key, or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _origins_are_origins(self) -> UiConfig:
+        pattern = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$")
+        bad = [o for o in self.trusted_origins if not pattern.match(o)]
+        if bad:
+            raise ValueError(
+                f"ui.trusted_origins: {', '.join(map(repr, bad))} not an origin: write "
+                "scheme://host[:port], e.g. https://review.hospital.example, without a path"
+            )
         return self
 
     @property

@@ -143,11 +143,19 @@ CSS = """
 
 
 def current_user(ctx: Any, request: gr.Request) -> User:
-    """The request's user, read again from the store (a disabled account stops at once)."""
+    """The request's user, read again from the store (a disabled account stops at once).
+
+    Gradio hands a handler the state kept under the page's ``session_hash``, which the browser
+    chose: the user must own that page session (the first to use it, ui.web_guard), so that
+    nobody acts on, or reads, another user's viewer.
+    """
     name = getattr(request, "username", None)
     user: User | None = ctx.accounts.get_user(name) if name else None
     if user is None or user.disabled:
         raise PermissionDenied("not signed in")
+    session_hash = getattr(request, "session_hash", None)
+    if session_hash and not ctx.session_owners.claim(session_hash, user.username):
+        raise PermissionDenied("this page session belongs to another sign-in: reload the page")
     return user
 
 

@@ -26,6 +26,8 @@ _EN: Final[dict[str, str]] = {
     "sign_in": "Sign in",
     "login_failed": "Sign-in failed: wrong user name or password, or the account is locked or "
     "disabled. Try again later or ask an administrator.",
+    "login_rate_limited": "Too many failed sign-ins from this computer: try again in {seconds} s.",
+    "login_busy": "Too many sign-ins at once: try again in a moment.",
     "logged_out": "You are signed out.",
     "session_ended": "Your session ended. Please sign in again.",
     "tab_worklist": "Worklist",
@@ -122,6 +124,8 @@ _ZH: Final[dict[str, str]] = {
     "password": "密码",
     "sign_in": "登录",
     "login_failed": "登录失败：用户名或密码错误，或账户已锁定或停用。请稍后再试或联系管理员。",
+    "login_rate_limited": "此计算机登录失败次数过多：请在 {seconds} 秒后重试。",
+    "login_busy": "同时登录的用户过多：请稍后重试。",
     "logged_out": "您已退出登录。",
     "session_ended": "会话已结束，请重新登录。",
     "tab_worklist": "工作列表",

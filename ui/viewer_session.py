@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import html
 import io
-import os
-import tempfile
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,16 +27,12 @@ from ui.signoff import sign
 from ui.viewer import WINDOW_PRESETS, StudyView
 
 CACHE_SIZE = 4
-PNG_KEEP = 256  # rendered slice files kept on disk (Gradio copies each into its own cache)
 ADDED_COLOUR = (255, 255, 255)
 POINT_COLOUR = (255, 255, 0)
 T = Callable[..., str]
 
 _cache: OrderedDict[int, StudyView] = OrderedDict()
 _cache_lock = threading.Lock()
-_png_dir: list[Path] = []  # created on first use
-_png_files: deque[Path] = deque()
-_png_lock = threading.Lock()
 
 
 @dataclass
@@ -230,21 +223,11 @@ def viewer_meta(st: ViewerState, lang: str) -> str:
 def slice_png(ctx: Any, st: ViewerState) -> str | None:
     """:func:`render_slice` as a PNG file for the browser, encoded with fast compression (Gradio
     would re-encode an array at zlib's default level: about 68 ms of a 512² slice against 15 ms).
-    The files live in a private temporary folder; the oldest are removed as new ones come."""
+    The files live in the app's temporary folder under the data folder (ui.temp_files)."""
     rgb = render_slice(ctx, st)
     if rgb is None:
         return None
-    with _png_lock:
-        if not _png_dir:
-            _png_dir.append(Path(tempfile.mkdtemp(prefix="aidx-ui-")))
-        fd, name = tempfile.mkstemp(suffix=".png", dir=_png_dir[0])
-        _png_files.append(Path(name))
-        stale = [_png_files.popleft() for _ in range(max(len(_png_files) - PNG_KEEP, 0))]
-    with os.fdopen(fd, "wb") as f:
-        Image.fromarray(rgb).save(f, format="PNG", compress_level=1)
-    for old in stale:
-        old.unlink(missing_ok=True)
-    return name
+    return str(ctx.temp.write_png(rgb))
 
 
 def _draw_sphere_section(

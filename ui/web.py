@@ -2,17 +2,23 @@
 Gradio app (ui/app.py) mounted behind it, one per interface language.
 
 - Every request passes :class:`SessionGate` (pure ASGI, so Gradio's streaming routes work
-  unchanged) except ``GET/POST /login``. Without a valid session an HTML page request is sent
-  to the login page and anything else (Gradio's API, uploads, files, config) gets 401 with
-  nothing of the app. Gradio also receives an ``auth_dependency`` that reads the gate's user,
-  so its own routes would refuse an anonymous request even without the gate.
+  unchanged). It first refuses state-changing requests from other origins (CSRF, ui.web_guard),
+  ``POST /login`` included; then, except for ``GET/POST /login``, requests without a session:
+  an HTML page request is sent to the login page and anything else (Gradio's API, uploads,
+  files, config) gets 401 with nothing of the app. Gradio also receives an
+  ``auth_dependency`` that reads the gate's user, so its own routes would refuse an anonymous
+  request even without the gate.
 - The session is a cookie (``aidx_session``: HttpOnly, SameSite=Strict, Secure under HTTPS)
-  holding a random token; the store keeps only its hash (ui.accounts). Failed logins are slowed
-  down by the account lockout; every login, logout and failure is in the audit log.
+  holding a random token; the store keeps only its hash (ui.accounts). Passwords are checked on
+  threads of their own, never on the event loop; failed logins are limited per client address
+  (429) and per account (the lockout); every login, logout and failure is in the audit log.
+- Gradio's CORS is off (no other origin may read its responses), its uploads are refused, and a
+  page session (Gradio's ``session_hash``) serves only the user who opened it (ui.web_guard).
 - ``/app/en/`` and ``/app/zh/``: the app in each language; ``/`` sends a user to theirs, and
   ``POST /language`` changes it. ``/admin/audit.csv``: the audit log for administrators.
 - :class:`UiServer` runs it all in uvicorn (HTTPS when ``ui.certificate`` is set), in a thread
-  for ``aidx serve`` or in the foreground for ``aidx ui``.
+  for ``aidx serve`` or in the foreground for ``aidx ui``; its temporary files (Gradio's cache,
+  slice renders) are under the data folder and removed when it stops (ui.temp_files).
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from __future__ import annotations
 import html
 import io
 import logging
+import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -32,38 +39,47 @@ from urllib.parse import quote, urlsplit
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 
 from aidx.config import AidxConfig
 from aidx.store import Store
 from ui.accounts import Accounts, AuthError, User
 from ui.app import build_app
 from ui.i18n import LANGUAGES, text
-from ui.review import ReviewError, Reviews
-from ui.viewer_session import ViewerState, slice_info, slice_png_bytes, study_view
+from ui.review import Reviews
+from ui.slice_route import add_slice_route
+from ui.temp_files import UiTemp, tighten_umask, use_for_gradio
+from ui.web_guard import (
+    ASGIApp,
+    GradioGuard,
+    LoginBusy,
+    LoginRateLimit,
+    LoginWorkers,
+    Message,
+    OriginPolicy,
+    Receive,
+    Scope,
+    Send,
+    SessionOwners,
+)
 
 log = logging.getLogger("aidx.ui.web")
-
-VIEWED_MEMORY = 10_000  # (user, review) pairs the slice route remembers as viewed
 
 COOKIE = "aidx_session"
 OPEN_PATHS = ("/login",)  # the only routes served without a session
 VALIDATE_CACHE_S = 5.0  # a token checked this recently is not checked against the store again
-# On every response: no framing by other sites (clickjacking), no MIME sniffing, no referrer
-# (URLs hold study identifiers), and HSTS under HTTPS.
+# On every response: no framing by other sites (clickjacking), no MIME sniffing, no referrer to
+# other origins (URLs hold study identifiers; "same-origin" rather than "no-referrer", under which
+# browsers send the app's own form posts with "Origin: null" and the origin check could not tell
+# them from a sandboxed attacker's), and HSTS under HTTPS.
 SECURITY_HEADERS = (
     (b"x-frame-options", b"DENY"),
     (b"content-security-policy", b"frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),
 )
 HSTS = (b"strict-transport-security", b"max-age=31536000")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 @dataclass
@@ -74,6 +90,11 @@ class UiContext:
     store: Store
     accounts: Accounts
     reviews: Reviews
+    session_owners: SessionOwners = field(default_factory=SessionOwners)
+    temp: UiTemp = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.temp = UiTemp(self.config.data_dir)
 
 
 def client_of(scope: Scope) -> str | None:
@@ -84,9 +105,16 @@ def client_of(scope: Scope) -> str | None:
 class SessionGate:
     """ASGI middleware: only requests with a valid session reach the app (see module doc)."""
 
-    def __init__(self, app: ASGIApp, accounts: Accounts, https: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        accounts: Accounts,
+        https: bool = False,
+        origins: OriginPolicy | None = None,
+    ) -> None:
         self.app = app
         self.accounts = accounts
+        self.origins = origins or OriginPolicy()
         self.headers = [*SECURITY_HEADERS, *([HSTS] if https else [])]
         self._checked: dict[str, tuple[User, float]] = {}
         self._lock = threading.Lock()
@@ -119,6 +147,15 @@ class SessionGate:
             return
         if scope["type"] == "http":
             send = self._with_headers(send)
+        if self.origins.applies(scope):
+            refusal = self.origins.refusal(scope)
+            if refusal is not None:
+                log.warning("%s %s: %s", scope.get("method", "websocket"), scope["path"], refusal)
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 4403})
+                    return
+                await PlainTextResponse(refusal, status_code=403)(scope, _no_receive, send)
+                return
         path = scope.get("path", "")
         if path in OPEN_PATHS:
             await self.app(scope, receive, send)
@@ -232,8 +269,14 @@ a {{ color: #93c5fd; }}
 def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
     """The whole web app (routes + Gradio apps), wrapped in the session gate."""
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    # No origin may read the app's responses: with the parent's CORS middleware present (and
+    # allowing nothing), Gradio's own, which reflects the Origin with credentials, stands aside.
+    api.add_middleware(CORSMiddleware, allow_origins=[])
     https = ctx.config.ui.https
     gate_holder: dict[str, SessionGate] = {}
+    login_limit = LoginRateLimit(ctx.config.ui.login_rate_limit, ctx.config.ui.login_rate_window_s)
+    login_workers = LoginWorkers()
+    api.state.login_limit, api.state.login_workers = login_limit, login_workers
 
     @api.get("/login")
     def get_login(request: Request) -> Response:
@@ -249,11 +292,26 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
         lang = str(form.get("lang", "en"))
         lang = lang if lang in LANGUAGES else "en"
         client = request.client.host if request.client else None
-        try:
-            session = ctx.accounts.authenticate(username, password, client)
+        address = client or "unknown"
+        next_path = str(form.get("next", ""))
+        wait = login_limit.begin(address)
+        if wait is not None:
+            page = login_page(lang, text(lang, "login_rate_limited", seconds=wait), next_path, 429)
+            page.headers["Retry-After"] = str(wait)
+            return page
+        try:  # scrypt on the login threads: the event loop goes on serving everyone else
+            session = await login_workers.run(
+                partial(ctx.accounts.authenticate, username, password, client)
+            )
         except AuthError:
-            return login_page(lang, text(lang, "login_failed"), str(form.get("next", "")), 401)
-        target = _safe_next(str(form.get("next", "")), session.user.language)
+            return login_page(lang, text(lang, "login_failed"), next_path, 401)
+        except LoginBusy:
+            login_limit.succeeded(address)  # not this address's failure
+            page = login_page(lang, text(lang, "login_busy"), next_path, 503)
+            page.headers["Retry-After"] = "1"
+            return page
+        login_limit.succeeded(address)
+        target = _safe_next(next_path, session.user.language)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             COOKIE,
@@ -311,62 +369,13 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
             headers={"Content-Disposition": 'attachment; filename="aidx-audit.csv"'},
         )
 
-    viewed: set[tuple[str, int]] = set()  # (user, review) pairs known to have an audited view
-
-    @api.get("/viewer/slice.png")
-    def viewer_slice(
-        request: Request,
-        review: int,
-        pos: int,
-        w: float,
-        l: float,  # noqa: E741 - the window level, as the page's script names it
-        ov: int = 1,
-        sel: str = "",
-        pt: str = "-1,0,0",
-        lang: str = "en",
-    ) -> Response:
-        """One slice as PNG, fetched by the page's scrolling script (ui/app.py) without a
-        Gradio round trip: the same rendering as the viewer's. Only for a review the user has
-        opened in the viewer (that open is the audited study view)."""
-        user: User = request.state.user
-        try:
-            if (user.username, review) not in viewed:
-                study_uid = ctx.reviews.case(review).study_uid  # unknown review: 404
-                if not ctx.accounts.audit.has_viewed(user.username, study_uid):
-                    return Response("open the study in the viewer first", status_code=403)
-                if len(viewed) >= VIEWED_MEMORY:  # a cache of the audit log: start it again
-                    viewed.clear()
-                viewed.add((user.username, review))
-            st = ViewerState(
-                review_id=review, window=w, level=l, overlays=bool(ov), selected=sel or None
-            )
-            k, row, col = (float(v) for v in pt.split(","))
-            if k >= 0:  # the marked point's cross, on its slice (render_slice draws it)
-                st.point = (int(k), row, col, 0.0, 0.0, 0.0)
-            view = study_view(ctx, review)
-            st.slice_count = view.slice_count
-            st.slice = view.slice_at(pos)
-            png = slice_png_bytes(ctx, st)
-            language = lang if lang in LANGUAGES else "en"
-            info = slice_info(ctx, st, lambda key, **v: text(language, key, **v))
-        except ReviewError as exc:
-            return Response(str(exc), status_code=404)
-        except ValueError as exc:  # a window below 1 HU, a non-finite level
-            return Response(str(exc), status_code=400)
-        return Response(
-            png or b"",
-            media_type="image/png",
-            headers={
-                "Cache-Control": "private, no-store",
-                "X-Aidx-Slice-Position": str(view.display_position(st.slice) + 1),
-                "X-Aidx-Slice-Info": quote(info),
-            },
-        )
+    add_slice_route(api, ctx)
 
     def gradio_user(request: Request) -> str | None:
         user = getattr(request.state, "user", None)
         return user.username if isinstance(user, User) else None
 
+    use_for_gradio(ctx.temp)  # before the Blocks are made: each component reads it then
     for lang in LANGUAGES:
         blocks, head = build_app(ctx, lang)
         gr.mount_gradio_app(
@@ -378,7 +387,12 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
             head=head,
             ssr_mode=False,
         )
-    gate = SessionGate(api, ctx.accounts, https)
+    gate = SessionGate(
+        GradioGuard(api, ctx.session_owners),
+        ctx.accounts,
+        https,
+        OriginPolicy(ctx.config.ui.trusted_origins),
+    )
     gate_holder["gate"] = gate
     return api, gate
 
@@ -398,6 +412,8 @@ class UiServer:
             lockout_base_s=config.ui.lockout_base_s,
             lockout_max_s=config.ui.lockout_max_s,
         )
+        # Gradio writes its cache with the process umask: 027 gives 0640 files, 0750 folders.
+        self._umask_before = tighten_umask()
         self.ctx = UiContext(config, store, accounts, Reviews(store, accounts.audit))
         self.app, self.gate = create_app(self.ctx)
         self._socket = socket.socket(
@@ -430,7 +446,10 @@ class UiServer:
     def run(self) -> None:
         """Serve in this thread until :meth:`stop` (or a signal, for ``aidx ui``)."""
         self._server = self._make_server()
-        self._server.run(sockets=[self._socket])
+        try:
+            self._server.run(sockets=[self._socket])
+        finally:
+            self._clean_up()
 
     def start(self) -> None:
         self._server = self._make_server()
@@ -449,3 +468,10 @@ class UiServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._socket.close()
+        self._clean_up()
+
+    def _clean_up(self) -> None:
+        """After serving: no threads, temporary files (patient images) or umask left behind."""
+        self.app.state.login_workers.close()
+        self.ctx.temp.remove()
+        os.umask(self._umask_before)

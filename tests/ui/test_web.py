@@ -85,7 +85,7 @@ def test_nothing_without_a_session(
     forged = client.request(method, path, follow_redirects=False)
     assert forged.status_code == 401
     assert forged.headers["x-frame-options"] == "DENY"
-    assert forged.headers["referrer-policy"] == "no-referrer"
+    assert forged.headers["referrer-policy"] == "same-origin"
     client.cookies.clear()
 
 
