@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 # pydicom's own reader of the File Meta Information group (it inflates the data set after it
 # without a bound, so the data set is read here).
@@ -69,3 +73,10 @@ def inflated_size(path: Path, limit: int) -> int | None:
                     raise InflateLimitError(limit)
                 data = inflater.unconsumed_tail
         return total + len(inflater.flush())
+
+
+def read_header(path: Path, limit: int, **kwargs: Any) -> Dataset:
+    """``dcmread(path, stop_before_pixels=True, **kwargs)`` of a stored file, after checking
+    that a deflated data set does not inflate past ``limit`` (InflateLimitError)."""
+    inflated_size(path, limit)
+    return dcmread(path, stop_before_pixels=True, **kwargs)

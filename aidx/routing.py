@@ -9,12 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pydicom import dcmread
-
 from inference.pipeline import series_rules
 from inference.series import SeriesRules
 
 from .config import AidxConfig, OutputKind, PriorityRuleConfig, RouteConfig
+from .deflate import read_header
 from .store import Store
 
 log = logging.getLogger("aidx.routing")
@@ -78,7 +77,7 @@ def priority_function(config: AidxConfig, store: Store) -> Callable[[str], int]:
         best = 0
         for rule in rules:
             if rule.attributes and header is None:
-                header = _first_header(store, study_uid, rules)
+                header = _first_header(store, study_uid, rules, config.node.max_dataset_bytes)
             if _matches(rule, study, header or {}):
                 best = max(best, rule.priority)
         return best
@@ -98,13 +97,16 @@ def _matches(rule: PriorityRuleConfig, study: dict[str, object], header: dict[st
     return True
 
 
-def _first_header(store: Store, study_uid: str, rules: list[PriorityRuleConfig]) -> dict[str, str]:
+def _first_header(
+    store: Store, study_uid: str, rules: list[PriorityRuleConfig], max_inflated: int
+) -> dict[str, str]:
     """The priority attributes of the study's first instance (all of them share study-level
-    attributes such as RequestedProcedurePriority)."""
+    attributes such as RequestedProcedurePriority); a deflated one is inflated only up to
+    ``max_inflated`` bytes."""
     keywords = sorted({k for r in rules for k in r.attributes})
     for row in store.study_instances(study_uid)[:1]:
         try:
-            ds = dcmread(Path(row["path"]), stop_before_pixels=True, specific_tags=keywords)
+            ds = read_header(Path(row["path"]), max_inflated, specific_tags=keywords)
         except Exception as exc:  # noqa: BLE001 - a damaged header only loses the priority
             log.warning("priority: cannot read %s: %s", row["sop_uid"], exc)
             return {}

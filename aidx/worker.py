@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from inference.runner import OnnxRunner
 from models.registry import ModelError, Registry
 
 from .config import AidxConfig
+from .deflate import read_header
 from .jobs import Delivery, Job, ResultRecord, worker_name
 from .logs import exception_text, patient_values, patient_values_of, redact
 from .routing import Route, routes
@@ -133,7 +135,7 @@ class Worker:
         files = [Path(r["path"]) for r in self.store.study_instances(job.study_uid)]
         # Whatever the libraries log or raise while this study is worked on, its patient's
         # values never reach the log, the job's reason or the study's events.
-        with patient_values(_patient_values(files)):
+        with patient_values(_patient_values(files, self.config.node.max_dataset_bytes)):
             self._run_study(job, files)
 
     def _run_study(self, job: Job, files: list[Path]) -> None:
@@ -226,12 +228,12 @@ class Worker:
             return []
 
 
-def _patient_values(files: list[Path]) -> set[str]:
+def _patient_values(files: list[Path], max_inflated: int) -> set[str]:
     """The patient's values in the study's first readable image (see ``patient_values_of``)."""
     for path in files[:3]:
         try:
-            return patient_values_of(dcmread(path, stop_before_pixels=True))
-        except (OSError, ValueError, InvalidDicomError):
+            return patient_values_of(read_header(path, max_inflated))
+        except (OSError, ValueError, InvalidDicomError, zlib.error):
             continue  # the job itself will say why the image cannot be read
     return set()
 

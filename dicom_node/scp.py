@@ -226,16 +226,22 @@ class StorageSCP:
         max_dataset = self.node.max_dataset_bytes
 
         class _Handler(RequestHandler):
+            connection: Connection | None = None
+            assoc: Association | None = None
+
+            def handle(self) -> None:
+                self.connection = getattr(_AssociationServer.current, "connection", None)
+                super().handle()  # creates the association and starts its thread
+                if self.connection is not None and self.assoc is not None:
+                    # Only a started thread tells, by ending, that the connection is gone.
+                    self.connection.thread = self.assoc
+
             def _create_association(self) -> Association:
                 assoc = super()._create_association()
-                connection: Connection | None = getattr(
-                    _AssociationServer.current, "connection", None
-                )
-                if connection is not None:
-                    connection.thread = assoc
-                BoundedSocket.adopt(cast(Any, assoc.dul.socket), max_pdu, connection)
+                BoundedSocket.adopt(cast(Any, assoc.dul.socket), max_pdu, self.connection)
                 assoc.dimse = BoundedDIMSE(assoc, max_dataset)
-                assoc.acse = _PolicyACSE(assoc, policy, guard, connection)
+                assoc.acse = _PolicyACSE(assoc, policy, guard, self.connection)
+                self.assoc = assoc
                 return assoc
 
         ssl_context = server_context(self.node.tls) if self.node.tls.enabled else None

@@ -23,6 +23,7 @@ import logging
 import math
 import operator
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,16 +34,19 @@ import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
+from aidx.config import NodeConfig
+from aidx.deflate import InflateLimitError, read_header
 from inference.findings import Finding, FindingsReport
 from inference.volume import Volume, load_series
 
 from .overlays import _mask_pieces, _Piece, _read_seg, _seg_pieces, _seg_series
 
 log = logging.getLogger("aidx.ui.viewer")
+# A stored deflated file is inflated only up to the node's default maximum data set size.
+MAX_INFLATED_BYTES = NodeConfig().max_dataset_bytes
 
 
 class WindowLevel(NamedTuple):
@@ -422,8 +426,15 @@ def _series_files(
     picked = []
     for path in files:
         try:
-            header = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        except (InvalidDicomError, OSError):
+            header = read_header(path, MAX_INFLATED_BYTES, specific_tags=["SeriesInstanceUID"])
+        except InflateLimitError:
+            log.warning(
+                "%s left out: its deflated data set inflates past %d bytes",
+                path,
+                MAX_INFLATED_BYTES,
+            )
+            continue
+        except (InvalidDicomError, OSError, zlib.error):
             continue  # not a DICOM file: not part of the series
         if str(header.get("SeriesInstanceUID", "")) == series_uid:
             picked.append(path)

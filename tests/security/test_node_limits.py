@@ -22,7 +22,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from aidx.deflate import InflateLimitError, inflated_size
+from aidx.deflate import InflateLimitError, inflated_size, read_header
 from aidx.store import Store, instances, studies
 from dicom_node import status
 from dicom_node.service import NodeService
@@ -251,6 +251,28 @@ def test_a_worker_never_inflates_a_stored_bomb(tmp_path: Path) -> None:
     assert inflated_size(bomb, 16 * 1024 * 1024) == len(encode(ds))
     assert inflated_size(plain, 1024) is None
     assert within_inflate_limit([bomb, plain], 1024 * 1024) == [plain]
+    with pytest.raises(InflateLimitError):  # the header readers of routing and the worker
+        read_header(bomb, 1024 * 1024)
+    assert str(read_header(plain, 1024).SOPClassUID) == str(ds.SOPClassUID)
+
+
+def test_the_viewer_leaves_out_a_stored_bomb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ui import viewer
+
+    ds = big_image(4 * 1024 * 1024)
+    bomb = tmp_path / "bomb.dcm"
+    write_part10(
+        bomb,
+        str(ds.SOPClassUID),
+        str(ds.SOPInstanceUID),
+        DeflatedExplicitVRLittleEndian,
+        deflate(encode(ds)),
+    )
+    monkeypatch.setattr(viewer, "MAX_INFLATED_BYTES", 1024 * 1024)
+    with pytest.raises(ValueError, match="none of the 1 files"):
+        viewer._series_files(tmp_path, str(ds.SeriesInstanceUID))
 
 
 # ------------------------------------------------------------------- 3. re-used SOP UIDs
@@ -418,7 +440,7 @@ def test_when_pending_requests_are_full_the_oldest_goes_not_the_newcomer(
 
 
 def test_a_closed_slow_connection_is_one_line_not_pynetdicom_errors(
-    start_node: NodeFactory, capsys: pytest.CaptureFixture[str]
+    start_node: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With aidx's logging, the node's line (address, reason) is the only one: pynetdicom's
     "PDU is shorter than expected" ERROR, which names no peer, is dropped at INFO."""
@@ -428,17 +450,18 @@ def test_a_closed_slow_connection_is_one_line_not_pynetdicom_errors(
     saved = (list(root.handlers), root.level, logging.getLogger("pynetdicom").level)
     node = start_node(node__association_request_timeout_s=1.0)
     try:
-        setup_logging("INFO")
+        setup_logging("INFO")  # the filters of every aidx command
+        root.addHandler(caplog.handler)  # setup_logging replaced the root's handlers
         slow = connect(node.port)
         slow.sendall(b"\x01\x00\x00\x00\x00\xce\x00")  # a header and a byte, then nothing
         assert closed_by_node(slow)
         slow.close()
         wait_for(lambda: not any(node.scp.guard.open_counts()), "the closed connection gone")
         assert echo_ok(node.port)
-        printed = capsys.readouterr().err
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         logging.getLogger("pynetdicom").setLevel(saved[2])
-    assert printed.count("association_request_timeout_s") == 1, printed
-    assert "ERROR" not in printed and "shorter than expected" not in printed, printed
+    lines = [f"{r.name}: {r.getMessage()}" for r in caplog.records]
+    assert sum("association_request_timeout_s" in line for line in lines) == 1, lines
+    assert not [r for r in caplog.records if r.name.startswith("pynetdicom")], lines
