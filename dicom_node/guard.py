@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import select
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -226,6 +228,50 @@ class ConnectionGuard:
                     continue
                 timeout = self._deadlines[0][0] - now if self._deadlines else None
                 self._wake.wait(timeout)
+
+
+# Requests up to this size are awaited in the kernel's buffer (SO_RCVLOWAT), well within the
+# default receive buffer; a larger one (hundreds of presentation contexts) is read by pynetdicom.
+_AWAITED_REQUEST_MAX = 64 * 1024
+_A_ASSOCIATE_RQ = 0x01
+
+
+def await_request(sock: socket.socket, connection: Connection) -> bool:
+    """Block, without polling, until the whole A-ASSOCIATE-RQ PDU has arrived on a plain TCP
+    ``sock`` (peeked: the bytes stay for pynetdicom to read), the peer closes, or the guard
+    shuts the connection at its deadline. True when the request is there to be read.
+
+    pynetdicom's reactor polls each connection a thousand times a second; a slow or silent
+    connection waits here instead, so many of them cost no CPU. Something other than an
+    A-ASSOCIATE-RQ is handed over at once (pynetdicom answers it).
+    """
+    try:
+        wanted = 6
+        while True:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
+            remaining = connection.deadline - time.monotonic()
+            if remaining <= 0 or connection.closed:
+                return False
+            readable, _, _ = select.select([sock], [], [], remaining)
+            if not readable:
+                continue  # the deadline: the guard shuts the connection
+            data = sock.recv(wanted, socket.MSG_PEEK)
+            if not data or connection.closed:
+                return False  # the peer went, or the guard closed it
+            if len(data) < wanted:
+                continue  # woken early (a signal); the low-water mark still holds
+            if wanted == 6:
+                pdu_type, _, length = struct.unpack(">BBL", data[:6])
+                if pdu_type != _A_ASSOCIATE_RQ or 6 + length > _AWAITED_REQUEST_MAX:
+                    return True
+                wanted = 6 + length
+                continue
+            return True
+    except OSError:
+        return not connection.closed
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 def _shutdown(sock: Any) -> None:

@@ -33,7 +33,7 @@ from aidx.store import Store
 
 from . import status
 from .client import VERIFICATION
-from .guard import Connection, ConnectionGuard
+from .guard import Connection, ConnectionGuard, await_request
 from .limits import (
     PDU_SLACK,
     BoundedDIMSE,
@@ -143,6 +143,10 @@ class _AssociationServer(ThreadedAssociationServer):
             return
         with contextlib.suppress(OSError):  # answer each C-STORE at once (no Nagle delay)
             plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is None and not await_request(plain, connection):
+            self.guard.release(connection)
+            self.shutdown_request(plain)
+            return
         if self.ssl_context is not None:
             try:
                 plain.settimeout(self.guard.node.association_request_timeout_s)

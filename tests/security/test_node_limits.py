@@ -465,3 +465,25 @@ def test_a_closed_slow_connection_is_one_line_not_pynetdicom_errors(
     lines = [f"{r.name}: {r.getMessage()}" for r in caplog.records]
     assert sum("association_request_timeout_s" in line for line in lines) == 1, lines
     assert not [r for r in caplog.records if r.name.startswith("pynetdicom")], lines
+
+
+def test_a_pending_request_is_awaited_in_the_kernel_and_left_for_pynetdicom() -> None:
+    """await_request peeks: the request's bytes stay in the socket for pynetdicom to read."""
+    import time
+
+    from dicom_node.guard import Connection, await_request
+
+    left, right = socket.socketpair()
+    try:
+        connection = Connection("peer", left, time.monotonic() + 30.0)
+        request = struct.pack(">BBL", 0x01, 0, 4) + b"ABCD"
+        right.sendall(request)
+        assert await_request(left, connection)
+        assert left.recv(64) == request
+        # A request cut short is never reported complete: False once the deadline has passed.
+        right.sendall(request[:7])
+        connection.deadline = time.monotonic() + 0.2
+        assert not await_request(left, connection)
+    finally:
+        left.close()
+        right.close()
