@@ -199,6 +199,23 @@ class ConnectionGuard:
         for connection in dead:
             self._connections.discard(connection)
 
+    def expire(self, connection: Connection) -> None:
+        """The connection's deadline has passed without a whole request: count, log and shut
+        it, once, whichever of the reaper and the connection's own thread sees it first."""
+        with self._lock:
+            if connection.requested or not connection.alive:
+                return
+            connection.closed = True
+            self._connections.discard(connection)
+            self.refused[REQUEST_TIMEOUT] += 1
+        log.warning(
+            "connection from %s closed: no complete association request "
+            "within %.1f s (node.association_request_timeout_s)",
+            connection.address,
+            self.node.association_request_timeout_s,
+        )
+        _shutdown(connection.sock)
+
     def _reap(self) -> None:
         """Shut down connections whose association request is overdue."""
         with self._lock:
@@ -206,23 +223,12 @@ class ConnectionGuard:
                 now = time.monotonic()
                 overdue: list[Connection] = []
                 while self._deadlines and self._deadlines[0][0] <= now:
-                    _, _, connection = heapq.heappop(self._deadlines)
-                    if not connection.requested and connection.alive:
-                        overdue.append(connection)
-                        connection.closed = True
-                        self._connections.discard(connection)
-                        self.refused[REQUEST_TIMEOUT] += 1
+                    overdue.append(heapq.heappop(self._deadlines)[2])
                 if overdue:
                     self._lock.release()
                     try:
                         for connection in overdue:
-                            log.warning(
-                                "connection from %s closed: no complete association request "
-                                "within %.1f s (node.association_request_timeout_s)",
-                                connection.address,
-                                self.node.association_request_timeout_s,
-                            )
-                            _shutdown(connection.sock)
+                            self.expire(connection)
                     finally:
                         self._lock.acquire()
                     continue
@@ -236,10 +242,11 @@ _AWAITED_REQUEST_MAX = 64 * 1024
 _A_ASSOCIATE_RQ = 0x01
 
 
-def await_request(sock: socket.socket, connection: Connection) -> bool:
+def await_request(sock: socket.socket, connection: Connection, guard: ConnectionGuard) -> bool:
     """Block, without polling, until the whole A-ASSOCIATE-RQ PDU has arrived on a plain TCP
     ``sock`` (peeked: the bytes stay for pynetdicom to read), the peer closes, or the guard
-    shuts the connection at its deadline. True when the request is there to be read.
+    shuts the connection at its deadline (or this thread sees it first and has the guard
+    expire it). True when the request is there to be read.
 
     pynetdicom's reactor polls each connection a thousand times a second; a slow or silent
     connection waits here instead, so many of them cost no CPU. Something other than an
@@ -250,7 +257,10 @@ def await_request(sock: socket.socket, connection: Connection) -> bool:
         while True:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
             remaining = connection.deadline - time.monotonic()
-            if remaining <= 0 or connection.closed:
+            if connection.closed:
+                return False
+            if remaining <= 0:
+                guard.expire(connection)
                 return False
             readable, _, _ = select.select([sock], [], [], remaining)
             if not readable:

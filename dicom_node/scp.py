@@ -143,7 +143,7 @@ class _AssociationServer(ThreadedAssociationServer):
             return
         with contextlib.suppress(OSError):  # answer each C-STORE at once (no Nagle delay)
             plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is None and not await_request(plain, connection):
+        if self.ssl_context is None and not await_request(plain, connection, self.guard):
             self.guard.release(connection)
             self.shutdown_request(plain)
             return

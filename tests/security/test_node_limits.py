@@ -471,19 +471,23 @@ def test_a_pending_request_is_awaited_in_the_kernel_and_left_for_pynetdicom() ->
     """await_request peeks: the request's bytes stay in the socket for pynetdicom to read."""
     import time
 
-    from dicom_node.guard import Connection, await_request
+    from aidx.config import NodeConfig
+    from dicom_node.guard import Connection, ConnectionGuard, await_request
 
+    guard = ConnectionGuard(NodeConfig())
     left, right = socket.socketpair()
     try:
         connection = Connection("peer", left, time.monotonic() + 30.0)
         request = struct.pack(">BBL", 0x01, 0, 4) + b"ABCD"
         right.sendall(request)
-        assert await_request(left, connection)
+        assert await_request(left, connection, guard)
         assert left.recv(64) == request
         # A request cut short is never reported complete: False once the deadline has passed.
         right.sendall(request[:7])
         connection.deadline = time.monotonic() + 0.2
-        assert not await_request(left, connection)
+        assert not await_request(left, connection, guard)
+        # Its own thread saw the deadline first: it is counted as the reaper would count it.
+        assert guard.refused["request_timeout"] == 1 and connection.closed
     finally:
         left.close()
         right.close()
