@@ -1,0 +1,100 @@
+"""The two-stage detector's candidate stage: blobs rank above vessels; the lungs are found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.candidates import (
+    CandidateError,
+    CandidateSpec,
+    blob_shape,
+    find_candidates,
+    lung_mask,
+    probability_peaks,
+)
+
+WINDOW = (-1000.0, 400.0)
+
+
+def windowed(hu: float) -> float:
+    return (hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+
+
+def lung_with_a_nodule_and_a_vessel() -> tuple[np.ndarray, tuple[int, int, int]]:
+    """64³ of parenchyma at 1 mm: a 6 mm solid nodule and a 3 mm vessel running along x."""
+    z, y, x = np.mgrid[:64, :64, :64].astype(np.float32)
+    volume = np.full((64, 64, 64), windowed(-850.0), dtype=np.float32)
+    nodule = (20, 20, 40)
+    volume[(z - nodule[0]) ** 2 + (y - nodule[1]) ** 2 + (x - nodule[2]) ** 2 <= 9.0] = windowed(40)
+    volume[(z - 44) ** 2 + (y - 44) ** 2 <= 2.25] = windowed(40)
+    return volume, nodule
+
+
+def test_a_nodule_outranks_a_vessel_of_the_same_density() -> None:
+    volume, nodule = lung_with_a_nodule_and_a_vessel()
+    found = find_candidates(volume, np.ones(volume.shape, bool), 1.0, CandidateSpec())
+    assert len(found) > 1
+    first = found.index[0]
+    assert np.linalg.norm(first - np.asarray(nodule)) <= 1.5, found.index[:3]
+    assert found.shape[0] > 0.6
+    on_vessel = np.abs(found.index[:, 0] - 44) + np.abs(found.index[:, 1] - 44) <= 3
+    assert on_vessel.any() and found.shape[on_vessel].max() < 0.3
+    assert np.all(np.diff(found.response) <= 0)  # strongest first
+    assert 2.0 <= found.radius_mm[0] <= 5.0  # the scale estimates the 3 mm radius
+
+
+def test_candidates_stay_inside_the_lungs_and_within_the_cap() -> None:
+    volume, _ = lung_with_a_nodule_and_a_vessel()
+    lungs = np.zeros(volume.shape, bool)
+    lungs[:, 32:, :] = True  # the vessel's half only
+    found = find_candidates(volume, lungs, 1.0, CandidateSpec(max_candidates=3))
+    assert 1 <= len(found) <= 3
+    assert np.all(found.index[:, 1] >= 31)
+
+
+def test_roundness_is_one_for_a_sphere_and_zero_where_nothing_is_bright() -> None:
+    r = np.arange(-8, 9, dtype=np.float64)
+    z, y, x = np.meshgrid(r, r, r, indexing="ij")
+    sphere = np.exp(-(z**2 + y**2 + x**2) / 8.0).astype(np.float32)
+    tube = np.exp(-(y**2 + x**2) / 8.0).astype(np.float32)
+    centre = np.array([[8, 8, 8]])
+    assert blob_shape(sphere, centre)[0] == pytest.approx(1.0, abs=0.02)
+    assert blob_shape(tube, centre)[0] < 0.05
+    assert blob_shape(-sphere, centre)[0] == 0.0
+    assert blob_shape(sphere, np.array([[0, 8, 8]]))[0] == 0.0  # on the edge: not measured
+
+
+def test_network_peaks_are_ranked_and_kept_apart() -> None:
+    p = np.zeros((20, 20, 20), dtype=np.float32)
+    p[5, 5, 5], p[5, 5, 6], p[15, 15, 15] = 0.3, 0.29, 0.6
+    peaks = probability_peaks(p, (1.0, 1.0, 1.0), 0.01, 10, separation_mm=4.0)
+    assert peaks.index.tolist() == [[15, 15, 15], [5, 5, 5]]
+    assert peaks.response.tolist() == pytest.approx([0.6, 0.3])
+
+
+def test_the_lungs_are_the_air_inside_the_body() -> None:
+    _, y, x = np.mgrid[:48, :96, :96].astype(np.float32)
+    hu = np.full((48, 96, 96), -1000.0, dtype=np.float32)  # outside air
+    body = (y - 48) ** 2 / 44**2 + (x - 48) ** 2 / 44**2 <= 1
+    hu[body] = 40.0
+    for cx in (22, 74):
+        hu[(y - 48) ** 2 / 30**2 + (x - cx) ** 2 / 12**2 <= 1] = -850.0
+    array = (np.clip(hu, *WINDOW) - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+    lungs = lung_mask(array, body, 1.0, CandidateSpec(), WINDOW)
+    assert lungs[24, 48, 22] and lungs[24, 48, 74]
+    assert not lungs[24, 2, 2]  # the air around the patient
+    assert not lungs[24, 48, 48]  # the mediastinum between the lungs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sigmas_mm": ()}, "sigmas_mm must be positive"),
+        ({"sigmas_mm": (2.0, 1.0)}, "sigmas_mm must increase"),
+        ({"max_candidates": 0}, "max_candidates must be 1 or more"),
+    ],
+)
+def test_bad_settings_name_the_setting(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(CandidateError, match=message):
+        CandidateSpec(**kwargs)  # type: ignore[arg-type]
