@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 import models
+from inference.detector import Detector
 from inference.pipeline import InferenceResult, NotApplicableError, infer_files
 from inference.runner import OnnxRunner
 from models.registry import ModelError, Registry
@@ -61,7 +62,7 @@ class Worker:
         self.registry = registry or model_registry(config)
         self.on_results = on_results
         self.poll_interval_s = poll_interval_s
-        self.runners: dict[Path, OnnxRunner] = {}
+        self.runners: dict[Path, OnnxRunner | Detector] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -22,6 +22,7 @@ from aidx.config import AidxConfig
 from aidx.deflate import InflateLimitError, inflated_size
 from models.registry import ModelEntry
 
+from .detector import Detector
 from .findings import FindingsReport
 from .key_images import write_key_images
 from .postprocess import findings_from_probability
@@ -116,7 +117,7 @@ def infer_files(
     key_images: bool = False,
     revision: int = 1,
     previous_versions: Sequence[Dataset] = (),
-    runners: dict[Path, OnnxRunner] | None = None,
+    runners: dict[Path, OnnxRunner | Detector] | None = None,
 ) -> InferenceResult:
     """Run the model on the eligible series among ``files`` (one study) and write the results
     into ``out_dir``. ``rules`` default to ``inference.series``; ``revision`` and
@@ -131,32 +132,51 @@ def infer_files(
     volume = load_series(selection.chosen.files)
     timings["read_s"] = time.perf_counter() - start
 
-    t = time.perf_counter()
     card = model.card
-    pre = preprocess(volume, PreprocessSpec(card.input.spacing_mm, card.input.hu_window))
-    timings["preprocess_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    runner = runners.get(model.onnx_path) if runners is not None else None
-    if runner is None:
-        runner = OnnxRunner(model.onnx_path, card, runner_options(config))
-        if runners is not None:
-            runners[model.onnx_path] = runner
-    probability = runner.predict(pre.array)
-    timings["model_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     threshold = card.output.operating_threshold if min_probability is None else min_probability
-    findings = findings_from_probability(
-        probability,
-        pre,
-        volume,
-        threshold,
-        min_volume_mm3=config.inference.min_volume_mm3,
-        merge_distance_mm=config.inference.merge_distance_mm,
-        calibration=card.output.calibration,
-    )
-    timings["postprocess_s"] = time.perf_counter() - t
+    cached = runners.get(model.onnx_path) if runners is not None else None
+    if card.detector is not None:
+        t = time.perf_counter()
+        detector = cached if isinstance(cached, Detector) else None
+        if detector is None:
+            detector = Detector(model, runner_options(config))
+            if runners is not None:
+                runners[model.onnx_path] = detector
+        findings, steps = detector.detect(
+            volume,
+            threshold,
+            min_volume_mm3=config.inference.min_volume_mm3,
+            merge_distance_mm=config.inference.merge_distance_mm,
+        )
+        timings["model_s"] = time.perf_counter() - t
+        timings |= {f"detector_{k}": v for k, v in steps.items()}
+        provider = detector.provider
+    else:
+        t = time.perf_counter()
+        pre = preprocess(volume, PreprocessSpec(card.input.spacing_mm, card.input.hu_window))
+        timings["preprocess_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        runner = cached if isinstance(cached, OnnxRunner) else None
+        if runner is None:
+            runner = OnnxRunner(model.onnx_path, card, runner_options(config))
+            if runners is not None:
+                runners[model.onnx_path] = runner
+        probability = runner.predict(pre.array)
+        timings["model_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        findings = findings_from_probability(
+            probability,
+            pre,
+            volume,
+            threshold,
+            min_volume_mm3=config.inference.min_volume_mm3,
+            merge_distance_mm=config.inference.merge_distance_mm,
+            calibration=card.output.calibration,
+        )
+        provider = runner.provider
+        timings["postprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,9 +206,9 @@ def infer_files(
         volume.series_uid,
         model.ref,
         len(findings),
-        runner.provider,
+        provider,
         timings["total_s"],
     )
     return InferenceResult(
-        report, findings_path, sr_path, seg_path, runner.provider, timings, peak, key_image_paths
+        report, findings_path, sr_path, seg_path, provider, timings, peak, key_image_paths
     )

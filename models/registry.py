@@ -80,6 +80,42 @@ class TrainingSpec(_Strict):
     command: str
 
 
+class CandidateSettings(_Strict):
+    """The candidate stage of a two-stage detector (``inference.candidates``)."""
+
+    sigmas_mm: list[float] = Field(min_length=1)
+    min_response: float = Field(gt=0)
+    max_candidates: int = Field(ge=1)
+    shape_power: float = Field(ge=0)
+    lung_closing_mm: float = Field(gt=0)
+    lung_margin_mm: float = Field(ge=0)
+    # the first-stage network (model.onnx) as a second candidate source: its probability peaks
+    network: bool = False
+    network_min_probability: float = Field(default=0.01, gt=0, lt=1)
+    network_max_candidates: int = Field(default=100, ge=1)
+
+
+class ClassifierSpec(_Strict):
+    """The second stage: a crop classifier, a second ONNX graph in the model's folder."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input: TensorSpec  # (batch, 2, crop, crop, crop): the crop and its twice-as-wide context
+    output: TensorSpec  # (batch, 2): probability of a nodule, its diameter in mm
+    crop_size: int = Field(ge=8)
+
+
+class DetectorSpec(_Strict):
+    """A two-stage detector: candidates on a fine grid inside the lungs, then a classifier on a
+    crop around each (``inference.detector``). Its output's operating threshold and the
+    findings' probabilities are the classifier's."""
+
+    kind: Literal["two-stage"] = "two-stage"
+    spacing_mm: float = Field(gt=0)  # the fine isotropic grid of the candidates and crops
+    candidates: CandidateSettings
+    classifier: ClassifierSpec
+
+
 class ModelCard(_Strict):
     """The card of one model version (card.json)."""
 
@@ -92,6 +128,7 @@ class ModelCard(_Strict):
     output: OutputSpec
     training: TrainingSpec
     evaluation: dict[str, float] = Field(default_factory=dict)
+    detector: DetectorSpec | None = None  # a two-stage detector (None: findings from model.onnx)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     intended_use: str
     limitations: list[str]
@@ -152,6 +189,34 @@ def verify(card: ModelCard, onnx_path: Path) -> None:
         if len(actual_io) != 1:
             raise ModelError(f"{onnx_path}: expected one {what}, the model has {len(actual_io)}")
         _compare(declared, actual_io[0], what, onnx_path)
+    if card.detector is not None:
+        _verify_classifier(card.detector.classifier, onnx_path.parent)
+
+
+def _verify_classifier(spec: ClassifierSpec, folder: Path) -> None:
+    """A two-stage detector's second graph: present, the card's file, with the card's IO."""
+    import onnxruntime as ort  # noqa: PLC0415 - deferred: listing models needs no runtime
+
+    path = folder / spec.file
+    if not path.is_file():
+        raise ModelError(f"{path}: the classifier the card names is missing from the model folder")
+    actual = sha256_of(path)
+    if actual != spec.sha256:
+        raise ModelError(
+            f"{path}: sha256 {actual} differs from the card's detector.classifier.sha256 "
+            f"{spec.sha256}; the file was changed or the card belongs to another file"
+        )
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+    for declared, actual_io, what in (
+        (spec.input, session.get_inputs(), "classifier input"),
+        (spec.output, session.get_outputs(), "classifier output"),
+    ):
+        if len(actual_io) != 1:
+            raise ModelError(f"{path}: expected one {what}, the model has {len(actual_io)}")
+        _compare(declared, actual_io[0], what, path)
 
 
 def _compare(declared: TensorSpec, actual: Any, what: str, path: Path) -> None:
@@ -240,6 +305,9 @@ class Registry:
             )
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self._ensure_root()))
         shutil.copyfile(onnx_path, staging / ONNX_FILE)
+        if card.detector is not None:  # the second stage lies beside the first (verified)
+            name = card.detector.classifier.file
+            shutil.copyfile(onnx_path.parent / name, staging / name)
         (staging / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(folder)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.detector import Detector
 from inference.postprocess import findings_from_probability
 from inference.preprocess import PreprocessSpec, preprocess
 from inference.runner import OnnxRunner, RunnerOptions
@@ -81,25 +82,32 @@ def evaluate_model(
     dataset = Dataset.load(dataset_dir)
     card = model.card
     spec = PreprocessSpec(card.input.spacing_mm, card.input.hu_window)
-    runner = OnnxRunner(model.onnx_path, card, options)
+    detector = Detector(model, options) if card.detector is not None else None
+    runner = OnnxRunner(model.onnx_path, card, options) if detector is None else None
     # A calibrated model's components are fixed by its segmentation threshold; the floor then
     # applies to calibrated probabilities, which spread lower: keep nearly all of them so the
     # FROC curve reaches its high false-positive rates.
     floor = min_probability if card.output.calibration is None else min(min_probability, 1e-4)
+    if detector is not None:
+        floor = min(min_probability, 1e-3)  # the classifier's probabilities, down to the FROC's end
     scans = []
     for case in dataset.cases:
         volume = case_as_volume(case, dataset_dir)
-        pre = preprocess(volume, spec)
-        probability = runner.predict(pre.array)
-        findings = findings_from_probability(
-            probability,
-            pre,
-            volume,
-            floor,
-            min_volume_mm3,
-            merge_distance_mm,
-            calibration=card.output.calibration,
-        )
+        if detector is not None:
+            findings, _ = detector.detect(volume, floor, min_volume_mm3, merge_distance_mm)
+        else:
+            assert runner is not None
+            pre = preprocess(volume, spec)
+            probability = runner.predict(pre.array)
+            findings = findings_from_probability(
+                probability,
+                pre,
+                volume,
+                floor,
+                min_volume_mm3,
+                merge_distance_mm,
+                calibration=card.output.calibration,
+            )
         scans.append(
             Scan(
                 id=case.id,

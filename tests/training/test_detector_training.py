@@ -1,0 +1,74 @@
+"""Training the two-stage detector's classifier: labels, a resumable run, the ONNX export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from training.detector import (
+    CROP,
+    export_classifier,
+    label_candidates,
+    train,
+)
+
+
+def test_candidates_are_labelled_by_the_hit_rule_and_near_misses_dropped() -> None:
+    centres = np.array([[0.0, 0.0, 0.0], [50.0, 0.0, 0.0]])
+    diameters = np.array([10.0, 4.0])
+    points = np.array(
+        [
+            [3.0, 0.0, 0.0],  # inside the first
+            [50.0, 1.5, 0.0],  # inside the second
+            [0.0, 6.0, 0.0],  # 1 mm beyond the first's radius: ambiguous
+            [20.0, 20.0, 20.0],  # far from both
+        ]
+    )
+    label, diameter, keep = label_candidates(points, centres, diameters)
+    assert label.tolist() == [1, 1, 0, 0]
+    assert diameter.tolist() == [10.0, 4.0, 0.0, 0.0]
+    assert keep.tolist() == [True, True, False, True]
+
+
+def fake_crops(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    n = 24
+    label = (np.arange(n) % 3 == 0).astype(np.int8)
+    crops = rng.integers(0, 60, size=(n, 2, CROP, CROP, CROP), dtype=np.uint8)
+    crops[label == 1, :, 12:20, 12:20, 12:20] = 200  # a bright blob in the middle
+    np.savez_compressed(
+        folder / "case.npz",
+        crops=crops,
+        label=label,
+        diameter=np.where(label == 1, 8.0, 0.0).astype(np.float32),
+        source=np.zeros(n, dtype=np.int8),
+    )
+
+
+def test_training_resumes_and_the_export_matches_pytorch(tmp_path: Path) -> None:
+    fake_crops(tmp_path / "crops")
+    checkpoint = train(tmp_path, minutes=0.02, resume=False, batch_size=8)
+    import torch
+
+    first = torch.load(checkpoint, weights_only=False)
+    assert first["step"] >= 1
+    train(tmp_path, minutes=0.02, resume=True, batch_size=8)
+    second = torch.load(checkpoint, weights_only=False)
+    assert second["step"] > first["step"] and second["spent_s"] > first["spent_s"]
+    target = tmp_path / "classifier.onnx"
+    diff = export_classifier(checkpoint, target)
+    assert diff < 1e-3
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {"crops": np.zeros((3, 2, CROP, CROP, CROP), np.float32)})[0]
+    assert scores.shape == (3, 2)
+    assert np.all((scores[:, 0] > 0) & (scores[:, 0] < 1)) and np.all(scores[:, 1] > 0)
+
+
+def test_training_without_crops_says_what_to_run(tmp_path: Path) -> None:
+    (tmp_path / "crops").mkdir()
+    with pytest.raises(SystemExit, match=r"run `python -m training\.detector extract` first"):
+        train(tmp_path, minutes=0.01, resume=False)

@@ -1,0 +1,508 @@
+"""Training the two-stage detector's classifier (``inference.detector``) on CPU, resumably.
+
+Three steps, each a command that can be interrupted and run again without losing work::
+
+    python -m training.detector extract DATASET OUT --base lung-nodule@0.5.0 [--spacing 1.0]
+    python -m training.detector train OUT [--minutes 40] [--resume]
+    python -m training.detector export OUT --name lung-nodule --version 0.6.0 --base ...
+
+``extract`` runs the serving path's own steps on each training case (``detector_input`` and the
+detector's candidates: the same functions, so there is no train/serve skew) and keeps the crops
+of every candidate with its label (a nodule within its radius, LUNA16's hit rule; candidates
+within two millimetres beyond a radius are ambiguous and dropped) plus jittered crops at each
+true nodule centre (so that a nodule the candidates miss still teaches the classifier); one
+file per case, so a re-run skips what is done. ``train`` fits a small 3D CNN with balanced
+batches, flips and axis swaps, a probability head (cross-entropy) and a diameter head (L1 on
+log-diameter, for positives); it checkpoints every few minutes and ``--resume`` goes on from the
+last checkpoint. ``export`` writes the model folder: the base network's ``model.onnx`` (the
+first-stage candidate source) and ``classifier.onnx``, checked against PyTorch, and a card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from inference.detector import Detector, crops, detector_input, fine_index
+from inference.runner import RunnerOptions
+from models.registry import (
+    CandidateSettings,
+    ClassifierSpec,
+    DetectorSpec,
+    ModelCard,
+    ModelEntry,
+    TensorSpec,
+)
+
+from .dataset import Dataset
+from .evaluate import case_as_volume
+
+log = logging.getLogger("aidx.training")
+
+CROP = 32
+JITTER_COPIES = 6  # jittered crops per true nodule centre
+AMBIGUOUS_MM = 2.0
+
+
+def default_spec(base: ModelCard, spacing_mm: float = 1.0) -> DetectorSpec:
+    """The detector settings this module trains for (the shipped model's; see its card)."""
+    placeholder = TensorSpec(name="crops", shape=["batch", 2, CROP, CROP, CROP])
+    return DetectorSpec(
+        spacing_mm=spacing_mm,
+        candidates=CandidateSettings(
+            sigmas_mm=[0.9, 1.3, 1.8, 2.5, 3.5, 5.0, 7.0, 9.0],
+            min_response=0.02,
+            max_candidates=400,
+            shape_power=1.0,
+            lung_closing_mm=12.0,
+            lung_margin_mm=4.0,
+            network=True,
+            network_min_probability=0.005,
+            network_max_candidates=200,
+        ),
+        classifier=ClassifierSpec(
+            file="classifier.onnx",
+            sha256="0" * 64,
+            input=placeholder,
+            output=TensorSpec(name="scores", shape=["batch", 2]),
+            crop_size=CROP,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------- extraction
+def extract(
+    dataset_dir: Path,
+    out: Path,
+    base: ModelEntry,
+    spacing_mm: float = 1.0,
+    seed: int = 0,
+    limit: int = 0,
+) -> int:
+    """Crops and labels of every case of ``dataset_dir`` into ``out/crops`` (see module);
+    returns how many cases were extracted now (the others were there already)."""
+    spec = default_spec(base.card, spacing_mm)
+    card = base.card.model_copy(update={"detector": spec})
+    detector = _CandidateOnly(ModelEntry(card, base.folder))
+    dataset = Dataset.load(dataset_dir)
+    folder = out / "crops"
+    folder.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(spec.model_dump_json(indent=2), encoding="utf-8")
+    done = 0
+    rng = np.random.default_rng(seed)
+    for case in dataset.cases[:limit] if limit else dataset.cases:
+        target = folder / f"{case.id}.npz"
+        if target.exists():
+            continue
+        t = time.perf_counter()
+        volume = case_as_volume(case, dataset_dir)
+        data = detector_input(volume, spec, card.input.hu_window)
+        found = detector.candidates(volume, data)
+        centres = np.asarray([les.center_mm for les in case.lesions], dtype=np.float64)
+        diameters = np.asarray([les.diameter_mm for les in case.lesions], dtype=np.float64)
+        label, diameter, keep = label_candidates(
+            data.pre.to_patient(found.index), centres, diameters
+        )
+        index = found.index[keep]
+        source = (found.radius_mm[keep] < 0).astype(np.int8)
+        jittered, j_diam = [], []
+        for c, d in zip(centres, diameters, strict=True):
+            at = fine_index(data.pre, c[None])[0]
+            reach = min(2.0, d / 4.0) / spacing_mm
+            for _ in range(JITTER_COPIES):
+                jittered.append(at + rng.uniform(-reach, reach, 3))
+                j_diam.append(d)
+        all_index = np.concatenate([index, np.asarray(jittered).reshape(-1, 3)])
+        batch = crops(data.pre.array, all_index, CROP)
+        np.savez_compressed(
+            target,
+            crops=np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8),
+            label=np.concatenate([label[keep], np.ones(len(jittered), dtype=np.int8)]),
+            diameter=np.concatenate([diameter[keep], np.asarray(j_diam)]).astype(np.float32),
+            source=np.concatenate([source, np.full(len(jittered), 2, dtype=np.int8)]),
+        )
+        done += 1
+        log.info(
+            "case %s: %d candidates (%d on nodules), %d jittered, %.1f s",
+            case.id,
+            int(keep.sum()),
+            int(label[keep].sum()),
+            len(jittered),
+            time.perf_counter() - t,
+        )
+    return done
+
+
+class _CandidateOnly(Detector):
+    """The detector's candidate stage without a classifier (there is none yet)."""
+
+    def __init__(self, model: ModelEntry) -> None:
+        from inference.runner import OnnxRunner  # noqa: PLC0415
+
+        assert model.card.detector is not None
+        self.model = model
+        self.card = model.card
+        self.spec = model.card.detector
+        self.options = RunnerOptions(providers=("CPUExecutionProvider",))
+        self.network = OnnxRunner(model.onnx_path, model.card, self.options)
+        self.provider = self.network.provider
+
+
+def label_candidates(
+    points: NDArray[np.float64], centres: NDArray[np.float64], diameters: NDArray[np.float64]
+) -> tuple[NDArray[np.int8], NDArray[np.float64], NDArray[np.bool_]]:
+    """(label, diameter of the nodule hit or 0, kept) for candidate points in patient mm."""
+    n = len(points)
+    label = np.zeros(n, dtype=np.int8)
+    diameter = np.zeros(n)
+    keep = np.ones(n, dtype=bool)
+    if len(centres) == 0 or n == 0:
+        return label, diameter, keep
+    d = np.linalg.norm(points[:, None, :] - centres[None, :, :], axis=2)  # (n, nodules)
+    radius = diameters[None, :] / 2.0
+    inside = d <= radius
+    hit = inside.any(axis=1)
+    label[hit] = 1
+    nearest = np.argmin(np.where(inside, d / radius, np.inf), axis=1)
+    diameter[hit] = diameters[nearest[hit]]
+    ambiguous = ~hit & (d <= radius + AMBIGUOUS_MM).any(axis=1)
+    keep[ambiguous] = False
+    return label, diameter, keep
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass
+class Crops:
+    crops: NDArray[np.uint8]
+    label: NDArray[np.int8]
+    diameter: NDArray[np.float32]
+    source: NDArray[np.int8]
+
+
+def load_crops(folder: Path) -> Crops:
+    parts = [np.load(p) for p in sorted(folder.glob("*.npz"))]
+    if not parts:
+        raise SystemExit(f"{folder}: no crops; run `python -m training.detector extract` first")
+    return Crops(
+        *(np.concatenate([p[k] for p in parts]) for k in ("crops", "label", "diameter", "source"))
+    )
+
+
+def build_classifier() -> Any:
+    """The crop classifier: two channels of 32³ -> (logit, log-diameter)."""
+    import torch  # noqa: PLC0415 - training only
+
+    def block(cin: int, cout: int, stride: int = 1) -> list[torch.nn.Module]:
+        return [
+            torch.nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            torch.nn.BatchNorm3d(cout),
+            torch.nn.ReLU(inplace=True),
+        ]
+
+    class CropClassifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.nn.Sequential(
+                *block(2, 16, stride=2),  # 16³
+                *block(16, 32),
+                *block(32, 32),
+                torch.nn.MaxPool3d(2),  # 8³
+                *block(32, 64),
+                *block(64, 64),
+                torch.nn.MaxPool3d(2),  # 4³
+                *block(64, 96),
+                torch.nn.AdaptiveAvgPool3d(1),
+                torch.nn.Flatten(),
+            )
+            self.head = torch.nn.Linear(96, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.head(self.features(x))
+            return out  # (batch, 2): logit, log diameter
+
+    return CropClassifier()
+
+
+class ServingHead:
+    """Wraps the classifier for export: (probability, diameter mm)."""
+
+    @staticmethod
+    def wrap(net: Any) -> Any:
+        import torch  # noqa: PLC0415
+
+        class Exported(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = self.net(x)
+                return torch.stack([torch.sigmoid(out[:, 0]), torch.exp(out[:, 1])], dim=1)
+
+        return Exported()
+
+
+def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: int = 0) -> Path:
+    """Fit the classifier on ``out/crops`` for ``minutes`` of wall time (on top of what a
+    resumed run did); checkpoints ``out/classifier.pt`` every two minutes and at the end."""
+    import torch  # noqa: PLC0415 - training only
+
+    torch.manual_seed(seed)
+    data = load_crops(out / "crops")
+    pos = np.flatnonzero(data.label == 1)
+    neg = np.flatnonzero(data.label == 0)
+    log.info("training on %d crops: %d positive, %d negative", len(data.label), len(pos), len(neg))
+    net = build_classifier()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    checkpoint = out / "classifier.pt"
+    history: list[dict[str, float]] = []
+    step = 0
+    spent = 0.0
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        net.load_state_dict(state["net"])
+        optimiser.load_state_dict(state["optimiser"])
+        history, step, spent = state["history"], state["step"], state["spent_s"]
+        log.info("resumed at step %d (%.0f min spent)", step, spent / 60)
+    rng = np.random.default_rng(seed + step)
+    budget = spent + minutes * 60.0
+    total_steps_hint = max(1, int(budget / 0.6))  # for the cosine schedule (about 0.6 s a step)
+    start = time.perf_counter() - spent
+    last_save = time.perf_counter()
+    net.train()
+    losses: list[float] = []
+    while time.perf_counter() - start < budget:
+        n_pos = batch_size // 4
+        idx = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, batch_size - n_pos)])
+        x = augment(data.crops[idx].astype(np.float32) / 255.0, rng)
+        y = torch.from_numpy(data.label[idx].astype(np.float32))
+        d = torch.from_numpy(np.log(np.maximum(data.diameter[idx], 1.0)).astype(np.float32))
+        lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps_hint)))
+        for group in optimiser.param_groups:
+            group["lr"] = max(lr, 5e-5)
+        out_t = net(torch.from_numpy(x))
+        loss_cls = torch.nn.functional.binary_cross_entropy_with_logits(out_t[:, 0], y)
+        mask = y > 0
+        loss_d = (
+            torch.nn.functional.smooth_l1_loss(out_t[mask, 1], d[mask], beta=0.1)
+            if bool(mask.any())
+            else out_t[:, 1].sum() * 0.0
+        )
+        loss = loss_cls + 0.5 * loss_d
+        optimiser.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % 50 == 0:
+            history.append({"step": step, "loss": float(np.mean(losses[-50:]))})
+            log.info("step %d loss %.4f lr %.5f", step, history[-1]["loss"], lr)
+        if time.perf_counter() - last_save > 120:
+            _save(checkpoint, net, optimiser, history, step, time.perf_counter() - start)
+            last_save = time.perf_counter()
+    _save(checkpoint, net, optimiser, history, step, time.perf_counter() - start)
+    return checkpoint
+
+
+def augment(x: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:
+    """Random flips of the three axes and a random order of the axes (one per batch)."""
+    for axis in (2, 3, 4):
+        if rng.random() < 0.5:
+            x = np.flip(x, axis=axis)
+    order = rng.permutation(3) + 2
+    return np.ascontiguousarray(np.transpose(x, (0, 1, *order)))
+
+
+def _save(path: Path, net: Any, optimiser: Any, history: Any, step: int, spent: float) -> None:
+    import torch  # noqa: PLC0415
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "net": net.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "history": history,
+            "step": step,
+            "spent_s": spent,
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------- export
+def export_classifier(checkpoint: Path, target: Path) -> float:
+    """``classifier.onnx`` from the checkpoint, checked against PyTorch; returns the largest
+    difference seen on random crops."""
+    import onnxruntime as ort  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    net = build_classifier()
+    net.load_state_dict(torch.load(checkpoint, weights_only=False)["net"])
+    net.eval()
+    exported = ServingHead.wrap(net).eval()
+    example = torch.rand(4, 2, CROP, CROP, CROP)
+    torch.onnx.export(
+        exported,
+        (example,),
+        str(target),
+        input_names=["crops"],
+        output_names=["scores"],
+        dynamic_axes={"crops": {0: "batch"}, "scores": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    x = torch.rand(7, 2, CROP, CROP, CROP)
+    with torch.no_grad():
+        expected = exported(x).numpy()
+    got = session.run(None, {"crops": x.numpy()})[0]
+    diff = float(np.max(np.abs(expected - got)))
+    if diff > 1e-3:
+        raise SystemExit(f"{target}: ONNX Runtime differs from PyTorch by {diff:.2e}")
+    return diff
+
+
+def export(
+    out: Path,
+    base: ModelEntry,
+    root: Path,
+    version: str,
+    training_command: str,
+    evaluation: Path | None = None,
+    operating_fp_rate: float = 1.0,
+) -> Path:
+    """The model folder ``root/<name>/<version>``: the base network (first stage), the
+    classifier and a card; with ``evaluation`` (a froc.json of this folder's model, from
+    ``aidx evaluate``) the card gets its figures and the operating threshold at
+    ``operating_fp_rate`` false positives per scan."""
+    import datetime  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from aidx.cli_models import evaluation_figures, operating_point  # noqa: PLC0415
+    from models.registry import TrainingSpec, sha256_of  # noqa: PLC0415
+
+    spec = DetectorSpec.model_validate_json((out / "spec.json").read_text(encoding="utf-8"))
+    folder = root / base.card.name / version
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "model.onnx").exists():
+        shutil.copyfile(base.onnx_path, folder / "model.onnx")
+    classifier = folder / spec.classifier.file
+    if not classifier.exists():
+        diff = export_classifier(out / "classifier.pt", classifier)
+        log.info("classifier exported, ONNX Runtime within %.1e of PyTorch", diff)
+    spec = spec.model_copy(
+        update={
+            "classifier": spec.classifier.model_copy(
+                update={
+                    "sha256": sha256_of(classifier),
+                    "input": TensorSpec(name="crops", shape=["batch", 2, CROP, CROP, CROP]),
+                    "output": TensorSpec(name="scores", shape=["batch", 2]),
+                }
+            )
+        }
+    )
+    threshold, figures = 0.5, {}
+    if evaluation is not None:
+        froc = json.loads(evaluation.read_text(encoding="utf-8"))
+        figures = evaluation_figures(froc)
+        threshold, fp = operating_point(froc, operating_fp_rate)
+        figures["operating_fp_per_scan"] = fp
+    crops_info = load_summary(out)
+    card = base.card.model_copy(
+        update={
+            "version": version,
+            "date": datetime.date.today(),
+            "network": (
+                f"two-stage: candidates (multi-scale blobs at {spec.spacing_mm:g} mm in the "
+                f"lungs + peaks of {base.ref}'s basic_unet), then a 3D CNN on 2x{CROP}³ crops"
+            ),
+            "description": (
+                "Two-stage lung nodule detector: high-recall candidates inside the lungs on a "
+                "fine grid, each scored by a crop classifier (probability and diameter)."
+            ),
+            "output": base.card.output.model_copy(
+                update={"operating_threshold": threshold, "calibration": None}
+            ),
+            "training": TrainingSpec(data=crops_info, synthetic=True, command=training_command),
+            "evaluation": figures,
+            "detector": spec,
+        }
+    )
+    (folder / "card.json").write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def load_summary(out: Path) -> str:
+    data = load_crops(out / "crops")
+    cases = len(list((out / "crops").glob("*.npz")))
+    return (
+        f"aidx-phantoms: {cases} synthetic chest-CT phantom cases, {len(data.label)} crops "
+        f"({int((data.label == 1).sum())} on nodules); not patient data"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.detector", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("extract")
+    ex.add_argument("dataset", type=Path)
+    ex.add_argument("out", type=Path)
+    ex.add_argument("--base", default="lung-nodule@0.5.0")
+    ex.add_argument("--spacing", type=float, default=1.0)
+    ex.add_argument("--limit", type=int, default=0, help="only the first N cases")
+    tr = sub.add_parser("train")
+    tr.add_argument("out", type=Path)
+    tr.add_argument("--minutes", type=float, default=40.0)
+    tr.add_argument("--resume", action="store_true")
+    exp = sub.add_parser("export")
+    exp.add_argument("out", type=Path)
+    exp.add_argument("--base", default="lung-nodule@0.5.0")
+    exp.add_argument("--version", required=True)
+    exp.add_argument("--root", type=Path, default=Path("aidx-data/models"))
+    exp.add_argument("--evaluation", type=Path)
+    exp.add_argument("--operating-fp-rate", type=float, default=1.0)
+    exp.add_argument("--training-command", default="see docs/models/lung-nodule.md")
+    args = parser.parse_args(argv)
+    if args.command == "extract":
+        n = extract(args.dataset, args.out, _resolve(args.base), args.spacing, limit=args.limit)
+        print(f"extracted {n} cases into {args.out / 'crops'}")
+    elif args.command == "train":
+        path = train(args.out, args.minutes, args.resume)
+        print(f"checkpoint: {path}")
+    elif args.command == "export":
+        folder = export(
+            args.out,
+            _resolve(args.base),
+            args.root,
+            args.version,
+            args.training_command,
+            args.evaluation,
+            args.operating_fp_rate,
+        )
+        print(f"model folder: {folder}")
+    return 0
+
+
+def _resolve(ref: str) -> ModelEntry:
+    import models  # noqa: PLC0415
+    from models.registry import Registry  # noqa: PLC0415
+
+    shipped = Path(models.__file__).resolve().parent / "shipped"
+    return Registry(Path("aidx-data/models"), (shipped,)).resolve(ref, "lung-nodule")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
