@@ -201,19 +201,21 @@ class ConnectionGuard:
 
     def expire(self, connection: Connection) -> None:
         """The connection's deadline has passed without a whole request: count, log and shut
-        it, once, whichever of the reaper and the connection's own thread sees it first."""
+        it, once, whichever of the reaper and the connection's own thread sees it first. The
+        line is logged before ``closed`` is set: the connection's thread, seeing ``closed``,
+        may close the socket at once, and the peer must not see the close before the log."""
         with self._lock:
             if connection.requested or not connection.alive:
                 return
+            log.warning(
+                "connection from %s closed: no complete association request "
+                "within %.1f s (node.association_request_timeout_s)",
+                connection.address,
+                self.node.association_request_timeout_s,
+            )
             connection.closed = True
             self._connections.discard(connection)
             self.refused[REQUEST_TIMEOUT] += 1
-        log.warning(
-            "connection from %s closed: no complete association request "
-            "within %.1f s (node.association_request_timeout_s)",
-            connection.address,
-            self.node.association_request_timeout_s,
-        )
         _shutdown(connection.sock)
 
     def _reap(self) -> None:
