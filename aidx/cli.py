@@ -22,6 +22,7 @@ from aidx.config import (
     load_config,
     redacted,
 )
+from aidx.demo import write_demo_study
 from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.logs import setup_logging
 from aidx.migrations import SchemaVersionError
@@ -432,31 +433,6 @@ def _phantom(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_USAGE
     _report_phantom(result)
     return EXIT_OK
-
-
-def write_demo_study(config: AidxConfig, overwrite: bool = False) -> Any:
-    """Write the demo study configured under ``demo`` (kept if already there, unless
-    ``overwrite``); returns its DICOM folder, or the generator's result when it wrote one.
-    Synthetic data, torch-free."""
-    from training.phantom import PhantomOptions, generate
-
-    demo = config.demo
-    out = config.demo_output()
-    dicom_dir = out / "dicom"
-    if not overwrite and (out / "ground_truth.json").exists() and any(dicom_dir.glob("*.dcm")):
-        return dicom_dir
-    result = generate(
-        out,
-        PhantomOptions(
-            slices=demo.slices,
-            matrix=demo.matrix,
-            nodules=demo.nodules,
-            seed=demo.seed,
-            patient_name=demo.patient_name,
-        ),
-        overwrite=True,  # the demo folder is aidx's own; regenerating it is idempotent
-    )
-    return result
 
 
 def _demo(args: argparse.Namespace, config: AidxConfig) -> int:

@@ -158,8 +158,8 @@ def _send_demo(config: AidxConfig, port: int) -> None:
     """Write the demo study (if absent) and send it to this node, as a PACS would."""
     from dicom_node.export import SendError, send_files
 
-    from .cli import write_demo_study
     from .config import DestinationConfig
+    from .demo import write_demo_study
 
     try:
         written = write_demo_study(config)
