@@ -213,7 +213,11 @@ class Scored:
 class Detector:
     """A two-stage model version, ready to detect (its sessions are reused across series)."""
 
-    def __init__(self, model: ModelEntry, options: RunnerOptions | None = None) -> None:
+    def __init__(
+        self, model: ModelEntry, options: RunnerOptions | None = None, classifier: bool = True
+    ) -> None:
+        """``classifier=False``: the candidate stage only (training extracts its crops before
+        there is a classifier)."""
         card = model.card
         if card.detector is None:
             raise DetectorError(f"model {model.ref} is not a two-stage detector")
@@ -226,8 +230,10 @@ class Detector:
             if self.spec.candidates.network
             else None
         )
-        self.classifier = Classifier(
-            model.folder / self.spec.classifier.file, self.spec, self.options
+        self.classifier = (
+            Classifier(model.folder / self.spec.classifier.file, self.spec, self.options)
+            if classifier
+            else None
         )
         self.provider = (
             self.network.provider if self.network is not None else "CPUExecutionProvider"
@@ -265,6 +271,8 @@ class Detector:
     def score(self, data: DetectorInput, found: Candidates) -> Scored:
         t = time.perf_counter()
         batch = crops(data.pre.array, found.index, self.spec.classifier.crop_size)
+        if self.classifier is None:
+            raise DetectorError(f"model {self.model.ref} was loaded without its classifier")
         probability, diameter = self.classifier.score(batch)
         data.timings["classifier_s"] = time.perf_counter() - t
         return Scored(found.index, probability, diameter, (found.radius_mm < 0).astype(np.int8))

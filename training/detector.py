@@ -92,7 +92,11 @@ def extract(
     returns how many cases were extracted now (the others were there already)."""
     spec = default_spec(base.card, spacing_mm)
     card = base.card.model_copy(update={"detector": spec})
-    detector = _CandidateOnly(ModelEntry(card, base.folder))
+    detector = Detector(
+        ModelEntry(card, base.folder),
+        RunnerOptions(providers=("CPUExecutionProvider",)),
+        classifier=False,
+    )
     dataset = Dataset.load(dataset_dir)
     folder = out / "crops"
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,21 +144,6 @@ def extract(
             time.perf_counter() - t,
         )
     return done
-
-
-class _CandidateOnly(Detector):
-    """The detector's candidate stage without a classifier (there is none yet)."""
-
-    def __init__(self, model: ModelEntry) -> None:
-        from inference.runner import OnnxRunner  # noqa: PLC0415
-
-        assert model.card.detector is not None
-        self.model = model
-        self.card = model.card
-        self.spec = model.card.detector
-        self.options = RunnerOptions(providers=("CPUExecutionProvider",))
-        self.network = OnnxRunner(model.onnx_path, model.card, self.options)
-        self.provider = self.network.provider
 
 
 def label_candidates(
