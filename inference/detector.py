@@ -14,11 +14,13 @@ coarse grid cannot see (a 4 mm nodule is a handful of its voxels):
 3. **Classifier** (``classifier.onnx``): two concentric crops around each candidate (32³ at the
    fine spacing, and twice the field at half the resolution, as two channels) give the
    probability that a nodule is there and its diameter.
-4. **Findings.** Each candidate above the floor is drawn into a detection map: the part of the
-   bright region around it (half-way between its centre's density and the lungs') within its
-   predicted radius, at its probability. The map becomes ``Finding`` records as a probability
-   map does (``postprocess``: components, duplicates merged, Feret diameter, SEG masks on the
-   series grid); each finding's probability is the classifier's.
+4. **Findings.** The candidates above the floor, strongest first, each suppressing the weaker
+   ones within its predicted radius (one nodule seen by several candidates is one finding; a
+   small nodule beside a vessel or a larger nodule keeps its own), become one ``Finding`` each
+   (``postprocess.findings_from_regions``): its mask the bright region around it (half-way
+   between its centre's density and the lungs') within its predicted radius, its centre the
+   place the classifier looked at, its probability the classifier's, its diameter the
+   region's Feret diameter, its SEG mask on the series grid.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .candidates import (
     probability_peaks,
 )
 from .findings import Finding
-from .postprocess import findings_from_probability
+from .postprocess import Region, findings_from_regions
 from .preprocess import Preprocessed, PreprocessSpec, preprocess
 from .runner import OnnxRunner, RunnerOptions
 from .volume import Volume
@@ -281,24 +283,30 @@ class Detector:
         self,
         volume: Volume,
         floor: float,
-        min_volume_mm3: float,
         merge_distance_mm: float,
     ) -> tuple[list[Finding], dict[str, float]]:
-        """Findings (probability at least ``floor``) and the time each step took."""
+        """Findings (probability at least ``floor``; none closer than ``merge_distance_mm`` or a
+        stronger one's predicted radius to a stronger one) and the time each step took."""
         data = detector_input(volume, self.spec, self.card.input.hu_window)
         scored = self.score(data, self.candidates(volume, data))
         t = time.perf_counter()
-        keep = scored.probability >= floor
-        detection = detection_map(
-            data.pre,
-            scored.index[keep],
-            scored.probability[keep],
-            scored.diameter_mm[keep],
-            self.card.input.hu_window,
-        )
-        findings = findings_from_probability(
-            detection, data.pre, volume, floor, min_volume_mm3, merge_distance_mm
-        )
+        above = np.flatnonzero(scored.probability >= floor)
+        kept = above[
+            suppress(
+                scored.index[above],
+                scored.probability[above],
+                scored.diameter_mm[above],
+                self.spec.spacing_mm,
+                merge_distance_mm,
+            )
+        ]
+        regions = []
+        for i in kept:
+            voxels = candidate_region(
+                data.pre, scored.index[i], scored.diameter_mm[i], self.card.input.hu_window
+            )
+            regions.append(Region(float(scored.probability[i]), voxels, scored.index[i]))
+        findings = findings_from_regions(regions, data.pre, volume)
         data.timings["findings_s"] = time.perf_counter() - t
         return findings, data.timings
 
@@ -309,52 +317,67 @@ def fine_index(pre: Preprocessed, points: NDArray[np.floating]) -> NDArray[np.fl
     return np.asarray(p @ np.linalg.inv(pre.affine[:3, :3]).T)
 
 
-def detection_map(
-    pre: Preprocessed,
+def suppress(
     index: NDArray[np.floating],
     probability: NDArray[np.floating],
     diameter_mm: NDArray[np.floating],
+    spacing_mm: float,
+    min_distance_mm: float,
+) -> NDArray[np.intp]:
+    """The candidates that are separate detections, strongest first: each suppresses the
+    weaker ones whose centres lie within its predicted radius (at least ``min_distance_mm``),
+    so one nodule seen by several candidates is one finding, and a small nodule beside a
+    larger one keeps its own."""
+    order = np.argsort(-np.asarray(probability), kind="stable")
+    points = np.asarray(index, dtype=np.float64) * spacing_mm
+    reach = np.maximum(np.asarray(diameter_mm, dtype=np.float64) / 2.0, min_distance_mm)
+    gone = np.zeros(len(order), dtype=bool)
+    kept: list[int] = []
+    for i in order:
+        if gone[i]:
+            continue
+        kept.append(int(i))
+        gone |= np.linalg.norm(points - points[i], axis=1) < reach[i]
+    return np.asarray(kept, dtype=np.intp)
+
+
+def candidate_region(
+    pre: Preprocessed,
+    centre: NDArray[np.floating],
+    diameter_mm: float,
     hu_window: tuple[float, float],
-) -> NDArray[np.float32]:
-    """Each candidate drawn at its probability (the strongest wins where two overlap): the
-    bright region around its centre within its predicted radius (see module)."""
+) -> NDArray[np.intp]:
+    """The voxels (n, 3) of a detection on ``pre``'s grid: the bright region around its centre
+    (above half-way between the centre's density and the lungs') within its predicted radius
+    and a margin, connected to the centre, so a vessel through a nodule is cut at the
+    nodule's edge; a ball of the predicted radius where nothing is brighter than the lungs."""
     array = pre.array
-    out = np.zeros(array.shape, dtype=np.float32)
     spacing = float(np.linalg.norm(pre.affine[:3, 0]))
     w_lo, w_hi = hu_window
     parenchyma = float(np.clip((PARENCHYMA_HU - w_lo) / (w_hi - w_lo), 0.0, 1.0))
-    order = np.argsort(probability)  # weakest first: stronger ones overwrite
-    for i in order:
-        radius_mm = max(1.5, float(diameter_mm[i]) / 2.0) * 1.25 + spacing
-        r = math.ceil(radius_mm / spacing)
-        c = np.rint(index[i]).astype(int)
-        lo = np.maximum(c - r, 0)
-        hi = np.minimum(c + r + 1, array.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        local = array[box]
-        zz, yy, xx = np.ogrid[
-            tuple(
-                slice(int(a) - int(cc), int(b) - int(cc))
-                for a, b, cc in zip(lo, hi, c, strict=True)
-            )
-        ]
-        ball = (zz * zz + yy * yy + xx * xx) * spacing * spacing <= radius_mm * radius_mm
-        centre = tuple(int(v) for v in np.clip(c - lo, 0, np.asarray(local.shape) - 1))
-        core = ndimage.uniform_filter(local, size=3, mode="nearest")[centre]
-        level = (float(core) + parenchyma) / 2.0
-        region = (local >= level) & ball
-        labels, count = ndimage.label(region)
-        if count:
-            pick = labels[centre]
-            if pick == 0:
-                sizes = np.bincount(labels.ravel())
-                sizes[0] = 0
-                pick = int(np.argmax(sizes))
-            region = labels == pick
-        else:
-            region = ball & (
-                (zz * zz + yy * yy + xx * xx) * spacing * spacing <= (radius_mm / 1.25) ** 2
-            )
-        view = out[box]
-        np.maximum(view, np.where(region, np.float32(probability[i]), np.float32(0.0)), out=view)
-    return out
+    radius_mm = max(1.5, float(diameter_mm) / 2.0) * 1.25 + spacing
+    r = math.ceil(radius_mm / spacing)
+    c = np.clip(np.rint(centre).astype(int), 0, np.asarray(array.shape) - 1)
+    lo = np.maximum(c - r, 0)
+    hi = np.minimum(c + r + 1, array.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    local = array[box]
+    zz, yy, xx = np.ogrid[
+        tuple(slice(int(a) - int(cc), int(b) - int(cc)) for a, b, cc in zip(lo, hi, c, strict=True))
+    ]
+    distance2 = (zz * zz + yy * yy + xx * xx) * spacing * spacing
+    ball = distance2 <= radius_mm * radius_mm
+    at = tuple(int(v) for v in c - lo)
+    core = ndimage.uniform_filter(local, size=3, mode="nearest")[at]
+    level = (float(core) + parenchyma) / 2.0
+    labels, count = ndimage.label((local >= level) & ball)
+    if count:
+        pick = labels[at]
+        if pick == 0:  # the centre itself is dark (a ring, a cavity): the largest part
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            pick = int(np.argmax(sizes))
+        region = labels == pick
+    else:
+        region = distance2 <= (radius_mm / 1.25) ** 2
+    return np.asarray(np.argwhere(region) + lo, dtype=np.intp)

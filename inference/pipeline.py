@@ -145,7 +145,6 @@ def infer_files(
         findings, steps = detector.detect(
             volume,
             threshold,
-            min_volume_mm3=config.inference.min_volume_mm3,
             merge_distance_mm=config.inference.merge_distance_mm,
         )
         timings["model_s"] = time.perf_counter() - t
@@ -171,7 +170,6 @@ def infer_files(
             pre,
             volume,
             threshold,
-            min_volume_mm3=config.inference.min_volume_mm3,
             merge_distance_mm=config.inference.merge_distance_mm,
             calibration=card.output.calibration,
         )

@@ -97,27 +97,60 @@ def findings_from_probability(
         weight = np.asarray(probability[box][local], dtype=np.float32)
         components.append(_Component(index, weight))
     groups = _merge(components, axes, merge_distance_mm)
-    measured = [_measure(group, probability, cut, pre, volume, voxel_mm3) for group in groups]
+    measured = [
+        _measure(
+            group,
+            _feret_diameter(group, *_extent(group), probability, cut, axes),
+            pre,
+            volume,
+            voxel_mm3,
+        )
+        for group in groups
+    ]
     if calibration is not None:
         measured = [
             replace(m, probability=calibrated(calibration, m.volume_mm3, m.probability))
             for m in measured
         ]
         measured = [m for m in measured if m.probability >= threshold]
-    measured.sort(key=lambda m: (-m.probability, -m.volume_mm3))
-    return [
-        Finding(
-            id=i,
-            probability=m.probability,
-            center_mm=m.center_mm,
-            diameter_mm=m.diameter_mm,
-            volume_mm3=m.volume_mm3,
-            bbox_mm=m.bbox_mm,
-            key_sop_instance_uid=m.key_sop_instance_uid,
-            mask=m.mask,
-        )
-        for i, m in enumerate(measured, start=1)
-    ]
+    return _numbered(measured)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One detection of a detector that scores places rather than voxels: its probability,
+    its voxels on ``pre``'s grid (n, 3), and the point it was scored at (an index, or None for
+    the voxels' centre)."""
+
+    probability: float
+    index: NDArray[np.intp]
+    centre: NDArray[np.float64] | None = None
+
+
+def findings_from_regions(
+    regions: list[Region], pre: Preprocessed, volume: Volume
+) -> list[Finding]:
+    """Findings (ids 1..N by decreasing probability) from detections that are already
+    separate (a detector's own suppression decided which place is which lesion): each is
+    measured as a component of a probability map is, its probability the detector's."""
+    axes = pre.affine[:3, :3]
+    voxel_mm3 = abs(float(np.linalg.det(axes)))
+    measured: list[_Measured] = []
+    for region in regions:
+        if len(region.index) == 0:
+            raise PostprocessError("a detection has no voxels")
+        c = _Component(region.index, np.full(len(region.index), region.probability, np.float32))
+        lo, hi = _extent(c)
+        # the region alone, as a map of 1 inside and 0 outside, for its isosurface at 0.5
+        local = np.zeros(tuple(hi - lo + 1), dtype=np.float32)
+        local[tuple((c.index - lo).T)] = 1.0
+        shifted = _Component(c.index - lo, c.weight)
+        diameter = _feret_diameter(shifted, *_extent(shifted), local, 0.5, axes)
+        m = _measure(c, diameter, pre, volume, voxel_mm3)
+        if region.centre is not None:
+            m = replace(m, center_mm=_point(pre.to_patient(region.centre[None])[0]))
+        measured.append(m)
+    return _numbered(measured)
 
 
 def calibrated(calibration: Calibration, volume_mm3: float, max_probability: float) -> float:
@@ -170,22 +203,43 @@ class _Measured:
     mask: NDArray[np.bool_]
 
 
+def _numbered(measured: list[_Measured]) -> list[Finding]:
+    """Findings numbered 1..N by decreasing probability (then volume)."""
+    measured = sorted(measured, key=lambda m: (-m.probability, -m.volume_mm3))
+    return [
+        Finding(
+            id=i,
+            probability=m.probability,
+            center_mm=m.center_mm,
+            diameter_mm=m.diameter_mm,
+            volume_mm3=m.volume_mm3,
+            bbox_mm=m.bbox_mm,
+            key_sop_instance_uid=m.key_sop_instance_uid,
+            mask=m.mask,
+        )
+        for i, m in enumerate(measured, start=1)
+    ]
+
+
+def _extent(c: _Component) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    return c.index.min(axis=0), c.index.max(axis=0)
+
+
 def _measure(
     c: _Component,
-    probability: NDArray[np.floating],
-    threshold: float,
+    diameter_mm: float,
     pre: Preprocessed,
     volume: Volume,
     voxel_mm3: float,
 ) -> _Measured:
     centre = pre.to_patient(c.centre)
-    lo, hi = c.index.min(axis=0), c.index.max(axis=0)
+    lo, hi = _extent(c)
     corners = pre.to_patient(_box_corners(lo - 0.5, hi + 0.5))
     k = int(np.clip(np.rint(volume.to_index(centre)[0]), 0, len(volume.sop_uids) - 1))
     return _Measured(
         probability=float(np.clip(c.weight.max(), 0.0, 1.0)),
         center_mm=_point(centre),
-        diameter_mm=_feret_diameter(c, lo, hi, probability, threshold, pre.affine[:3, :3]),
+        diameter_mm=diameter_mm,
         volume_mm3=len(c.weight) * voxel_mm3,
         bbox_mm=(_point(corners.min(axis=0)), _point(corners.max(axis=0))),
         key_sop_instance_uid=volume.sop_uids[k],

@@ -94,7 +94,7 @@ def evaluate_model(
     for case in dataset.cases:
         volume = case_as_volume(case, dataset_dir)
         if detector is not None:
-            findings, _ = detector.detect(volume, floor, min_volume_mm3, merge_distance_mm)
+            findings, _ = detector.detect(volume, floor, merge_distance_mm)
         else:
             assert runner is not None
             pre = preprocess(volume, spec)

@@ -1,4 +1,4 @@
-"""The two-stage detector's serving side: crops, the detection map, its model card."""
+"""The two-stage detector's serving side: crops, detections and their regions, its card."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from inference.detector import Detector, DetectorError, crops, detection_map, fine_index
+from inference.detector import (
+    Detector,
+    DetectorError,
+    candidate_region,
+    crops,
+    fine_index,
+    suppress,
+)
 from inference.preprocess import Preprocessed
 from inference.runner import RunnerOptions
 from inference.volume import Volume
@@ -43,29 +50,36 @@ def sphere_volume() -> Preprocessed:
     return Preprocessed(array=array, affine=affine)
 
 
-def test_the_detection_map_draws_the_nodule_not_the_vessel_through_it() -> None:
+def test_a_detection_is_the_nodule_not_the_vessel_through_it() -> None:
     pre = sphere_volume()
-    drawn = detection_map(
-        pre, np.array([[24.0, 24.0, 24.0]]), np.array([0.7]), np.array([6.4]), WINDOW
-    )
-    region = drawn > 0
-    assert set(np.unique(drawn)) == {0.0, np.float32(0.7)}
+    voxels = candidate_region(pre, np.array([24.0, 24.0, 24.0]), 6.4, WINDOW)
+    region = np.zeros(pre.array.shape, dtype=bool)
+    region[tuple(voxels.T)] = True
     assert region[24, 24, 24] and region[24, 27, 24]
     nodule_voxels = 4.0**3 * np.pi * 4 / 3  # radius 4 voxels
     assert 0.7 * nodule_voxels <= region.sum() <= 1.6 * nodule_voxels
     assert not region[24, 24, 5] and not region[24, 24, 43]  # the vessel further along
 
 
-def test_where_two_candidates_overlap_the_stronger_wins() -> None:
+def test_a_detection_in_plain_lung_is_a_ball_of_its_predicted_size() -> None:
     pre = sphere_volume()
-    drawn = detection_map(
-        pre,
-        np.array([[24.0, 24.0, 24.0], [24.0, 25.0, 24.0]]),
-        np.array([0.9, 0.2]),
-        np.array([6.4, 6.4]),
-        WINDOW,
-    )
-    assert drawn[24, 24, 24] == pytest.approx(0.9)
+    voxels = candidate_region(pre, np.array([8.0, 8.0, 8.0]), 4.0, WINDOW)
+    distance = np.linalg.norm((voxels - 8) * 0.8, axis=1)
+    assert len(voxels) > 0 and distance.max() <= 2.5 * 1.25 + 0.8
+
+
+def test_one_nodule_seen_twice_is_one_detection_and_its_neighbour_keeps_its_own() -> None:
+    index = np.array([[20.0, 20, 20], [21, 20, 20], [20, 20, 29], [40, 40, 40]])
+    probability = np.array([0.6, 0.9, 0.8, 0.1])
+    diameter = np.array([10.0, 10.0, 4.0, 4.0])
+    kept = suppress(index, probability, diameter, 1.0, 3.0)
+    # the stronger of the two views of the 10 mm nodule, the 4 mm one 9 mm away, the far one
+    assert kept.tolist() == [1, 2, 3]
+    # a larger predicted nodule takes in its neighbour
+    assert suppress(index, probability, np.array([10.0, 20.0, 4.0, 4.0]), 1.0, 3.0).tolist() == [
+        1,
+        3,
+    ]
 
 
 def test_fine_index_inverts_the_affine() -> None:
@@ -194,7 +208,7 @@ def test_the_detector_finds_the_nodule_with_its_mask_on_the_series_grid(tmp_path
     entry = Registry(tmp_path / "models").register(first, card)
     volume, centre = chest_volume()
     detector = Detector(entry, RunnerOptions(providers=("CPUExecutionProvider",)))
-    findings, timings = detector.detect(volume, 0.01, 5.0, 5.0)
+    findings, timings = detector.detect(volume, 0.01, 5.0)
     assert {"lungs_s", "fine_preprocess_s", "candidates_s", "classifier_s", "findings_s"} <= set(
         timings
     )

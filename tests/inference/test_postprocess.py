@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.postprocess import PostprocessError, findings_from_probability
+from inference.postprocess import (
+    PostprocessError,
+    Region,
+    findings_from_probability,
+    findings_from_regions,
+)
 from inference.preprocess import Preprocessed, PreprocessSpec, preprocess
 from inference.volume import Volume, load_series
 from training.phantom import PhantomOptions, generate
@@ -262,3 +267,31 @@ def test_a_calibrated_model_ranks_by_size_and_peak_and_drops_below_the_threshold
     cut = (first.probability + second.probability) / 2
     (kept,) = findings_from_probability(probability, pre, volume, cut, calibration=calibration)
     assert kept.center_mm == first.center_mm
+
+
+def test_detections_become_findings_each_measured_on_its_own(
+    scan: tuple[Volume, Preprocessed],
+) -> None:
+    volume, pre = scan
+    points = patient_grid(pre)
+    middle = pre.to_patient(np.asarray(pre.array.shape, dtype=np.float64) / 2)
+    near = middle + np.array([12.0, 0.0, 0.0])
+    # two overlapping spheres (10 and 6 mm): separate detections stay separate findings
+    regions = []
+    for centre, diameter, p in ((middle, 10.0, 0.6), (near, 6.0, 0.9)):
+        inside = np.sum((points - centre) ** 2, axis=-1) <= (diameter / 2) ** 2
+        scored_at = np.linalg.solve(pre.affine[:3, :3], centre - pre.affine[:3, 3])
+        regions.append(Region(p, np.argwhere(inside), scored_at))
+
+    findings = findings_from_regions(regions, pre, volume)
+
+    assert [f.probability for f in findings] == pytest.approx([0.9, 0.6])
+    small, large = findings
+    assert np.allclose(small.center_mm, near, atol=1e-6)  # where the detector scored it
+    assert large.diameter_mm == pytest.approx(10.0, abs=2.0)
+    assert small.diameter_mm == pytest.approx(6.0, abs=2.0)
+    assert large.volume_mm3 == pytest.approx(math.pi / 6 * 10.0**3, rel=0.25)
+    assert large.mask.sum() > small.mask.sum() > 0
+    assert small.key_sop_instance_uid == nearest_slice(volume, near)
+    with pytest.raises(PostprocessError, match="no voxels"):
+        findings_from_regions([Region(0.5, np.zeros((0, 3), np.intp))], pre, volume)
