@@ -170,6 +170,7 @@ def infer_files(
             pre,
             volume,
             threshold,
+            min_volume_mm3=config.inference.min_volume_mm3,
             merge_distance_mm=config.inference.merge_distance_mm,
             calibration=card.output.calibration,
         )
