@@ -43,7 +43,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--spacing", type=float, default=1.0)
-    parser.add_argument("--max-candidates", type=int, default=max(COUNTS))
+    parser.add_argument(
+        "--counts", type=int, nargs="+", default=list(COUNTS), help="candidates per scan"
+    )
+    parser.add_argument("--max-candidates", type=int, default=0, help="default: the largest count")
     parser.add_argument("--min-response", type=float, default=CandidateSpec.min_response)
     parser.add_argument("--slack", type=float, default=1.0, help="mm beyond the radius")
     parser.add_argument("--cases", type=int, default=0, help="only the first N cases")
@@ -60,6 +63,8 @@ def main() -> int:
         help="rankings to compare: response x roundness ** p",
     )
     args = parser.parse_args()
+    counts_at = sorted(args.counts)
+    args.max_candidates = args.max_candidates or max(counts_at)
     dataset = Dataset.load(args.dataset)
     cases = dataset.cases[: args.cases] if args.cases else dataset.cases
     pre_spec = PreprocessSpec((args.spacing,) * 3, (-1000.0, 400.0))
@@ -133,7 +138,7 @@ def main() -> int:
         print(f"{case.id}: " + ", ".join(f"{k} {len(v)}" for k, v in ranked.items()), flush=True)
     nodules = len(next(iter(rows.values())))
     print(f"\n{len(cases)} scans, {nodules} nodules, grid {args.spacing} mm")
-    header = "band (mm)   n  " + "  ".join(f"@{n:<4}" for n in COUNTS)
+    header = "band (mm)   n  " + "  ".join(f"@{n:<4}" for n in counts_at)
     for name, table in rows.items():
         print(f"\n{name}: candidates per scan median {statistics.median(counts[name]):.0f}")
         for label, column in (("within radius", 1), (f"within radius + {args.slack} mm", 2)):
@@ -141,7 +146,7 @@ def main() -> int:
             for lo, hi in (*BANDS, (3.0, 31.0)):
                 sel = [r[column] for r in table if lo <= r[0] < hi]
                 if sel:
-                    recall = [sum(rank < n for rank in sel) / len(sel) for n in COUNTS]
+                    recall = [sum(rank < n for rank in sel) / len(sel) for n in counts_at]
                     print(
                         f"{lo:>4.0f}-{hi:<4.0f} {len(sel):>4}  "
                         + "  ".join(f"{v:.3f}" for v in recall)

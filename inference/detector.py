@@ -55,6 +55,8 @@ log = logging.getLogger("aidx.inference")
 LUNGS_SPACING_MM = 4.0  # the grid on which the lungs' box is found
 BOX_MARGIN_MM = 20.0  # around the lungs' box: a crop around a candidate at its edge stays real
 PARENCHYMA_HU = -850.0
+# the 8 flips of a batch of crops (batch, channel, z, y, x): every subset of the three axes
+FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
 
 
 class DetectorError(ValueError):
@@ -67,6 +69,7 @@ class DetectorInput:
 
     pre: Preprocessed
     lungs: NDArray[np.bool_]
+    cut: Volume  # the series cut to the lungs' box (with a margin): what the network sees
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -125,7 +128,7 @@ def detector_input(
         raise DetectorError("the fine and coarse grids are not aligned")  # both are LPS grids
     fine_lungs = lungs[np.ix_(index[0], index[1], index[2])]
     timings["lungs_s"] += time.perf_counter() - t
-    return DetectorInput(pre, np.ascontiguousarray(fine_lungs), timings)
+    return DetectorInput(pre, np.ascontiguousarray(fine_lungs), cut, timings)
 
 
 def crop_volume(volume: Volume, start: NDArray[np.integer], stop: NDArray[np.integer]) -> Volume:
@@ -241,7 +244,7 @@ class Detector:
             self.network.provider if self.network is not None else "CPUExecutionProvider"
         )
 
-    def candidates(self, volume: Volume, data: DetectorInput) -> Candidates:
+    def candidates(self, data: DetectorInput) -> Candidates:
         """Blob candidates and (with a first-stage network) its probability peaks, as one list
         on the fine grid (network peaks first)."""
         t = time.perf_counter()
@@ -252,7 +255,8 @@ class Detector:
             return blobs
         t = time.perf_counter()
         card = self.card
-        coarse = preprocess(volume, PreprocessSpec(card.input.spacing_mm, card.input.hu_window))
+        # the network sees the lungs' box, not the field of view (a third to a half of it)
+        coarse = preprocess(data.cut, PreprocessSpec(card.input.spacing_mm, card.input.hu_window))
         probability = self.network.predict(coarse.array)
         c = self.spec.candidates
         peaks = probability_peaks(
@@ -276,8 +280,32 @@ class Detector:
         if self.classifier is None:
             raise DetectorError(f"model {self.model.ref} was loaded without its classifier")
         probability, diameter = self.classifier.score(batch)
+        top = self.spec.classifier.augment_top
+        if top and len(probability):
+            probability, diameter = self._augmented(batch, probability, diameter, top)
         data.timings["classifier_s"] = time.perf_counter() - t
         return Scored(found.index, probability, diameter, (found.radius_mm < 0).astype(np.int8))
+
+    def _augmented(
+        self,
+        batch: NDArray[np.float32],
+        probability: NDArray[np.float64],
+        diameter: NDArray[np.float64],
+        top: int,
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """The ``top`` most probable crops scored in all 8 flips of their three axes, each
+        verdict the mean of the 8 (the others keep their single score)."""
+        assert self.classifier is not None
+        best = np.argsort(-probability, kind="stable")[:top]
+        p_sum, d_sum = probability[best].copy(), diameter[best].copy()
+        for flips in FLIPS[1:]:
+            p, d = self.classifier.score(np.ascontiguousarray(np.flip(batch[best], axis=flips)))
+            p_sum += p
+            d_sum += d
+        probability, diameter = probability.copy(), diameter.copy()
+        probability[best] = p_sum / len(FLIPS)
+        diameter[best] = d_sum / len(FLIPS)
+        return probability, diameter
 
     def detect(
         self,
@@ -288,7 +316,7 @@ class Detector:
         """Findings (probability at least ``floor``; none closer than ``merge_distance_mm`` or a
         stronger one's predicted radius to a stronger one) and the time each step took."""
         data = detector_input(volume, self.spec, self.card.input.hu_window)
-        scored = self.score(data, self.candidates(volume, data))
+        scored = self.score(data, self.candidates(data))
         t = time.perf_counter()
         above = np.flatnonzero(scored.probability >= floor)
         kept = above[

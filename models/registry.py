@@ -103,6 +103,9 @@ class ClassifierSpec(_Strict):
     input: TensorSpec  # (batch, 2, crop, crop, crop): the crop and its twice-as-wide context
     output: TensorSpec  # (batch, 2): probability of a nodule, its diameter in mm
     crop_size: int = Field(ge=8)
+    # the N most probable candidates are scored again in the 7 other flips of their crops and
+    # the 8 verdicts averaged (test-time augmentation where it decides the ranking)
+    augment_top: int = Field(default=0, ge=0)
 
 
 class DetectorSpec(_Strict):

@@ -61,13 +61,13 @@ def default_spec(base: ModelCard, spacing_mm: float = 1.0) -> DetectorSpec:
         candidates=CandidateSettings(
             sigmas_mm=[0.9, 1.3, 1.8, 2.5, 3.5, 5.0, 7.0, 9.0],
             min_response=0.02,
-            max_candidates=400,
+            max_candidates=600,
             shape_power=1.0,
             lung_closing_mm=12.0,
             lung_margin_mm=4.0,
             network=True,
-            network_min_probability=0.005,
-            network_max_candidates=200,
+            network_min_probability=0.002,
+            network_max_candidates=300,
         ),
         classifier=ClassifierSpec(
             file="classifier.onnx",
@@ -87,9 +87,11 @@ def extract(
     spacing_mm: float = 1.0,
     seed: int = 0,
     limit: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> int:
     """Crops and labels of every case of ``dataset_dir`` into ``out/crops`` (see module);
-    returns how many cases were extracted now (the others were there already)."""
+    returns how many cases were extracted now (the others were there already). ``shard``
+    (k, n) takes every n-th case from the k-th, so n processes can share the work."""
     spec = default_spec(base.card, spacing_mm)
     card = base.card.model_copy(update={"detector": spec})
     detector = Detector(
@@ -102,15 +104,17 @@ def extract(
     folder.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(spec.model_dump_json(indent=2), encoding="utf-8")
     done = 0
-    rng = np.random.default_rng(seed)
-    for case in dataset.cases[:limit] if limit else dataset.cases:
+    k, n = shard
+    cases = dataset.cases[:limit] if limit else dataset.cases
+    for position, case in enumerate(cases):
         target = folder / f"{case.id}.npz"
-        if target.exists():
+        if position % n != k or target.exists():
             continue
+        rng = np.random.default_rng([seed, position])  # the same jitter whichever shard runs it
         t = time.perf_counter()
         volume = case_as_volume(case, dataset_dir)
         data = detector_input(volume, spec, card.input.hu_window)
-        found = detector.candidates(volume, data)
+        found = detector.candidates(data)
         centres = np.asarray([les.center_mm for les in case.lesions], dtype=np.float64)
         diameters = np.asarray([les.diameter_mm for les in case.lesions], dtype=np.float64)
         label, diameter, keep = label_candidates(
@@ -127,13 +131,16 @@ def extract(
                 j_diam.append(d)
         all_index = np.concatenate([index, np.asarray(jittered).reshape(-1, 3)])
         batch = crops(data.pre.array, all_index, CROP)
-        np.savez_compressed(
-            target,
-            crops=np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8),
-            label=np.concatenate([label[keep], np.ones(len(jittered), dtype=np.int8)]),
-            diameter=np.concatenate([diameter[keep], np.asarray(j_diam)]).astype(np.float32),
-            source=np.concatenate([source, np.full(len(jittered), 2, dtype=np.int8)]),
-        )
+        partial = folder / f".{case.id}.part"  # renamed when whole: a re-run never trusts half
+        with partial.open("wb") as f:
+            np.savez_compressed(
+                f,
+                crops=np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8),
+                label=np.concatenate([label[keep], np.ones(len(jittered), dtype=np.int8)]),
+                diameter=np.concatenate([diameter[keep], np.asarray(j_diam)]).astype(np.float32),
+                source=np.concatenate([source, np.full(len(jittered), 2, dtype=np.int8)]),
+            )
+        partial.replace(target)
         done += 1
         log.info(
             "case %s: %d candidates (%d on nodules), %d jittered, %.1f s",
@@ -200,19 +207,20 @@ def build_classifier() -> Any:
     class CropClassifier(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            # most of the cost is at the first full-width level: one narrow convolution there
             self.features = torch.nn.Sequential(
                 *block(2, 16, stride=2),  # 16³
-                *block(16, 32),
-                *block(32, 32),
+                *block(16, 24),
                 torch.nn.MaxPool3d(2),  # 8³
-                *block(32, 64),
-                *block(64, 64),
+                *block(24, 32),
+                *block(32, 48),
                 torch.nn.MaxPool3d(2),  # 4³
-                *block(64, 96),
+                *block(48, 64),
+                *block(64, 64),
                 torch.nn.AdaptiveAvgPool3d(1),
                 torch.nn.Flatten(),
             )
-            self.head = torch.nn.Linear(96, 2)
+            self.head = torch.nn.Linear(64, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out: torch.Tensor = self.head(self.features(x))
@@ -264,7 +272,6 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
         log.info("resumed at step %d (%.0f min spent)", step, spent / 60)
     rng = np.random.default_rng(seed + step)
     budget = spent + minutes * 60.0
-    total_steps_hint = max(1, int(budget / 0.6))  # for the cosine schedule (about 0.6 s a step)
     start = time.perf_counter() - spent
     last_save = time.perf_counter()
     net.train()
@@ -275,7 +282,9 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
         x = augment(data.crops[idx].astype(np.float32) / 255.0, rng)
         y = torch.from_numpy(data.label[idx].astype(np.float32))
         d = torch.from_numpy(np.log(np.maximum(data.diameter[idx], 1.0)).astype(np.float32))
-        lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps_hint)))
+        # cosine over the wall-time budget (what was spent plus this run's minutes)
+        elapsed = time.perf_counter() - start
+        lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
         for group in optimiser.param_groups:
             group["lr"] = max(lr, 5e-5)
         out_t = net(torch.from_numpy(x))
@@ -452,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--base", default="lung-nodule@0.5.0")
     ex.add_argument("--spacing", type=float, default=1.0)
     ex.add_argument("--limit", type=int, default=0, help="only the first N cases")
+    ex.add_argument(
+        "--shard", default="0/1", help="K/N: every N-th case from the K-th (N processes)"
+    )
     tr = sub.add_parser("train")
     tr.add_argument("out", type=Path)
     tr.add_argument("--minutes", type=float, default=40.0)
@@ -466,7 +478,20 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--training-command", default="see docs/models/lung-nodule.md")
     args = parser.parse_args(argv)
     if args.command == "extract":
-        n = extract(args.dataset, args.out, _resolve(args.base), args.spacing, limit=args.limit)
+        try:
+            k, n = (int(v) for v in args.shard.split("/"))
+            if not 0 <= k < n:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--shard takes K/N with 0 <= K < N, got {args.shard!r}")
+        n = extract(
+            args.dataset,
+            args.out,
+            _resolve(args.base),
+            args.spacing,
+            limit=args.limit,
+            shard=(k, n),
+        )
         print(f"extracted {n} cases into {args.out / 'crops'}")
     elif args.command == "train":
         path = train(args.out, args.minutes, args.resume)

@@ -228,3 +228,27 @@ def test_a_model_without_a_detector_section_is_not_a_detector(tmp_path: Path) ->
     entry = Registry(tmp_path / "models").register(first, tmp_path / "card.json")
     with pytest.raises(DetectorError, match="is not a two-stage detector"):
         Detector(entry)
+
+
+class CornerClassifier:
+    """Scores a crop by its first voxel: flips move other voxels there."""
+
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        value = batch[:, 0, 0, 0, 0].astype(np.float64)
+        return value, 10.0 * value
+
+
+def test_the_most_probable_candidates_are_scored_in_all_flips(tmp_path: Path) -> None:
+    first, card = two_stage_folder(tmp_path)
+    entry = Registry(tmp_path / "models").register(first, card)
+    detector = Detector(entry, RunnerOptions(providers=("CPUExecutionProvider",)))
+    detector.classifier = CornerClassifier()  # type: ignore[assignment]
+    batch = np.zeros((3, 2, 2, 2, 2), dtype=np.float32)
+    batch[:, 0, 0, 0, 0] = [0.9, 0.1, 0.5]  # each crop's corner: its single-view score
+    batch[0, 0, 1, 1, 1] = 0.8  # the opposite corner, which one of the 8 flips brings there
+    p, d = detector.classifier.score(batch)
+    p2, d2 = detector._augmented(batch, p, d, top=2)
+    assert p2[0] == pytest.approx((0.9 + 0.8) / 8)  # the mean of the 8 views
+    assert p2[2] == pytest.approx(0.5 / 8)
+    assert p2[1] == pytest.approx(0.1)  # not among the top 2: its single score stays
+    assert d2[0] == pytest.approx(10 * (0.9 + 0.8) / 8)

@@ -72,3 +72,15 @@ def test_training_without_crops_says_what_to_run(tmp_path: Path) -> None:
     (tmp_path / "crops").mkdir()
     with pytest.raises(SystemExit, match=r"run `python -m training\.detector extract` first"):
         train(tmp_path, minutes=0.01, resume=False)
+
+
+@pytest.mark.parametrize("shard", ["2/2", "x", "1/0"])
+def test_a_bad_shard_is_refused_with_the_form_it_takes(
+    shard: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.detector import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["extract", str(tmp_path), str(tmp_path / "out"), "--shard", shard])
+    assert stop.value.code == 2
+    assert "--shard takes K/N with 0 <= K < N" in capsys.readouterr().err
