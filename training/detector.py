@@ -258,6 +258,7 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
     pos = np.flatnonzero(data.label == 1)
     neg = np.flatnonzero(data.label == 0)
     log.info("training on %d crops: %d positive, %d negative", len(data.label), len(pos), len(neg))
+    pos_p = nodule_weights(data.diameter[pos])
     net = build_classifier()
     optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     checkpoint = out / "classifier.pt"
@@ -278,7 +279,7 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
     losses: list[float] = []
     while time.perf_counter() - start < budget:
         n_pos = batch_size // 4
-        idx = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, batch_size - n_pos)])
+        idx = np.concatenate([rng.choice(pos, n_pos, p=pos_p), rng.choice(neg, batch_size - n_pos)])
         x = augment(data.crops[idx].astype(np.float32) / 255.0, rng)
         y = torch.from_numpy(data.label[idx].astype(np.float32))
         d = torch.from_numpy(np.log(np.maximum(data.diameter[idx], 1.0)).astype(np.float32))
@@ -309,6 +310,15 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
             last_save = time.perf_counter()
     _save(checkpoint, net, optimiser, history, step, time.perf_counter() - start)
     return checkpoint
+
+
+def nodule_weights(diameter: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Sampling weights of positive crops that give every nodule the same share: a large
+    nodule has dozens of candidates on it, a 3 mm one a few (a case's nodules are told apart
+    by their diameters)."""
+    _, inverse, counts = np.unique(diameter, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse]
+    return np.asarray(weights / weights.sum(), dtype=np.float64)
 
 
 def augment(x: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:

@@ -84,3 +84,13 @@ def test_a_bad_shard_is_refused_with_the_form_it_takes(
         main(["extract", str(tmp_path), str(tmp_path / "out"), "--shard", shard])
     assert stop.value.code == 2
     assert "--shard takes K/N with 0 <= K < N" in capsys.readouterr().err
+
+
+def test_every_nodule_gets_the_same_share_of_positive_samples() -> None:
+    from training.detector import nodule_weights
+
+    diameters = np.array([20.0] * 30 + [3.5] * 2 + [7.0] * 8, dtype=np.float32)
+    w = nodule_weights(diameters)
+    assert w.sum() == pytest.approx(1.0)
+    shares = {d: float(w[diameters == d].sum()) for d in (20.0, 3.5, 7.0)}
+    assert shares == pytest.approx({20.0: 1 / 3, 3.5: 1 / 3, 7.0: 1 / 3})
