@@ -9,7 +9,10 @@
 #   finetune: a dataset with nodules from 3 mm, then configs/train/phantom-gpu-finetune.yaml
 #   from the carried aidx-data/runs/phantom-cpu-finetune/checkpoint.pt (the network of the
 #   default model 0.5.0; carry that path too), with small-nodule sampling and hard negatives.
-# Usage: bash benchmarks/gpu_session.sh [train|bench|finetune|all]   (default all)
+#   detector: the two-stage detector's classifier (docs/models/lung-nodule.md): 60 training
+#   phantoms, candidate extraction in 16 processes, the classifier on the GPU for
+#   $AIDX_GPU_DETECTOR_MINUTES (default 20), exported to ONNX; copies classifier.pt and the log.
+# Usage: bash benchmarks/gpu_session.sh [train|bench|finetune|detector|all]   (default all)
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-gpu-out}
@@ -50,4 +53,20 @@ PY
   grep "epoch [0-9]*/[0-9]*: loss" "$out/train.log" | tail -3
   cp "$run/best.pt" "$run/curves.png" "$out/" || true
   echo "training total: $(( $(date +%s) - start )) s"
+fi
+if [ "$what" = detector ]; then
+  start=$(date +%s)
+  data=aidx-data/datasets/phantoms-train-6001 run=aidx-data/runs/detector-gpu
+  python3 -m aidx dataset phantoms "$data" --cases 60 --seed 6001 --nodules 8 \
+    --min-diameter 3 --max-diameter 30 --workers 16 2>&1 | tail -1
+  for k in $(seq 0 15); do
+    OMP_NUM_THREADS=1 python3 -m training.detector extract "$data" "$run" --shard "$k/16" \
+      > "$out/extract-$k.log" 2>&1 &
+  done
+  wait
+  echo "extraction: $(( $(date +%s) - start )) s, $(ls "$run/crops" | wc -l) cases"
+  python3 -m training.detector train "$run" --minutes "${AIDX_GPU_DETECTOR_MINUTES:-20}" \
+    2>&1 | tee "$out/detector-train.log" | tail -3
+  cp "$run/classifier.pt" "$run/spec.json" "$out/" || true
+  echo "detector total: $(( $(date +%s) - start )) s"
 fi

@@ -259,14 +259,16 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
     neg = np.flatnonzero(data.label == 0)
     log.info("training on %d crops: %d positive, %d negative", len(data.label), len(pos), len(neg))
     pos_p = nodule_weights(data.diameter[pos])
-    net = build_classifier()
+    # a GPU when there is one (benchmarks/gpu_session.sh detector), else the CPU
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = build_classifier().to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     checkpoint = out / "classifier.pt"
     history: list[dict[str, float]] = []
     step = 0
     spent = 0.0
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
         net.load_state_dict(state["net"])
         optimiser.load_state_dict(state["optimiser"])
         history, step, spent = state["history"], state["step"], state["spent_s"]
@@ -281,14 +283,15 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
         n_pos = batch_size // 4
         idx = np.concatenate([rng.choice(pos, n_pos, p=pos_p), rng.choice(neg, batch_size - n_pos)])
         x = augment(data.crops[idx].astype(np.float32) / 255.0, rng)
-        y = torch.from_numpy(data.label[idx].astype(np.float32))
+        y = torch.from_numpy(data.label[idx].astype(np.float32)).to(device)
         d = torch.from_numpy(np.log(np.maximum(data.diameter[idx], 1.0)).astype(np.float32))
+        d = d.to(device)
         # cosine over the wall-time budget (what was spent plus this run's minutes)
         elapsed = time.perf_counter() - start
         lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
         for group in optimiser.param_groups:
             group["lr"] = max(lr, 5e-5)
-        out_t = net(torch.from_numpy(x))
+        out_t = net(torch.from_numpy(x).to(device))
         loss_cls = torch.nn.functional.binary_cross_entropy_with_logits(out_t[:, 0], y)
         mask = y > 0
         loss_d = (
@@ -355,7 +358,7 @@ def export_classifier(checkpoint: Path, target: Path) -> float:
     import torch  # noqa: PLC0415
 
     net = build_classifier()
-    net.load_state_dict(torch.load(checkpoint, weights_only=False)["net"])
+    net.load_state_dict(torch.load(checkpoint, weights_only=False, map_location="cpu")["net"])
     net.eval()
     exported = ServingHead.wrap(net).eval()
     example = torch.rand(4, 2, CROP, CROP, CROP)
