@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -240,19 +241,29 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             worklist("", "", "priority", request),
         )
 
-    def guarded(fn: Any) -> Any:
-        """Run a handler; show refusals and review errors to the user instead of failing."""
+    def guarded(outputs: list[Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Run a handler whose results go to ``outputs``; a refusal (no permission, a review
+        rule, a bad value) is a message beside the controls (``message`` when it is among the
+        outputs, else a notice) and leaves every other output as it was. Raising gr.Error
+        instead turned the image, the table and the slider into "Error" badges that stayed,
+        and logged an expected refusal as a traceback."""
 
-        @functools.wraps(fn)  # Gradio reads the signature to pass the event and the request
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except PermissionDenied:
-                raise gr.Error(t("no_permission")) from None
-            except (ReviewError, ValueError) as exc:
-                raise gr.Error(str(exc)) from None
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)  # Gradio reads the signature to pass the event and request
+            def run(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return fn(*args, **kwargs)
+                except PermissionDenied:
+                    text = t("no_permission")
+                except (ReviewError, ValueError) as exc:
+                    text = str(exc)
+                if not any(o is message for o in outputs):
+                    gr.Warning(text)
+                return tuple(f"⚠ {text}" if o is message else gr.skip() for o in outputs)
 
-        return run
+            return run
+
+        return wrap
 
     # Gradio's copies of the slices (patient images) leave its cache after half an hour.
     with gr.Blocks(title=t("title"), analytics_enabled=False, delete_cache=(600, 1800)) as blocks:
@@ -401,7 +412,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         ):
             trigger(worklist, [status, search, sort], table)
 
-        @guarded
+        @guarded([*viewer_outputs, tabs])
         def on_open(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
             user = current_user(ctx, request)
             row = evt.row_value if evt.row_value is not None else None
@@ -425,10 +436,18 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         rendered = [state, image, slice_text, meta, jump]
         slider.input(rerender, [state, slider, preset, width, level, overlays], rendered)
         overlays.change(rerender, [state, slider, preset, width, level, overlays], rendered)
+
+        def on_manual_window(
+            st: ViewerState, s: float, w: float, lv: float, o: bool, request: gr.Request
+        ) -> Any:
+            # a named function with its request: Gradio passes gr.Request only to a parameter
+            # annotated with it (a lambda of *args got none and raised a TypeError)
+            return ("manual", *rerender(st, s, "manual", w, lv, o, request))
+
         for number in (width, level):
             number.submit(
-                lambda *a: ("manual", *rerender(*a)),
-                [state, slider, preset, width, level, overlays],
+                on_manual_window,
+                [state, slider, width, level, overlays],
                 [preset, *rendered],
             )
 
@@ -450,7 +469,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         prev_button.click(None, js="() => { window.aidxStep && window.aidxStep(-1); }")
         next_button.click(None, js="() => { window.aidxStep && window.aidxStep(1); }")
 
-        @guarded
+        @guarded(viewer_outputs)
         def on_finding(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
             current_user(ctx, request)
             row = evt.row_value
@@ -460,7 +479,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
 
         findings.select(on_finding, [state], viewer_outputs)
 
-        @guarded
+        @guarded(viewer_outputs)
         def on_thumbnail(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
             current_user(ctx, request)
             keys = [k for k, _ in st.thumbnail_keys]
@@ -471,7 +490,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         gallery.select(on_thumbnail, [state], viewer_outputs)
 
         def decision(action: str) -> Any:
-            @guarded
+            @guarded([*viewer_outputs, reason])
             def run(st: ViewerState, why: str, d: float | None, request: gr.Request) -> Any:
                 user = current_user(ctx, request)
                 what = decide(
@@ -489,7 +508,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         ):
             button.click(decision(action), [state, reason, diameter], [*viewer_outputs, reason])
 
-        @guarded
+        @guarded([state, point, image, meta])
         def on_click(
             st: ViewerState, position: float, evt: gr.SelectData, request: gr.Request
         ) -> Any:
@@ -501,7 +520,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
 
         image.select(on_click, [state, jump], [state, point, image, meta])
 
-        @guarded
+        @guarded(viewer_outputs)
         def on_add(st: ViewerState, d: float | None, request: gr.Request) -> Any:
             user = current_user(ctx, request)
             what = add_finding(ctx, st, user, d, client=_client(request))
@@ -509,7 +528,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
 
         add.click(on_add, [state, diameter], viewer_outputs)
 
-        @guarded
+        @guarded(viewer_outputs)
         def on_sign(st: ViewerState, request: gr.Request) -> Any:
             user = current_user(ctx, request)
             result = sign_review(ctx, st, user, client=_client(request))
@@ -521,7 +540,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
 
         sign.click(on_sign, [state], viewer_outputs)
 
-        @guarded
+        @guarded(viewer_outputs)
         def on_reopen(st: ViewerState, request: gr.Request) -> Any:
             user = current_user(ctx, request)
             reopen(ctx, st, user, client=_client(request))

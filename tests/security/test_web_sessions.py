@@ -118,3 +118,23 @@ def test_handlers_check_the_owner_of_the_page_session(server: UiServer) -> None:
     with pytest.raises(PermissionDenied, match="another sign-in"):
         current_user(ctx, eng)  # type: ignore[arg-type]
     assert current_user(ctx, rad).username == "rad"  # type: ignore[arg-type]
+
+
+def test_a_refused_action_is_a_message_beside_the_controls_and_the_viewer_stays(
+    study: ReviewedStudy, clients: tuple[httpx.Client, httpx.Client]
+) -> None:
+    """Signing with findings undecided is refused: the message says why, and the image, the
+    table and the slider keep what they showed (no "Error" badges, no failed event)."""
+    rad, _ = clients
+    review = study.review_id()
+    assert any(f.status == "pending" for f in study.reviews.findings(review))
+    page = GradioPage(rad)
+    page.run(None, "load")
+    page.run(
+        "worklist", "select", event_data={"index": [0, 0], "value": review, "row_value": [review]}
+    )
+    refused = page.run("sign", "click")  # raises GradioEventError if the event failed
+    assert refused["message"].startswith("⚠ ")
+    assert "undecided" in refused["message"] or "decide" in refused["message"]
+    for kept in ("slice-image", "findings", "slice", "viewer-status"):
+        assert refused[kept] == {"__type__": "update"}, (kept, refused[kept])
