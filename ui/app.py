@@ -229,7 +229,11 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         who = t("signed_in_as", name=user.display_name, role=t(f"role_{user.role}"))
         header = (
             f"**{t('title')}** · {who} · "
-            f"[{t('log_out')}](/logout) · "
+            # a form, not a Markdown link: Gradio opens links in a new tab, and the old tab
+            # kept the worklist with the patients' names on screen
+            f"<form method='get' action='/logout' style='display:inline'>"
+            f"<button id='log-out' type='submit' style='text-decoration:underline'>"
+            f"{t('log_out')}</button></form> · "
             f"<form method='post' action='/language' style='display:inline'>"
             f"<input type='hidden' name='lang' value='{other}'>"
             f"<button id='switch-language' type='submit' style='text-decoration:underline'>"

@@ -11,52 +11,109 @@ import pandas as pd
 
 from ui import dashboard
 
-_RATE_KINDS = ("accepted", "edited", "rejected", "added", "pending")
+# What the bars stack: parts that add up, never a whole beside its parts (the AI findings are
+# accepted as is, edited, rejected or undecided; the radiologist's own come on top).
+_STACKED_STAGES = ("receipt_to_result", "result_to_signoff")
+_KINDS = ("accepted", "edited", "rejected", "pending", "added")
 
 
 def _label(uid: str) -> str:
     return "…" + uid[-8:]
 
 
-def dashboard_data(ctx: Any) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _code(text: str) -> str:
+    """Inline code, so that Markdown shows ``lung-nodule@0.5.0`` as it is, not as a mail link."""
+    return "`" + text.replace("`", "") + "`"
+
+
+def dashboard_data(
+    ctx: Any, t: Callable[..., str] = lambda key, **v: key
+) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The summary (Markdown) and the three plots' frames, with the labels in ``t``'s
+    language: turnaround stages per study, final decisions per model version, findings per
+    study; each bar's parts are disjoint and add up to it."""
     turnaround = dashboard.turnaround(ctx.reviews)
     stages = dashboard.turnaround_stages(turnaround)
-    stages = stages.assign(study=stages["study_uid"].map(_label))
+    stages = stages[stages["stage"].isin(_STACKED_STAGES)]
+    stages = pd.DataFrame(
+        {
+            t("dash_study"): stages["study_uid"].map(_label),
+            t("dash_stage"): stages["stage"].map(lambda s: t(f"stage_{s}")),
+            t("dash_minutes"): stages["minutes"],
+        }
+    )
     rates = dashboard.decision_rates(ctx.reviews)
     rates_long = pd.DataFrame(
         [
-            {"model": row["model"], "decision": kind, "count": int(row[kind])}
+            {
+                t("dash_model"): row["model"],
+                t("dash_decision"): t(f"kind_{kind}"),
+                t("dash_count"): _as_is(row, kind),
+            }
             for _, row in rates.iterrows()
-            for kind in _RATE_KINDS
+            for kind in _KINDS
         ],
-        columns=["model", "decision", "count"],
+        columns=[t("dash_model"), t("dash_decision"), t("dash_count")],
     )
-    findings = dashboard.findings_long(dashboard.findings_per_study(ctx.reviews))
-    findings = findings.assign(study=findings["study_uid"].map(_label))
+    per_study = dashboard.findings_per_study(ctx.reviews)
+    findings = pd.DataFrame(
+        [
+            {
+                t("dash_study"): _label(row["study_uid"]),
+                t("dash_kind"): t(f"kind_{kind}"),
+                t("dash_count"): _as_is(row, kind),
+            }
+            for _, row in per_study.iterrows()
+            for kind in _KINDS
+        ],
+        columns=[t("dash_study"), t("dash_kind"), t("dash_count")],
+    )
     s = dashboard.summary(ctx.reviews)
     lines = [
-        f"- studies received: **{s['studies_received']}**, AI results: **{s['ai_results']}**, "
-        f"signed: **{s['signed']}**, awaiting sign-off: **{s['awaiting_signoff']}**",
+        "- "
+        + t(
+            "dash_counts",
+            received=s["studies_received"],
+            results=s["ai_results"],
+            signed=s["signed"],
+            awaiting=s["awaiting_signoff"],
+        )
     ]
     for stage in dashboard.STAGES:
         value = s.get(f"median_{stage}_min")
         if value is not None:
-            lines.append(f"- median {stage.replace('_', ' ')}: **{value:.1f} min**")
+            lines.append("- " + t(f"dash_median_{stage}", value=value))
     if s.get("acceptance_rate") is not None:
         lines.append(
-            f"- findings decided: **{s['findings_decided']}**, acceptance "
-            f"**{s['acceptance_rate']:.0%}**, rejection **{s['rejection_rate']:.0%}**"
+            "- "
+            + t(
+                "dash_decided",
+                decided=s["findings_decided"],
+                accepted=s["acceptance_rate"],
+                rejected=s["rejection_rate"],
+            )
         )
     if not rates.empty:
         per_model = ", ".join(
-            f"{r['model']}: {r['acceptance_rate']:.0%} accepted / {r['rejection_rate']:.0%} "
-            "rejected"
+            t(
+                "dash_model_rate",
+                model=_code(str(r["model"])),
+                accepted=r["acceptance_rate"],
+                rejected=r["rejection_rate"],
+            )
             for _, r in rates.iterrows()
             if pd.notna(r["acceptance_rate"])
         )
         if per_model:
-            lines.append(f"- per model version: {per_model}")
+            lines.append("- " + t("dash_per_model", rates=per_model))
     return "\n".join(lines), stages, rates_long, findings
+
+
+def _as_is(row: Any, kind: str) -> int:
+    """A count of one disjoint kind: the store's ``accepted`` includes the edited ones."""
+    if kind == "accepted":
+        return int(row["accepted"]) - int(row["edited"])
+    return int(row[kind])
 
 
 def dashboard_tab(
@@ -66,30 +123,30 @@ def dashboard_tab(
     refresh = gr.Button(t("dashboard_refresh"), elem_id="dashboard-refresh")
     summary = gr.Markdown(elem_id="dashboard-summary")
     turnaround = gr.BarPlot(
-        x="study",
-        y="minutes",
-        color="stage",
+        x=t("dash_study"),
+        y=t("dash_minutes"),
+        color=t("dash_stage"),
         title=t("turnaround"),
         elem_id="turnaround",
     )
     decisions = gr.BarPlot(
-        x="model",
-        y="count",
-        color="decision",
+        x=t("dash_model"),
+        y=t("dash_count"),
+        color=t("dash_decision"),
         title=t("decisions_per_model"),
         elem_id="decisions",
     )
     findings = gr.BarPlot(
-        x="study",
-        y="count",
-        color="kind",
+        x=t("dash_study"),
+        y=t("dash_count"),
+        color=t("dash_kind"),
         title=t("findings_per_study"),
         elem_id="findings-per-study",
     )
 
     def load(request: gr.Request) -> tuple[Any, ...]:
         current_user(ctx, request)
-        return dashboard_data(ctx)
+        return dashboard_data(ctx, t)
 
     outputs = [summary, turnaround, decisions, findings]
     refresh.click(load, None, outputs)
