@@ -30,6 +30,7 @@ from ui.viewer_session import (
     decide,
     findings_table,
     open_review,
+    patient_banner,
     reopen,
     set_slider,
     sign_review,
@@ -388,9 +389,10 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         ]
 
         def view(st: ViewerState, msg: str = "") -> tuple[Any, ...]:
+            banner = patient_banner(ctx, st, t)
             return (
                 st,
-                st.status_line(t),
+                f"{banner}\n\n{st.status_line(t)}" if banner else st.status_line(t),
                 slice_png(ctx, st),
                 gr.update(minimum=1, maximum=max(st.slice_count, 2), value=slider_value(ctx, st)),
                 slice_info(ctx, st, t),

@@ -153,6 +153,50 @@ def set_slider(ctx: Any, st: ViewerState, value: float) -> None:
         st.slice = study_view(ctx, st.review_id).slice_at(int(value) - 1)
 
 
+def person_name(value: str) -> str:
+    """A DICOM PN as a viewer shows it: ``FAMILY, Given Middle`` for each component group
+    (alphabetic, ideographic, phonetic), the other groups in parentheses; ``^`` never shown."""
+    shown: list[str] = []
+    for group in value.split("="):
+        family, given, middle, prefix, suffix = ([*group.split("^"), "", "", "", ""])[:5]
+        rest = " ".join(p.strip() for p in (given, middle) if p.strip())
+        name = ", ".join(p for p in (family.strip(), rest) if p)
+        name = " ".join(p.strip() for p in (prefix, name, suffix) if p.strip())
+        if name and name not in shown:
+            shown.append(name)
+    if not shown:
+        return ""
+    return shown[0] + "".join(f" ({other})" for other in shown[1:])
+
+
+def dicom_date(value: str) -> str:
+    """YYYYMMDD as YYYY-MM-DD (anything else as it came)."""
+    v = value.strip()
+    return f"{v[:4]}-{v[4:6]}-{v[6:8]}" if len(v) == 8 and v.isdigit() else v
+
+
+def patient_banner(ctx: Any, st: ViewerState, t: T) -> str:
+    """Who the images are of, as every PACS viewer shows it beside the image: name, ID, birth
+    date and sex, accession, study date and description (Markdown, escaped)."""
+    if st.review_id is None:
+        return ""
+    who = ctx.reviews.identification(st.review_id)
+
+    def esc(text: str) -> str:
+        return html.escape(text).replace("*", "\\*").replace("_", "\\_").replace("`", "")
+
+    parts = [
+        f"**{esc(person_name(who.patient_name)) or t('unknown_patient')}**",
+        t("banner_id", id=esc(who.patient_id)) if who.patient_id else "",
+        t("banner_born", date=esc(dicom_date(who.birth_date))) if who.birth_date else "",
+        t("banner_sex", sex=esc(who.sex)) if who.sex else "",
+        t("banner_accession", accession=esc(who.accession_number)) if who.accession_number else "",
+        esc(dicom_date(who.study_date)),
+        esc(who.description),
+    ]
+    return " · ".join(p for p in parts if p)
+
+
 def slice_info(ctx: Any, st: ViewerState, t: T) -> str:
     """What the PACS overlay says about the slice: image number, place, slice location."""
     if st.review_id is None:

@@ -80,6 +80,9 @@ def test_another_user_can_neither_change_nor_read_a_radiologists_page(
         "worklist", "select", event_data={"index": [0, 0], "value": review, "row_value": [review]}
     )
     assert study.study_uid in opened["viewer-status"]
+    # the patient as the PACS names them, never the bare UID alone
+    assert "**PHANTOM, CHEST**" in opened["viewer-status"]
+    assert "1960-01-01" in opened["viewer-status"]
     assert keys[0] in select(page, keys[0])["selected"]  # what the radiologist's screen shows
 
     intruder = GradioPage(eng, session_hash=page.session_hash)
