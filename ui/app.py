@@ -301,6 +301,8 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                             show_label=False,
                             format="png",
                             height=600,
+                            # no download or share icons over a patient's image: fullscreen only
+                            buttons=["fullscreen"],
                         )
                         with gr.Row():
                             prev_button = gr.Button("▲", elem_id="slice-prev", min_width=60)
@@ -343,6 +345,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                             height=140,
                             elem_id="thumbnails",
                             allow_preview=False,
+                            buttons=[],
                         )
                         selected = gr.Markdown(t("select_first"), elem_id="selected")
                         with gr.Row():

@@ -141,3 +141,15 @@ def test_a_refused_action_is_a_message_beside_the_controls_and_the_viewer_stays(
     assert "undecided" in refused["message"] or "decide" in refused["message"]
     for kept in ("slice-image", "findings", "slice", "viewer-status"):
         assert refused[kept] == {"__type__": "update"}, (kept, refused[kept])
+
+
+def test_no_download_or_share_icons_over_patient_images(
+    clients: tuple[httpx.Client, httpx.Client],
+) -> None:
+    rad, _ = clients
+    page = GradioPage(rad)
+    props = {
+        c["props"].get("elem_id"): c["props"] for c in page.config["components"] if "props" in c
+    }
+    assert props["slice-image"]["buttons"] == ["fullscreen"]
+    assert props["thumbnails"]["buttons"] == []
