@@ -391,11 +391,17 @@ def export(
     training_command: str,
     evaluation: Path | None = None,
     operating_fp_rate: float = 1.0,
+    threshold_from: Path | None = None,
+    augment_top: int = 0,
+    max_candidates: int | None = None,
 ) -> Path:
     """The model folder ``root/<name>/<version>``: the base network (first stage), the
     classifier and a card; with ``evaluation`` (a froc.json of this folder's model, from
     ``aidx evaluate``) the card gets its figures and the operating threshold at
-    ``operating_fp_rate`` false positives per scan."""
+    ``operating_fp_rate`` false positives per scan, taken from ``threshold_from`` (another
+    froc.json: the selection set's, so that the held-out figures stay held out) when given.
+    ``augment_top``: the classifier's flip-averaged candidates (``classifier.augment_top``);
+    ``max_candidates``: blob candidates per scan at serving, when not the training's."""
     import datetime  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
@@ -411,6 +417,12 @@ def export(
     if not classifier.exists():
         diff = export_classifier(out / "classifier.pt", classifier)
         log.info("classifier exported, ONNX Runtime within %.1e of PyTorch", diff)
+    if max_candidates is not None:
+        spec = spec.model_copy(
+            update={
+                "candidates": spec.candidates.model_copy(update={"max_candidates": max_candidates})
+            }
+        )
     spec = spec.model_copy(
         update={
             "classifier": spec.classifier.model_copy(
@@ -418,6 +430,7 @@ def export(
                     "sha256": sha256_of(classifier),
                     "input": TensorSpec(name="crops", shape=["batch", 2, CROP, CROP, CROP]),
                     "output": TensorSpec(name="scores", shape=["batch", 2]),
+                    "augment_top": augment_top,
                 }
             )
         }
@@ -426,7 +439,10 @@ def export(
     if evaluation is not None:
         froc = json.loads(evaluation.read_text(encoding="utf-8"))
         figures = evaluation_figures(froc)
-        threshold, fp = operating_point(froc, operating_fp_rate)
+        chooser = froc
+        if threshold_from is not None:
+            chooser = json.loads(threshold_from.read_text(encoding="utf-8"))
+        threshold, fp = operating_point(chooser, operating_fp_rate)
         figures["operating_fp_per_scan"] = fp
     crops_info = load_summary(out)
     card = base.card.model_copy(
@@ -488,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--root", type=Path, default=Path("aidx-data/models"))
     exp.add_argument("--evaluation", type=Path)
     exp.add_argument("--operating-fp-rate", type=float, default=1.0)
+    exp.add_argument(
+        "--threshold-from",
+        type=Path,
+        help="froc.json to choose the threshold on (default: --evaluation)",
+    )
+    exp.add_argument("--augment-top", type=int, default=0, help="flip-average the N best")
+    exp.add_argument("--max-candidates", type=int, help="blob candidates per scan at serving")
     exp.add_argument("--training-command", default="see docs/models/lung-nodule.md")
     args = parser.parse_args(argv)
     if args.command == "extract":
@@ -518,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
             args.training_command,
             args.evaluation,
             args.operating_fp_rate,
+            args.threshold_from,
+            args.augment_top,
+            args.max_candidates,
         )
         print(f"model folder: {folder}")
     return 0

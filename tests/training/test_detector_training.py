@@ -94,3 +94,53 @@ def test_every_nodule_gets_the_same_share_of_positive_samples() -> None:
     assert w.sum() == pytest.approx(1.0)
     shares = {d: float(w[diameters == d].sum()) for d in (20.0, 3.5, 7.0)}
     assert shares == pytest.approx({20.0: 1 / 3, 3.5: 1 / 3, 7.0: 1 / 3})
+
+
+def froc(cpm: float, fps: list[float], thresholds: list[float]) -> dict[str, object]:
+    return {
+        "cpm": cpm,
+        "n_scans": 20,
+        "n_nodules": 39,
+        "operating_points": [1.0],
+        "sensitivities": [cpm],
+        "curve": {"fps": fps, "thresholds": thresholds},
+        "band_fp_rate": 1.0,
+        "size_bands": [{"low_mm": 3.0, "high_mm": 6.0, "sensitivity": 0.5}],
+    }
+
+
+def test_the_export_is_a_registrable_model_with_figures_and_a_threshold_chosen_elsewhere(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from models.registry import ModelCard, verify
+    from training.detector import _resolve, default_spec, export
+
+    base = _resolve("lung-nodule@0.5.0")
+    run = tmp_path / "run"
+    fake_crops(run / "crops")
+    (run / "spec.json").write_text(default_spec(base.card).model_dump_json(), encoding="utf-8")
+    train(run, minutes=0.01, resume=False, batch_size=8)
+    held_out, selection = tmp_path / "held-out.json", tmp_path / "selection.json"
+    held_out.write_text(json.dumps(froc(0.8, [0.5, 1.0, 2.0], [0.9, 0.7, 0.2])), "utf-8")
+    selection.write_text(json.dumps(froc(0.7, [0.5, 1.0, 2.0], [0.8, 0.6, 0.1])), "utf-8")
+    folder = export(
+        run,
+        base,
+        tmp_path / "models",
+        "9.9.9",
+        "the command",
+        evaluation=held_out,
+        threshold_from=selection,
+        augment_top=16,
+        max_candidates=1234,
+    )
+    card = ModelCard.load(folder / "card.json")
+    verify(card, folder / "model.onnx")
+    assert card.version == "9.9.9" and card.detector is not None
+    assert card.output.operating_threshold == pytest.approx(0.6)  # the selection set's
+    assert card.evaluation["cpm"] == pytest.approx(0.8)  # the held-out set's
+    assert card.detector.classifier.augment_top == 16
+    assert card.detector.candidates.max_candidates == 1234
+    assert card.training.synthetic and card.training.command == "the command"
