@@ -1,12 +1,13 @@
 """Benchmark: `aidx infer` with real model versions on a 300 x 512² phantom CT, side by side.
 
 Runs the whole command (a new process each time, as a user runs it) with each model on the same
-study (the demo's generator, seed 42, three nodules) and prints, as medians over --repeats:
-the wall time of the command, the model stages (everything between reading the series and
-writing the results: preprocessing, networks, candidates, classifier, postprocessing), the
-steps each model reports, its peak RSS, and the ratio of each figure to the first model's
-(the baseline, measured in the same run). Then each model's findings on the study against its
-ground truth: the rank of each nodule and the false positives at the operating threshold.
+study (the demo study of `aidx serve --demo`: its seed, 300 x 512², three nodules) and prints,
+as medians over --repeats: the wall time of the command, the model stages (everything between
+reading the series and writing the results: preprocessing, networks, candidates, classifier,
+postprocessing), the steps each model reports, its peak RSS, and the ratio of each figure to
+the first model's (the baseline, measured in the same run). Then each model's findings on the
+study against its ground truth: the rank of each nodule and the false positives at the
+operating threshold.
 
 Budgets of the detector issue on the 2-core CPU: model stages <= 10 s, whole command <= 15 s,
 peak RSS <= 2 GB.
@@ -33,6 +34,7 @@ import numpy as np
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+from aidx.config import DemoConfig
 from training.phantom import PhantomOptions, generate
 
 
@@ -102,7 +104,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=["lung-nodule@0.5.0", "lung-nodule"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--slices", type=int, default=DemoConfig().slices)
+    parser.add_argument("--seed", type=int, default=DemoConfig().seed, help="default: the demo's")
     parser.add_argument("--data-dir", type=Path, default=Path("aidx-data"))
     args = parser.parse_args()
     print(
@@ -111,7 +114,13 @@ def main() -> int:
     med = statistics.median
     with tempfile.TemporaryDirectory(prefix="aidx-model-bench-") as tmp:
         root = Path(tmp)
-        made = generate(root / "study", PhantomOptions(seed=42, slices=args.slices, nodules=3))
+        demo = DemoConfig()
+        made = generate(
+            root / "study",
+            PhantomOptions(
+                seed=args.seed, slices=args.slices, matrix=demo.matrix, nodules=demo.nodules
+            ),
+        )
         truth = made.ground_truth["nodules"]
         print(
             f"study: {args.slices} x 512², {len(truth)} nodules "
