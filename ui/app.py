@@ -53,9 +53,12 @@ KEYBOARD_JS = """
   // prefetches the next few in the direction of travel, so a step costs one image swap instead
   // of a Gradio round trip. Each step sets #slice-jump (which a click on the image sends with
   // it); 150 ms after the last step #slice-sync tells the server, whose renders then follow.
+  // The position is the page's own (pos): the server's answer to a sync never moves it back,
+  // and every step counts from where the last one went; a new server render (a new rev in
+  // #viewer-meta: a study opened, a finding selected) brings the server's position.
   // Without a study open (#viewer-meta empty) nothing happens.
   const cache = new Map();
-  let shown = 0, timer = null;
+  let shown = 0, timer = null, pos = null, rev = null;
   const meta = () => {
     const m = document.querySelector('#viewer-meta [data-review]');
     return m ? m.dataset : null;
@@ -102,9 +105,14 @@ KEYBOARD_JS = """
   window.aidxStep = (delta) => {
     const m = meta(), input = sliderInput();
     if (!m || !input) return false;
-    const count = Number(m.count), current = Number(input.value) || 1;
+    if (m.rev !== rev) {
+      rev = m.rev;
+      pos = Number(m.pos) || Number(input.value) || 1;
+    }
+    const count = Number(m.count), current = pos;
     const next = Math.min(Math.max(current + delta, 1), count);
     if (next !== current) {
+      pos = next;
       input.value = String(next);
       show(m, next - 1);
       for (let i = 1; i <= 3; i++) {
@@ -120,9 +128,24 @@ KEYBOARD_JS = """
   document.addEventListener('keydown', (e) => {
     const t = e.target;
     if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
-    const next = ['ArrowDown', 'PageDown', 'j'].includes(e.key);
-    const prev = ['ArrowUp', 'PageUp', 'k'].includes(e.key);
-    if ((next || prev) && window.aidxStep(next ? 1 : -1)) e.preventDefault();
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    // PACS keys: arrows (and j/k) a slice, PageDown/PageUp ten, Home/End the ends; 1-3 the
+    // window presets; o the overlays on or off
+    const steps = { ArrowDown: 1, j: 1, ArrowUp: -1, k: -1, PageDown: 10, PageUp: -10,
+      End: 1e6, Home: -1e6 };
+    if (e.key in steps) {
+      if (window.aidxStep(steps[e.key])) e.preventDefault();
+      return;
+    }
+    if (!meta()) return;
+    const presets = { 1: 'lung', 2: 'mediastinum', 3: 'bone' };
+    if (e.key in presets) {
+      const radio = document.querySelector('#preset input[value=' + presets[e.key] + ']');
+      if (radio) { radio.click(); e.preventDefault(); }
+    } else if (e.key === 'o') {
+      const box = document.querySelector('#overlays input[type=checkbox]');
+      if (box) { box.click(); e.preventDefault(); }
+    }
   });
   let last = 0;
   document.addEventListener('wheel', (e) => {
@@ -399,7 +422,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                 slice_png(ctx, st),
                 gr.update(minimum=1, maximum=max(st.slice_count, 2), value=slider_value(ctx, st)),
                 slice_info(ctx, st, t),
-                viewer_meta(st, lang),
+                viewer_meta(st, lang, slider_value(ctx, st)),
                 slider_value(ctx, st),
                 findings_table(ctx, st, t),
                 thumbnails(ctx, st),
@@ -439,7 +462,11 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             current_user(ctx, request)
             set_slider(ctx, st, s)
             st.preset, st.window, st.level, st.overlays = p, float(w or 1), float(lv or 0), o
-            shown = (slice_png(ctx, st), slice_info(ctx, st, t), viewer_meta(st, lang))
+            shown = (
+                slice_png(ctx, st),
+                slice_info(ctx, st, t),
+                viewer_meta(st, lang, slider_value(ctx, st)),
+            )
             return st, *shown, slider_value(ctx, st)
 
         rendered = [state, image, slice_text, meta, jump]
@@ -464,7 +491,8 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             current_user(ctx, request)
             if p in WINDOW_PRESETS:
                 st.preset, (st.window, st.level) = p, WINDOW_PRESETS[p]
-            return st, st.window, st.level, slice_png(ctx, st), viewer_meta(st, lang)
+            meta_now = viewer_meta(st, lang, slider_value(ctx, st))
+            return st, st.window, st.level, slice_png(ctx, st), meta_now
 
         preset.input(on_preset, [state, preset], [state, width, level, image, meta])
 
@@ -472,9 +500,11 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             """The scrolling script's position (it showed the slice already)."""
             current_user(ctx, request)
             set_slider(ctx, st, value)
-            return st, gr.update(value=slider_value(ctx, st)), slice_info(ctx, st, t)
+            return st
 
-        sync.click(on_jump, [state, jump], [state, slider, slice_text], trigger_mode="always_last")
+        # the server follows the page and answers nothing it shows: an answer that set the
+        # slider arrived after the next steps and moved the image back a slice
+        sync.click(on_jump, [state, jump], [state], trigger_mode="always_last")
         prev_button.click(None, js="() => { window.aidxStep && window.aidxStep(-1); }")
         next_button.click(None, js="() => { window.aidxStep && window.aidxStep(1); }")
 
@@ -525,7 +555,8 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             set_slider(ctx, st, position)  # the slice on screen, even mid-scroll
             x, y = evt.index  # column, row of the clicked pixel
             click_point(ctx, st, row=float(y), col=float(x))
-            return st, st.point_line(ctx, t), slice_png(ctx, st), viewer_meta(st, lang)
+            meta_now = viewer_meta(st, lang, slider_value(ctx, st))
+            return st, st.point_line(ctx, t), slice_png(ctx, st), meta_now
 
         image.select(on_click, [state, jump], [state, point, image, meta])
 

@@ -224,6 +224,31 @@ def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
         page.locator("#slice-image img").click()
         expect(page.locator("#clicked-point")).to_contain_text(f"image {image_number + 2},")
         expect(info).to_contain_text(f"Image {image_number + 2} · {start + 2} of ")
+        # Taps 150-200 ms apart, as a reader scrolls: every step counts, none goes back, and
+        # the server's answers to the syncs between them move nothing.
+        seen = [int(slice_number.input_value())]
+        for i in range(10):
+            page.locator("body").press("ArrowDown" if i < 6 else "ArrowUp")
+            page.wait_for_timeout(150 + 10 * (i % 6))  # the reader's pace, not a wait for state
+            seen.append(int(slice_number.input_value()))
+        assert seen == [seen[0] + n for n in (0, 1, 2, 3, 4, 5, 6, 5, 4, 3, 2)], seen
+        page.locator("#slice-image").hover()
+        for _ in range(5):
+            page.mouse.wheel(0, 120)
+            page.wait_for_timeout(170)
+            seen.append(int(slice_number.input_value()))
+        assert seen[-5:] == [seen[0] + n for n in (3, 4, 5, 6, 7)], seen
+        page.locator("#slice-image img").click()  # the server is where the page is
+        expect(page.locator("#clicked-point")).to_contain_text(f"image {image_number + 9},")
+        page.locator("body").press("PageUp")  # ten at a time
+        expect(slice_number).to_have_value(str(start - 1))
+        page.locator("body").press("PageDown")
+        expect(slice_number).to_have_value(str(start + 9))
+        for _ in range(7):
+            page.locator("body").press("ArrowUp")
+        expect(slice_number).to_have_value(str(start + 2))
+        page.locator("#slice-image img").click()
+        expect(page.locator("#clicked-point")).to_contain_text(f"image {image_number + 2},")
         slice_route = served.url + "viewer/slice.png?review={}&pos=0&w=1500&l=-600"
         assert page.request.get(slice_route.format(1)).status == 200
         assert page.request.get(slice_route.format(999)).status == 404
@@ -232,6 +257,18 @@ def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
         page.locator("#preset").get_by_text("mediastinum").click()
         expect(page.locator("#window-width input")).to_have_value("350")
         expect(page.locator("#window-level input")).to_have_value("50")
+        page.evaluate("document.activeElement && document.activeElement.blur()")
+        page.locator("body").press("1")  # number keys pick the presets (not in a field)
+        expect(page.locator("#window-width input")).to_have_value("1500")
+        page.locator("body").press("2")
+        expect(page.locator("#window-width input")).to_have_value("350")
+        # A typed window, confirmed with Enter: the preset becomes "manual", the image stays.
+        page.locator("#window-width input").fill("800")
+        page.locator("#window-width input").press("Enter")
+        expect(page.locator("#preset input[value=manual]")).to_be_checked()
+        expect(page.locator("#window-width input")).to_have_value("800")
+        expect(page.locator("#slice-image img")).to_be_visible()
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
         _shot(page, "04-window")
 
         # Accept the first finding; reject the others (the second with a reason).
@@ -328,7 +365,11 @@ def test_admin_reads_the_audit_log_and_a_chinese_user_gets_chinese(served: Serve
         # The slice route serves only studies this user opened in the viewer (an audited view).
         slice_route = served.url + "viewer/slice.png?review=1&pos=0&w=1500&l=-600"
         assert page.request.get(slice_route).status == 403
-        page.goto(served.url + "logout")
+        # Log out in the same tab: the login page replaces the app, no second tab opens.
+        page.click("#log-out")
+        page.wait_for_url(re.compile(r".*/login.*"))
+        assert len(page.context.pages) == 1
+        expect(page.locator("#audit")).to_have_count(0)
         page.fill("#username", "lin")
         page.fill("#password", "a long enough password")
         page.click("#sign-in")
