@@ -252,3 +252,18 @@ def test_the_most_probable_candidates_are_scored_in_all_flips(tmp_path: Path) ->
     assert p2[2] == pytest.approx(0.5 / 8)
     assert p2[1] == pytest.approx(0.1)  # not among the top 2: its single score stays
     assert d2[0] == pytest.approx(10 * (0.9 + 0.8) / 8)
+
+
+def test_a_detection_inside_a_stronger_ones_region_is_the_same_nodule() -> None:
+    from inference.detector import distinct
+    from inference.postprocess import Region
+
+    big = np.argwhere(np.ones((12, 12, 12), dtype=bool))  # a large nodule's region, 0..11
+    beside = np.argwhere(np.ones((3, 3, 3), dtype=bool)) + 20  # a small one outside it
+    regions = [
+        Region(0.7, big[:10], np.array([10.0, 10.0, 10.0])),  # off-centre, inside the big one
+        Region(0.99, big, np.array([5.0, 5.0, 5.0])),
+        Region(0.6, beside, np.array([21.0, 21.0, 21.0])),
+    ]
+    kept = distinct(regions, (32, 32, 32))
+    assert [r.probability for r in kept] == [0.99, 0.6]
