@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests talk to, when they are missing and we may install them:
 # DCMTK (storescu, echoscu), dicom3tools (dciodvfy), Orthanc (the PACS), Chromium (UI tests) and
-# PostgreSQL (the store's second back end; the tests start their own throwaway server).
+# PostgreSQL (the store's second back end; the tests start their own throwaway server), and a
+# CJK font, so that the Chinese interface is readable in the UI tests' screenshots.
 # Not root: prints what is missing; the tests then skip (or fail with CI=true) with the reason.
 set -euo pipefail
 
@@ -10,10 +11,11 @@ declare -A tools=(
   [/usr/bin/dciodvfy]=dicom3tools
   [/usr/sbin/Orthanc]=orthanc
   [/usr/bin/chromium]=chromium
+  [/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc]=fonts-wqy-zenhei
 )
 missing=()
 for path in "${!tools[@]}"; do
-  [ -x "$path" ] || missing+=("${tools[$path]}")
+  [ -e "$path" ] || missing+=("${tools[$path]}")
 done
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -eq 0 ]; then
