@@ -43,30 +43,10 @@ def dashboard_data(
         }
     )
     rates = dashboard.decision_rates(ctx.reviews)
-    rates_long = pd.DataFrame(
-        [
-            {
-                t("dash_model"): row["model"],
-                t("dash_decision"): t(f"kind_{kind}"),
-                t("dash_count"): _as_is(row, kind),
-            }
-            for _, row in rates.iterrows()
-            for kind in _KINDS
-        ],
-        columns=[t("dash_model"), t("dash_decision"), t("dash_count")],
-    )
+    rates_long = _parts(rates, t("dash_model"), rates["model"], t("dash_decision"), t)
     per_study = dashboard.findings_per_study(ctx.reviews)
-    findings = pd.DataFrame(
-        [
-            {
-                t("dash_study"): _label(row["study_uid"]),
-                t("dash_kind"): t(f"kind_{kind}"),
-                t("dash_count"): _as_is(row, kind),
-            }
-            for _, row in per_study.iterrows()
-            for kind in _KINDS
-        ],
-        columns=[t("dash_study"), t("dash_kind"), t("dash_count")],
+    findings = _parts(
+        per_study, t("dash_study"), per_study["study_uid"].map(_label), t("dash_kind"), t
     )
     s = dashboard.summary(ctx.reviews)
     lines = [
@@ -107,6 +87,20 @@ def dashboard_data(
         if per_model:
             lines.append("- " + t("dash_per_model", rates=per_model))
     return "\n".join(lines), stages, rates_long, findings
+
+
+def _parts(
+    frame: pd.DataFrame, x_name: str, x: pd.Series, part_name: str, t: Callable[..., str]
+) -> pd.DataFrame:
+    """One row per bar (``x``) and disjoint kind of finding, for a stacked bar plot."""
+    return pd.DataFrame(
+        [
+            {x_name: label, part_name: t(f"kind_{kind}"), t("dash_count"): _as_is(row, kind)}
+            for label, (_, row) in zip(x, frame.iterrows(), strict=True)
+            for kind in _KINDS
+        ],
+        columns=[x_name, part_name, t("dash_count")],
+    )
 
 
 def _as_is(row: Any, kind: str) -> int:
