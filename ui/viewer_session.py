@@ -240,10 +240,10 @@ def slice_png_bytes(ctx: Any, st: ViewerState) -> bytes | None:
     return buffer.getvalue()
 
 
-def viewer_meta(st: ViewerState, lang: str) -> str:
+def viewer_meta(st: ViewerState, lang: str, position: int = 1) -> str:
     """What the page's scrolling script needs to fetch slices itself (ui/app.py, SCROLL_JS):
     the review, the slice count, window, level, overlays, the selected finding, the marked
-    point, the language. Hidden; no patient data."""
+    point, the language, the position rendered. Hidden; no patient data."""
     if st.review_id is None:
         return "<span></span>"
     k, row, col = st.point[:3] if st.point is not None else (-1, 0.0, 0.0)
@@ -256,6 +256,7 @@ def viewer_meta(st: ViewerState, lang: str) -> str:
         "sel": st.selected or "",
         "pt": f"{k},{row:g},{col:g}",  # the marked point (its cross), k = -1: none
         "lang": lang,
+        "pos": position,  # the slice's 1-based scroll position in this render
         # New with every server render: slices fetched before (other decisions, an added
         # finding) are not reused.
         "rev": time.monotonic_ns(),
