@@ -276,17 +276,13 @@ def test_an_empty_store_gives_empty_frames_with_their_columns(store_url: str) ->
     }
 
 
-@pytest.mark.parametrize("lang", ["en", "zh"])
 def test_the_plots_stack_disjoint_parts_in_the_users_language(
-    study: ReviewedStudy, tmp_path: Path, lang: str
+    study: ReviewedStudy, tmp_path: Path
 ) -> None:
     from types import SimpleNamespace
 
     from ui.app_dashboard import dashboard_data
     from ui.i18n import text
-
-    def t(key: str, **values: object) -> str:
-        return text(lang, key, **values)
 
     reviews, rad = Reviews(study.store), study.radiologist
     rid = study.review_id()
@@ -296,21 +292,26 @@ def test_the_plots_stack_disjoint_parts_in_the_users_language(
     reviews.decide(rid, keys[2], "reject", rad)
     reviews.add(rid, (10.0, -20.0, 30.0), 6.0, rad)
     reviews.record_signed(rid, rad, SIGNED_SR, tmp_path / "signed.dcm")
-
-    summary, stages, decisions, findings = dashboard_data(SimpleNamespace(reviews=reviews), t)
-    # turnaround: the two stages that add up to the whole, not the whole beside them
-    by_stage = dict(zip(stages[t("dash_stage")], stages[t("dash_minutes")], strict=True))
-    assert set(by_stage) == {t("stage_receipt_to_result"), t("stage_result_to_signoff")}
     (whole,) = dashboard.turnaround(reviews)["receipt_to_signoff_min"]
-    assert sum(by_stage.values()) == pytest.approx(whole, abs=1e-6)
-    # findings per study: the AI's findings split by decision, plus the radiologist's own
-    parts = dict(zip(findings[t("dash_kind")], findings[t("dash_count")], strict=True))
-    assert parts[t("kind_accepted")] == 1 and parts[t("kind_edited")] == 1
-    assert parts[t("kind_rejected")] == 1 and parts[t("kind_added")] == 1
-    assert sum(parts.values()) == len(keys) + 1
-    assert decisions[t("dash_count")].sum() == len(keys) + 1
-    # the summary in the user's language, the model version as code (no mail link)
-    assert "`soft-tissue@0.0.1`" in summary
-    if lang == "zh":
-        assert "已接收检查" in summary and "studies received" not in summary
-        assert set(stages.columns) == {"检查", "阶段", "分钟"}
+
+    for lang in ("en", "zh"):
+
+        def t(key: str, lang: str = lang, **values: object) -> str:
+            return text(lang, key, **values)
+
+        summary, stages, decisions, findings = dashboard_data(SimpleNamespace(reviews=reviews), t)
+        # turnaround: the two stages that add up to the whole, not the whole beside them
+        by_stage = dict(zip(stages[t("dash_stage")], stages[t("dash_minutes")], strict=True))
+        assert set(by_stage) == {t("stage_receipt_to_result"), t("stage_result_to_signoff")}
+        assert sum(by_stage.values()) == pytest.approx(whole, abs=1e-6)
+        # findings per study: the AI's findings split by decision, plus the radiologist's own
+        parts = dict(zip(findings[t("dash_kind")], findings[t("dash_count")], strict=True))
+        assert parts[t("kind_accepted")] == 1 and parts[t("kind_edited")] == 1
+        assert parts[t("kind_rejected")] == 1 and parts[t("kind_added")] == 1
+        assert sum(parts.values()) == len(keys) + 1
+        assert decisions[t("dash_count")].sum() == len(keys) + 1
+        # the summary in the user's language, the model version as code (no mail link)
+        assert "`soft-tissue@0.0.1`" in summary
+        if lang == "zh":
+            assert "已接收检查" in summary and "studies received" not in summary
+            assert set(stages.columns) == {"检查", "阶段", "分钟"}
