@@ -30,6 +30,7 @@ from aidx.store import Store
 from inference.findings import Finding, FindingsReport
 from ui.accounts import PermissionDenied, User
 from ui.audit import Audit
+from ui.identification import PatientIdentification, patient_identification
 
 ReviewState = Literal["new", "in_review", "signed"]
 FindingStatus = Literal["pending", "accepted", "rejected", "edited", "added", "removed"]
@@ -69,21 +70,6 @@ class WorklistRow:
     signed_at: float | None
     patient_name: str  # for the radiologist's screen only: never logged
     patient_id: str
-    accession_number: str
-    study_date: str
-    description: str
-
-
-@dataclass(frozen=True)
-class PatientIdentification:
-    """Who and which study a review is about, as the PACS holds it (DICOM values as received:
-    a PN with ``^`` between its components, dates as YYYYMMDD). For the radiologist's screen
-    only: never logged."""
-
-    patient_name: str
-    patient_id: str
-    birth_date: str
-    sex: str
     accession_number: str
     study_date: str
     description: str
@@ -259,25 +245,10 @@ class Reviews:
 
     def identification(self, review_id: int) -> PatientIdentification:
         """The patient and study of a review (what a viewer shows in its corners)."""
-        with self._store.engine.connect() as conn:
-            r = conn.execute(
-                select(
-                    patients.c.patient_name,
-                    patients.c.patient_id,
-                    patients.c.birth_date,
-                    patients.c.sex,
-                    studies.c.accession_number,
-                    studies.c.study_date,
-                    studies.c.description,
-                )
-                .select_from(reviews)
-                .join(studies, studies.c.study_uid == reviews.c.study_uid)
-                .join(patients, patients.c.id == studies.c.patient_pk)
-                .where(reviews.c.id == review_id)
-            ).first()
-        if r is None:
+        found = patient_identification(self._store, review_id)
+        if found is None:
             raise ReviewError(f"no review {review_id}")
-        return PatientIdentification(*(str(v or "") for v in r))
+        return found
 
     def case(self, review_id: int) -> ReviewCase:
         with self._store.engine.connect() as conn:

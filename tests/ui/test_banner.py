@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from ui.i18n import text
-from ui.review import PatientIdentification
+from ui.identification import PatientIdentification
 from ui.viewer_session import ViewerState, dicom_date, patient_banner, person_name
 
 

@@ -202,6 +202,16 @@ def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
         image_number = int(findings.first.locator("[role=gridcell]").nth(5).inner_text())
         expect(info).to_contain_text(f"Image {image_number} · {start} of ")
         _shot(page, "03-viewer")
+        # A refused action is a message beside the controls; the viewer stays as it was.
+        page.click("#sign")
+        expect(page.locator("#message")).to_contain_text("undecided")
+        expect(page.locator("#slice-image img")).to_be_visible()
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+        expect(page.locator("#viewer-status")).to_contain_text("DEMO, CHEST PHANTOM")
+        for width, height in ((1366, 768), (1920, 1080)):  # the screens reading rooms have
+            page.set_viewport_size({"width": width, "height": height})
+            _shot(page, f"03-viewer-{width}x{height}")
+        page.set_viewport_size({"width": 1600, "height": 1100})
 
         # Scroll: keyboard (focus on the page, not in a field) and the buttons.
         page.locator("#slice-image").hover()
