@@ -9,6 +9,7 @@ on the server for every action: hiding a tab is a convenience, not the protectio
 from __future__ import annotations
 
 import functools
+import html
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -22,20 +23,20 @@ from ui.app_audit import audit_tab_contents
 from ui.app_dashboard import dashboard_tab
 from ui.i18n import LANGUAGE_NAMES, text
 from ui.review import ReviewError
-from ui.viewer import WINDOW_PRESETS
+from ui.viewer_pane import VIEWER_CSS, viewer_command, viewer_markup, viewer_script
 from ui.viewer_session import (
     ViewerState,
     add_finding,
     click_point,
     decide,
     findings_table,
+    highlighted,
     open_review,
     patient_banner,
+    person_name,
     reopen,
     set_slider,
     sign_review,
-    slice_info,
-    slice_png,
     slider_value,
     thumbnails,
     viewer_meta,
@@ -43,127 +44,16 @@ from ui.viewer_session import (
 
 log = logging.getLogger("aidx.ui.app")
 
-# Up/Down (and PageUp/PageDown, j/k) scroll the slices when the focus is not in a text field, and
-# so does the mouse wheel over the image (as in a PACS viewer), one slice per notch, at most one
-# step per 60 ms so that a fast wheel does not queue dozens of renders.
-KEYBOARD_JS = """
-<script>
-(() => {
-  // Scrolling fetches slices straight from /viewer/slice.png (the server's own rendering) and
-  // prefetches the next few in the direction of travel, so a step costs one image swap instead
-  // of a Gradio round trip. Each step sets #slice-jump (which a click on the image sends with
-  // it); 150 ms after the last step #slice-sync tells the server, whose renders then follow.
-  // The position is the page's own (pos): the server's answer to a sync never moves it back,
-  // and every step counts from where the last one went; a new server render (a new rev in
-  // #viewer-meta: a study opened, a finding selected) brings the server's position.
-  // Without a study open (#viewer-meta empty) nothing happens.
-  const cache = new Map();
-  let shown = 0, timer = null, pos = null, rev = null;
-  const meta = () => {
-    const m = document.querySelector('#viewer-meta [data-review]');
-    return m ? m.dataset : null;
-  };
-  const sliderInput = () => document.querySelector('#slice input[type=number]');
-  const url = (m, pos) => '/viewer/slice.png?review=' + m.review + '&pos=' + pos +
-    '&w=' + m.w + '&l=' + m.l + '&ov=' + m.ov + '&sel=' + encodeURIComponent(m.sel) +
-    '&pt=' + m.pt + '&lang=' + m.lang + '&rev=' + m.rev;
-  const load = (u) => {
-    if (!cache.has(u)) {
-      cache.set(u, fetch(u, { credentials: 'same-origin' }).then((r) => {
-        if (!r.ok) throw new Error('slice ' + r.status);
-        const info = decodeURIComponent(r.headers.get('X-Aidx-Slice-Info') || '');
-        return r.blob().then((b) => ({ src: URL.createObjectURL(b), info }));
-      }));
-      if (cache.size > 64) {
-        const [key, old] = cache.entries().next().value;
-        cache.delete(key);
-        old.then((s) => URL.revokeObjectURL(s.src)).catch(() => {});
-      }
-    }
-    return cache.get(u);
-  };
-  const show = (m, pos) => {
-    const ticket = ++shown;
-    load(url(m, pos)).then((s) => {
-      if (ticket !== shown) return;  // a later step is on its way
-      const img = document.querySelector('#slice-image img');
-      if (img) img.src = s.src;
-      const line = document.querySelector('#slice-info p');
-      if (line && s.info) line.textContent = s.info;
-    }).catch(() => cache.delete(url(m, pos)));
-  };
-  const setJump = (value) => {  // the position on screen, which a click on the image uses
-    const jump = document.querySelector('#slice-jump input');
-    if (!jump) return;
-    jump.value = String(value);
-    jump.dispatchEvent(new Event('input', { bubbles: true }));
-  };
-  const sync = () => {
-    const button = document.getElementById('slice-sync');
-    if (button) button.click();
-  };
-  window.aidxStep = (delta) => {
-    const m = meta(), input = sliderInput();
-    if (!m || !input) return false;
-    if (m.rev !== rev) {
-      rev = m.rev;
-      pos = Number(m.pos) || Number(input.value) || 1;
-    }
-    const count = Number(m.count), current = pos;
-    const next = Math.min(Math.max(current + delta, 1), count);
-    if (next !== current) {
-      pos = next;
-      input.value = String(next);
-      show(m, next - 1);
-      for (let i = 1; i <= 3; i++) {
-        const p = next - 1 + i * Math.sign(delta);
-        if (p >= 0 && p < count) load(url(m, p));
-      }
-      setJump(next);
-      clearTimeout(timer);
-      timer = setTimeout(sync, 150);
-    }
-    return true;
-  };
-  document.addEventListener('keydown', (e) => {
-    const t = e.target;
-    if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
-    if (e.ctrlKey || e.metaKey || e.altKey) return;
-    // PACS keys: arrows (and j/k) a slice, PageDown/PageUp ten, Home/End the ends; 1-3 the
-    // window presets; o the overlays on or off
-    const steps = { ArrowDown: 1, j: 1, ArrowUp: -1, k: -1, PageDown: 10, PageUp: -10,
-      End: 1e6, Home: -1e6 };
-    if (e.key in steps) {
-      if (window.aidxStep(steps[e.key])) e.preventDefault();
-      return;
-    }
-    if (!meta()) return;
-    const presets = { 1: 'lung', 2: 'mediastinum', 3: 'bone' };
-    if (e.key in presets) {
-      const radio = document.querySelector('#preset input[value=' + presets[e.key] + ']');
-      if (radio) { radio.click(); e.preventDefault(); }
-    } else if (e.key === 'o') {
-      const box = document.querySelector('#overlays input[type=checkbox]');
-      if (box) { box.click(); e.preventDefault(); }
-    }
-  });
-  let last = 0;
-  document.addEventListener('wheel', (e) => {
-    const image = document.getElementById('slice-image');
-    if (!image || !image.contains(e.target) || e.deltaY === 0) return;
-    e.preventDefault();
-    const now = performance.now();
-    if (now - last < 30) return;
-    last = now;
-    window.aidxStep(e.deltaY > 0 ? 1 : -1);
-  }, { passive: false });
-})();
-</script>
-"""
 CSS = """
-#slice-image img { image-rendering: pixelated; }
 #viewer-hidden { display: none !important; }
-.aidx-warning { color: #b45309; font-size: 0.85rem; }
+.aidx-warning { color: #f59e0b; font-size: 0.85rem; }
+.aidx-header { font-size: 0.9rem; }
+.aidx-header form { display: inline; }
+.aidx-header button { text-decoration: underline; background: none !important;
+  border: 0 !important; padding: 0 !important; font: inherit !important; color: inherit;
+  box-shadow: none !important; min-width: 0 !important; }
+#header { padding: 0 !important; }
+#viewer-status p { margin: 0; font-size: 0.9rem; }
 """
 
 
@@ -201,9 +91,6 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         (t("sort_received"), "received"),
         (t("sort_probability"), "probability"),
         (t("sort_findings"), "findings"),
-    ]
-    preset_choices = [(t(f"preset_{p}"), p) for p in WINDOW_PRESETS] + [
-        (t("preset_manual"), "manual")
     ]
     worklist_columns = [
         t("col_review"),
@@ -250,18 +137,17 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
     def on_load(request: gr.Request) -> tuple[Any, ...]:
         user = current_user(ctx, request)
         other = "zh" if lang == "en" else "en"
-        who = t("signed_in_as", name=user.display_name, role=t(f"role_{user.role}"))
+        who = t("signed_in_as", name=person_name(user.display_name), role=t(f"role_{user.role}"))
         header = (
-            f"**{t('title')}** · {who} · "
+            f"<div class='aidx-header'><b>{html.escape(t('title'))}</b> · {html.escape(who)} · "
             # a form, not a Markdown link: Gradio opens links in a new tab, and the old tab
             # kept the worklist with the patients' names on screen
-            f"<form method='get' action='/logout' style='display:inline'>"
-            f"<button id='log-out' type='submit' style='text-decoration:underline'>"
-            f"{t('log_out')}</button></form> · "
-            f"<form method='post' action='/language' style='display:inline'>"
+            f"<form method='get' action='/logout'>"
+            f"<button id='log-out' type='submit'>{html.escape(t('log_out'))}</button></form> · "
+            f"<form method='post' action='/language'>"
             f"<input type='hidden' name='lang' value='{other}'>"
-            f"<button id='switch-language' type='submit' style='text-decoration:underline'>"
-            f"{LANGUAGE_NAMES[other]}</button></form>"
+            f"<button id='switch-language' type='submit'>{LANGUAGE_NAMES[other]}</button>"
+            f"</form> · <span class='aidx-warning'>{html.escape(t('not_clinical'))}</span></div>"
         )
         return (
             header,
@@ -294,11 +180,12 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         return wrap
 
     # Gradio's copies of the slices (patient images) leave its cache after half an hour.
-    with gr.Blocks(title=t("title"), analytics_enabled=False, delete_cache=(600, 1800)) as blocks:
+    with gr.Blocks(
+        title=t("title"), analytics_enabled=False, delete_cache=(600, 1800), fill_width=True
+    ) as blocks:
         state = gr.State(ViewerState())
         with gr.Row():
-            header = gr.Markdown(elem_id="header")
-        gr.Markdown(f"<span class='aidx-warning'>{t('not_clinical')}</span>")
+            header = gr.HTML(elem_id="header", padding=False)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab(t("tab_worklist"), id="worklist", elem_id="tab-worklist") as worklist_page:
                 with gr.Row():
@@ -315,53 +202,43 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                 )
             with gr.Tab(t("tab_viewer"), id="viewer", elem_id="tab-viewer"):
                 viewer_status = gr.Markdown(t("no_study"), elem_id="viewer-status")
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        image = gr.Image(
-                            label=t("slice"),
-                            interactive=False,
-                            elem_id="slice-image",
-                            show_label=False,
-                            format="png",
-                            height=600,
-                            # no download or share icons over a patient's image: fullscreen only
-                            buttons=["fullscreen"],
-                        )
-                        with gr.Row():
-                            prev_button = gr.Button("▲", elem_id="slice-prev", min_width=60)
-                            slider = gr.Slider(
-                                1, 2, value=1, step=1, label=t("slice"), elem_id="slice"
-                            )
-                            next_button = gr.Button("▼", elem_id="slice-next", min_width=60)
-                        slice_text = gr.Markdown("", elem_id="slice-info")
-                        with gr.Row(elem_id="viewer-hidden"):  # for the scrolling script
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3, min_width=520):
+                        gr.HTML(viewer_markup(t), elem_id="viewer-pane", padding=False)
+                        with gr.Row(elem_id="viewer-hidden"):  # the viewer script's channel
                             meta = gr.HTML("<span></span>", elem_id="viewer-meta")
-                            jump = gr.Number(1, elem_id="slice-jump", precision=0)
-                            sync = gr.Button("sync", elem_id="slice-sync")
-                        with gr.Row():
-                            preset = gr.Radio(
-                                preset_choices,
-                                value="lung",
-                                label=t("window_preset"),
-                                elem_id="preset",
-                            )
-                            width = gr.Number(
-                                WINDOW_PRESETS["lung"].window,
-                                label=t("window_width"),
-                                elem_id="window-width",
-                            )
-                            level = gr.Number(
-                                WINDOW_PRESETS["lung"].level,
-                                label=t("window_level"),
-                                elem_id="window-level",
-                            )
-                            overlays = gr.Checkbox(True, label=t("overlays"), elem_id="overlays")
-                    with gr.Column(scale=2):
+                            command = gr.Textbox(elem_id="viewer-command")
+                            command_send = gr.Button("send", elem_id="viewer-command-send")
+                    with gr.Column(scale=2, min_width=340, elem_id="review-panel"):
                         findings = gr.Dataframe(
                             label=t("findings"),
                             interactive=False,
                             elem_id="findings",
+                            max_height=230,
                         )
+                        selected = gr.Markdown(t("select_first"), elem_id="selected")
+                        with gr.Row():
+                            accept = gr.Button(t("accept"), variant="primary", elem_id="accept")
+                            reject = gr.Button(t("reject"), variant="stop", elem_id="reject")
+                        reason = gr.Textbox(label=t("reason"), elem_id="reason", max_lines=1)
+                        with gr.Row():
+                            diameter = gr.Number(
+                                label=t("diameter_mm"), elem_id="diameter", minimum=0
+                            )
+                            edit = gr.Button(t("edit_diameter"), elem_id="edit")
+                        with gr.Row():
+                            sign = gr.Button(t("sign"), variant="primary", elem_id="sign")
+                            amend = gr.Button(t("reopen"), elem_id="reopen")
+                        message = gr.Markdown("", elem_id="message")
+                        with gr.Accordion(t("new_finding"), open=True, elem_id="new-finding"):
+                            gr.Markdown(t("mark_hint"))
+                            point = gr.Markdown("", elem_id="clicked-point")
+                            with gr.Row():
+                                new_diameter = gr.Number(
+                                    label=t("new_diameter_mm"), elem_id="new-diameter", minimum=0
+                                )
+                                add = gr.Button(t("add_finding"), elem_id="add")
+                            remove = gr.Button(t("remove"), elem_id="remove", size="sm")
                         gallery = gr.Gallery(
                             label=t("thumbnails"),
                             columns=4,
@@ -370,25 +247,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                             allow_preview=False,
                             buttons=[],
                         )
-                        selected = gr.Markdown(t("select_first"), elem_id="selected")
-                        with gr.Row():
-                            accept = gr.Button(t("accept"), variant="primary", elem_id="accept")
-                            reject = gr.Button(t("reject"), variant="stop", elem_id="reject")
-                        reason = gr.Textbox(label=t("reason"), elem_id="reason")
-                        with gr.Row():
-                            diameter = gr.Number(
-                                label=t("diameter_mm"), elem_id="diameter", minimum=0
-                            )
-                            edit = gr.Button(t("edit_diameter"), elem_id="edit")
-                        gr.Markdown(t("click_to_add"))
-                        point = gr.Markdown("", elem_id="clicked-point")
-                        with gr.Row():
-                            add = gr.Button(t("add_finding"), elem_id="add")
-                            remove = gr.Button(t("remove"), elem_id="remove")
-                        with gr.Row():
-                            sign = gr.Button(t("sign"), variant="primary", elem_id="sign")
-                            amend = gr.Button(t("reopen"), elem_id="reopen")
-                        message = gr.Markdown("", elem_id="message")
+                        gr.Markdown(f"<small>{t('viewer_help')}</small>", elem_id="viewer-help")
             with gr.Tab(
                 t("tab_dashboard"), id="dashboard", elem_id="tab-dashboard"
             ) as dashboard_page:
@@ -398,38 +257,46 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
             ) as audit_tab:
                 load_audit, audit_outputs = audit_tab_contents(ctx, t, current_user)
 
+        decision_buttons = [accept, reject, edit, add, remove, sign]
         viewer_outputs = [
             state,
             viewer_status,
-            image,
-            slider,
-            slice_text,
             meta,
-            jump,
             findings,
             gallery,
             selected,
             diameter,
+            new_diameter,
             point,
             message,
+            *decision_buttons,
+            amend,
         ]
 
-        def view(st: ViewerState, msg: str = "") -> tuple[Any, ...]:
+        def view(
+            st: ViewerState,
+            msg: str = "",
+            *,
+            edit_mm: float | None = None,
+            new_mm: float | None = None,
+        ) -> tuple[Any, ...]:
+            """Every viewer output for ``st``; a measured diameter goes to the box it is for."""
             banner = patient_banner(ctx, st, t)
+            signed = st.state == "signed"
+            editable = st.review_id is not None and not signed
             return (
                 st,
-                f"{banner}\n\n{st.status_line(t)}" if banner else st.status_line(t),
-                slice_png(ctx, st),
-                gr.update(minimum=1, maximum=max(st.slice_count, 2), value=slider_value(ctx, st)),
-                slice_info(ctx, st, t),
+                f"{banner} · {st.status_line(t)}" if banner else st.status_line(t),
                 viewer_meta(st, lang, slider_value(ctx, st)),
-                slider_value(ctx, st),
-                findings_table(ctx, st, t),
+                highlighted(findings_table(ctx, st, t), st.selected),
                 thumbnails(ctx, st),
                 st.selected_line(t),
-                st.selected_diameter(ctx),
+                edit_mm if edit_mm is not None else st.selected_diameter(ctx),
+                new_mm if new_mm is not None else gr.skip(),
                 st.point_line(ctx, t),
                 msg,
+                *(gr.update(interactive=editable) for _ in decision_buttons),
+                gr.update(interactive=signed),
             )
 
         blocks.load(on_load, None, [header, audit_tab, table])
@@ -456,57 +323,25 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
 
         table.select(on_open, [state], [*viewer_outputs, tabs])
 
-        def rerender(
-            st: ViewerState, s: float, p: str, w: float, lv: float, o: bool, request: gr.Request
-        ) -> Any:
+        @guarded(viewer_outputs)
+        def on_command(st: ViewerState, sent: str, request: gr.Request) -> Any:
+            """What the viewer script asks: select a finding (keys n/p), mark a point (a
+            click), a caliper measurement (for the selected finding or a new one)."""
             current_user(ctx, request)
-            set_slider(ctx, st, s)
-            st.preset, st.window, st.level, st.overlays = p, float(w or 1), float(lv or 0), o
-            shown = (
-                slice_png(ctx, st),
-                slice_info(ctx, st, t),
-                viewer_meta(st, lang, slider_value(ctx, st)),
-            )
-            return st, *shown, slider_value(ctx, st)
+            cmd = viewer_command(sent, t("bad_command"))
+            if cmd.op == "select":
+                st.select(ctx, cmd.key)
+                return view(st)
+            set_slider(ctx, st, cmd.pos + 1)
+            if cmd.op == "measure" and cmd.target == "selected":
+                msg = t("measured_selected", mm=cmd.mm, finding=st.selected or "")
+                return view(st, msg, edit_mm=cmd.mm)
+            click_point(ctx, st, row=cmd.row, col=cmd.col)
+            if cmd.op == "measure":
+                return view(st, t("measured_new", mm=cmd.mm), new_mm=cmd.mm)
+            return view(st)
 
-        rendered = [state, image, slice_text, meta, jump]
-        slider.input(rerender, [state, slider, preset, width, level, overlays], rendered)
-        overlays.change(rerender, [state, slider, preset, width, level, overlays], rendered)
-
-        def on_manual_window(
-            st: ViewerState, s: float, w: float, lv: float, o: bool, request: gr.Request
-        ) -> Any:
-            # a named function with its request: Gradio passes gr.Request only to a parameter
-            # annotated with it (a lambda of *args got none and raised a TypeError)
-            return ("manual", *rerender(st, s, "manual", w, lv, o, request))
-
-        for number in (width, level):
-            number.submit(
-                on_manual_window,
-                [state, slider, width, level, overlays],
-                [preset, *rendered],
-            )
-
-        def on_preset(st: ViewerState, p: str, request: gr.Request) -> Any:
-            current_user(ctx, request)
-            if p in WINDOW_PRESETS:
-                st.preset, (st.window, st.level) = p, WINDOW_PRESETS[p]
-            meta_now = viewer_meta(st, lang, slider_value(ctx, st))
-            return st, st.window, st.level, slice_png(ctx, st), meta_now
-
-        preset.input(on_preset, [state, preset], [state, width, level, image, meta])
-
-        def on_jump(st: ViewerState, value: float, request: gr.Request) -> Any:
-            """The scrolling script's position (it showed the slice already)."""
-            current_user(ctx, request)
-            set_slider(ctx, st, value)
-            return st
-
-        # the server follows the page and answers nothing it shows: an answer that set the
-        # slider arrived after the next steps and moved the image back a slice
-        sync.click(on_jump, [state, jump], [state], trigger_mode="always_last")
-        prev_button.click(None, js="() => { window.aidxStep && window.aidxStep(-1); }")
-        next_button.click(None, js="() => { window.aidxStep && window.aidxStep(1); }")
+        command_send.click(on_command, [state, command], viewer_outputs)
 
         @guarded(viewer_outputs)
         def on_finding(st: ViewerState, evt: gr.SelectData, request: gr.Request) -> Any:
@@ -547,26 +382,13 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         ):
             button.click(decision(action), [state, reason, diameter], [*viewer_outputs, reason])
 
-        @guarded([state, point, image, meta])
-        def on_click(
-            st: ViewerState, position: float, evt: gr.SelectData, request: gr.Request
-        ) -> Any:
-            current_user(ctx, request)
-            set_slider(ctx, st, position)  # the slice on screen, even mid-scroll
-            x, y = evt.index  # column, row of the clicked pixel
-            click_point(ctx, st, row=float(y), col=float(x))
-            meta_now = viewer_meta(st, lang, slider_value(ctx, st))
-            return st, st.point_line(ctx, t), slice_png(ctx, st), meta_now
-
-        image.select(on_click, [state, jump], [state, point, image, meta])
-
         @guarded(viewer_outputs)
         def on_add(st: ViewerState, d: float | None, request: gr.Request) -> Any:
             user = current_user(ctx, request)
             what = add_finding(ctx, st, user, d, client=_client(request))
-            return view(st, t("saved", what=what))
+            return view(st, t("saved", what=what), new_mm=0.0)
 
-        add.click(on_add, [state, diameter], viewer_outputs)
+        add.click(on_add, [state, new_diameter], viewer_outputs)
 
         @guarded(viewer_outputs)
         def on_sign(st: ViewerState, request: gr.Request) -> Any:
@@ -588,7 +410,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
 
         amend.click(on_reopen, [state], viewer_outputs)
 
-    return blocks, KEYBOARD_JS + f"<style>{CSS}</style>"
+    return blocks, viewer_script() + f"<style>{CSS}{VIEWER_CSS}</style>"
 
 
 def _client(request: gr.Request) -> str | None:

@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from ui.accounts import User
 from ui.i18n import LANGUAGES, text
 from ui.review import ReviewError
+from ui.viewer import WINDOW_PRESETS
 from ui.viewer_session import ViewerState, slice_info, slice_png_bytes, study_view
 
 VIEWED_MEMORY: Final = 10_000  # (user, review) pairs the route remembers as viewed
@@ -54,7 +55,7 @@ def _shown(value: str) -> str:
     return repr(value if len(value) <= 40 else value[:40] + "…")
 
 
-def _integer(name: str, value: str | None, low: int, high: int) -> int:
+def integer_parameter(name: str, value: str | None, low: int, high: int) -> int:
     if value is None:
         raise SliceQueryError(f"{name} is missing: give an integer {low}..{high}")
     if not _INTEGER.match(value):
@@ -76,14 +77,18 @@ def _number(name: str, value: str | None, low: float, high: float) -> float:
     return number
 
 
-def parse_slice_query(params: Mapping[str, str]) -> SliceQuery:
-    """The slice route's parameters, checked: ``review``, ``pos``, ``w``, ``l`` (required),
-    ``ov`` (0 or 1), ``sel`` (a finding key), ``pt`` (``slice,row,col``; slice -1: no point),
-    ``lang``; ``rev`` (the page's cache breaker) is ignored. Raises SliceQueryError."""
-    review = _integer("review", params.get("review"), 1, REVIEW_ID_MAX)
-    position = _integer("pos", params.get("pos"), 0, POSITION_MAX)
-    window = _number("w", params.get("w"), 1.0, HU_MAX)
-    level = _number("l", params.get("l"), -HU_MAX, HU_MAX)
+def parse_slice_query(params: Mapping[str, str], windowed: bool = True) -> SliceQuery:
+    """The slice route's parameters, checked: ``review``, ``pos``, ``w``, ``l`` (required when
+    ``windowed``), ``ov`` (0 or 1), ``sel`` (a finding key), ``pt`` (``slice,row,col``; slice
+    -1: no point), ``lang``; ``rev`` (the page's cache breaker) is ignored. Raises
+    SliceQueryError."""
+    review = review_parameter(params)
+    position = integer_parameter("pos", params.get("pos"), 0, POSITION_MAX)
+    if windowed or "w" in params or "l" in params:
+        window = _number("w", params.get("w"), 1.0, HU_MAX)
+        level = _number("l", params.get("l"), -HU_MAX, HU_MAX)
+    else:
+        window, level = WINDOW_PRESETS["lung"]
     overlays = params.get("ov", "1")
     if overlays not in ("0", "1"):
         raise SliceQueryError(f"ov={_shown(overlays)}: give 0 (no overlays) or 1")
@@ -93,7 +98,7 @@ def parse_slice_query(params: Mapping[str, str]) -> SliceQuery:
     pt = params.get("pt", "-1,0,0").split(",")
     if len(pt) != 3:
         raise SliceQueryError("pt: give slice,row,column (slice -1: no marked point)")
-    k = _integer("pt slice", pt[0], -1, POSITION_MAX)
+    k = integer_parameter("pt slice", pt[0], -1, POSITION_MAX)
     row = _number("pt row", pt[1], -PIXEL_MAX, PIXEL_MAX)
     col = _number("pt column", pt[2], -PIXEL_MAX, PIXEL_MAX)
     lang = params.get("lang", "en")
@@ -109,25 +114,56 @@ def parse_slice_query(params: Mapping[str, str]) -> SliceQuery:
     )
 
 
-def add_slice_route(api: FastAPI, ctx: Any) -> None:
-    """Serve ``GET /viewer/slice.png`` on ``api`` (behind the session gate)."""
-    viewed: set[tuple[str, int]] = set()  # (user, review) pairs known to have an audited view
+def review_parameter(params: Mapping[str, str]) -> int:
+    """The ``review`` query parameter, checked (SliceQueryError)."""
+    return integer_parameter("review", params.get("review"), 1, REVIEW_ID_MAX)
+
+
+class ViewedReviews:
+    """Which reviews a user may fetch pictures of: those they opened in the viewer (that open
+    is the audited study view). A cache of the audit log, shared by the picture routes."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+        self._seen: set[tuple[str, int]] = set()
+
+    def refusal(self, user: User, review: int) -> Response | None:
+        """None when ``user`` has viewed ``review``; else the 403 answer. An unknown review
+        raises ReviewError (404)."""
+        if (user.username, review) in self._seen:
+            return None
+        study_uid = self._ctx.reviews.case(review).study_uid  # unknown review: ReviewError
+        if not self._ctx.accounts.audit.has_viewed(user.username, study_uid):
+            return Response("open the study in the viewer first", status_code=403)
+        if len(self._seen) >= VIEWED_MEMORY:  # start the cache again
+            self._seen.clear()
+        self._seen.add((user.username, review))
+        return None
+
+
+def add_slice_route(api: FastAPI, ctx: Any, viewed: ViewedReviews) -> None:
+    """Serve ``GET /viewer/slice.png`` (the slice as the server renders it) and
+    ``GET /viewer/marks.png`` (only its marks, transparent elsewhere, for the page's own
+    viewer) on ``api``, behind the session gate."""
 
     @api.get("/viewer/slice.png")
     def viewer_slice(request: Request) -> Response:
+        return _slice_answer(request, marks_only=False)
+
+    @api.get("/viewer/marks.png")
+    def viewer_marks(request: Request) -> Response:
+        return _slice_answer(request, marks_only=True)
+
+    def _slice_answer(request: Request, marks_only: bool) -> Response:
         user: User = request.state.user
         try:
-            q = parse_slice_query(request.query_params)
+            q = parse_slice_query(request.query_params, windowed=not marks_only)
         except SliceQueryError as exc:
             return Response(str(exc), status_code=400, media_type="text/plain")
         try:
-            if (user.username, q.review) not in viewed:
-                study_uid = ctx.reviews.case(q.review).study_uid  # unknown review: 404
-                if not ctx.accounts.audit.has_viewed(user.username, study_uid):
-                    return Response("open the study in the viewer first", status_code=403)
-                if len(viewed) >= VIEWED_MEMORY:  # a cache of the audit log: start it again
-                    viewed.clear()
-                viewed.add((user.username, q.review))
+            refused = viewed.refusal(user, q.review)
+            if refused is not None:
+                return refused
             st = ViewerState(
                 review_id=q.review,
                 window=q.window,
@@ -140,7 +176,7 @@ def add_slice_route(api: FastAPI, ctx: Any) -> None:
             view = study_view(ctx, q.review)
             st.slice_count = view.slice_count
             st.slice = view.slice_at(q.position)
-            png = slice_png_bytes(ctx, st)
+            png = slice_png_bytes(ctx, st, marks_only)
             info = slice_info(ctx, st, lambda key, **v: text(q.lang, key, **v))
         except ReviewError as exc:
             return Response(str(exc), status_code=404)

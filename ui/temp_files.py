@@ -1,8 +1,9 @@
-"""The review app's temporary files: Gradio's cache (its copies of slices and finding
-thumbnails: patient images) and the slice renders handed to it.
+"""The review app's temporary files: Gradio's cache (its copies of the finding thumbnails:
+patient images). The slices themselves never touch the disk: the page fetches them from the
+viewer routes (ui.volume_route, ui.slice_route).
 
 They live in one folder of this process under the data folder,
-``<data_dir>/ui-temp/<host>_<pid>_*`` (``gradio/`` and ``renders/`` in it), never in the shared
+``<data_dir>/ui-temp/<host>_<pid>_*`` (``gradio/`` in it), never in the shared
 ``/tmp``: folders 0750, files 0640 (aidx.permissions). Gradio writes its own files with the
 process umask, so the server makes sure it holds 027 (:func:`tighten_umask`). The folder is
 removed when the server stops; folders left by processes of this host that are gone (a crash)
@@ -18,19 +19,13 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections import deque
 from pathlib import Path
 from typing import Final
 
-import numpy as np
-from numpy.typing import NDArray
-from PIL import Image
-
-from aidx.permissions import DATA_UMASK, DIR_MODE, FILE_MODE
+from aidx.permissions import DATA_UMASK, DIR_MODE
 
 log = logging.getLogger("aidx.ui.temp")
 
-RENDERS_KEPT: Final = 256  # slice renders kept on disk (Gradio copies each into its cache)
 FOLDER: Final = "ui-temp"
 
 
@@ -58,7 +53,6 @@ class UiTemp:
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir) / FOLDER
         self._path: Path | None = None
-        self._renders: deque[Path] = deque()
         self._lock = threading.Lock()
 
     @property
@@ -76,26 +70,10 @@ class UiTemp:
         """Gradio's cache (GRADIO_TEMP_DIR)."""
         return _mkdir(self.path / "gradio")
 
-    def write_png(self, rgb: NDArray[np.uint8]) -> str:
-        """``rgb`` as a PNG file (fast compression), 0640; the oldest renders are removed as
-        new ones come."""
-        folder = _mkdir(self.path / "renders")
-        fd, name = tempfile.mkstemp(suffix=".png", dir=folder)
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(rgb).save(f, format="PNG", compress_level=1)
-        with self._lock:
-            self._renders.append(Path(name))
-            stale = [self._renders.popleft() for _ in range(len(self._renders) - RENDERS_KEPT)]
-        for old in stale:
-            old.unlink(missing_ok=True)
-        return name
-
     def remove(self) -> None:
         """Remove this process's folder (at stop)."""
         with self._lock:
             path, self._path = self._path, None
-            self._renders.clear()
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -319,8 +319,18 @@ class StudyView:
             self.colour(selected_finding)  # an unknown id raises
         gray = window_gray(self.volume.hu[k], window, level)
         rgb = np.stack((gray, gray, gray), axis=-1)  # 5x faster than broadcasting
-        if not overlays:
-            return rgb
+        if overlays:
+            self.draw_overlays(rgb, k, selected_finding)
+        return rgb
+
+    def draw_overlays(
+        self, rgb: NDArray[np.uint8], slice_index: int, selected_finding: int | None = None
+    ) -> None:
+        """Draw the contours, boxes and finding ids of a slice into ``rgb`` (rows, columns, 3)
+        in place; ``selected_finding`` thicker, on top, with its id inverted."""
+        k = self._slice(slice_index)
+        if selected_finding is not None:
+            self.colour(selected_finding)  # an unknown id raises
         flat = rgb.reshape(-1, 3)  # a view: contour pixels are flat indices
         outlines = self._slice_outlines(k)
         boxes = [b for b in self._boxes if b.k0 <= k <= b.k1]
@@ -338,7 +348,6 @@ class StudyView:
                 if box.finding_id == fid:
                     _draw_box(rgb, box, colour, 2 if selected else 1)
                     _draw_label(rgb, box, self._labels[fid], colour, selected)
-        return rgb
 
     def render_png(
         self,

@@ -48,12 +48,14 @@ class ViewerState:
     point: tuple[int, float, float, float, float, float] | None = None  # k, row, col, x, y, z
     state: str = ""
     study_uid: str = ""
+    goto: int = 0  # counts the server's moves of the view (a finding selected): the page follows
     thumbnail_keys: list[tuple[str, str]] = field(default_factory=list)
 
     def status_line(self, t: T) -> str:
         if self.review_id is None:
             return t("no_study")
-        return f"**{self.study_uid}** · " + t("review_state", state=t(f"status_{self.state}"))
+        state = t("review_state", state=t(f"status_{self.state}"))
+        return f"**{state}** · <small>{self.study_uid}</small>"
 
     def selected_line(self, t: T) -> str:
         return f"**{t('selected')}:** {self.selected}" if self.selected else t("select_first")
@@ -81,6 +83,7 @@ class ViewerState:
             raise ReviewError(f"no finding {key}")
         self.selected = key
         self.slice = finding_slice(study_view(ctx, self.review_id), found[key])
+        self.goto += 1
 
 
 def study_view(ctx: Any, review_id: int) -> StudyView:
@@ -212,14 +215,41 @@ def slice_info(ctx: Any, st: ViewerState, t: T) -> str:
 
 
 def render_slice(ctx: Any, st: ViewerState) -> NDArray[np.uint8] | None:
+    """The slice on screen as RGB: windowed, with what :func:`draw_marks` draws."""
     if st.review_id is None:
         return None
     view = study_view(ctx, st.review_id)
     st.slice = int(min(max(st.slice, 0), view.slice_count - 1))
+    rgb = view.render(st.slice, st.window, st.level, overlays=False)
+    draw_marks(ctx, st, view, rgb)
+    return rgb
+
+
+def render_marks(ctx: Any, st: ViewerState) -> NDArray[np.uint8] | None:
+    """Only the marks of the slice on screen, as RGBA on a transparent background: what the
+    page's viewer lays over the slice it windows itself (ui/viewer.js)."""
+    if st.review_id is None:
+        return None
+    view = study_view(ctx, st.review_id)
+    st.slice = int(min(max(st.slice, 0), view.slice_count - 1))
+    rgb = np.empty((*view.shape, 3), dtype=np.uint8)
+    rgb[...] = _UNMARKED
+    draw_marks(ctx, st, view, rgb)
+    alpha = (rgb != _UNMARKED).any(axis=-1).astype(np.uint8) * np.uint8(255)
+    return np.dstack((rgb, alpha))
+
+
+_UNMARKED = np.array((1, 2, 3), dtype=np.uint8)  # a colour no mark is drawn in
+
+
+def draw_marks(ctx: Any, st: ViewerState, view: StudyView, rgb: NDArray[np.uint8]) -> None:
+    """Into ``rgb`` in place: the findings' contours, boxes and ids, the added findings'
+    circles (``st.overlays``), and the marked point's cross."""
+    assert st.review_id is not None
     found = ctx.reviews.findings(st.review_id)
     selected_ai = next((f.ai.id for f in found if f.key == st.selected and f.ai is not None), None)
-    rgb = view.render(st.slice, st.window, st.level, st.overlays, selected_ai)
     if st.overlays:
+        view.draw_overlays(rgb, st.slice, selected_ai)
         for f in found:
             if f.source == "added" and f.status != "removed":
                 _draw_sphere_section(
@@ -227,12 +257,12 @@ def render_slice(ctx: Any, st: ViewerState) -> NDArray[np.uint8] | None:
                 )
     if st.point is not None and st.point[0] == st.slice:
         _draw_cross(rgb, st.point[1], st.point[2])
-    return rgb
 
 
-def slice_png_bytes(ctx: Any, st: ViewerState) -> bytes | None:
-    """:func:`render_slice` as PNG bytes (fast compression), for the direct slice route."""
-    rgb = render_slice(ctx, st)
+def slice_png_bytes(ctx: Any, st: ViewerState, marks_only: bool = False) -> bytes | None:
+    """:func:`render_slice` (or :func:`render_marks`) as PNG bytes (fast compression), for the
+    direct slice routes."""
+    rgb = render_marks(ctx, st) if marks_only else render_slice(ctx, st)
     if rgb is None:
         return None
     buffer = io.BytesIO()
@@ -257,22 +287,13 @@ def viewer_meta(st: ViewerState, lang: str, position: int = 1) -> str:
         "pt": f"{k},{row:g},{col:g}",  # the marked point (its cross), k = -1: none
         "lang": lang,
         "pos": position,  # the slice's 1-based scroll position in this render
+        "goto": st.goto,  # a new value: the page moves to pos (and the selected finding)
         # New with every server render: slices fetched before (other decisions, an added
         # finding) are not reused.
         "rev": time.monotonic_ns(),
     }
     attributes = " ".join(f'data-{k}="{html.escape(str(v))}"' for k, v in values.items())
     return f"<span {attributes}></span>"
-
-
-def slice_png(ctx: Any, st: ViewerState) -> str | None:
-    """:func:`render_slice` as a PNG file for the browser, encoded with fast compression (Gradio
-    would re-encode an array at zlib's default level: about 68 ms of a 512² slice against 15 ms).
-    The files live in the app's temporary folder under the data folder (ui.temp_files)."""
-    rgb = render_slice(ctx, st)
-    if rgb is None:
-        return None
-    return str(ctx.temp.write_png(rgb))
 
 
 def _draw_sphere_section(
@@ -324,7 +345,7 @@ def findings_table(ctx: Any, st: ViewerState, t: T) -> pd.DataFrame:
         rows.append(
             [
                 f.key,
-                t(f"decision_{f.status}") + (f" ({f.reason})" if f.reason else ""),
+                t(f"decision_{f.status}") + (f" ({_short(f.reason)})" if f.reason else ""),
                 round(f.diameter_mm, 1),
                 round(f.ai.volume_mm3, 0) if f.ai is not None else None,
                 round(f.ai.probability, 3) if f.ai is not None else None,
@@ -332,6 +353,23 @@ def findings_table(ctx: Any, st: ViewerState, t: T) -> pd.DataFrame:
             ]
         )
     return pd.DataFrame(rows, columns=columns)
+
+
+def _short(reason: str, limit: int = 14) -> str:
+    """A rejection reason short enough to leave the table's measurements in view."""
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
+
+
+def highlighted(table: pd.DataFrame, selected: str | None) -> Any:
+    """The findings table with the selected finding's row highlighted (a pandas Styler)."""
+
+    def row_style(row: pd.Series) -> list[str]:
+        on = selected is not None and row.iloc[0] == selected
+        style = "background-color: #1e3a8a; color: #ffffff; font-weight: 600" if on else ""
+        return [style] * len(row)
+
+    digits = dict(zip(table.columns[2:5], ("{:.1f}", "{:.0f}", "{:.3f}"), strict=True))
+    return table.style.apply(row_style, axis=1).format(digits, na_rep="")
 
 
 def thumbnails(ctx: Any, st: ViewerState) -> list[tuple[NDArray[np.uint8], str]]:

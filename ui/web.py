@@ -17,8 +17,8 @@ Gradio app (ui/app.py) mounted behind it, one per interface language.
 - ``/app/en/`` and ``/app/zh/``: the app in each language; ``/`` sends a user to theirs, and
   ``POST /language`` changes it. ``/admin/audit.csv``: the audit log for administrators.
 - :class:`UiServer` runs it all in uvicorn (HTTPS when ``ui.certificate`` is set), in a thread
-  for ``aidx serve`` or in the foreground for ``aidx ui``; its temporary files (Gradio's cache,
-  slice renders) are under the data folder and removed when it stops (ui.temp_files).
+  for ``aidx serve`` or in the foreground for ``aidx ui``; its temporary files (Gradio's cache of
+  the finding thumbnails) are under the data folder and removed when it stops (ui.temp_files).
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ from ui.accounts import Accounts, AuthError, User
 from ui.app import build_app
 from ui.i18n import LANGUAGES, text
 from ui.review import Reviews
-from ui.slice_route import add_slice_route
+from ui.slice_route import ViewedReviews, add_slice_route
 from ui.temp_files import UiTemp, tighten_umask, use_for_gradio
+from ui.volume_route import add_volume_routes
 from ui.web_guard import (
     ASGIApp,
     GradioGuard,
@@ -369,7 +370,9 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
             headers={"Content-Disposition": 'attachment; filename="aidx-audit.csv"'},
         )
 
-    add_slice_route(api, ctx)
+    viewed = ViewedReviews(ctx)
+    add_slice_route(api, ctx, viewed)
+    add_volume_routes(api, ctx, viewed)
 
     def gradio_user(request: Request) -> str | None:
         user = getattr(request.state, "user", None)

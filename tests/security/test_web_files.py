@@ -1,6 +1,6 @@
 """Files of the review app: it takes no uploads (Gradio's upload route accepted 200 MB from any
-signed-in user into /tmp/gradio), and its temporary files (Gradio's cache of slices and finding
-thumbnails, the slice renders) lie under the data folder, 0640 in 0750 folders, and are gone
+signed-in user into /tmp/gradio), and its temporary files (Gradio's cache of the finding
+thumbnails) lie under the data folder, 0640 in 0750 folders, and are gone
 once the server has stopped (they stayed in /tmp/aidx-ui-*, 0644 in /tmp/gradio)."""
 
 from __future__ import annotations
@@ -94,16 +94,17 @@ def test_temporary_files_are_private_under_the_data_folder_and_go_at_stop(
                 "select",
                 event_data={"index": [0, 0], "value": review, "row_value": [review]},
             )
-            picture = client.get(f"/app/en/gradio_api/file={opened['slice-image']['path']}")
-            assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+            thumbnail = opened["thumbnails"][0]["image"]["path"]
+            picture = client.get(f"/app/en/gradio_api/file={thumbnail}")
+            assert picture.status_code == 200
+            assert picture.content[8:12] == b"WEBP" or picture.content.startswith(b"\x89PNG")
         process_dir = server.ctx.temp.path
         assert process_dir.parent == temp_root
-        shown = [Path(opened["slice-image"]["path"])]
-        shown += [Path(item["image"]["path"]) for item in opened["thumbnails"]]
+        shown = [Path(item["image"]["path"]) for item in opened["thumbnails"]]
+        assert shown
         for path in shown:
             assert path.is_relative_to(process_dir / "gradio"), path
         files = [p for p in process_dir.rglob("*") if p.is_file()]
-        assert any(p.parent == process_dir / "renders" for p in files)  # slice renders
         for path in files:
             assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
         for folder in [process_dir, *(p for p in process_dir.rglob("*") if p.is_dir())]:

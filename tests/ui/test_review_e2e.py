@@ -161,6 +161,26 @@ def _browser() -> Any:
     return sync_playwright()
 
 
+def _pos(page: Any) -> int:
+    """The axial slice on screen (1-based scroll position), as the viewer script shows it."""
+    return int(page.locator("#aidx-viewer").get_attribute("data-pos") or "0")
+
+
+def _canvas(page: Any) -> tuple[float, float]:
+    """Mean and spread of the grey values in the middle of the viewer's canvas."""
+    values = page.evaluate(
+        """() => {
+          const c = document.getElementById('aidx-canvas');
+          const d = c.getContext('2d').getImageData(c.width / 4, c.height / 4, c.width / 2,
+            c.height / 2).data;
+          let s = 0, s2 = 0, n = 0;
+          for (let i = 0; i < d.length; i += 4) { s += d[i]; s2 += d[i] * d[i]; n++; }
+          return [s / n, Math.sqrt(Math.max(s2 / n - (s / n) ** 2, 0))];
+        }"""
+    )
+    return (round(float(values[0]), 1), round(float(values[1]), 1))
+
+
 def _login(page: Any, url: str, user: str, password: str) -> None:
     page.goto(url)
     page.wait_for_url(re.compile(r".*/login.*"))
@@ -189,130 +209,201 @@ def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
         _shot(page, "02-worklist")
         rows.first.locator("[role=gridcell]").nth(3).click()
 
-        # Viewer: the study opens on the first finding's key slice.
+        # Viewer: the study opens on the first finding's key slice, drawn by the page itself.
+        viewer = page.locator("#aidx-viewer")
         expect(page.locator("#viewer-status")).to_contain_text(served.study_uid)
-        slice_number = page.locator("#slice input[type=number]")
-        expect(slice_number).not_to_have_value("1")
-        start = int(slice_number.input_value())
+        page.wait_for_function("window.aidxViewer && window.aidxViewer.paints > 0")
+        start = _pos(page)
+        assert start > 1
         findings = page.locator("#findings div[role=row]")
         count = findings.count()
         assert count >= 2, f"the demo study needs two findings for this test, got {count}"
         # Images are numbered as in the PACS (Instance Number): the first finding's image.
-        info = page.locator("#slice-info")
+        info = page.locator("#aidx-slice-info")
         image_number = int(findings.first.locator("[role=gridcell]").nth(5).inner_text())
         expect(info).to_contain_text(f"Image {image_number} · {start} of ")
+        lung = _canvas(page)
+        assert lung[1] > 20, lung  # a CT slice on the canvas, not a blank
+        # The corners say whose images these are, as in a PACS viewer.
+        expect(page.locator("#aidx-tl")).to_contain_text("DEMO, CHEST PHANTOM")
+        expect(page.locator("#aidx-tl")).to_contain_text("1960-01-01")
+        expect(page.locator("#aidx-tr")).to_contain_text("Acc.")
+        expect(page.locator("#aidx-br")).to_contain_text("W 1500  L -600")
         _shot(page, "03-viewer")
         # A refused action is a message beside the controls; the viewer stays as it was.
         page.click("#sign")
         expect(page.locator("#message")).to_contain_text("undecided")
-        expect(page.locator("#slice-image img")).to_be_visible()
+        expect(page.locator("#aidx-canvas")).to_be_visible()
         expect(page.get_by_text("Error", exact=True)).to_have_count(0)
         expect(page.locator("#viewer-status")).to_contain_text("DEMO, CHEST PHANTOM")
-        for width, height in ((1366, 768), (1920, 1080)):  # the screens reading rooms have
+        # The reading screens: image, scroll bar, window tools, decisions and Sign in view with
+        # no page scrolling.
+        for width, height in ((1366, 768), (1920, 1080)):
             page.set_viewport_size({"width": width, "height": height})
+            page.wait_for_function(
+                "h => document.getElementById('aidx-scrollbar').getBoundingClientRect().bottom"
+                " <= h && document.scrollingElement.scrollHeight <= h + 1",
+                arg=height,
+            )
+            for element in ("#aidx-toolbar", "#aidx-canvas", "#aidx-scroll", "#accept", "#sign"):
+                box = page.locator(element).bounding_box()
+                assert box is not None and box["y"] >= 0, element
+                assert box["y"] + box["height"] <= height and box["x"] + box["width"] <= width
             _shot(page, f"03-viewer-{width}x{height}")
-        page.set_viewport_size({"width": 1600, "height": 1100})
+        page.set_viewport_size({"width": 1600, "height": 1000})
 
-        # Scroll: keyboard (focus on the page, not in a field) and the buttons.
-        page.locator("#slice-image").hover()
+        # Scroll: keyboard (focus on the page, not in a field), the buttons, the wheel.
+        canvas = page.locator("#aidx-canvas")
+        canvas.hover()
         page.locator("body").press("ArrowDown")
-        expect(slice_number).to_have_value(str(start + 1))
+        expect(viewer).to_have_attribute("data-pos", str(start + 1))
         expect(info).to_contain_text(f"Image {image_number + 1} · {start + 1} of ")
         page.locator("body").press("ArrowDown")
-        expect(slice_number).to_have_value(str(start + 2))
-        page.click("#slice-prev")
-        expect(slice_number).to_have_value(str(start + 1))
-        page.locator("#slice-image").hover()
+        expect(viewer).to_have_attribute("data-pos", str(start + 2))
+        page.click("#aidx-scrollbar [data-action=prev]")
+        expect(viewer).to_have_attribute("data-pos", str(start + 1))
+        canvas.hover()
         page.mouse.wheel(0, 120)  # the pointer is over the image: one slice on
-        expect(slice_number).to_have_value(str(start + 2))
+        expect(viewer).to_have_attribute("data-pos", str(start + 2))
         page.mouse.wheel(0, -120)
-        expect(slice_number).to_have_value(str(start + 1))
-        # The page's script fetched those slices from the slice route itself (no Gradio round
-        # trip), and the server follows: a click at once after a step marks the slice on screen.
-        expect(page.locator("#slice-image img")).to_have_attribute("src", re.compile(r"^blob:"))
+        expect(viewer).to_have_attribute("data-pos", str(start + 1))
+        # A click (no drag) marks the slice on screen, at once after a step.
         page.locator("body").press("ArrowDown")
-        page.locator("#slice-image img").click()
+        canvas.click()
         expect(page.locator("#clicked-point")).to_contain_text(f"image {image_number + 2},")
-        expect(info).to_contain_text(f"Image {image_number + 2} · {start + 2} of ")
-        # Taps 150-200 ms apart, as a reader scrolls: every step counts, none goes back, and
-        # the server's answers to the syncs between them move nothing.
-        seen = [int(slice_number.input_value())]
+        # Taps 150-200 ms apart, as a reader scrolls: every step counts and none goes back.
+        seen = [_pos(page)]
         for i in range(10):
             page.locator("body").press("ArrowDown" if i < 6 else "ArrowUp")
             page.wait_for_timeout(150 + 10 * (i % 6))  # the reader's pace, not a wait for state
-            seen.append(int(slice_number.input_value()))
+            seen.append(_pos(page))
         assert seen == [seen[0] + n for n in (0, 1, 2, 3, 4, 5, 6, 5, 4, 3, 2)], seen
-        page.locator("#slice-image").hover()
+        canvas.hover()
         for _ in range(5):
             page.mouse.wheel(0, 120)
             page.wait_for_timeout(170)
-            seen.append(int(slice_number.input_value()))
+            seen.append(_pos(page))
         assert seen[-5:] == [seen[0] + n for n in (3, 4, 5, 6, 7)], seen
-        page.locator("#slice-image img").click()  # the server is where the page is
+        canvas.click()
         expect(page.locator("#clicked-point")).to_contain_text(f"image {image_number + 9},")
         page.locator("body").press("PageUp")  # ten at a time
-        expect(slice_number).to_have_value(str(start - 1))
+        expect(viewer).to_have_attribute("data-pos", str(start - 1))
         page.locator("body").press("PageDown")
-        expect(slice_number).to_have_value(str(start + 9))
+        expect(viewer).to_have_attribute("data-pos", str(start + 9))
         for _ in range(7):
             page.locator("body").press("ArrowUp")
-        expect(slice_number).to_have_value(str(start + 2))
-        page.locator("#slice-image img").click()
-        expect(page.locator("#clicked-point")).to_contain_text(f"image {image_number + 2},")
-        slice_route = served.url + "viewer/slice.png?review={}&pos=0&w=1500&l=-600"
-        assert page.request.get(slice_route.format(1)).status == 200
-        assert page.request.get(slice_route.format(999)).status == 404
+        expect(viewer).to_have_attribute("data-pos", str(start + 2))
+        pixels = served.url + "viewer/pixels?review={}&plane=axial&index=0"
+        assert page.request.get(pixels.format(1)).status == 200
+        assert page.request.get(pixels.format(999)).status == 404
 
-        # Window: the mediastinum preset sets width and level.
-        page.locator("#preset").get_by_text("mediastinum").click()
-        expect(page.locator("#window-width input")).to_have_value("350")
-        expect(page.locator("#window-level input")).to_have_value("50")
-        page.evaluate("document.activeElement && document.activeElement.blur()")
-        page.locator("body").press("1")  # number keys pick the presets (not in a field)
-        expect(page.locator("#window-width input")).to_have_value("1500")
+        # Window: number keys pick presets; a left-drag windows continuously in the page; a
+        # typed window (Enter) is "manual"; r resets.
         page.locator("body").press("2")
-        expect(page.locator("#window-width input")).to_have_value("350")
-        # A typed window, confirmed with Enter: the preset becomes "manual", the image stays.
-        page.locator("#window-width input").fill("800")
-        page.locator("#window-width input").press("Enter")
-        expect(page.locator("#preset input[value=manual]")).to_be_checked()
-        expect(page.locator("#window-width input")).to_have_value("800")
-        expect(page.locator("#slice-image img")).to_be_visible()
-        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
-        _shot(page, "04-window")
+        expect(viewer).to_have_attribute("data-ww", "350")
+        expect(viewer).to_have_attribute("data-wl", "50")
+        assert _canvas(page) != lung
+        page.locator("body").press("1")
+        expect(viewer).to_have_attribute("data-ww", "1500")
+        box = canvas.bounding_box()
+        assert box is not None
+        middle = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        paints = page.evaluate("window.aidxViewer.paints")
+        page.mouse.move(*middle)
+        page.mouse.down()
+        page.mouse.move(middle[0] - 100, middle[1] + 40, steps=10)
+        # the window follows the mouse while the button is held, not at its release
+        expect(viewer).to_have_attribute("data-preset", "manual")
+        page.wait_for_function(f"window.aidxViewer.paints > {paints}")
+        narrower = int(viewer.get_attribute("data-ww") or "0")
+        assert 1 <= narrower < 1500 and int(viewer.get_attribute("data-wl") or "0") > -600
+        page.mouse.up()
+        # a drag is no click: the marked point stays where the last click put it
+        expect(page.locator("#clicked-point")).to_contain_text(f"image {image_number + 9},")
+        page.fill("#aidx-ww", "800")
+        page.press("#aidx-ww", "Enter")
+        expect(viewer).to_have_attribute("data-ww", "800")
+        expect(page.locator("#aidx-br")).to_contain_text("W 800")
+        page.fill("#aidx-ww", "0")
+        page.press("#aidx-ww", "Enter")
+        expect(page.locator("#aidx-note")).to_contain_text("at least 1 HU")
+        expect(viewer).to_have_attribute("data-ww", "800")
+        # Zoom (right-drag) and pan (middle-drag), then reset.
+        page.mouse.move(*middle)
+        page.mouse.down(button="right")
+        page.mouse.move(middle[0], middle[1] - 120, steps=6)
+        page.mouse.up(button="right")
+        assert int(viewer.get_attribute("data-zoom") or "0") > 150
+        page.mouse.move(*middle)  # no button held: nothing moves
+        page.mouse.down(button="middle")
+        page.mouse.move(middle[0] + 60, middle[1] + 30, steps=6)
+        page.mouse.up(button="middle")
+        expect(viewer).to_have_attribute("data-pan", "60,30")
+        _shot(page, "04-window-zoom")
+        page.locator("body").press("r")
+        expect(viewer).to_have_attribute("data-zoom", "100")
+        expect(viewer).to_have_attribute("data-pan", "0,0")
+        expect(viewer).to_have_attribute("data-ww", "1500")
+        # Reformats: coronal and sagittal through the selected finding, then back to axial.
+        page.locator("body").press("v")
+        expect(viewer).to_have_attribute("data-plane", "coronal")
+        expect(info).to_contain_text("Coronal")
+        page.wait_for_function("window.aidxViewer.shown.startsWith('coronal:')")
+        assert _canvas(page)[1] > 20
+        _shot(page, "04-coronal")
+        page.locator("body").press("v")
+        expect(viewer).to_have_attribute("data-plane", "sagittal")
+        page.wait_for_function("window.aidxViewer.shown.startsWith('sagittal:')")
+        page.locator("body").press("v")
+        expect(viewer).to_have_attribute("data-plane", "axial")
+        expect(viewer).to_have_attribute("data-pos", str(start + 2))  # the axial place is kept
 
-        # Accept the first finding; reject the others (the second with a reason).
-        findings.first.locator("[role=gridcell]").first.click()
-        expect(page.locator("#selected")).to_contain_text("ai-")
-        page.click("#accept")
-        expect(page.locator("#message")).to_contain_text("accepted")
+        # Review from the keyboard: n/p move between findings (the view follows), a accepts,
+        # x rejects; the second rejection by the mouse, with a reason.
+        keys = [findings.nth(n).locator("[role=gridcell]").first.inner_text() for n in range(count)]
+        page.locator("body").press("n")
+        expect(page.locator("#selected")).to_contain_text(keys[1])
+        page.locator("body").press("p")
+        expect(page.locator("#selected")).to_contain_text(keys[0])
+        expect(viewer).to_have_attribute("data-pos", str(start))
+        page.locator("body").press("a")
+        expect(page.locator("#message")).to_contain_text(f"{keys[0]} accepted")
         for n in range(1, count):
-            cell = findings.nth(n).locator("[role=gridcell]").first
-            key = cell.inner_text().strip()
-            cell.click()
-            expect(page.locator("#selected")).to_contain_text(key)
+            page.locator("body").press("n")
+            expect(page.locator("#selected")).to_contain_text(keys[n])
             if n == 1:
-                page.fill("#reason textarea", "vessel")
-            page.click("#reject")
-            expect(page.locator("#message")).to_contain_text(f"{key} rejected")
+                page.fill("#reason input", "vessel")
+                page.click("#reject")
+            else:
+                page.locator("body").press("x")
+            expect(page.locator("#message")).to_contain_text(f"{keys[n]} rejected")
         _shot(page, "05-decisions")
 
-        # Add a missed finding: click the image, enter a diameter, add.
-        image = page.locator("#slice-image img")
-        box = image.bounding_box()
-        assert box is not None
-        image.click(position={"x": box["width"] * 0.30, "y": box["height"] * 0.45})
+        # Add a missed finding: measure it with the caliper (m, then drag): the line's middle
+        # becomes the marked point, its length the new finding's diameter.
+        page.locator("body").press("m")
+        expect(viewer).to_have_class(re.compile("aidx-measuring"))
+        left = (box["x"] + box["width"] * 0.40, box["y"] + box["height"] * 0.45)
+        page.mouse.move(*left)
+        page.mouse.down()
+        page.mouse.move(left[0] + 12, left[1] + 5, steps=4)
+        page.mouse.up()
+        expect(page.locator("#message")).to_contain_text("Measured")
         expect(page.locator("#clicked-point")).to_contain_text("mm")
-        page.fill("#diameter input", "8")
+        measured = float(page.locator("#new-diameter input").input_value())
+        assert 2.0 < measured < 30.0, measured
+        page.locator("body").press("Escape")
         page.click("#add")
         expect(page.locator("#message")).to_contain_text("added-1")
         expect(findings).to_have_count(count + 1)
         _shot(page, "06-added")
 
-        # Sign.
-        page.click("#sign")
+        # Sign from the keyboard (Shift+S); the decisions are then closed until re-opened.
+        page.locator("body").press("Shift+S")
         expect(page.locator("#message")).to_contain_text("Signed")
         expect(page.locator("#viewer-status")).to_contain_text("signed")
+        expect(page.locator("#accept")).to_be_disabled()
+        expect(page.locator("#reopen")).to_be_enabled()
         _shot(page, "07-signed")
 
         # Dashboard.
@@ -372,9 +463,9 @@ def test_admin_reads_the_audit_log_and_a_chinese_user_gets_chinese(served: Serve
         _shot(page, "09-audit-admin")
         csv = page.request.get(served.url + "admin/audit.csv")
         assert csv.status == 200 and "finding_accept" in csv.text()
-        # The slice route serves only studies this user opened in the viewer (an audited view).
-        slice_route = served.url + "viewer/slice.png?review=1&pos=0&w=1500&l=-600"
-        assert page.request.get(slice_route).status == 403
+        # The picture routes serve only studies this user opened in the viewer (an audited view).
+        for route in ("slice.png?review=1&pos=0&w=1500&l=-600", "pixels?review=1&index=0"):
+            assert page.request.get(served.url + "viewer/" + route).status == 403
         # Log out in the same tab: the login page replaces the app, no second tab opens.
         page.click("#log-out")
         page.wait_for_url(re.compile(r".*/login.*"))

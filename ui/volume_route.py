@@ -1,0 +1,207 @@
+"""What the page's own viewer (ui/viewer.js) reads: ``GET /viewer/study.json`` (the series'
+geometry, the corner-overlay text, the findings) and ``GET /viewer/pixels`` (one axial slice, or
+one coronal or sagittal reformat, as lossless little-endian int16 HU), so that the browser
+windows, zooms and reformats without a server round trip per change, as cornerstone does.
+
+Both only for a review the user has opened in the viewer (ui.slice_route.ViewedReviews), with
+every parameter checked (a bad one is a 400 naming it), never cached by the browser.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any, Final
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from numpy.typing import NDArray
+from pydicom.errors import InvalidDicomError
+
+from aidx.deflate import InflateLimitError, read_header
+from ui.accounts import User
+from ui.review import ReviewError
+from ui.slice_route import SliceQueryError, ViewedReviews, integer_parameter, review_parameter
+from ui.viewer import MAX_INFLATED_BYTES, StudyView
+from ui.viewer_session import (
+    ADDED_COLOUR,
+    dicom_date,
+    finding_slice,
+    image_label,
+    person_name,
+    study_view,
+)
+
+log = logging.getLogger("aidx.ui.volume_route")
+
+PLANES: Final = ("axial", "coronal", "sagittal")
+NO_STORE: Final = {"Cache-Control": "private, no-store"}
+_SERIES_MEMORY: Final = 64  # series headers kept (number, description, thickness)
+_series_headers: OrderedDict[str, dict[str, str]] = OrderedDict()
+_series_lock = threading.Lock()
+
+
+def _hex(colour: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*colour)
+
+
+def series_header(view: StudyView) -> dict[str, str]:
+    """Series Number, Series Description and Slice Thickness as the first file holds them
+    (empty strings where it holds none or cannot be read)."""
+    uid = view.volume.series_uid
+    with _series_lock:
+        if uid in _series_headers:
+            return _series_headers[uid]
+    values = {"number": "", "description": "", "thickness": ""}
+    if view.volume.files:
+        try:
+            ds = read_header(
+                view.volume.files[0],
+                MAX_INFLATED_BYTES,
+                specific_tags=["SeriesNumber", "SeriesDescription", "SliceThickness"],
+            )
+            values = {
+                "number": str(ds.get("SeriesNumber", "") or ""),
+                "description": str(ds.get("SeriesDescription", "") or ""),
+                "thickness": str(ds.get("SliceThickness", "") or ""),
+            }
+        except (OSError, InvalidDicomError, InflateLimitError, ValueError) as exc:
+            log.warning("series header unreadable: series_uid=%s %s", uid, exc)
+    with _series_lock:
+        _series_headers[uid] = values
+        while len(_series_headers) > _SERIES_MEMORY:
+            _series_headers.popitem(last=False)
+    return values
+
+
+def study_description(ctx: Any, review: int) -> dict[str, Any]:
+    """The viewer's description of review ``review``'s series (study.json)."""
+    view = study_view(ctx, review)
+    count = view.slice_count
+    rows, cols = view.shape
+    forward = count < 2 or view.display_position(0) == 0
+    who = ctx.reviews.identification(review)
+    findings = []
+    for f in ctx.reviews.findings(review):
+        k, r, c = view.patient_to_pixel(f.center_mm)
+        if f.ai is not None:
+            k = float(finding_slice(view, f))
+        colour = view.colour(f.ai.id) if f.ai is not None else ADDED_COLOUR
+        findings.append(
+            {
+                "key": f.key,
+                "colour": _hex(colour),
+                "pos": k if forward else count - 1 - k,
+                "row": r,
+                "col": c,
+                "diameter_mm": round(float(f.diameter_mm), 1),
+                "status": f.status,
+            }
+        )
+    spacing = view.volume.spacing
+    return {
+        "marked": marked_positions(ctx, review, view),
+        "review": review,
+        "forward": forward,  # scroll position p is volume index p (else count - 1 - p)
+        "rows": rows,
+        "cols": cols,
+        "count": count,
+        "spacing": {"slice": spacing[0], "row": spacing[1], "col": spacing[2]},
+        "series": series_header(view),
+        "images": [image_label(view, view.slice_at(p)) for p in range(count)],
+        "locations": [round(view.slice_location(view.slice_at(p)), 2) for p in range(count)],
+        "patient": {
+            "name": person_name(who.patient_name),
+            "id": who.patient_id,
+            "born": dicom_date(who.birth_date),
+            "sex": who.sex,
+        },
+        "study": {
+            "accession": who.accession_number,
+            "date": dicom_date(who.study_date),
+            "description": who.description,
+        },
+        "findings": findings,
+    }
+
+
+def marked_positions(ctx: Any, review: int, view: StudyView) -> list[int]:
+    """Scroll positions with something drawn on them: an AI finding's contour or box, or an
+    added finding's circle (the page fetches marks only for those)."""
+    marked = {
+        view.display_position(k) for k in range(view.slice_count) if view.findings_on_slice(k)
+    }
+    for f in ctx.reviews.findings(review):
+        if f.source == "added" and f.status != "removed":
+            k, _, _ = view.patient_to_pixel(f.center_mm)
+            reach = f.diameter_mm / 2 / view.volume.spacing[0]
+            for slice_index in range(int(np.floor(k - reach)), int(np.ceil(k + reach)) + 1):
+                if 0 <= slice_index < view.slice_count:
+                    marked.add(view.display_position(slice_index))
+    return sorted(marked)
+
+
+def plane_pixels(view: StudyView, plane: str, index: int) -> tuple[NDArray[np.int16], int, int]:
+    """One picture of the series as int16 HU: ``axial`` the slice at scroll position
+    ``index``; ``coronal`` row ``index`` and ``sagittal`` column ``index`` of every slice, top
+    to bottom in scroll order. Returns (pixels, height, width). Raises SliceQueryError for an
+    index outside the series."""
+    count = view.slice_count
+    rows, cols = view.shape
+    limit = {"axial": count, "coronal": rows, "sagittal": cols}[plane]
+    if not 0 <= index < limit:
+        raise SliceQueryError(f"index={index} is out of range for {plane}: 0..{limit - 1}")
+    hu = view.volume.hu
+    if plane == "axial":
+        picture = hu[view.slice_at(index)]
+    else:
+        order = np.fromiter((view.slice_at(p) for p in range(count)), dtype=np.intp, count=count)
+        picture = hu[order, index, :] if plane == "coronal" else hu[order, :, index]
+    out = np.clip(np.rint(picture), -32768, 32767).astype("<i2")
+    return out, int(out.shape[0]), int(out.shape[1])
+
+
+def add_volume_routes(api: FastAPI, ctx: Any, viewed: ViewedReviews) -> None:
+    """Serve ``/viewer/study.json`` and ``/viewer/pixels`` on ``api`` (behind the gate)."""
+
+    @api.get("/viewer/study.json")
+    def viewer_study(request: Request) -> Response:
+        user: User = request.state.user
+        try:
+            review = review_parameter(request.query_params)
+            refused = viewed.refusal(user, review)
+            if refused is not None:
+                return refused
+            return JSONResponse(study_description(ctx, review), headers=NO_STORE)
+        except SliceQueryError as exc:
+            return Response(str(exc), status_code=400, media_type="text/plain")
+        except ReviewError as exc:
+            return Response(str(exc), status_code=404, media_type="text/plain")
+
+    @api.get("/viewer/pixels")
+    def viewer_pixels(request: Request) -> Response:
+        user: User = request.state.user
+        params = request.query_params
+        try:
+            review = review_parameter(params)
+            plane = params.get("plane", "axial")
+            if plane not in PLANES:
+                raise SliceQueryError(f"plane={plane[:20]!r}: give one of {', '.join(PLANES)}")
+            index = integer_parameter("index", params.get("index"), 0, 2**31 - 1)
+            refused = viewed.refusal(user, review)
+            if refused is not None:
+                return refused
+            pixels, height, width = plane_pixels(study_view(ctx, review), plane, index)
+        except SliceQueryError as exc:
+            return Response(str(exc), status_code=400, media_type="text/plain")
+        except ReviewError as exc:
+            return Response(str(exc), status_code=404, media_type="text/plain")
+        body = pixels.tobytes()
+        headers = {**NO_STORE, "X-Aidx-Height": str(height), "X-Aidx-Width": str(width)}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            body = gzip.compress(body, compresslevel=1)  # CT halves; level 1 costs a few ms
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, media_type="application/octet-stream", headers=headers)
