@@ -1,29 +1,33 @@
-"""Benchmark: the review app's scrolling latency as a radiologist feels it, in Debian's headless
-Chromium driven by Playwright, against the server-side render of the same slices in the same run
-(the machines are shared and noisy).
+"""Benchmark: the review app as a radiologist feels it, in Debian's headless Chromium driven by
+Playwright, against the previous design's per-slice cost measured in the same run (the machines
+are shared and noisy).
 
-A 300 x 512² phantom CT is indexed into a store as the DICOM node would, and one inference job
-runs on it with the shipped default model (aidx.worker.Worker, as `aidx serve` does). The review
-app (ui.web.UiServer, on a free port, in this process) serves it; a radiologist logs in, opens
-the study from the worklist, then:
+The demo study (`aidx serve --demo`'s: 300 x 512², three nodules) is indexed into a store as
+the DICOM node would, and one inference job runs on it with the shipped default model
+(aidx.worker.Worker, as `aidx serve` does). The review app (ui.web.UiServer, on a free port,
+in this process) serves it to a radiologist at 1366x768:
 
-- presses ArrowDown, and clicks the ▼ button (#slice-next): --steps times each after --warmup
-  steps, from the key event (keydown / pointerdown, the event's own timestamp) to the slice's
-  <img> having a new src and its ``load`` event fired, timed in the page (performance.now).
-  Both go through the page's scrolling script: the slice comes from /viewer/slice.png, and the
-  next three were prefetched while the previous step was shown (as in continuous scrolling);
-- changes the window preset to mediastinum (and back to lung), the same way.
+- study open, with nothing prepared (the click reads the series) and prepared at result time
+  (the server opens new results ahead, ui.web PREPARE_INTERVAL_S; a new browser): from the
+  click on the worklist row (its pointerdown timestamp) to the first slice painted on the
+  viewer's canvas;
+- slice step: ArrowDown, from the keydown's timestamp to the canvas painted with the next slice,
+  --steps times right after the study opened (slices may still be on their way) and again once
+  the page holds the whole series (its background prefetch done);
+- window/level drag: a left-drag in the page, a mouse move every 8 ms (125 Hz, as a mouse
+  reports) for --drag-ms; canvas updates per second while the button is held, and the time of
+  one repaint (windowing 512² int16 in the page);
+- a scripted review: open the study, decide four findings from the keyboard (n, then a or x),
+  sign (Shift+S), until the "Signed" message: the wall time (machine time, no reading).
 
-Baseline, after the browser is done: ``StudyView.render_png`` of the timed slices on a freshly
-opened view (first visits, as the browser's; then warm), lung window, the first finding selected
-as in the browser: the picture the browser waits for, without Gradio and HTTP; and the handler's
-``viewer_session.render_slice`` (RGB) on the server's cached view, and Gradio's own PNG
-encoding of its output (gr.Image(format="png") encodes at zlib's default level).
+Baseline, in the same page: the previous design's scroll step, a fetch of the server-rendered
+PNG (/viewer/slice.png, the route still served) and its decode, for the same slices; and the
+server's render_png of a slice in this process.
 
-Target (issue 7): <= 100 ms server-side per 512² slice with overlays; end to end printed beside.
+Goals (issue 16): study open <= 1.5 s, slice step p95 <= 50 ms, window/level drag >= 30 updates
+per second, scripted review <= 20 s.
 
-Usage: python benchmarks/ui_latency.py [--steps 40] [--warmup 5] [--repeats 1] [--presets 5]
-       [--slices 300]
+Usage: python benchmarks/ui_latency.py [--steps 40] [--drag-ms 2000]
 """
 
 from __future__ import annotations
@@ -36,31 +40,28 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gradio.processing_utils import encode_pil_to_bytes
-from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 _HERE = Path(__file__).resolve().parent  # this folder's inference.py would shadow `inference`
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from aidx.config import AidxConfig, load_config
+from aidx.config import AidxConfig, DemoConfig, load_config
 from aidx.store import Store
 from aidx.worker import Worker
 from dicom_node.parse import read_file
 from training.phantom import PhantomOptions, generate
+from ui import viewer_session
 from ui.accounts import Accounts
-from ui.viewer import WINDOW_PRESETS, StudyView
-from ui.viewer_session import ViewerState, render_slice
+from ui.viewer import WINDOW_PRESETS
+from ui.viewer_session import study_view
 from ui.web import UiServer
 
-TARGET_MS = 100.0
+GOALS = {"open_s": 1.5, "step_p95_ms": 50.0, "drag_per_s": 30.0, "review_s": 20.0}
 USER, PASSWORD = "reader", "benchmark reader password 1"
 CHROMIUM_FLAGS = [  # as tests/ui/test_review_e2e.py
     "--headless",
@@ -72,13 +73,14 @@ CHROMIUM_FLAGS = [  # as tests/ui/test_review_e2e.py
     "--no-first-run",
 ]
 TIMEOUT_MS = 120_000
+VIEWPORT = {"width": 1366, "height": 768}
 
-# Armed before the action: the clock starts at the first keydown/pointerdown after this (the
-# event's timestamp, before any handler ran) and stops when the <img> in #slice-image has a src
-# other than the current one and has fired `load` (Gradio may swap the element or its src).
-ARM_JS = """(timeoutMs) => {
-  const root = document.querySelector('#slice-image');
-  const before = root.querySelector('img')?.src ?? null;
+# Armed before an action: the clock starts at the next keydown/pointerdown (the event's own
+# timestamp, before any handler ran) and stops at the viewer's next paint (window.aidxViewer,
+# ui/viewer.js) showing ``want`` (a plane:index, or any picture when empty).
+ARM_JS = """([want, timeoutMs]) => {
+  const stats = window.aidxViewer || { paints: 0 };
+  const before = stats.paints || 0;
   let start = null;
   const onStart = (e) => {
     if (start === null) start = e.timeStamp;
@@ -88,19 +90,30 @@ ARM_JS = """(timeoutMs) => {
   window.addEventListener('keydown', onStart, true);
   window.addEventListener('pointerdown', onStart, true);
   window.__aidxShown = new Promise((resolve, reject) => {
-    setTimeout(() => reject(new Error(`no new slice image in ${timeoutMs} ms`)), timeoutMs);
-    const done = () => start === null ? reject(new Error('no key or pointer event seen'))
-                                      : resolve(performance.now() - start);
+    const limit = performance.now() + timeoutMs;
     const check = () => {
-      const img = root.querySelector('img');
-      if (!img || !img.src || img.src === before) return;
-      observer.disconnect();
-      if (img.complete && img.naturalWidth > 0) done();
-      else img.addEventListener('load', done, {once: true});
+      const s = window.aidxViewer;
+      if (s && s.paints > before && start !== null && (!want || s.shown === want)) {
+        resolve(s.at - start);
+      } else if (performance.now() > limit) {
+        reject(new Error('no paint of ' + want + ' in ' + timeoutMs + ' ms'));
+      } else requestAnimationFrame(check);
     };
-    const observer = new MutationObserver(check);
-    observer.observe(root, {subtree: true, childList: true, attributeFilter: ['src']});
+    requestAnimationFrame(check);
   });
+}"""
+
+# The previous design's step: the server's rendering of a slice, fetched and decoded.
+PNG_STEP_JS = """async ([review, positions]) => {
+  const out = [];
+  for (const pos of positions) {
+    const t = performance.now();
+    const r = await fetch(`/viewer/slice.png?review=${review}&pos=${pos}&w=1500&l=-600&ov=1` +
+      `&rev=${Math.random()}`, { credentials: 'same-origin' });
+    await createImageBitmap(await r.blob());
+    out.push(performance.now() - t);
+  }
+  return out;
 }"""
 
 
@@ -108,9 +121,17 @@ def p95(values: list[float]) -> float:
     return float(np.percentile(values, 95))
 
 
-def prepare(root: Path, slices: int) -> tuple[AidxConfig, Store, str]:
-    """The phantom, indexed and run with the shipped default model, and a radiologist."""
-    phantom = generate(root / "study", PhantomOptions(seed=42, slices=slices, nodules=3))
+def prepare(root: Path) -> tuple[AidxConfig, Store, str]:
+    """The demo study, indexed and run with the shipped default model, and a radiologist."""
+    demo = DemoConfig()
+    options = PhantomOptions(
+        slices=demo.slices,
+        matrix=demo.matrix,
+        nodules=demo.nodules,
+        seed=demo.seed,
+        patient_name=demo.patient_name,
+    )
+    phantom = generate(root / "study", options)
     config = load_config(
         env={},
         overrides={
@@ -137,164 +158,182 @@ def prepare(root: Path, slices: int) -> tuple[AidxConfig, Store, str]:
     return config, store, study_uid
 
 
-def shown_ms(page: Any, act: Callable[[], None]) -> float:
-    page.evaluate(ARM_JS, TIMEOUT_MS)
+def timed(page: Any, act: Any, want: str = "") -> float:
+    """Milliseconds from the action's input event to the paint of ``want``."""
+    page.evaluate(ARM_JS, [want, TIMEOUT_MS])
     act()
     return float(page.evaluate("() => window.__aidxShown"))
 
 
-def current_slice(page: Any) -> int:
-    return int(page.locator("#slice input[type=number]").input_value())
+def pos(page: Any) -> int:
+    return int(page.locator("#aidx-viewer").get_attribute("data-pos") or "0")
 
 
-def series(
-    page: Any, act: Callable[[], None], warmup: int, steps: int, visited: list[int]
-) -> list[float]:
-    """``warmup`` + ``steps`` one-slice steps down, each waited for; the last ``steps`` times.
-    Adds the timed steps' slices (0-based) to ``visited``."""
-    first = current_slice(page)
-    times = [shown_ms(page, act) for _ in range(warmup + steps)][warmup:]
-    expect(page.locator("#slice input[type=number]")).to_have_value(str(first + warmup + steps))
-    visited.extend(range(first + warmup, first + warmup + steps))
-    return times
+def signed_in_page(browser: Any, url: str) -> Any:
+    page = browser.new_context(viewport=VIEWPORT).new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_url(re.compile(r".*/login.*"))
+    page.fill("#username", USER)
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_url(re.compile(r".*/app/en/.*"))
+    expect(page.locator("#worklist div[role=row]").first).to_contain_text("lung-nodule")
+    return page
 
 
-def make_room(page: Any, need: int, count: int) -> None:
-    """Scroll up (ArrowUp, each step waited for) until ``need`` slices lie below."""
-    # Keys to the page, not to the preset radio clicked before (ui/app.py's KEYBOARD_JS).
-    page.evaluate("() => document.activeElement?.blur()")
-    while current_slice(page) + need > count and current_slice(page) > 1:
-        shown_ms(page, lambda: page.keyboard.press("ArrowUp"))
+def open_study(page: Any) -> float:
+    row = page.locator("#worklist div[role=row]").first.locator("[role=gridcell]").nth(3)
+    return timed(page, row.click) / 1000.0
 
 
-def browser_run(
-    url: str, study_uid: str, args: argparse.Namespace, visited: list[int]
-) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"key": [], "button": [], "mediastinum": [], "lung": []}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
-        print(f"browser: Chromium {browser.version}, headless, 1600x1100")
-        page = browser.new_page(viewport={"width": 1600, "height": 1100})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        page.wait_for_url(re.compile(r".*/login.*"))
-        page.fill("#username", USER)
-        page.fill("#password", PASSWORD)
-        page.click("#sign-in")
-        page.wait_for_url(re.compile(r".*/app/en/.*"))
-        rows = page.locator("#worklist div[role=row]")
-        expect(rows.first).to_contain_text("lung-nodule")
-        rows.first.locator("[role=gridcell]").nth(3).click()
-        expect(page.locator("#viewer-status")).to_contain_text(study_uid)
-        expect(page.locator("#slice-image img")).to_be_visible()
-        count = int(page.locator("#slice input[type=number]").get_attribute("max") or "0")
-        page.locator("#slice-image").hover()
-        preset = page.locator("#preset")
-        for _ in range(args.repeats):
-            make_room(page, 2 * (args.warmup + args.steps), count)
-            key = partial(page.keyboard.press, "ArrowDown")
-            times["key"] += series(page, key, args.warmup, args.steps, visited)
-            button = partial(page.click, "#slice-next")
-            times["button"] += series(page, button, args.warmup, args.steps, visited)
-            for _ in range(args.presets):
-                for name in ("mediastinum", "lung"):
-                    times[name].append(shown_ms(page, preset.get_by_text(name).click))
-            expect(page.locator("#window-width input")).to_have_value("1500")
-        browser.close()
-    return times
+def steps(page: Any, count: int) -> list[float]:
+    page.locator("#aidx-canvas").hover()
+    out = []
+    for _ in range(count):
+        want = f"axial:{pos(page)}"  # the next slice's 0-based position is the 1-based now
+        out.append(timed(page, lambda: page.keyboard.press("ArrowDown"), want))
+    return out
 
 
-def ms(fn: Callable[[], object]) -> float:
+# A left-drag as a mouse sends it (a move every 8 ms, 125 Hz) for ``ms`` milliseconds, in the
+# page: the canvas updates it caused per second, and their repaint times.
+DRAG_JS = """async (ms) => {
+  const c = document.getElementById('aidx-canvas'), r = c.getBoundingClientRect();
+  const x = r.left + r.width / 2, y = r.top + r.height / 2;
+  const s = window.aidxViewer, paints = s.paints, renders = s.renderMs.length;
+  const at = (type, dx, dy, buttons) => new MouseEvent(type, { bubbles: true, button: 0,
+    buttons, clientX: x + dx, clientY: y + dy });
+  c.dispatchEvent(at('mousedown', 0, 0, 1));
+  const start = performance.now();
+  let i = 0;
+  await new Promise((done) => {
+    const timer = setInterval(() => {
+      i += 1;
+      document.dispatchEvent(at('mousemove', -(i % 200), i % 50, 1));
+      if (performance.now() - start >= ms) { clearInterval(timer); done(); }
+    }, 8);
+  });
+  await new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+  const seconds = (performance.now() - start) / 1000;
+  document.dispatchEvent(at('mouseup', 0, 0, 0));
+  return [(s.paints - paints) / seconds, s.renderMs.slice(renders), i / seconds];
+}"""
+
+
+def drag(page: Any, ms: int) -> tuple[float, list[float], float]:
+    """Canvas updates per second during a left-drag of ``ms`` milliseconds at 125 Hz, the
+    repaint times (ms), and the mouse events per second actually sent."""
+    rate, repaint, sent = page.evaluate(DRAG_JS, ms)
+    return float(rate), [float(v) for v in repaint], float(sent)
+
+
+def scripted_review(page: Any) -> float:
     start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000.0
-
-
-def server_run(server: UiServer, study_uid: str, slices: list[int]) -> dict[str, list[float]]:
-    """The browser's timed slices rendered in this process: ``render_png`` on a freshly opened
-    view (first visits, as the browser's were; then again, warm) and the handler's
-    ``render_slice`` on the server's cached view, and Gradio's PNG encoding of its picture."""
-    ctx = server.ctx
-    (row,) = [w for w in ctx.reviews.worklist() if w.study_uid == study_uid]
-    case = ctx.reviews.case(row.review_id)
-    files = [r["path"] for r in ctx.store.study_instances(study_uid)]
-    view = StudyView.open(files, case.findings_path, case.seg_path)
-    found = ctx.reviews.findings(row.review_id)
-    # The first finding selected, as ui.viewer_session.open_review leaves it in the browser.
-    st = ViewerState(review_id=row.review_id, slice_count=view.slice_count)
-    st.selected = found[0].key if found else None
-    selected = found[0].ai.id if found and found[0].ai else None
-    window, level = WINDOW_PRESETS["lung"]
-    print(f"AI result: {row.model}, {row.finding_count} findings")
-    times: dict[str, list[float]] = {}
-    for name in ("cold", "warm"):
-        times[name] = [
-            ms(partial(view.render_png, k, window, level, selected_finding=selected))
-            for k in slices
-        ]
-    times["render_slice"], times["gradio_png"] = [], []
-    for k in slices:
-        st.slice = k
-        times["render_slice"].append(ms(lambda: render_slice(ctx, st)))
-        rgb = render_slice(ctx, st)
-        assert rgb is not None, "no study open in the benchmark's viewer state"
-        times["gradio_png"].append(ms(partial(encode_pil_to_bytes, Image.fromarray(rgb), "png")))
-    return times
+    open_study(page)
+    count = page.locator("#findings div[role=row]").count()
+    for n in range(min(count, 4)):
+        if n:
+            page.locator("body").press("n")
+        key = page.locator("#findings div[role=row]").nth(n).locator("[role=gridcell]").first
+        expect(page.locator("#selected")).to_contain_text(key.inner_text())
+        page.locator("body").press("a" if n % 2 == 0 else "x")
+        expect(page.locator("#message")).to_contain_text("accepted" if n % 2 == 0 else "rejected")
+    for n in range(4, count):  # a fifth and more: rejected the same way (sign needs all)
+        page.locator("body").press("n")
+        key = page.locator("#findings div[role=row]").nth(n).locator("[role=gridcell]").first
+        expect(page.locator("#selected")).to_contain_text(key.inner_text())
+        page.locator("body").press("x")
+        expect(page.locator("#message")).to_contain_text(f"{key.inner_text()} rejected")
+    page.locator("body").press("Shift+S")
+    expect(page.locator("#message")).to_contain_text("Signed")
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per series")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each")
-    parser.add_argument("--repeats", type=int, default=1, help="times the series are repeated")
-    parser.add_argument("--presets", type=int, default=5, help="preset changes per repeat")
-    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--drag-ms", type=int, default=2000, help="length of the W/L drag")
     args = parser.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
+    med = statistics.median
+    prewarm_default = viewer_session.PREWARM
     with tempfile.TemporaryDirectory(prefix="aidx-ui-latency-bench-") as tmp:
-        config, store, study_uid = prepare(Path(tmp), args.slices)
+        config, store, study_uid = prepare(Path(tmp))
         server = UiServer(config, store)
         server.start()
         try:
-            visited: list[int] = []
-            browser = browser_run(server.url, study_uid, args, visited)
-            server_times = server_run(server, study_uid, visited)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(
+                    executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS
+                )
+                print(f"browser: Chromium {browser.version}, headless, 1366x768")
+                viewer_session.PREWARM = 0  # nothing prepared: the click reads the series
+                page = signed_in_page(browser, server.url)
+                cold = open_study(page)
+                early = steps(page, args.steps)
+                count = int(page.locator("#aidx-scroll").get_attribute("max") or "0")
+                page.wait_for_function(f"() => window.aidxViewer.cached >= {count}")
+                page.keyboard.press("Home")
+                late = steps(page, args.steps)
+                rate, repaint, sent = drag(page, args.drag_ms)
+                (row,) = [w for w in server.ctx.reviews.worklist() if w.study_uid == study_uid]
+                positions = list(range(pos(page), pos(page) + args.steps))
+                png = page.evaluate(PNG_STEP_JS, [row.review_id, positions])
+                # Prepared at result time, as the server does (ui.web, PREPARE_INTERVAL_S):
+                # the view opened ahead, then a new browser opens the study.
+                viewer_session.PREWARM = prewarm_default
+                viewer_session._cache.clear()
+                viewer_session.prewarm(server.ctx, [row.review_id])
+                viewer_session._prewarmer.submit(lambda: None).result()
+                second = signed_in_page(browser, server.url)
+                warm = open_study(second)
+                third = signed_in_page(browser, server.url)
+                review_s = scripted_review(third)
+                browser.close()
+            view = study_view(server.ctx, row.review_id)
+            window, level = WINDOW_PRESETS["lung"]
+            render = []
+            for k in positions:
+                t = time.perf_counter()
+                view.render_png(view.slice_at(k), window, level)
+                render.append((time.perf_counter() - t) * 1000.0)
         finally:
             server.stop()
             store.close()
 
-    med = statistics.median
-    print(
-        f"study: {args.slices} x 512², lung window, overlays on, first finding selected; "
-        f"{len(browser['key'])} steps per way after {args.warmup} warm-up each "
-        f"({args.repeats} repeat(s)), {len(browser['mediastinum'])} preset changes each way"
-    )
-    print("ms                                   median     p95")
-    rows = [
-        ("browser: ArrowDown -> shown", browser["key"]),
-        ("browser: click ▼ -> shown", browser["button"]),
-        ("browser: preset mediastinum", browser["mediastinum"]),
-        ("browser: preset lung", browser["lung"]),
-        ("server: render_png (baseline)", server_times["cold"]),
-        ("server: render_png, warm", server_times["warm"]),
-        ("server: render_slice (RGB), warm", server_times["render_slice"]),
-        ("server: Gradio's own PNG (unused)", server_times["gradio_png"]),
+    print(f"study: the demo study, 300 x 512², {row.finding_count} findings, lung window")
+    print("                                          median      p95")
+    table = [
+        ("slice step, right after open (ms)", early),
+        ("slice step, series in the page (ms)", late),
+        ("W/L repaint in the page (ms)", repaint),
+        ("baseline: fetch+decode slice.png (ms)", png),
+        ("baseline: server render_png (ms)", render),
     ]
-    for name, values in rows:
-        print(f"  {name:<33} {med(values):7.1f} {p95(values):7.1f}")
-    base = med(server_times["cold"])
+    for name, values in table:
+        print(f"  {name:<39} {med(values):7.1f} {p95(values):8.1f}")
+    print(f"  study open, nothing prepared (s)        {cold:7.2f}")
+    print(f"  study open, prepared at result time (s) {warm:7.2f}")
+    print(f"  W/L drag (canvas updates per second)    {rate:7.1f}  ({sent:.0f} mouse moves/s)")
+    print(f"  scripted review: open, 4 decisions, sign (s) {review_s:5.1f}")
     print(
-        f"browser vs server render_png: ArrowDown {med(browser['key']) / base:.1f}x, "
-        f"click {med(browser['button']) / base:.1f}x, "
-        f"mediastinum {med(browser['mediastinum']) / base:.1f}x"
+        f"step vs baseline (fetch+decode PNG): median {med(late) / med(png):.2f}x, "
+        f"p95 {p95(late) / p95(png):.2f}x"
     )
-    print(
-        f"target <= {TARGET_MS:.0f} ms server-side per 512² slice with overlays: server p95 "
-        f"{p95(server_times['cold']):.1f} ms; end to end (ArrowDown) median "
-        f"{med(browser['key']):.1f} ms, p95 {p95(browser['key']):.1f} ms"
-    )
+    checks = [
+        ("study open <= 1.5 s, nothing prepared", cold <= GOALS["open_s"]),
+        ("study open <= 1.5 s, prepared at result time", warm <= GOALS["open_s"]),
+        ("slice step p95 <= 50 ms (after open)", p95(early) <= GOALS["step_p95_ms"]),
+        ("slice step p95 <= 50 ms (series in page)", p95(late) <= GOALS["step_p95_ms"]),
+        ("W/L drag >= 30 updates/s", rate >= GOALS["drag_per_s"]),
+        ("scripted review <= 20 s", review_s <= GOALS["review_s"]),
+    ]
+    print("slice steps right after open, in order (ms):", " ".join(f"{v:.0f}" for v in early))
+    for name, ok in checks:
+        print(f"  {'met ' if ok else 'MISS'} {name}")
 
 
 if __name__ == "__main__":

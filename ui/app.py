@@ -34,6 +34,7 @@ from ui.viewer_session import (
     open_review,
     patient_banner,
     person_name,
+    prewarm,
     reopen,
     set_slider,
     sign_review,
@@ -116,6 +117,8 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         }.get(sort)
         if key is not None:
             rows = sorted(rows, key=key)
+        # the studies a reader is likely to open next: opened ahead, so the click is quick
+        prewarm(ctx, [w.review_id for w in rows if w.status != "signed"])
         data = [
             [
                 w.review_id,

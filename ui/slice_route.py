@@ -177,7 +177,9 @@ def add_slice_route(api: FastAPI, ctx: Any, viewed: ViewedReviews) -> None:
             st.slice_count = view.slice_count
             st.slice = view.slice_at(q.position)
             png = slice_png_bytes(ctx, st, marks_only)
-            info = slice_info(ctx, st, lambda key, **v: text(q.lang, key, **v))
+            info = (
+                "" if marks_only else slice_info(ctx, st, lambda key, **v: text(q.lang, key, **v))
+            )
         except ReviewError as exc:
             return Response(str(exc), status_code=404)
         except ValueError as exc:  # a selected finding not in this study

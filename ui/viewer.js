@@ -45,7 +45,7 @@
   const marks = new Map();  // url -> Promise<ImageBitmap>
   let lut = null, lutKey = '';
   const scratch = document.createElement('canvas');
-  const stats = { paints: 0, at: 0, shown: '' };
+  const stats = { paints: 0, at: 0, shown: '', cached: 0, renderMs: [] };
   window.aidxViewer = stats;
 
   const meta = () => { const m = $('#viewer-meta [data-review]'); return m ? m.dataset : null; };
@@ -99,7 +99,10 @@
       const p = fetch(url, { credentials: 'same-origin' }).then((r) => {
         if (!r.ok) return r.text().then((t) => { throw new Error(t || String(r.status)); });
         const w = Number(r.headers.get('X-Aidx-Width')), h = Number(r.headers.get('X-Aidx-Height'));
-        return r.arrayBuffer().then((b) => ({ w, h, data: new Int16Array(b) }));
+        return r.arrayBuffer().then((b) => {
+          stats.cached += 1;  // pictures fetched for this study
+          return { w, h, data: new Int16Array(b) };
+        });
       });
       p.catch(() => pictures.delete(url));
       pictures.set(url, p);
@@ -114,23 +117,29 @@
   const markedHere = (pos) => V.study && (pointPos() === pos || V.study.marked.includes(pos));
   const marksUrl = (pos) => `/viewer/marks.png?review=${V.review}&pos=${pos}&ov=${V.overlays ? 1 : 0}` +
     `&sel=${encodeURIComponent(V.sel)}&pt=${V.pt.join(',')}&rev=${V.rev}`;
+  const marksReady = new Map();  // url -> ImageBitmap (or null), once fetched
   const marksFor = (pos) => {
     if (!markedHere(pos)) return Promise.resolve(null);
     const url = marksUrl(pos);
     if (!marks.has(url)) {
       const p = fetch(url, { credentials: 'same-origin' })
         .then((r) => (r.ok ? r.blob() : null))
-        .then((b) => (b ? createImageBitmap(b) : null));
+        .then((b) => (b ? createImageBitmap(b) : null))
+        .then((bitmap) => { marksReady.set(url, bitmap); return bitmap; });
       p.catch(() => marks.delete(url));
       marks.set(url, p);
-      while (marks.size > 64) marks.delete(marks.keys().next().value);
+      while (marks.size > 64) {
+        const old = marks.keys().next().value;
+        marks.delete(old);
+        marksReady.delete(old);
+      }
     }
     return marks.get(url);
   };
   let background = 0;
   const prefetchSeries = (generation) => {
-    // After the first slice shows: the whole series, outward from the slice on screen, two at a
-    // time, so that scrolling later never waits for the network.
+    // After the first slice shows: the whole series, outward from the slice on screen, three at
+    // a time, so that scrolling later never waits for the network.
     const n = count(), start = V.pos, order = [];
     for (let d = 1; d < n; d++) {
       if (start + d < n) order.push(start + d);
@@ -142,7 +151,7 @@
       picture('axial', pos).then(next, next);
     };
     background = generation;
-    next(); next();
+    next(); next(); next();
   };
 
   // ------------------------------------------------------------------ drawing
@@ -202,14 +211,22 @@
     const plane = V.plane, index = current(), wanted = plane + ':' + index;
     const ticket = ++V.pending;
     const loading = setTimeout(() => { if (ticket === V.pending) showLoading(true); }, 120);
-    const mark = plane === 'axial' && (V.overlays || pointPos() === index) ? marksFor(index)
-      : Promise.resolve(null);
-    Promise.all([picture(plane, index), mark]).then(([pic, overlay]) => {
+    // The slice is painted as soon as its pixels are here; its marks (contours, the marked
+    // point) join it when they come, if they were not fetched ahead.
+    const marked = plane === 'axial' && (V.overlays || pointPos() === index) &&
+      markedHere(index);
+    const murl = marked ? marksUrl(index) : null;
+    if (marked) marksFor(index);
+    picture(plane, index).then((pic) => {
       clearTimeout(loading);
       if (ticket !== V.pending) return;  // a later step is on its way
       showLoading(false);
       V.shown = wanted;
-      render(pic, overlay);
+      const ready = murl !== null && marksReady.has(murl);
+      render(pic, ready ? marksReady.get(murl) : null);
+      if (murl !== null && !ready) {
+        marksFor(index).then(() => { if (ticket === V.pending) draw(); }, () => {});
+      }
       if (background !== V.generation) prefetchSeries(V.generation);
     }).catch((e) => {
       clearTimeout(loading);
@@ -220,6 +237,7 @@
     corners();
   };
   const render = (pic, overlay) => {
+    const began = performance.now();
     const c = canvas(), g = c.getContext('2d');
     scratch.width = pic.w;
     scratch.height = pic.h;
@@ -242,6 +260,8 @@
     drawLine(g, t);
     stats.paints += 1;  // for the tests and benchmarks/ui_latency.py
     stats.at = performance.now();
+    stats.renderMs.push(stats.at - began);
+    if (stats.renderMs.length > 1000) stats.renderMs.shift();
     stats.shown = V.plane + ':' + current();
   };
   const drawReformatMarks = (g, t) => {
@@ -366,9 +386,12 @@
     if (next !== now) {
       if (V.plane === 'axial') V.pos = next; else V.index[V.plane] = next;
       if (V.plane === 'axial') {
-        for (let i = 1; i <= 4; i++) {
+        for (let i = 1; i <= 8; i++) {  // ahead in the direction of travel first
           const p = next + i * Math.sign(delta);
-          if (p >= 0 && p < limit) picture('axial', p);
+          if (p >= 0 && p < limit) {
+            picture('axial', p);
+            if (V.overlays && i <= 4) marksFor(p);
+          }
         }
       }
       draw();
@@ -402,13 +425,25 @@
     box.dispatchEvent(new Event('input', { bubbles: true }));
     setTimeout(() => send.click(), 0);  // after Gradio has taken the value
   };
+  // A decision key pressed while a selection is on its way waits for it: it is for the finding
+  // the reader moved to, not the one before.
+  let selecting = false, queued = null, selectTimer = 0;
+  const decide = (button) => {
+    if (selecting) { queued = button; return; }
+    document.getElementById(button)?.click();
+  };
   const selectRelative = (delta) => {
     const keys = (V.study ? V.study.findings : []).map((f) => f.key);
     if (!keys.length) return;
     const at = keys.indexOf(V.sel);
     const next = at < 0 ? (delta > 0 ? 0 : keys.length - 1)
       : Math.min(Math.max(at + delta, 0), keys.length - 1);
-    if (keys[next] !== V.sel || at < 0) command({ op: 'select', key: keys[next] });
+    if (keys[next] !== V.sel || at < 0) {
+      selecting = true;
+      clearTimeout(selectTimer);  // refused (no new render): give up, dropping the decision
+      selectTimer = setTimeout(() => { selecting = false; queued = null; }, 5000);
+      command({ op: 'select', key: keys[next] });
+    }
   };
   const mark = (x, y) => {
     const [pos, row, col] = toVolume(x, y);
@@ -435,6 +470,12 @@
       return;
     }
     if (m.rev === V.rev) return;
+    if (selecting) {  // the server's answer to the selection: a waiting decision goes now
+      selecting = false;
+      const button = queued;
+      queued = null;
+      if (button) setTimeout(() => decide(button), 0);
+    }
     const review = Number(m.review), fresh = review !== V.review;
     V.rev = m.rev;
     V.sel = m.sel || '';
@@ -446,6 +487,8 @@
       V.generation++;
       pictures.clear();
       marks.clear();
+      marksReady.clear();
+      stats.cached = 0;
       V.study = null;
       V.line = null;
       V.plane = 'axial';
@@ -508,9 +551,7 @@
       m: () => { V.measure = !V.measure; draw(); },
       v: () => setPlane(PLANES[(PLANES.indexOf(V.plane) + 1) % 3]),
       n: () => selectRelative(1), p: () => selectRelative(-1),
-      a: () => document.getElementById('accept')?.click(),
-      x: () => document.getElementById('reject')?.click(),
-      S: () => document.getElementById('sign')?.click(),
+      a: () => decide('accept'), x: () => decide('reject'), S: () => decide('sign'),
       Escape: () => { V.measure = false; V.line = null; draw(); },
     };
     if (e.key in steps) step(steps[e.key]);

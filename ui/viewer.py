@@ -72,7 +72,9 @@ PALETTE: tuple[RGB, ...] = (
     (165, 125, 255),
     (0, 230, 200),
 )
-LABEL_BACKGROUND: RGB = (0, 0, 0)
+# Black to the eye, never (0, 0, 0): the marks layer (viewer_session.render_marks) takes
+# (0, 0, 0) for "nothing drawn".
+LABEL_BACKGROUND: RGB = (0, 0, 1)
 BOX_MARGIN = 3  # pixels between a bbox edge and its drawn box: clear of the 2-pixel contour
 THUMBNAIL_CONTEXT_MM = 40.0  # field of view of a thumbnail around a small finding
 SQUARE = np.ones((3, 3), dtype=bool)

@@ -1,18 +1,21 @@
 """One browser session's viewer: which review is open, the slice, window, selected finding and
 the point clicked for a missed finding; and the actions on it (ui/app.py wires them to Gradio).
 
-Opened studies are kept in a small cache of :class:`ui.viewer.StudyView` (opening a 300-slice
-series takes about a second; scrolling then renders in milliseconds), shared by sessions.
+Opened studies are kept in a small cache of :class:`ui.viewer.StudyView`, shared by sessions
+(opening a 300-slice series reads 300 files: seconds on a small machine), and the worklist's next
+studies are opened ahead in the background (:func:`prewarm`), so that a click opens from memory.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,12 +30,17 @@ from ui.signoff import sign
 from ui.viewer import WINDOW_PRESETS, StudyView
 
 CACHE_SIZE = 4
+PREWARM = 2  # studies of the worklist opened ahead, in the background
 ADDED_COLOUR = (255, 255, 255)
 POINT_COLOUR = (255, 255, 0)
 T = Callable[..., str]
 
-_cache: OrderedDict[int, StudyView] = OrderedDict()
+# Keyed by (store, review): review ids are per store, and one process may serve several stores.
+_cache: OrderedDict[tuple[str, int], StudyView] = OrderedDict()
+_opening: dict[tuple[str, int], Future[StudyView]] = {}  # studies being opened now
 _cache_lock = threading.Lock()
+_prewarmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aidx-prewarm")
+log = logging.getLogger("aidx.ui.viewer_session")
 
 
 @dataclass
@@ -87,23 +95,65 @@ class ViewerState:
 
 
 def study_view(ctx: Any, review_id: int) -> StudyView:
+    """The review's series, findings and contours, from the cache or opened now (a second
+    request for a study being opened, by a user or by :func:`prewarm`, waits for that one)."""
+    key = (str(ctx.store.engine.url), review_id)
     with _cache_lock:
-        view = _cache.get(review_id)
+        view = _cache.get(key)
         if view is not None:
-            _cache.move_to_end(review_id)
+            _cache.move_to_end(key)
             return view
+        pending = _opening.get(key)
+        if pending is None:
+            pending = _opening[key] = Future()
+            pending.set_running_or_notify_cancel()
+            owner = True
+        else:
+            owner = False
+    if not owner:
+        return pending.result()  # the opener's view, or its exception
+    try:
+        view = _open_view(ctx, review_id)
+    except BaseException as exc:
+        with _cache_lock:
+            _opening.pop(key, None)
+        pending.set_exception(exc)
+        raise
+    with _cache_lock:
+        _cache[key] = view
+        _opening.pop(key, None)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    pending.set_result(view)
+    return view
+
+
+def _open_view(ctx: Any, review_id: int) -> StudyView:
     case: ReviewCase = ctx.reviews.case(review_id)
     files = [
         row["path"]
         for row in ctx.store.study_instances(case.study_uid)
         if _series_of(row) in (None, case.series_uid)
     ]
-    view = StudyView.open(files, case.findings_path, case.seg_path)
-    with _cache_lock:
-        _cache[review_id] = view
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-    return view
+    return StudyView.open(files, case.findings_path, case.seg_path)
+
+
+def prewarm(ctx: Any, review_ids: list[int]) -> None:
+    """Open the first PREWARM of these reviews in the background (the worklist's next studies),
+    so that the study a radiologist picks opens from the cache. Failures are logged by UID."""
+    for review_id in review_ids[:PREWARM]:
+        key = (str(ctx.store.engine.url), review_id)
+        with _cache_lock:
+            if key in _cache or key in _opening:
+                continue
+        _prewarmer.submit(_prewarm_one, ctx, review_id)
+
+
+def _prewarm_one(ctx: Any, review_id: int) -> None:
+    try:
+        study_view(ctx, review_id)
+    except (ValueError, ReviewError, OSError) as exc:  # the user's own open says it again
+        log.warning("prewarming review %d failed: %s", review_id, exc)
 
 
 def _series_of(row: dict[str, Any]) -> str | None:
@@ -232,14 +282,13 @@ def render_marks(ctx: Any, st: ViewerState) -> NDArray[np.uint8] | None:
         return None
     view = study_view(ctx, st.review_id)
     st.slice = int(min(max(st.slice, 0), view.slice_count - 1))
-    rgb = np.empty((*view.shape, 3), dtype=np.uint8)
-    rgb[...] = _UNMARKED
+    rgb = np.zeros((*view.shape, 3), dtype=np.uint8)  # no mark is drawn in (0, 0, 0)
     draw_marks(ctx, st, view, rgb)
-    alpha = (rgb != _UNMARKED).any(axis=-1).astype(np.uint8) * np.uint8(255)
-    return np.dstack((rgb, alpha))
-
-
-_UNMARKED = np.array((1, 2, 3), dtype=np.uint8)  # a colour no mark is drawn in
+    rgba = np.empty((*view.shape, 4), dtype=np.uint8)
+    rgba[..., :3] = rgb
+    drawn = (rgb[..., 0] | rgb[..., 1] | rgb[..., 2]) != 0
+    np.multiply(drawn, 255, out=rgba[..., 3], casting="unsafe")
+    return rgba
 
 
 def draw_marks(ctx: Any, st: ViewerState, view: StudyView, rgb: NDArray[np.uint8]) -> None:

@@ -50,6 +50,7 @@ from ui.i18n import LANGUAGES, text
 from ui.review import Reviews
 from ui.slice_route import ViewedReviews, add_slice_route
 from ui.temp_files import UiTemp, tighten_umask, use_for_gradio
+from ui.viewer_session import prewarm
 from ui.volume_route import add_volume_routes
 from ui.web_guard import (
     ASGIApp,
@@ -66,6 +67,7 @@ from ui.web_guard import (
 )
 
 log = logging.getLogger("aidx.ui.web")
+PREPARE_INTERVAL_S = 10.0  # how often new results are opened ahead for the viewer
 
 COOKIE = "aidx_session"
 OPEN_PATHS = ("/login",)  # the only routes served without a session
@@ -427,6 +429,8 @@ class UiServer:
         self.port = int(self._socket.getsockname()[1])
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._preparer: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
@@ -446,9 +450,28 @@ class UiServer:
         )
         return uvicorn.Server(config)
 
+    def _prepare_results(self) -> None:
+        """Prepare the viewer at result time: every PREPARE_INTERVAL_S, open the worklist's
+        next unsigned studies ahead (ui.viewer_session.prewarm), so that a reader's first click
+        on a new result opens from memory."""
+        while not self._stopping.wait(PREPARE_INTERVAL_S):
+            try:
+                rows = self.ctx.reviews.worklist()
+                prewarm(self.ctx, [w.review_id for w in rows if w.status != "signed"])
+            except Exception:  # a store hiccup: logged, and tried again next round
+                log.warning("preparing new results for the viewer failed", exc_info=True)
+
+    def _start_preparing(self) -> None:
+        self._stopping.clear()
+        self._preparer = threading.Thread(
+            target=self._prepare_results, name="aidx-ui-prepare", daemon=True
+        )
+        self._preparer.start()
+
     def run(self) -> None:
         """Serve in this thread until :meth:`stop` (or a signal, for ``aidx ui``)."""
         self._server = self._make_server()
+        self._start_preparing()
         try:
             self._server.run(sockets=[self._socket])
         finally:
@@ -464,6 +487,7 @@ class UiServer:
             daemon=True,
         )
         self._thread.start()
+        self._start_preparing()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -475,6 +499,9 @@ class UiServer:
 
     def _clean_up(self) -> None:
         """After serving: no threads, temporary files (patient images) or umask left behind."""
+        self._stopping.set()
+        if self._preparer is not None:
+            self._preparer.join(timeout=5)
         self.app.state.login_workers.close()
         self.ctx.temp.remove()
         os.umask(self._umask_before)

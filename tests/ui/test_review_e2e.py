@@ -478,6 +478,15 @@ def test_admin_reads_the_audit_log_and_a_chinese_user_gets_chinese(served: Serve
         expect(page.get_by_role("tab", name="工作列表")).to_be_visible()
         expect(page.locator("#worklist")).to_contain_text("已签署")  # the signed demo study
         _shot(page, "10-worklist-zh")
+        # The viewer in Chinese: the patient on the image and in the banner, the corners and
+        # tools in Chinese.
+        page.locator("#worklist div[role=row]").first.locator("[role=gridcell]").nth(3).click()
+        page.wait_for_function("window.aidxViewer && window.aidxViewer.paints > 0")
+        expect(page.locator("#aidx-tl")).to_contain_text("DEMO, CHEST PHANTOM")
+        expect(page.locator("#viewer-status")).to_contain_text("DEMO, CHEST PHANTOM")
+        expect(page.locator("#aidx-slice-info")).to_contain_text("图像")
+        expect(page.locator("#aidx-toolbar")).to_contain_text("冠状位")
+        _shot(page, "11-viewer-zh")
         browser.close()
 
 
