@@ -50,11 +50,11 @@ from playwright.sync_api import expect, sync_playwright
 _HERE = Path(__file__).resolve().parent  # this folder's inference.py would shadow `inference`
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from aidx.config import AidxConfig, DemoConfig, load_config
+from aidx.config import AidxConfig, load_config
+from aidx.demo import write_demo_study
 from aidx.store import Store
 from aidx.worker import Worker
 from dicom_node.parse import read_file
-from training.phantom import PhantomOptions, generate
 from ui import viewer_session
 from ui.accounts import Accounts
 from ui.viewer import WINDOW_PRESETS
@@ -123,27 +123,21 @@ def p95(values: list[float]) -> float:
 
 def prepare(root: Path) -> tuple[AidxConfig, Store, str]:
     """The demo study, indexed and run with the shipped default model, and a radiologist."""
-    demo = DemoConfig()
-    options = PhantomOptions(
-        slices=demo.slices,
-        matrix=demo.matrix,
-        nodules=demo.nodules,
-        seed=demo.seed,
-        patient_name=demo.patient_name,
-    )
-    phantom = generate(root / "study", options)
     config = load_config(
         env={},
         overrides={
             "data_dir": str(root / "data"),
             "inference.providers": ["CPUExecutionProvider"],
             "ui.port": 0,
+            "demo.output": str(root / "study"),
         },
     )
+    dicom_dir = Path(config.demo_output()) / "dicom"
+    write_demo_study(config)  # what `aidx serve --demo` sends
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{config.data_dir / 'aidx.db'}")
     study_uid = ""
-    for path in sorted(Path(phantom.dicom_dir).glob("*.dcm")):
+    for path in sorted(dicom_dir.glob("*.dcm")):
         record = replace(read_file(path.read_bytes(), "PACS"), path=str(path))
         store.index_instance(record, time.time() - 10.0, 1.0)
         study_uid = record.study_uid

@@ -55,6 +55,8 @@ CSS = """
   box-shadow: none !important; min-width: 0 !important; }
 #header { padding: 0 !important; }
 #viewer-status p { margin: 0; font-size: 0.9rem; }
+#worklist th, #worklist th *, #worklist [role=columnheader], #worklist [role=columnheader] * {
+  word-break: keep-all !important; overflow-wrap: normal !important; white-space: nowrap; }
 """
 
 
@@ -124,7 +126,7 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
                 w.review_id,
                 w.priority,
                 t(f"status_{w.status}"),
-                w.patient_name.replace("^", " ").strip(),
+                person_name(w.patient_name),
                 w.patient_id,
                 w.accession_number,
                 w.description,

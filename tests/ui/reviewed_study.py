@@ -54,7 +54,13 @@ def make_config(root: Path) -> AidxConfig:
     return config
 
 
-def reviewed_study(root: Path, seed: int = 5, store_url: str | None = None) -> ReviewedStudy:
+def reviewed_study(
+    root: Path,
+    seed: int = 5,
+    store_url: str | None = None,
+    patient_name: str = "PHANTOM^CHEST",
+    charset: str | None = None,
+) -> ReviewedStudy:
     """Generate, index and run one phantom study under ``root``; users radiologist ``rad``
     (display name ``Smith^Anna``), ``admin`` and ``eng``, all with password PASSWORD. The store
     is ``store_url`` (default: SQLite in the data folder)."""
@@ -69,6 +75,8 @@ def reviewed_study(root: Path, seed: int = 5, store_url: str | None = None) -> R
             slice_thickness=2.5,
             nodule_requests=(NoduleRequest(14.0, "solid", "isolated", "smooth"),),
             workers=1,
+            patient_name=patient_name,
+            charset=charset,
         ),
     )
     files = sorted(Path(phantom.dicom_dir).glob("*.dcm"))
