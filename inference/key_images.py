@@ -2,8 +2,10 @@
 
 Each image is the finding's key slice in the lung window (W 1500 / L -600), in the source's row
 and column order, with the finding's outline (red) and a box around it (yellow) burned in. The
-objects are Secondary Capture Image Storage (PS3.3 A.8.1) with Burned In Annotation "YES"; UIDs
-are derived from the series, model and finding, so that writing them twice gives the same UIDs.
+objects are Secondary Capture Image Storage (PS3.3 A.8.1) with Burned In Annotation "YES", the
+study's description, and the key slice as their Source Image Sequence (with a Derivation
+Description); UIDs are derived from the series, model and finding, so that writing them twice
+gives the same UIDs.
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ def build_key_images(
             series_description=series_description("AI key images", model),
         )
         image.BurnedInAnnotation = "YES"
+        # What it shows and where it comes from: the study's description, and the source
+        # slice (General Image: Source Image Sequence), so that a viewer can jump to it.
+        if source.get("StudyDescription"):
+            image.StudyDescription = source.StudyDescription
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        image.SourceImageSequence = [reference]
+        image.DerivationDescription = (
+            "Source slice in the lung window (W 1500, L -600) with the AI finding's outline "
+            "and box burned in"
+        )
         # The body part tells validators that Laterality (Type 2C) is not needed: unpaired.
         if source.get("BodyPartExamined"):
             image.BodyPartExamined = source.BodyPartExamined

@@ -9,6 +9,8 @@ dropped, and components whose centres lie closer than a merge
 distance are joined (single linkage: fragments of one lesion cut by a thin gap become one
 finding). Each finding is measured in millimetres through the preprocessing affine:
 probability-weighted centre, longest 3D extent (maximum Feret diameter), volume, bounding box.
+The volume reported is that of its mask's voxels on the series grid, so that the SR's Volume is
+exactly the SEG segment's (the calibration keeps the model grid's count it was fitted on).
 Its key slice and its mask are on the ORIGINAL series grid (``Volume``), where the SR's image
 references and the SEG's frames live.
 """
@@ -197,10 +199,11 @@ class _Measured:
     probability: float
     center_mm: Point
     diameter_mm: float
-    volume_mm3: float
+    volume_mm3: float  # on the model's grid (what the calibration was fitted on)
     bbox_mm: tuple[Point, Point]
     key_sop_instance_uid: str
     mask: NDArray[np.bool_]
+    mask_mm3: float  # the mask's voxels on the series grid: the volume reported (SR = SEG)
 
 
 def _numbered(measured: list[_Measured]) -> list[Finding]:
@@ -212,7 +215,7 @@ def _numbered(measured: list[_Measured]) -> list[Finding]:
             probability=m.probability,
             center_mm=m.center_mm,
             diameter_mm=m.diameter_mm,
-            volume_mm3=m.volume_mm3,
+            volume_mm3=m.mask_mm3,
             bbox_mm=m.bbox_mm,
             key_sop_instance_uid=m.key_sop_instance_uid,
             mask=m.mask,
@@ -236,6 +239,8 @@ def _measure(
     lo, hi = _extent(c)
     corners = pre.to_patient(_box_corners(lo - 0.5, hi + 0.5))
     k = int(np.clip(np.rint(volume.to_index(centre)[0]), 0, len(volume.sop_uids) - 1))
+    mask = _volume_mask(c, lo, hi, pre, volume)
+    series_voxel_mm3 = abs(float(np.linalg.det(volume.affine[:3, :3])))
     return _Measured(
         probability=float(np.clip(c.weight.max(), 0.0, 1.0)),
         center_mm=_point(centre),
@@ -243,7 +248,8 @@ def _measure(
         volume_mm3=len(c.weight) * voxel_mm3,
         bbox_mm=(_point(corners.min(axis=0)), _point(corners.max(axis=0))),
         key_sop_instance_uid=volume.sop_uids[k],
-        mask=_volume_mask(c, lo, hi, pre, volume),
+        mask=mask,
+        mask_mm3=int(np.count_nonzero(mask)) * series_voxel_mm3,
     )
 
 

@@ -40,6 +40,32 @@ from pydicom.valuerep import DA, DT, TM, validate_value
 from inference.findings import Finding
 from models.registry import ModelCard
 
+RGB = tuple[int, int, int]
+# One colour per finding, in the order of the findings (segment i of the SEG, the review app's
+# i-th finding), saturated so that none reads as grey on a CT.
+FINDING_PALETTE: tuple[RGB, ...] = (
+    (255, 64, 64),
+    (64, 200, 255),
+    (255, 210, 0),
+    (80, 225, 100),
+    (255, 110, 230),
+    (255, 150, 40),
+    (165, 125, 255),
+    (0, 230, 200),
+)
+
+
+def finding_colour(index: int) -> RGB:
+    """The colour of the ``index``-th finding (0-based): the palette, then saturated hues a
+    golden angle apart, so that no two neighbours look alike. The SEG recommends it as the
+    segment's display colour and the review app draws the finding in it."""
+    if index < len(FINDING_PALETTE):
+        return FINDING_PALETTE[index]
+    hue = (index * 0.618033988749895) % 1.0
+    r, g, b = (min(max(abs((hue * 6 + s) % 6 - 3) - 1, 0.0), 1.0) for s in (0, 4, 2))
+    return (round(60 + 195 * r), round(60 + 195 * g), round(60 + 195 * b))
+
+
 log = logging.getLogger("aidx.inference")
 
 MANUFACTURER = "aidx"

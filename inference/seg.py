@@ -8,6 +8,9 @@
   AUTOMATIC with Segmentation Algorithm Identification (name and version of the model, family
   DCM 123110 "Artificial Intelligence", source ``aidx``), and Tracking ID and Tracking UID equal
   to those of the finding's measurement group in the SR (``inference.results_common``).
+- Each segment has a Recommended Display CIELab Value: the colour the review app draws that
+  finding in (``inference.results_common.finding_colour``), so 3D Slicer and OHIF tell the
+  segments apart.
 - Frames: only source slices that hold a segment are written, one frame per segment and slice
   (highdicom also omits empty frames); each frame names its source image (Derivation Image
   Sequence) and carries the source image's position, so it lies exactly on the source grid.
@@ -37,6 +40,7 @@ from inference.results_common import (
     SourceSeries,
     check_findings,
     device_uid,
+    finding_colour,
     result_uid,
     save_atomically,
     series_description,
@@ -120,6 +124,8 @@ def _segment(
         tracking_uid=tracking_uid(series.series_uid, model, finding.id),
         tracking_id=tracking_id(finding.id),
         anatomic_regions=[LUNG],
+        # the review app's colour for the finding (Slicer and OHIF show each segment in it)
+        display_color=hd.color.CIELabColor.from_rgb(*finding_colour(number - 1)),
     )
 
 

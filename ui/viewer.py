@@ -40,6 +40,7 @@ from scipy import ndimage
 from aidx.config import NodeConfig
 from aidx.deflate import InflateLimitError, read_header
 from inference.findings import Finding, FindingsReport
+from inference.results_common import RGB, finding_colour
 from inference.volume import Volume, load_series
 
 from .overlays import _mask_pieces, _Piece, _read_seg, _seg_pieces, _seg_series
@@ -60,18 +61,6 @@ WINDOW_PRESETS: dict[str, WindowLevel] = {
     "bone": WindowLevel(2000.0, 500.0),
 }
 
-RGB = tuple[int, int, int]
-# One colour per finding, in the order of the findings; saturated, so none reads as grey.
-PALETTE: tuple[RGB, ...] = (
-    (255, 64, 64),
-    (64, 200, 255),
-    (255, 210, 0),
-    (80, 225, 100),
-    (255, 110, 230),
-    (255, 150, 40),
-    (165, 125, 255),
-    (0, 230, 200),
-)
 # Black to the eye, never (0, 0, 0): the marks layer (viewer_session.render_marks) takes
 # (0, 0, 0) for "nothing drawn".
 LABEL_BACKGROUND: RGB = (0, 0, 1)
@@ -172,7 +161,7 @@ class StudyView:
         self._by_id = {f.id: f for f in self.findings}
         if len(self._by_id) != len(self.findings):
             raise ValueError("finding ids repeat; each finding needs its own id")
-        self._colour = {f.id: _nth_colour(i) for i, f in enumerate(self.findings)}
+        self._colour = {f.id: finding_colour(i) for i, f in enumerate(self.findings)}
         pieces = (
             _seg_pieces(seg, volume, self._by_id, seg_name)
             if seg is not None
@@ -181,7 +170,7 @@ class StudyView:
         # Segments of a SEG opened without findings get colours (and ids) too.
         drawn = {piece.finding_id for slice_pieces in pieces.values() for piece in slice_pieces}
         for extra in sorted(drawn - self._colour.keys()):
-            self._colour[extra] = _nth_colour(len(self._colour))
+            self._colour[extra] = finding_colour(len(self._colour))
         self._pieces = pieces
         self._outlines: dict[int, tuple[_Outline, ...]] = {}
         self._boxes = tuple(_box(f, volume) for f in self.findings)
@@ -455,15 +444,6 @@ def _series_files(
 
 
 # ---------------------------------------------------------------------------------- drawing
-def _nth_colour(i: int) -> RGB:
-    """The palette, then saturated hues a golden angle apart: no two neighbours alike."""
-    if i < len(PALETTE):
-        return PALETTE[i]
-    hue = (i * 0.618033988749895) % 1.0
-    r, g, b = (min(max(abs((hue * 6 + s) % 6 - 3) - 1, 0.0), 1.0) for s in (0, 4, 2))
-    return (round(60 + 195 * r), round(60 + 195 * g), round(60 + 195 * b))
-
-
 def _outline(piece: _Piece, shape: tuple[int, int]) -> _Outline:
     """Rings outside the mask (the lesion's own pixels stay visible), 8-connected dilation."""
     mask = piece.mask

@@ -86,6 +86,18 @@ def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path)
     assert sr.StudyInstanceUID == truth["study_instance_uid"]
     seg = hd.seg.segread(out / "seg.dcm")
     assert seg.number_of_segments == len(findings["findings"])
+    # The volume reported is exactly that of the finding's SEG segment (as dcmqi and
+    # cornerstone count it: its voxels times the voxel size).
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    numbers = [
+        f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        for f in seg.PerFrameFunctionalGroupsSequence
+    ]
+    voxels = sum(int(frame.sum()) for frame, n in zip(frames, numbers, strict=True) if n == 1)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    row_mm, col_mm = (float(v) for v in measures.PixelSpacing)
+    voxel_mm3 = row_mm * col_mm * float(measures.SliceThickness)
+    assert findings["findings"][0]["volume_mm3"] == pytest.approx(voxels * voxel_mm3, rel=1e-3)
     key_images = sorted((out / "key_images").glob("*.dcm"))
     assert len(key_images) == len(findings["findings"])
     first = pydicom.dcmread(key_images[0])
@@ -94,6 +106,15 @@ def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path)
     assert first.StudyInstanceUID == truth["study_instance_uid"]
     pixels = first.pixel_array
     assert ((pixels == (255, 40, 40)).all(axis=2)).any(), "the outline is burned in"
+    # It names the slice it shows (a viewer can jump there) and the study it belongs to.
+    (source,) = first.SourceImageSequence
+    key_sop = findings["findings"][0]["key_sop_instance_uid"]
+    assert source.ReferencedSOPInstanceUID == key_sop
+    assert source.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    slice_file = next((setup["root"] / "study" / "dicom").glob("*.dcm"))
+    described = pydicom.dcmread(slice_file, stop_before_pixels=True).StudyDescription
+    assert described and first.StudyDescription == described
+    assert "burned in" in first.DerivationDescription
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
     for name in ("sr.dcm", "seg.dcm", f"key_images/{key_images[0].name}"):
         report = subprocess.run(

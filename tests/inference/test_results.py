@@ -25,7 +25,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from inference.findings import Finding
-from inference.results_common import result_uid, tracking_uid
+from inference.results_common import finding_colour, result_uid, tracking_uid
 from inference.seg import build_seg, write_seg
 from inference.sr import build_sr, key_slice_point, write_sr
 from inference.volume import Volume, load_series
@@ -412,6 +412,17 @@ def test_seg_segments_describe_the_findings_with_the_srs_tracking(
         assert description.segmented_property_category == MORPHOLOGICALLY_ABNORMAL
         assert description.segmented_property_type == NODULE
         assert description.anatomic_regions == [LUNG]
+        # each segment in the colour the review app draws the finding in (Slicer, OHIF)
+        shown = hd.color.CIELabColor.from_dicom_value(
+            tuple(description.RecommendedDisplayCIELabValue)
+        ).to_rgb()
+        wanted = finding_colour(number - 1)
+        assert all(abs(a - b) <= 2 for a, b in zip(shown, wanted, strict=True)), (shown, wanted)
+    colours = {
+        tuple(seg.get_segment_description(n).RecommendedDisplayCIELabValue)
+        for n in range(1, seg.number_of_segments + 1)
+    }
+    assert len(colours) == seg.number_of_segments  # no two segments alike
 
 
 def test_seg_frames_overlay_exactly_the_ground_truth_voxels(case: Case, written: Written) -> None:
