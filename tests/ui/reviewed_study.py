@@ -4,6 +4,9 @@ soft tissue, so it reports a few findings), results and outbox items written."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +40,36 @@ class ReviewedStudy:
         return row.review_id
 
 
+# The phantoms already generated in this test session, by (seed, patient name, character set):
+# each study gets its own copy of the files (the generator gives the same bytes for the same
+# options; generating took ~3 s of the ~7 s a reviewed study costs).
+_PHANTOMS: dict[tuple[int, str, str | None], Path] = {}
+
+
+def _phantom(out: Path, seed: int, patient_name: str, charset: str | None) -> Path:
+    """The small phantom's DICOM folder, copied to ``out``."""
+    key = (seed, patient_name, charset)
+    if key not in _PHANTOMS:
+        cache = Path(tempfile.mkdtemp(prefix="aidx-test-phantom-"))
+        atexit.register(shutil.rmtree, cache, True)
+        generate(
+            cache / "study",
+            PhantomOptions(
+                seed=seed,
+                slices=30,
+                matrix=96,
+                slice_thickness=2.5,
+                nodule_requests=(NoduleRequest(14.0, "solid", "isolated", "smooth"),),
+                workers=1,
+                patient_name=patient_name,
+                charset=charset,
+            ),
+        )
+        _PHANTOMS[key] = cache / "study"
+    shutil.copytree(_PHANTOMS[key], out)
+    return out / "dicom"
+
+
 def make_config(root: Path) -> AidxConfig:
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -66,20 +99,7 @@ def reviewed_study(
     is ``store_url`` (default: SQLite in the data folder)."""
     config = make_config(root)
     config.store.url = store_url
-    phantom = generate(
-        root / "study",
-        PhantomOptions(
-            seed=seed,
-            slices=30,
-            matrix=96,
-            slice_thickness=2.5,
-            nodule_requests=(NoduleRequest(14.0, "solid", "isolated", "smooth"),),
-            workers=1,
-            patient_name=patient_name,
-            charset=charset,
-        ),
-    )
-    files = sorted(Path(phantom.dicom_dir).glob("*.dcm"))
+    files = sorted(_phantom(root / "study", seed, patient_name, charset).glob("*.dcm"))
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.store_url())
     study_uid = ""
