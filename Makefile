@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 # CPU build of PyTorch (lies on the CI machines' disk; a plain `torch` pulls a multi-GB CUDA build).
 TORCH_CPU ?= torch==2.13.0
+# Test processes (pytest-xdist; a file's tests stay together, so module fixtures run once):
+# two halve the suite's time on the 2-core machine, most of it spent waiting on peers.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint typecheck format bench system-deps clean
 
@@ -33,7 +36,7 @@ test: system-deps $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
