@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write a Secondary Capture per finding (key slice, outline burned in)",
     )
+    infer.add_argument(
+        "--kos",
+        action="store_true",
+        help="also write the key slices as a Key Object Selection document (kos.dcm)",
+    )
     infer.set_defaults(handler=cli_models.infer)
 
     from aidx import cli_users  # `aidx users` and `aidx audit`: the review app's accounts

@@ -119,7 +119,13 @@ def infer(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_FAILED
     try:
         result = infer_study(
-            args.input_dir, args.out, config, model, args.min_probability, args.key_images
+            args.input_dir,
+            args.out,
+            config,
+            model,
+            args.min_probability,
+            args.key_images,
+            kos=args.kos,
         )
     except NotApplicableError as exc:
         print(f"aidx infer: not applicable: {exc}", file=sys.stderr)
@@ -135,6 +141,8 @@ def infer(args: argparse.Namespace, config: AidxConfig) -> int:
     print(f"SR: {result.sr_path}" + (f"\nSEG: {result.seg_path}" if result.seg_path else ""))
     if result.key_images:
         print(f"key images: {len(result.key_images)} in {result.key_images[0].parent}")
+    if result.kos_path:
+        print(f"key object selection: {result.kos_path}")
     steps = ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result.timings.items())
     print(f"time: {steps}; peak memory {result.peak_rss_mb:.0f} MB")
     return EXIT_OK

@@ -36,6 +36,10 @@ class Route:
     def key_images(self) -> bool:
         return any("key_images" in kinds for kinds in self.outputs.values())
 
+    @property
+    def kos(self) -> bool:
+        return any("kos" in kinds for kinds in self.outputs.values())
+
 
 def routes(config: AidxConfig) -> list[Route]:
     """The configured routes; without any, one route: the default model on the series that

@@ -206,6 +206,7 @@ class Worker:
                     model,
                     rules=route.rules,
                     key_images=route.key_images,
+                    kos=route.kos,
                     revision=job.study_version,
                     previous_versions=previous,
                     runners=self.runners,
@@ -261,6 +262,8 @@ def _deliveries(job: Job, route: Route, result: InferenceResult, model_ref: str)
             files.append(str(result.seg_path))
         if "key_images" in kinds:
             files.extend(str(p) for p in result.key_images)
+        if "kos" in kinds and result.kos_path is not None:
+            files.append(str(result.kos_path))
         if files:
             key = f"result:{job.study_uid}:v{job.study_version}:{route.name}:{model_ref}"
             out.append(Delivery(destination, key, files, result.report.series_instance_uid))

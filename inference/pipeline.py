@@ -25,6 +25,7 @@ from models.registry import ModelEntry
 from .detector import Detector
 from .findings import FindingsReport
 from .key_images import write_key_images
+from .kos import write_kos
 from .postprocess import findings_from_probability
 from .preprocess import PreprocessSpec, preprocess
 from .runner import OnnxRunner, RunnerOptions
@@ -50,6 +51,7 @@ class InferenceResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     key_images: list[Path] = field(default_factory=list)
+    kos_path: Path | None = None  # the key slices as a Key Object Selection (when asked for)
 
 
 def series_rules(config: AidxConfig) -> SeriesRules:
@@ -82,11 +84,18 @@ def infer_study(
     model: ModelEntry,
     min_probability: float | None = None,
     key_images: bool = False,
+    kos: bool = False,
 ) -> InferenceResult:
     """Run the model on the study's eligible series and write the results into ``out_dir``."""
     files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
     return infer_files(
-        files, out_dir, config, model, min_probability=min_probability, key_images=key_images
+        files,
+        out_dir,
+        config,
+        model,
+        min_probability=min_probability,
+        key_images=key_images,
+        kos=kos,
     )
 
 
@@ -115,6 +124,7 @@ def infer_files(
     rules: SeriesRules | None = None,
     min_probability: float | None = None,
     key_images: bool = False,
+    kos: bool = False,
     revision: int = 1,
     previous_versions: Sequence[Dataset] = (),
     runners: dict[Path, OnnxRunner | Detector] | None = None,
@@ -122,7 +132,8 @@ def infer_files(
     """Run the model on the eligible series among ``files`` (one study) and write the results
     into ``out_dir``. ``rules`` default to ``inference.series``; ``revision`` and
     ``previous_versions`` go to the SR (a re-run of an updated study); ``runners`` caches ONNX
-    Runtime sessions between calls (a worker's)."""
+    Runtime sessions between calls (a worker's). ``key_images``: Secondary Captures of the key
+    slices too; ``kos``: a Key Object Selection of them (``kos.dcm``, when there are findings)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     files = within_inflate_limit(files, config.node.max_dataset_bytes)
@@ -196,6 +207,7 @@ def infer_files(
         if key_images
         else []
     )
+    kos_path = write_kos(findings, sources, card, out_dir / "kos.dcm", revision) if kos else None
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -209,5 +221,5 @@ def infer_files(
         timings["total_s"],
     )
     return InferenceResult(
-        report, findings_path, sr_path, seg_path, provider, timings, peak, key_image_paths
+        report, findings_path, sr_path, seg_path, provider, timings, peak, key_image_paths, kos_path
     )

@@ -178,6 +178,33 @@ def test_worker_runs_a_study_writes_results_and_queues_them(
     assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == v1["sr_sop_uid"]
 
 
+def test_a_route_can_send_the_key_slices_as_a_kos(
+    phantom: dict[str, Any], tmp_path: Path, store_url: str
+) -> None:
+    """``outputs: {PACS: [sr, kos]}``: the SR and a Key Object Selection of the key slices go
+    to the PACS, the SEG does not."""
+    config = _config(tmp_path)
+    config.pipeline.routes = [{"name": "chest", "outputs": {"PACS": ["sr", "kos"]}}]  # type: ignore[list-item]
+    config = AidxConfig.model_validate(json.loads(config.model_dump_json()))
+    store = _store(store_url)
+    study_uid = _index(store, phantom["files"])
+    store.complete_study(study_uid, time.time())
+    assert Worker(config, store).run_once()
+    (result,) = store.study_results(study_uid)
+    (item,) = store.outbox_items()
+    kos_path = Path(result["sr_path"]).with_name("kos.dcm")
+    assert item.files == [result["sr_path"], str(kos_path)]
+    kos = pydicom.dcmread(kos_path)
+    assert kos.Modality == "KO" and kos.StudyInstanceUID == study_uid
+    findings = json.loads(Path(result["findings_path"]).read_text(encoding="utf-8"))["findings"]
+    flagged = {
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for i in kos.ContentSequence
+        if i.ValueType == "IMAGE"
+    }
+    assert flagged == {f["key_sop_instance_uid"] for f in findings}
+
+
 def test_a_study_without_an_eligible_series_is_not_applicable_with_the_reason(
     phantom: dict[str, Any], tmp_path: Path, store_url: str
 ) -> None:

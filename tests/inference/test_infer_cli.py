@@ -65,7 +65,13 @@ def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path)
     assert aidx(setup, "models", "promote", "soft-tissue@0.0.1").returncode == 0
     out = tmp_path / "out"
     result = aidx(
-        setup, "infer", str(setup["root"] / "study" / "dicom"), "--out", str(out), "--key-images"
+        setup,
+        "infer",
+        str(setup["root"] / "study" / "dicom"),
+        "--out",
+        str(out),
+        "--key-images",
+        "--kos",
     )
     assert result.returncode == 0, result.stderr
     assert "on CPUExecutionProvider" in result.stdout
@@ -115,8 +121,17 @@ def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path)
     described = pydicom.dcmread(slice_file, stop_before_pixels=True).StudyDescription
     assert described and first.StudyDescription == described
     assert "burned in" in first.DerivationDescription
+    # The key slices flagged for the PACS: a KOS that references each finding's key slice.
+    assert f"key object selection: {out / 'kos.dcm'}" in result.stdout
+    kos = pydicom.dcmread(out / "kos.dcm")
+    flagged = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in kos.ContentSequence
+        if item.ValueType == "IMAGE"
+    }
+    assert flagged == {f["key_sop_instance_uid"] for f in findings["findings"]}
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
-    for name in ("sr.dcm", "seg.dcm", f"key_images/{key_images[0].name}"):
+    for name in ("sr.dcm", "seg.dcm", "kos.dcm", f"key_images/{key_images[0].name}"):
         report = subprocess.run(
             [dciodvfy, str(out / name)], capture_output=True, text=True, check=False
         )
