@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from tests.conftest import require_tool
+from inference.results_common import finding_colour
+from tests.conftest import IN_CI, require_tool
 from tests.standin_model import card, soft_tissue_model
 from training.phantom import NoduleRequest, PhantomOptions, generate
 
@@ -152,3 +156,89 @@ def test_a_study_without_ct_is_not_applicable(setup: dict[str, Any], tmp_path: P
     result = aidx(setup, "infer", str(empty), "--out", str(tmp_path / "out"))
     assert result.returncode == 1
     assert "not applicable: the study has no readable DICOM images" in result.stderr
+
+
+def _dcmqi(name: str) -> str:
+    """A dcmqi program from this environment (the [dev] extra's pinned dcmqi wheel)."""
+    path = Path(sys.executable).parent / name
+    if path.exists():
+        return str(path)
+    message = f"{name} not found: pip install the [dev] extra (dcmqi==1.5.7)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _nrrd_voxels(path: Path) -> tuple[int, float]:
+    """(non-zero voxels, voxel volume mm³) of a NRRD file as dcmqi writes it (gzip, little
+    endian, axis-aligned space directions)."""
+    raw = path.read_bytes()
+    head, _, body = raw.partition(b"\n\n")
+    fields = dict(
+        line.split(": ", 1) for line in head.decode("ascii").splitlines()[1:] if ": " in line
+    )
+    assert fields["encoding"] == "gzip" and fields["endian"] == "little", fields
+    dtype = {"short": "<i2", "unsigned short": "<u2", "unsigned char": "u1"}[fields["type"]]
+    data = np.frombuffer(gzip.decompress(body), dtype=dtype)
+    vectors = re.findall(r"\(([^)]*)\)", fields["space directions"])
+    lengths = [float(np.linalg.norm([float(v) for v in vec.split(",")])) for vec in vectors]
+    return int(np.count_nonzero(data)), float(np.prod(lengths))
+
+
+def test_dcmqi_reads_the_sr_and_seg_as_slicer_does(setup: dict[str, Any], tmp_path: Path) -> None:
+    """dcmqi (what 3D Slicer's QuantitativeReporting reads DICOM with) on aidx's results: each
+    segment with its label, tracking UID and display colour, and exactly the volume the SR
+    reports; the SR's measurements per finding, under the same tracking UIDs."""
+    segimage2itkimage, tid1500reader = (_dcmqi(n) for n in ("segimage2itkimage", "tid1500reader"))
+    aidx(setup, "models", "register", str(setup["model"]), "--card", str(setup["card"]))
+    assert aidx(setup, "models", "promote", "soft-tissue@0.0.1").returncode == 0
+    out = tmp_path / "out"
+    result = aidx(setup, "infer", str(setup["root"] / "study" / "dicom"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    findings = json.loads((out / "findings.json").read_text(encoding="utf-8"))["findings"]
+    assert findings
+    converted = subprocess.run(
+        [
+            segimage2itkimage,
+            "--inputDICOM",
+            str(out / "seg.dcm"),
+            "--outputDirectory",
+            str(tmp_path),
+            "--prefix",
+            "seg",
+            "-t",
+            "nrrd",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert converted.returncode == 0, converted.stdout + converted.stderr
+    meta = json.loads((tmp_path / "seg-meta.json").read_text(encoding="utf-8"))
+    segments = [s for group in meta["segmentAttributes"] for s in group]
+    assert [s["SegmentLabel"] for s in segments] == [f"Nodule {f['id']}" for f in findings]
+    for n, (segment, finding) in enumerate(zip(segments, findings, strict=True)):
+        assert segment["recommendedDisplayRGBValue"] == list(finding_colour(n))
+        voxels, voxel_mm3 = _nrrd_voxels(tmp_path / f"seg-{n + 1}.nrrd")
+        assert voxels * voxel_mm3 == pytest.approx(finding["volume_mm3"], rel=1e-3)
+    report = tmp_path / "sr.json"
+    read = subprocess.run(
+        [tid1500reader, "--inputDICOM", str(out / "sr.dcm"), "--outputMetadata", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert read.returncode == 0, read.stdout + read.stderr
+    groups = json.loads(report.read_text(encoding="utf-8"))["Measurements"]
+    assert [g["TrackingUniqueIdentifier"] for g in groups] == [
+        s["TrackingUniqueIdentifier"] for s in segments
+    ]
+    for group, finding in zip(groups, findings, strict=True):
+        values = {
+            i["quantity"]["CodeMeaning"]: float(i["value"]) for i in group["measurementItems"]
+        }
+        assert values["Long axis"] == pytest.approx(finding["diameter_mm"], abs=0.01)
+        assert values["Volume"] == pytest.approx(finding["volume_mm3"], abs=0.01)
+        assert values["Probability"] == pytest.approx(finding["probability"], abs=1e-3)
