@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AI imaging diagnostic assistant: DICOM node, ONNX inference, review app.",
     )
     parser.add_argument("--version", action="version", version=f"aidx {__version__}")
-    parser.add_argument("--config", type=Path, help="YAML configuration file (or AIDX_CONFIG)")
-    parser.add_argument("--data-dir", type=Path, help="override data_dir")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", choices=["text", "json"])
+    _global_options(parser, default=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = sub.add_parser("config", help="show or check the configuration")
@@ -328,14 +326,49 @@ def _phantom_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="processes (default: one per core)")
 
 
+def _global_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: object
+) -> None:
+    """--config, --data-dir, --log-level, --log-format (on ``aidx`` itself, and again on every
+    command with ``default=SUPPRESS``, where a value given overrides one given before it)."""
+    options: list[tuple[str, dict[str, Any]]] = [
+        ("--config", {"type": Path, "help": "YAML configuration file (or AIDX_CONFIG)"}),
+        ("--data-dir", {"type": Path, "help": "override data_dir"}),
+        ("--log-level", {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}),
+        ("--log-format", {"choices": ["text", "json"]}),
+    ]
+    taken: dict[str, object] = getattr(parser, "_option_string_actions", {})
+    for flag, settings in options:
+        if flag not in taken:  # `aidx train --config` is the training configuration
+            parser.add_argument(flag, default=default, **settings)
+
+
+def _everywhere(parser: argparse.ArgumentParser) -> None:
+    """Give every command (and action) the global options too: `aidx serve --data-dir X` works
+    as `aidx --data-dir X serve` does, and each command's --help lists them."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in set(action.choices.values()):
+                # (a group shares its command's flags: a flag the command has is left out)
+                group = command.add_argument_group("global options (also before the command)")
+                _global_options(group, default=argparse.SUPPRESS)
+                _everywhere(command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Files 0640, folders 0750 for everything this command writes (aidx.permissions).
     with private_umask():
-        return _main(argv)
+        try:
+            return _main(argv)
+        except BrokenPipeError:  # `aidx models show | head`: the reader is gone, not an error
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
+            return EXIT_OK
 
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    _everywhere(parser)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:

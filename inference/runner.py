@@ -39,6 +39,8 @@ SIGMA_SCALE = 0.125  # MONAI's default: sigma = 0.125 × patch size along each a
 MIN_WEIGHT = 1e-3  # MONAI clamps the importance map to at least this (never zero weight)
 WHOLE_DIVISOR_CAP = 32  # whole mode pads to a multiple of at most this (network stride)
 Shape3 = tuple[int, int, int]
+# What a CPU-only onnxruntime wheel offers (no GPU providers to miss).
+CPU_ONLY_PROVIDERS = frozenset({"CPUExecutionProvider", "AzureExecutionProvider"})
 _REPORTED_MISSING: set[str] = set()  # providers whose absence was already logged as a warning
 
 
@@ -240,9 +242,15 @@ class OnnxRunner:
                 "CUDA and TensorRT"
             )
         first = usable[0]
+        # A CPU-only ONNX Runtime (the default install) is expected to lack the GPU providers:
+        # said at DEBUG. A GPU build that lacks one: a warning the first time in a process, then
+        # quieter (every study would repeat it).
+        cpu_only = available <= CPU_ONLY_PROVIDERS
         for p in wanted[: wanted.index(first)]:
-            # A warning the first time in a process, then quieter: every study would repeat it.
-            level = logging.INFO if p in _REPORTED_MISSING else logging.WARNING
+            if cpu_only:
+                level = logging.DEBUG
+            else:
+                level = logging.INFO if p in _REPORTED_MISSING else logging.WARNING
             _REPORTED_MISSING.add(p)
             log.log(
                 level,

@@ -150,3 +150,37 @@ def test_demo_writes_into_the_data_dir_and_says_where(tmp_path: Path) -> None:
     first = (demo / "ground_truth.json").read_text(encoding="utf-8")
     assert run(["--data-dir", str(tmp_path), "demo"], env=env).returncode == 0
     assert (demo / "ground_truth.json").read_text(encoding="utf-8") == first
+
+
+def test_global_options_work_after_the_command_too() -> None:
+    after = run(["config", "show", "--format", "json", "--data-dir", "/tmp/after"])
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["data_dir"] == "/tmp/after"
+    both = run(
+        ["--data-dir", "/tmp/x", "config", "show", "--format", "json", "--data-dir", "/tmp/y"]
+    )
+    assert json.loads(both.stdout)["data_dir"] == "/tmp/y"  # the later one wins
+    level = run(["config", "show", "--format", "json", "--log-level", "DEBUG"])
+    assert json.loads(level.stdout)["log"]["level"] == "DEBUG"
+    serve_help = run(["serve", "--help"])
+    assert "global options (also before the command)" in serve_help.stdout
+    assert "--data-dir" in serve_help.stdout and "--config" in serve_help.stdout
+    # `aidx train --config` is the training configuration, as before
+    train_help = run(["train", "--help"])
+    assert "configs/train/X.yaml" in train_help.stdout
+
+
+def test_a_reader_that_goes_away_is_not_an_error() -> None:
+    """`aidx config show | head -1`: when the reader closes the pipe, aidx stops quietly."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    process = subprocess.Popen(
+        [*aidx_command(), "config", "show"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # gone before aidx writes a line
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0
+    assert "Traceback" not in errors and "BrokenPipe" not in errors, errors
