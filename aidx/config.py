@@ -447,6 +447,14 @@ def _describe(
             allowed = _allowed_keys(model, loc[:-1])
             hint = difflib.get_close_matches(loc[-1], allowed, n=1)
             did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
+            nested = _split_key(model, loc)
+            if nested is not None and origin.startswith(f" (from {ENV_PREFIX}"):
+                # AIDX_LOG_LEVEL for AIDX_LOG__LEVEL: one underscore where two divide the levels
+                did_you_mean = (
+                    f"; did you mean {_env_name(nested)}? (two underscores between levels)"
+                )
+            elif nested is not None:
+                did_you_mean = f"; did you mean '{'.'.join(nested)}'?"
             problems.append(
                 f"{dotted}: unknown key{origin}; allowed here: {', '.join(allowed)}{did_you_mean}"
             )
@@ -464,7 +472,26 @@ def _origin(loc: tuple[str, ...], sources: dict[tuple[str, ...], str]) -> str:
     for n in range(len(loc), 0, -1):
         if loc[:n] in sources:
             return f" (from {sources[loc[:n]]})"
+    # an unknown section: where its first key came from (AIDX_LOGS__LEVEL for "logs")
+    for path, source in sources.items():
+        if path[: len(loc)] == loc:
+            return f" (from {source})"
     return ""
+
+
+def _split_key(model: type[BaseModel], loc: tuple[str, ...]) -> tuple[str, ...] | None:
+    """An unknown key that is a section and one of its keys joined by ``_`` (``log_level``):
+    the path it meant (``log``, ``level``), else None."""
+    key = loc[-1]
+    for i, char in enumerate(key):
+        if char != "_":
+            continue
+        head, tail = key[:i], key[i + 1 :]
+        if head in _allowed_keys(model, loc[:-1]) and tail in _allowed_keys(
+            model, (*loc[:-1], head)
+        ):
+            return (*loc[:-1], head, tail)
+    return None
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:

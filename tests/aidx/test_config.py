@@ -91,6 +91,20 @@ def test_bad_environment_value_names_the_variable() -> None:
     assert "demo.matrix: got 'huge' (from AIDX_DEMO__MATRIX)" in str(err.value)
 
 
+def test_an_unknown_section_names_the_variable_and_the_fix() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"AIDX_LOGS__LEVEL": "DEBUG"})
+    assert "logs: unknown key (from AIDX_LOGS__LEVEL)" in str(err.value)
+    assert "did you mean 'log'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"AIDX_LOG_LEVEL": "DEBUG"})  # one underscore where two are needed
+    assert "log_level: unknown key (from AIDX_LOG_LEVEL)" in str(err.value)
+    assert "did you mean AIDX_LOG__LEVEL? (two underscores between levels)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(env={}, overrides={"demo_slices": 40})
+    assert "did you mean 'demo.slices'?" in str(err.value)
+
+
 def test_unknown_environment_key_is_an_error_not_ignored() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(env={"AIDX_DEMO__SLICE": "40"})
