@@ -48,7 +48,23 @@ def start_ui(config: AidxConfig, store: Store, demo: bool = False) -> object | N
             f"(forgotten: aidx --data-dir {config.data_dir} users passwd {DEMO_USER})",
             flush=True,
         )
+    else:
+        _no_accounts_hint(config, server.ctx.accounts)
     return server
+
+
+def _no_accounts_hint(config: AidxConfig, accounts: object) -> None:
+    """With no account yet, nobody can sign in: say how to add the first one."""
+    from ui.accounts import Accounts
+
+    assert isinstance(accounts, Accounts)
+    if not accounts.list_users():
+        print(
+            "  no accounts yet: add one with "
+            f"`aidx --data-dir {config.data_dir} users add NAME --role admin --name 'FAMILY^Given'`"
+            " (it asks for the password; roles: radiologist, engineer, admin)",
+            flush=True,
+        )
 
 
 def ensure_demo_user(accounts: object) -> str | None:
@@ -81,6 +97,7 @@ def run_ui(args: argparse.Namespace, config: AidxConfig) -> int:
         print(f"aidx ui: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"aidx review app: {server.url}  (users: aidx users add NAME --role ...)", flush=True)
+    _no_accounts_hint(config, server.ctx.accounts)
     try:
         server.run()
     finally:

@@ -217,3 +217,27 @@ def test_commands_on_a_data_dir_without_a_store_say_what_to_give(aidx: Run, tmp_
         assert "no store at" in err
         assert "--data-dir" in err
     assert not (tmp_path / "aidx.db").exists()
+
+
+def test_a_review_app_without_accounts_says_how_to_add_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aidx.cli_ui import start_ui
+    from aidx.config import load_config
+    from ui.web import UiServer
+
+    config = load_config(env={}, overrides={"data_dir": str(tmp_path), "ui.port": 0})
+    store = Store(config.store_url())
+    try:
+        for accounts_exist in (False, True):
+            server = start_ui(config, store)
+            assert isinstance(server, UiServer)
+            server.stop()
+            printed = capsys.readouterr().out
+            assert "aidx review app: http://" in printed
+            hint = f"no accounts yet: add one with `aidx --data-dir {tmp_path} users add NAME"
+            assert (hint in printed) is not accounts_exist, printed
+            if not accounts_exist:
+                Accounts(store).add_user("first", PASSWORD, role="admin", display_name="First")
+    finally:
+        store.close()
