@@ -193,6 +193,7 @@ def _login(page: Any, url: str, user: str, password: str) -> None:
 def test_radiologist_reviews_and_signs_the_demo_study(served: Served) -> None:
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=UI_TIMEOUT_MS)  # as long as the page's own waits (a loaded box)
     with _browser() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1100})
@@ -449,6 +450,7 @@ def _add_user(served: Served, name: str, role: str, language: str) -> None:
 def test_admin_reads_the_audit_log_and_a_chinese_user_gets_chinese(served: Served) -> None:
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=UI_TIMEOUT_MS)  # as long as the page's own waits (a loaded box)
     _add_user(served, "auditor", "admin", "en")
     _add_user(served, "lin", "engineer", "zh")
     with _browser() as p:

@@ -48,6 +48,8 @@ def test_the_viewer_names_the_patient_in_both_languages(
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    # the page's own waits as long as the page's (a loaded 2-core machine, tests in parallel)
+    expect.set_options(timeout=UI_TIMEOUT_MS)
     server, _ = served
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
