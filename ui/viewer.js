@@ -535,8 +535,14 @@
     clearTimeout(openingTimer);
     openingTimer = setTimeout(() => opening(false), 30000);
   }, true);
-  new MutationObserver(() => opening(false)).observe(document.documentElement, {
-    subtree: true, characterData: true, childList: true, attributeFilter: [] });
+  // A refused open (a message beside the controls) ends the indicator too; a study that opens
+  // ends it once its description is here (follow).
+  let said = null;
+  new MutationObserver(() => {
+    const text = document.getElementById('message')?.textContent ?? '';
+    if (said !== null && text !== said) opening(false);
+    said = text;
+  }).observe(document.documentElement, { subtree: true, childList: true, characterData: true });
 
   // ------------------------------------------------------------------ input
   const typing = (t) => t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' ||
