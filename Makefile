@@ -32,7 +32,14 @@ run: $(VENV)/.installed-run
 system-deps:
 	bash scripts/install-system-deps.sh
 
-test: system-deps $(VENV)/.installed-test
+# The viewers' own loading code (OHIF 3.13, Cornerstone3D 5.14) that tests/viewers runs in Node,
+# pinned by its lock file.
+VIEWER_HARNESS := tests/viewers/node
+$(VIEWER_HARNESS)/node_modules/.installed: $(VIEWER_HARNESS)/package-lock.json
+	npm ci --prefix $(VIEWER_HARNESS) --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: system-deps $(VENV)/.installed-test $(VIEWER_HARNESS)/node_modules/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the key slices as a Key Object Selection document (kos.dcm)",
     )
+    infer.add_argument(
+        "--cornerstone-sr",
+        action="store_true",
+        help="also write the SR variant that OHIF/Cornerstone3D open as editable measurements "
+        "(sr-cornerstone.dcm; docs/results.md)",
+    )
     infer.set_defaults(handler=cli_models.infer)
 
     from aidx import cli_users  # `aidx users` and `aidx audit`: the review app's accounts

@@ -126,6 +126,7 @@ def infer(args: argparse.Namespace, config: AidxConfig) -> int:
             args.min_probability,
             args.key_images,
             kos=args.kos,
+            cornerstone_sr=args.cornerstone_sr,
         )
     except NotApplicableError as exc:
         print(f"aidx infer: not applicable: {exc}", file=sys.stderr)
@@ -143,6 +144,8 @@ def infer(args: argparse.Namespace, config: AidxConfig) -> int:
         print(f"key images: {len(result.key_images)} in {result.key_images[0].parent}")
     if result.kos_path:
         print(f"key object selection: {result.kos_path}")
+    if result.cornerstone_sr_path:
+        print(f"SR for Cornerstone3D/OHIF: {result.cornerstone_sr_path}")
     steps = ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result.timings.items())
     print(f"time: {steps}; peak memory {result.peak_rss_mb:.0f} MB")
     return EXIT_OK

@@ -162,7 +162,7 @@ class InferenceConfig(StrictModel):
     series: SeriesRulesConfig = Field(default_factory=SeriesRulesConfig)
 
 
-OutputKind = Literal["sr", "seg", "key_images", "kos"]
+OutputKind = Literal["sr", "seg", "key_images", "kos", "sr_cornerstone"]
 
 
 class RouteConfig(StrictModel):

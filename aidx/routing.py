@@ -40,6 +40,10 @@ class Route:
     def kos(self) -> bool:
         return any("kos" in kinds for kinds in self.outputs.values())
 
+    @property
+    def cornerstone_sr(self) -> bool:
+        return any("sr_cornerstone" in kinds for kinds in self.outputs.values())
+
 
 def routes(config: AidxConfig) -> list[Route]:
     """The configured routes; without any, one route: the default model on the series that

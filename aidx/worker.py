@@ -207,6 +207,7 @@ class Worker:
                     rules=route.rules,
                     key_images=route.key_images,
                     kos=route.kos,
+                    cornerstone_sr=route.cornerstone_sr,
                     revision=job.study_version,
                     previous_versions=previous,
                     runners=self.runners,
@@ -258,6 +259,8 @@ def _deliveries(job: Job, route: Route, result: InferenceResult, model_ref: str)
     out = []
     for destination, kinds in sorted(route.outputs.items()):
         files = [str(result.sr_path)] if "sr" in kinds else []
+        if "sr_cornerstone" in kinds and result.cornerstone_sr_path is not None:
+            files.append(str(result.cornerstone_sr_path))
         if "seg" in kinds and result.seg_path is not None:
             files.append(str(result.seg_path))
         if "key_images" in kinds:

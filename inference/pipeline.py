@@ -52,6 +52,8 @@ class InferenceResult:
     peak_rss_mb: float = 0.0
     key_images: list[Path] = field(default_factory=list)
     kos_path: Path | None = None  # the key slices as a Key Object Selection (when asked for)
+    # the SR variant Cornerstone3D/OHIF hydrate into editable tools (when asked for)
+    cornerstone_sr_path: Path | None = None
 
 
 def series_rules(config: AidxConfig) -> SeriesRules:
@@ -85,6 +87,7 @@ def infer_study(
     min_probability: float | None = None,
     key_images: bool = False,
     kos: bool = False,
+    cornerstone_sr: bool = False,
 ) -> InferenceResult:
     """Run the model on the study's eligible series and write the results into ``out_dir``."""
     files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
@@ -96,6 +99,7 @@ def infer_study(
         min_probability=min_probability,
         key_images=key_images,
         kos=kos,
+        cornerstone_sr=cornerstone_sr,
     )
 
 
@@ -125,6 +129,7 @@ def infer_files(
     min_probability: float | None = None,
     key_images: bool = False,
     kos: bool = False,
+    cornerstone_sr: bool = False,
     revision: int = 1,
     previous_versions: Sequence[Dataset] = (),
     runners: dict[Path, OnnxRunner | Detector] | None = None,
@@ -133,7 +138,9 @@ def infer_files(
     into ``out_dir``. ``rules`` default to ``inference.series``; ``revision`` and
     ``previous_versions`` go to the SR (a re-run of an updated study); ``runners`` caches ONNX
     Runtime sessions between calls (a worker's). ``key_images``: Secondary Captures of the key
-    slices too; ``kos``: a Key Object Selection of them (``kos.dcm``, when there are findings)."""
+    slices too; ``kos``: a Key Object Selection of them (``kos.dcm``, when there are findings);
+    ``cornerstone_sr``: the SR variant that Cornerstone3D hydrates into editable tools
+    (``sr-cornerstone.dcm``, docs/results.md)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     files = within_inflate_limit(files, config.node.max_dataset_bytes)
@@ -208,6 +215,10 @@ def infer_files(
         else []
     )
     kos_path = write_kos(findings, sources, card, out_dir / "kos.dcm", revision) if kos else None
+    cornerstone_path = None
+    if cornerstone_sr:
+        cornerstone_path = out_dir / "sr-cornerstone.dcm"
+        write_sr(findings, sources, card, cornerstone_path, revision, previous_versions, True)
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -221,5 +232,14 @@ def infer_files(
         timings["total_s"],
     )
     return InferenceResult(
-        report, findings_path, sr_path, seg_path, provider, timings, peak, key_image_paths, kos_path
+        report,
+        findings_path,
+        sr_path,
+        seg_path,
+        provider,
+        timings,
+        peak,
+        key_image_paths,
+        kos_path,
+        cornerstone_path,
     )

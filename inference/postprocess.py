@@ -240,6 +240,10 @@ def _measure(
     corners = pre.to_patient(_box_corners(lo - 0.5, hi + 0.5))
     k = int(np.clip(np.rint(volume.to_index(centre)[0]), 0, len(volume.sop_uids) - 1))
     mask = _volume_mask(c, lo, hi, pre, volume)
+    if not mask[k].any():
+        # The key slice shows the finding: a curved or hollow component's centre can fall on a
+        # slice it does not touch; then the slice where its cross-section is largest.
+        k = int(np.argmax(mask.sum(axis=(1, 2))))
     series_voxel_mm3 = abs(float(np.linalg.det(volume.affine[:3, :3])))
     return _Measured(
         probability=float(np.clip(c.weight.max(), 0.0, 1.0)),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests talk to, when they are missing and we may install them:
 # DCMTK (storescu, echoscu), dicom3tools (dciodvfy), Orthanc (the PACS), Chromium (UI tests) and
-# PostgreSQL (the store's second back end; the tests start their own throwaway server), and a
-# CJK font, so that the Chinese interface is readable in the UI tests' screenshots.
+# PostgreSQL (the store's second back end; the tests start their own throwaway server), a
+# CJK font, so that the Chinese interface is readable in the UI tests' screenshots, and Node.js
+# with npm (tests/viewers runs OHIF's and Cornerstone3D's loaders; it needs Node >= 20.19).
 # Not root: prints what is missing; the tests then skip (or fail with CI=true) with the reason.
 set -euo pipefail
 
@@ -12,6 +13,8 @@ declare -A tools=(
   [/usr/sbin/Orthanc]=orthanc
   [/usr/bin/chromium]=chromium
   [/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc]=fonts-wqy-zenhei
+  [/usr/bin/node]=nodejs
+  [/usr/bin/npm]=npm
 )
 missing=()
 for path in "${!tools[@]}"; do

@@ -26,18 +26,19 @@ from inference.results_common import (
     tracking_id,
 )
 from inference.sr import (
-    ABSENT,
     CT_OF_CHEST,
     CUBIC_MILLIMETER,
     LONG_AXIS,
     MILLIMETER,
     NO_FINDINGS_TRACKING_ID,
-    NO_UNITS,
+    PERCENT,
     PROBABILITY,
     VOLUME,
     algorithm_identification,
     centre_coordinates,
+    finding_groups,
     image_library,
+    state_no_findings,
 )
 from ui.review import ReviewCase, ReviewedFinding, ReviewError
 
@@ -120,15 +121,14 @@ def build_signed_sr(
             uid = _uid(case.sr_sop_uid, "tracking", f.key)
         groups.append(_group(f, key, series, identifier, uid, algorithm))
         keys.append(str(key.SOPInstanceUID))
-    if not groups:
+    placeholder = not groups
+    if placeholder:  # built around one group, then stated as "no nodule" (inference.sr)
         groups = [
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=_uid(case.sr_sop_uid, "tracking none"),
                     identifier=NO_FINDINGS_TRACKING_ID,
                 ),
-                finding_sites=[hd.sr.FindingSite(LUNG)],
-                qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=NODULE, value=ABSENT)],
             )
         ]
     report = hd.sr.MeasurementReport(
@@ -148,6 +148,8 @@ def build_signed_sr(
         imaging_measurements=groups,
         referenced_images=image_library(keys, series),
     )
+    if placeholder:
+        state_no_findings(report)
     return hd.sr.Comprehensive3DSR(
         evidence=list(series.datasets),
         content=report,
@@ -202,7 +204,7 @@ def _group(
             measurements.append(measurement(VOLUME, f.ai.volume_mm3, CUBIC_MILLIMETER))
         else:
             measurements.append(measurement(AI_LONG_AXIS, f.ai.diameter_mm, MILLIMETER))
-        measurements.append(measurement(PROBABILITY, f.ai.probability, NO_UNITS))
+        measurements.append(measurement(PROBABILITY, 100.0 * f.ai.probability, PERCENT))
     decision = {"accepted": ACCEPTED, "edited": EDITED, "added": ADDED}[f.status]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
@@ -281,7 +283,7 @@ def _tracking_uids(ai_sr: hd.sr.Comprehensive3DSR) -> dict[str, str]:
         raise ReviewError(f"the AI SR {ai_sr.SOPInstanceUID} is not a TID 1500 report")
     return {
         str(g.tracking_identifier): str(g.tracking_uid)
-        for g in content.get_image_measurement_groups()
+        for g in finding_groups(content)
         if g.tracking_identifier is not None and g.tracking_uid is not None
     }
 

@@ -20,20 +20,21 @@ the AI SR (``inference/sr.py``, whose coordinate and library helpers it uses):
 - One TID 1501 group per included finding (accepted, edited, added; rejected and removed ones
   are left out), in the review's order, each with Finding (27925004, SCT, "Nodule"), Finding
   Site Lung, and a decision (below). Measurements are INFERRED FROM a SCOORD POINT on the key
-  slice and a SCOORD3D POINT at the centre, as in the AI SR:
+  slice and a SCOORD3D POINT at the centre (OHIF draws the point):
 
   * AI findings keep the AI SR's Tracking Identifier (``Nodule <id>``) and Tracking Unique
     Identifier (read from the AI SR, so the groups match the AI SR's and the SEG's segments),
     the model's key slice and Algorithm Identification. Long axis (103339001, SCT) is the
-    final diameter (the radiologist's where edited); Probability (122157, DCM) is the model's.
+    final diameter (the radiologist's where edited); Probability (122157, DCM) is the model's,
+    in % as in the AI SR.
     Volume (118565006, SCT) only for accepted findings: an edited diameter makes the model's
     volume a measurement of a different lesion outline.
   * Added findings: Tracking Identifier ``Added nodule <n>`` and a new Tracking UID (stable
     across amendments), the image nearest the centre as key slice, Long axis only, no
     Algorithm Identification.
-  * No included finding: one group ``No nodules`` with (27925004, SCT, "Nodule") = (272519000,
-    SCT, "Absent"), like the AI SR's, but without Algorithm Identification (the radiologist
-    says so).
+  * No included finding: no group, and a Qualitative Evaluations container with (27925004,
+    SCT, "Nodule") = (272519000, SCT, "Absent"), like the AI SR's (``inference.sr``), which
+    every viewer opens.
 
 Codes of the decision. No concept for "a reader's verdict on an AI finding" was found among
 the TID 1500/1501 value sets or in pydicom's DCM and SCT code dictionaries (the nearest, (122775,

@@ -205,6 +205,31 @@ def test_a_route_can_send_the_key_slices_as_a_kos(
     assert flagged == {f["key_sop_instance_uid"] for f in findings}
 
 
+def test_a_destination_can_get_the_cornerstone_sr_instead_of_the_standard_one(
+    phantom: dict[str, Any], tmp_path: Path, store_url: str
+) -> None:
+    """``outputs: {PACS: [sr, seg], OHIF: [sr_cornerstone, seg]}``: each destination gets its
+    variant of the report (docs/results.md), both with the same SEG."""
+    config = _config(tmp_path)
+    config.pipeline.routes = [  # type: ignore[list-item]
+        {"name": "chest", "outputs": {"PACS": ["sr", "seg"], "OHIF": ["sr_cornerstone", "seg"]}}
+    ]
+    config.destinations["OHIF"] = config.destinations["PACS"]
+    config = AidxConfig.model_validate(json.loads(config.model_dump_json()))
+    store = _store(store_url)
+    study_uid = _index(store, phantom["files"])
+    store.complete_study(study_uid, time.time())
+    assert Worker(config, store).run_once()
+    (result,) = store.study_results(study_uid)
+    items = {item.destination: item.files for item in store.outbox_items()}
+    sr = Path(result["sr_path"])
+    seg = str(sr.with_name("seg.dcm"))
+    assert items == {"PACS": [str(sr), seg], "OHIF": [str(sr.with_name("sr-cornerstone.dcm")), seg]}
+    standard, variant = (pydicom.dcmread(p) for p in (sr, sr.with_name("sr-cornerstone.dcm")))
+    assert standard.SOPInstanceUID != variant.SOPInstanceUID
+    assert standard.SeriesInstanceUID == variant.SeriesInstanceUID
+
+
 def test_a_study_without_an_eligible_series_is_not_applicable_with_the_reason(
     phantom: dict[str, Any], tmp_path: Path, store_url: str
 ) -> None:

@@ -18,6 +18,7 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from inference.results_common import finding_colour
+from inference.sr import finding_groups
 from tests.conftest import IN_CI, require_tool
 from tests.standin_model import card, soft_tissue_model
 from training.phantom import NoduleRequest, PhantomOptions, generate
@@ -76,6 +77,7 @@ def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path)
         str(out),
         "--key-images",
         "--kos",
+        "--cornerstone-sr",
     )
     assert result.returncode == 0, result.stderr
     assert "on CPUExecutionProvider" in result.stdout
@@ -134,8 +136,19 @@ def test_infer_writes_findings_sr_and_seg(setup: dict[str, Any], tmp_path: Path)
         if item.ValueType == "IMAGE"
     }
     assert flagged == {f["key_sop_instance_uid"] for f in findings["findings"]}
+    # The SR variant OHIF/Cornerstone3D hydrate: the same report under its own UID, with the
+    # Cornerstone tool's tag before each tracking identifier (tests/viewers load it).
+    assert f"SR for Cornerstone3D/OHIF: {out / 'sr-cornerstone.dcm'}" in result.stdout
+    variant = hd.sr.srread(out / "sr-cornerstone.dcm")
+    assert variant.SOPInstanceUID != sr.SOPInstanceUID
+    assert variant.SeriesInstanceUID == sr.SeriesInstanceUID
+    assert isinstance(variant.content, hd.sr.MeasurementReport)
+    assert [str(g.tracking_identifier) for g in finding_groups(variant.content)] == [
+        f"Cornerstone3DTools@^0.1.0:Bidirectional:Nodule {f['id']}" for f in findings["findings"]
+    ]
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
-    for name in ("sr.dcm", "seg.dcm", "kos.dcm", f"key_images/{key_images[0].name}"):
+    names = ("sr.dcm", "sr-cornerstone.dcm", "seg.dcm", "kos.dcm")
+    for name in (*names, f"key_images/{key_images[0].name}"):
         report = subprocess.run(
             [dciodvfy, str(out / name)], capture_output=True, text=True, check=False
         )
@@ -195,7 +208,8 @@ def test_dcmqi_reads_the_sr_and_seg_as_slicer_does(setup: dict[str, Any], tmp_pa
     out = tmp_path / "out"
     result = aidx(setup, "infer", str(setup["root"] / "study" / "dicom"), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    findings = json.loads((out / "findings.json").read_text(encoding="utf-8"))["findings"]
+    findings_file = json.loads((out / "findings.json").read_text(encoding="utf-8"))
+    findings = findings_file["findings"]
     assert findings
     converted = subprocess.run(
         [
@@ -231,14 +245,27 @@ def test_dcmqi_reads_the_sr_and_seg_as_slicer_does(setup: dict[str, Any], tmp_pa
         check=False,
     )
     assert read.returncode == 0, read.stdout + read.stderr
-    groups = json.loads(report.read_text(encoding="utf-8"))["Measurements"]
+    read_back = json.loads(report.read_text(encoding="utf-8"))
+    seg_uid = str(pydicom.dcmread(out / "seg.dcm", stop_before_pixels=True).SOPInstanceUID)
+    # Slicer loads the SEG that the SR's evidence lists, and pairs segment i with group i.
+    assert read_back["compositeContext"] == [seg_uid]
+    groups = read_back["Measurements"]
     assert [g["TrackingUniqueIdentifier"] for g in groups] == [
         s["TrackingUniqueIdentifier"] for s in segments
     ]
-    for group, finding in zip(groups, findings, strict=True):
+    series_uid = findings_file["series_instance_uid"]
+    for number, (group, finding) in enumerate(zip(groups, findings, strict=True), start=1):
+        # TID 1411: each group names its segment, the SEG and the segmented series.
+        assert group["ReferencedSegment"] == number
+        assert group["segmentationSOPInstanceUID"] == seg_uid
+        assert group["SourceSeriesForImageSegmentation"] == series_uid
+        assert group["FindingSite"]["CodeMeaning"] == "Lung"
         values = {
             i["quantity"]["CodeMeaning"]: float(i["value"]) for i in group["measurementItems"]
         }
-        assert values["Long axis"] == pytest.approx(finding["diameter_mm"], abs=0.01)
+        assert values["Diameter"] == pytest.approx(finding["diameter_mm"], abs=0.01)
+        assert 0 < values["Short Axis"] <= values["Long Axis"]
         assert values["Volume"] == pytest.approx(finding["volume_mm3"], abs=0.01)
-        assert values["Probability"] == pytest.approx(finding["probability"], abs=1e-3)
+        assert values["Probability"] == pytest.approx(100 * finding["probability"], abs=0.1)
+        (maximum,) = [i for i in group["measurementItems"] if "derivationModifier" in i]
+        assert maximum["derivationModifier"]["CodeMeaning"] == "Maximum"

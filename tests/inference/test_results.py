@@ -27,7 +27,7 @@ from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from inference.findings import Finding
 from inference.results_common import finding_colour, result_uid, tracking_uid
 from inference.seg import build_seg, write_seg
-from inference.sr import build_sr, key_slice_point, write_sr
+from inference.sr import build_sr, finding_groups, key_slice_point, write_sr
 from inference.volume import Volume, load_series
 from models.registry import ModelCard
 from tests.conftest import require_tool
@@ -38,10 +38,15 @@ PROBABILITIES = {1: 0.93, 2: 0.61}
 
 NODULE = Code("27925004", "SCT", "Nodule")
 LUNG = Code("39607008", "SCT", "Lung")
-LONG_AXIS = Code("103339001", "SCT", "Long axis")
+LONG_AXIS = Code("103339001", "SCT", "Long Axis")
+SHORT_AXIS = Code("103340004", "SCT", "Short Axis")
+DIAMETER = Code("81827009", "SCT", "Diameter")
+MAXIMUM = Code("56851009", "SCT", "Maximum")
 VOLUME = Code("118565006", "SCT", "Volume")
 PROBABILITY = Code("122157", "DCM", "Probability")
 ABSENT = Code("272519000", "SCT", "Absent")
+IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 DEVICE = Code("121007", "DCM", "Device")
 MORPHOLOGICALLY_ABNORMAL = Code("49755003", "SCT", "Morphologically abnormal structure")
 
@@ -131,24 +136,25 @@ def finding_from_truth(
     )
 
 
+# Two solid nodules (12 and 8 mm) with their label mask; also written for the viewers' tests.
+TWO_NODULES = PhantomOptions(
+    seed=5,
+    slices=40,
+    matrix=128,
+    slice_thickness=2.5,
+    nodule_requests=(
+        NoduleRequest(12.0, "solid", "isolated", "smooth"),
+        NoduleRequest(8.0, "solid", "isolated", "smooth"),
+    ),
+    patient_name=CHINESE_NAME,  # no charset given: the phantom writes UTF-8
+    write_mask=True,
+    workers=1,
+)
+
+
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
-    return make_case(
-        tmp_path_factory.mktemp("results_phantom"),
-        PhantomOptions(
-            seed=5,
-            slices=40,
-            matrix=128,
-            slice_thickness=2.5,
-            nodule_requests=(
-                NoduleRequest(12.0, "solid", "isolated", "smooth"),
-                NoduleRequest(8.0, "solid", "isolated", "smooth"),
-            ),
-            patient_name=CHINESE_NAME,  # no charset given: the phantom writes UTF-8
-            write_mask=True,
-            workers=1,
-        ),
-    )
+    return make_case(tmp_path_factory.mktemp("results_phantom"), TWO_NODULES)
 
 
 @pytest.fixture(scope="module")
@@ -277,9 +283,13 @@ def test_sr_is_a_comprehensive_3d_sr_in_the_source_study(case: Case, written: Wr
     assert sr.SeriesDescription == "AI nodule findings (aidx nodule-detector@1.2.0)"
     assert sr.Manufacturer == "aidx"
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
-    # The evidence is the whole series: what the model looked at.
+    # The evidence is the whole series (what the model looked at) and the SEG written beside
+    # the SR (3D Slicer loads the SEG it finds there with the report).
     evidence = {uid for _, _, uid, _ in hd.sr.srread(written.sr).get_evidence()}
-    assert evidence == set(case.volume.sop_uids)
+    seg = pydicom.dcmread(written.seg, stop_before_pixels=True)
+    assert evidence == {*case.volume.sop_uids, str(seg.SOPInstanceUID)}
+    (empty,) = [hd.sr.srread(written.empty_sr)]
+    assert {uid for _, _, uid, _ in empty.get_evidence()} == set(case.volume.sop_uids)
 
 
 def test_sr_observer_procedure_and_image_library(case: Case, written: Written) -> None:
@@ -307,10 +317,12 @@ def test_sr_observer_procedure_and_image_library(case: Case, written: Written) -
 
 def test_sr_groups_carry_every_value_of_the_findings(case: Case, written: Written) -> None:
     report = report_of(written.sr)
-    groups = report.get_image_measurement_groups()
+    assert report.get_image_measurement_groups() == []
+    groups = report.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(case.findings)
-    for finding in case.findings:
-        (group,) = report.get_image_measurement_groups(
+    seg = pydicom.dcmread(written.seg, stop_before_pixels=True)
+    for number, finding in enumerate(case.findings, 1):
+        (group,) = report.get_volumetric_roi_measurement_groups(
             tracking_uid=tracking_uid(case.volume.series_uid, MODEL, finding.id)
         )
         assert group.tracking_identifier == f"Nodule {finding.id}"
@@ -318,43 +330,65 @@ def test_sr_groups_carry_every_value_of_the_findings(case: Case, written: Writte
         assert [site.value for site in group.finding_sites] == [LUNG]
         texts = text_items(group)
         assert (texts["111001"], texts["111003"]) == ("nodule-detector", "1.2.0")
+        # TID 1411: the finding's segment in the SEG written beside the SR, and its source.
+        segment = group.referenced_segment
+        assert segment is not None
+        reference = segment[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert int(reference.ReferencedSegmentNumber) == number
+        assert case.volume.series_uid == segment[1].UID
+        long_axis, short_axis = check_axes(group, finding, case)
         expected = (
-            (LONG_AXIS, finding.diameter_mm, "mm"),
+            (LONG_AXIS, long_axis, "mm"),
+            (SHORT_AXIS, short_axis, "mm"),
+            (DIAMETER, finding.diameter_mm, "mm"),
             (VOLUME, finding.volume_mm3, "mm3"),
-            (PROBABILITY, finding.probability, "1"),
+            (PROBABILITY, 100.0 * finding.probability, "%"),
         )
         for name, value, unit in expected:
             (measurement,) = group.get_measurements(name=name)
-            assert measurement.value == value
+            assert measurement.value == pytest.approx(value, rel=1e-6), name.meaning
             assert measurement.unit.value == unit
-            check_coordinates(measurement, finding, case)
+        (diameter,) = group.get_measurements(name=DIAMETER)
+        assert diameter.derivation == MAXIMUM
+        # Reported sizes are those of the nodule: a sphere's axes within a pixel or two of
+        # its diameter, the short axis no longer than the long one.
+        assert long_axis == pytest.approx(finding.diameter_mm, abs=2.0)
+        assert 0.6 * long_axis <= short_axis <= long_axis
 
 
-def check_coordinates(measurement: hd.sr.Measurement, finding: Finding, case: Case) -> None:
-    """A SCOORD POINT on the key slice and a SCOORD3D POINT, both at the finding's centre."""
-    by_type = {type(c): c for c in measurement.referenced_coordinates}
-    point = by_type[hd.sr.CoordinatesForMeasurement]
-    space = by_type[hd.sr.CoordinatesForMeasurement3D]
-    source = point.ContentSequence[0].ReferencedSOPSequence[0]
-    assert source.ReferencedSOPInstanceUID == finding.key_sop_instance_uid
-    assert point.GraphicType == "POINT"
-    # Back from (column, row) to the patient: the centre's projection onto the key slice.
-    key = case.datasets[case.volume.sop_uids.index(finding.key_sop_instance_uid)]
-    column, row = (float(v) for v in point.GraphicData)
-    iop = np.array([float(v) for v in key.ImageOrientationPatient])
-    spacing_rows, spacing_columns = (float(v) for v in key.PixelSpacing)
-    in_plane = (
-        np.array([float(v) for v in key.ImagePositionPatient])
-        + (column - 0.5) * spacing_columns * iop[:3]
-        + (row - 0.5) * spacing_rows * iop[3:]
-    )
-    normal = np.cross(iop[:3], iop[3:])
-    centre = np.array(finding.center_mm)
-    projected = centre - ((centre - in_plane) @ normal) * normal
-    assert np.allclose(in_plane, projected, atol=1e-3)
-    assert space.GraphicType == "POINT"
-    assert np.allclose(space.value[0], centre, atol=1e-3)
-    assert space.frame_of_reference_uid == case.volume.frame_of_reference_uid
+def check_axes(
+    group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations, finding: Finding, case: Case
+) -> tuple[float, float]:
+    """Each axis NUM is INFERRED FROM a 2-point POLYLINE on the key slice whose ends lie on the
+    finding's outline there and whose length is the NUM's value; the two lines are
+    perpendicular. Returns the two lengths (mm), measured from the coordinates."""
+    k = case.volume.sop_uids.index(finding.key_sop_instance_uid)
+    key = case.datasets[k]
+    spacing = np.array([float(v) for v in key.PixelSpacing])  # (rows, columns)
+    directions = []
+    lengths = []
+    for name in (LONG_AXIS, SHORT_AXIS):
+        (measurement,) = group.get_measurements(name=name)
+        (line,) = measurement.referenced_coordinates
+        assert isinstance(line, hd.sr.CoordinatesForMeasurement)
+        assert line.GraphicType == "POLYLINE"
+        source = line.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == finding.key_sop_instance_uid
+        points = np.array(line.GraphicData, dtype=np.float64).reshape(2, 2)  # (column, row)
+        rows_columns = points[:, ::-1] - 0.5  # back to pixel index (row, column)
+        delta = (rows_columns[1] - rows_columns[0]) * spacing
+        lengths.append(float(np.linalg.norm(delta)))
+        assert lengths[-1] == pytest.approx(measurement.value, rel=1e-6)
+        directions.append(delta / lengths[-1])
+        # Each end lies on the outline: within a pixel of a masked pixel.
+        mask = finding.mask[k]
+        inside = np.argwhere(mask)
+        for end in rows_columns:
+            nearest = np.min(np.linalg.norm(inside - end, axis=1))
+            assert nearest <= 1.0
+    assert abs(float(directions[0] @ directions[1])) < 1e-4  # Graphic Data is float32
+    return lengths[0], lengths[1]
 
 
 def test_key_slice_point_puts_pixel_centres_at_half_pixels(case: Case) -> None:
@@ -364,15 +398,20 @@ def test_key_slice_point_puts_pixel_centres_at_half_pixels(case: Case) -> None:
 
 
 def test_sr_without_findings_says_no_nodule(case: Case, written: Written) -> None:
+    """TID 1500's "searched, none found": no measurement group, and a Qualitative Evaluations
+    container saying Nodule: Absent; the device observer names the model."""
     report = report_of(written.empty_sr)
-    (group,) = report.get_image_measurement_groups()
-    assert group.finding_type is None
-    assert group.get_measurements() == []
-    (evaluation,) = group.get_qualitative_evaluations(name=NODULE)
-    assert evaluation.value == ABSENT
-    assert [site.value for site in group.finding_sites] == [LUNG]
-    texts = text_items(group)
-    assert (texts["111001"], texts["111003"]) == ("nodule-detector", "1.2.0")
+    assert finding_groups(report) == []
+    root = report[0]
+    (measurements,) = hd.sr.utils.find_content_items(root, name=IMAGING_MEASUREMENTS)
+    assert "ContentSequence" not in measurements
+    (evaluations,) = hd.sr.utils.find_content_items(root, name=QUALITATIVE_EVALUATIONS)
+    (absent,) = evaluations.ContentSequence
+    assert (absent.ValueType, absent.RelationshipType) == ("CODE", "CONTAINS")
+    assert absent.ConceptNameCodeSequence[0].CodeValue == NODULE.value
+    assert absent.ConceptCodeSequence[0].CodeValue == ABSENT.value
+    (observer,) = report.get_observer_contexts(observer_type=DEVICE)
+    assert observer.observer_identifying_attributes.model_name == "nodule-detector@1.2.0"
     empty = pydicom.dcmread(written.empty_sr)
     assert empty.StudyInstanceUID == case.volume.study_uid
     # The same series and instance as an SR with findings would have: it replaces it.
@@ -395,7 +434,7 @@ def test_seg_segments_describe_the_findings_with_the_srs_tracking(
     assert seg.number_of_segments == len(case.findings)
     sr_tracking = {
         g.tracking_identifier: g.tracking_uid
-        for g in report_of(written.sr).get_image_measurement_groups()
+        for g in report_of(written.sr).get_volumetric_roi_measurement_groups()
     }
     for number, finding in enumerate(case.findings, 1):
         description = seg.get_segment_description(number)
@@ -519,7 +558,9 @@ def test_seg_needs_findings(case: Case) -> None:
         ("foreign_key_slice", "is not an image of series"),
         ("repeated_id", "finding ids repeat"),
         ("no_pixel_spacing", "lacks PixelSpacing"),
-        ("centre_off_slice", "falls outside its key slice"),
+        ("no_mask", "has no mask"),
+        ("empty_mask", "mask is empty"),
+        ("mask_shape", "mask shape"),
     ],
 )
 def test_sr_refuses_what_it_cannot_report(case: Case, change: str, message: str) -> None:
@@ -563,8 +604,6 @@ def bad_input(case: Case, change: str) -> tuple[list[Dataset], list[Finding]]:
         findings[0] = replace(first, key_sop_instance_uid=pydicom.uid.generate_uid())
     elif change == "repeated_id":
         findings[1] = replace(findings[1], id=first.id)
-    elif change == "centre_off_slice":
-        findings[0] = replace(first, center_mm=(5000.0, 0.0, first.center_mm[2]))
     elif change == "no_mask":
         findings[0] = replace(first, mask=None)
     elif change == "mask_shape":

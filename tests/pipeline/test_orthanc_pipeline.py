@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
-import numpy as np
 import pytest
 
+from inference.sr import LONG_AXIS, VOLUME, finding_groups
 from tests.peers import LOOPBACK, peer_env, storescu, storescu_command
 from tests.pipeline.conftest import PipelineFactory
 from tests.pipeline.harness import (
@@ -60,24 +60,16 @@ def report(path: Path) -> tuple[hd.sr.Comprehensive3DSR, hd.sr.MeasurementReport
     return sr, sr.content
 
 
-def centre_3d(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[float]:
-    """The SCOORD3D point of a group's measurements (every one is at the finding's centre)."""
-    points = {
-        tuple(float(v) for v in coordinates.value[0])
-        for measurement in group.get_measurements()
-        for coordinates in measurement.referenced_coordinates or []
-        if isinstance(coordinates, hd.sr.CoordinatesForMeasurement3D)
-    }
-    assert len(points) == 1, points
-    return list(points.pop())
+def key_slice(group: Any) -> str:
+    """The image a group's long axis is drawn on (its SCOORD's source)."""
+    (long_axis,) = group.get_measurements(name=LONG_AXIS)
+    (line,) = long_axis.referenced_coordinates
+    return str(line.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
 def tracking_uids(content: hd.sr.MeasurementReport) -> dict[str, str]:
     """Tracking identifier -> tracking UID of every measurement group."""
-    return {
-        str(g.tracking_identifier): str(g.tracking_uid)
-        for g in content.get_image_measurement_groups()
-    }
+    return {str(g.tracking_identifier): str(g.tracking_uid) for g in finding_groups(content)}
 
 
 def segment_tracking_uids(path: Path) -> dict[str, str]:
@@ -128,12 +120,14 @@ def test_a_study_from_orthanc_comes_back_as_sr_and_seg_matching_aidx_infer(
     assert sr.StudyInstanceUID == uid
     # Study version 1 keeps the UIDs of `aidx infer`: the same object, wherever it was made.
     assert sr.SOPInstanceUID == local_sr.SOPInstanceUID
-    groups = {str(g.tracking_identifier): g for g in content.get_image_measurement_groups()}
+    groups = {str(g.tracking_identifier): g for g in finding_groups(content)}
     assert sorted(groups) == sorted(f"Nodule {f['id']}" for f in findings)
     assert tracking_uids(content) == tracking_uids(local_content)
     for finding in findings:
-        centre = centre_3d(groups[f"Nodule {finding['id']}"])
-        assert np.allclose(centre, finding["center_mm"], atol=1e-3), (finding, centre)
+        group = groups[f"Nodule {finding['id']}"]
+        assert key_slice(group) == finding["key_sop_instance_uid"]
+        (volume,) = group.get_measurements(name=VOLUME)
+        assert volume.value == pytest.approx(finding["volume_mm3"], abs=0.01)
     # The SEG's segments carry the SR's tracking identifiers and UIDs.
     assert segment_tracking_uids(seg_path) == tracking_uids(content)
     seg = hd.seg.segread(seg_path)
@@ -315,9 +309,11 @@ def test_late_images_make_a_second_version_whose_sr_names_the_first(
     assert old.SOPInstanceUID != new.SOPInstanceUID
     v1, v2 = pipeline.store.study_results(uid)
     assert (old.SOPInstanceUID, new.SOPInstanceUID) == (v1["sr_sop_uid"], v2["sr_sop_uid"])
-    # Each version reports on the images it had.
-    assert len(old.get_evidence()) == half
-    assert len(new.get_evidence()) == len(files)
+    # Each version reports on the images it had (and names its own SEG).
+    for sr, count in ((old, half), (new, len(files))):
+        classes = [sop_class for *_, sop_class in sr.get_evidence()]
+        assert classes.count("1.2.840.10008.5.1.4.1.1.2") == count  # CT Image Storage
+        assert classes.count("1.2.840.10008.5.1.4.1.1.66.4") == 1  # Segmentation Storage
     # The new report supersedes the old one (Predecessor Documents, PS3.3 C.17.2.3).
     assert "PredecessorDocumentsSequence" not in old
     (predecessor,) = new.PredecessorDocumentsSequence

@@ -21,6 +21,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from aidx.schema import outbox
 from aidx.store import Store
+from inference.sr import finding_groups
 from tests.conftest import REPO
 from tests.inference.test_results import dciodvfy_errors, text_items
 from tests.ui.reviewed_study import PASSWORD, ReviewedStudy, reviewed_study
@@ -37,11 +38,12 @@ from ui.signoff import (
     sign,
 )
 
-LONG_AXIS = Code("103339001", "SCT", "Long axis")
+LONG_AXIS = Code("103339001", "SCT", "Long Axis")
 VOLUME = Code("118565006", "SCT", "Volume")
 PROBABILITY = Code("122157", "DCM", "Probability")
 NODULE = Code("27925004", "SCT", "Nodule")
 ABSENT = Code("272519000", "SCT", "Absent")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PERSON = Code("121006", "DCM", "Person")
 EDITED_DIAMETER = 9.5
 ADDED_DIAMETER = 6.0
@@ -113,8 +115,9 @@ def report_of(path: Path) -> hd.sr.MeasurementReport:
     return sr.content
 
 
-def groups_by_id(path: Path) -> dict[str, hd.sr.MeasurementsAndQualitativeEvaluations]:
-    return {str(g.tracking_identifier): g for g in report_of(path).get_image_measurement_groups()}
+def groups_by_id(path: Path) -> dict[str, Any]:
+    """The measurement groups of a report (the AI SR's TID 1411, the signed SR's TID 1501)."""
+    return {str(g.tracking_identifier): g for g in finding_groups(report_of(path))}
 
 
 def decision(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> Code:
@@ -208,7 +211,7 @@ def test_groups_are_the_included_findings_with_final_values_and_decisions(
         assert group.tracking_uid == ai_group.tracking_uid
         assert group.tracking_uid in seg_uids
         assert group.finding_type == NODULE
-        assert value_of(group, PROBABILITY) == pytest.approx(f.ai.probability)
+        assert value_of(group, PROBABILITY) == pytest.approx(100.0 * f.ai.probability)  # %
         texts = text_items(group)
         assert (texts["111001"], texts["111003"]) == ("soft-tissue", "0.0.1")
         check_centre(group, f.center_mm, f.ai.key_sop_instance_uid)
@@ -388,11 +391,13 @@ def test_all_rejected_says_no_nodules_and_a_chinese_signer_gets_utf8(
     decide_all(study, rid, wang)
     result = sign(reviews, study.store, rid, wang, signed_dir(study))
     assert (result.included, result.rejected) == (0, len(reviews.findings(rid)))
-    (group,) = report_of(result.sr_path).get_image_measurement_groups()
-    assert group.tracking_identifier == "No nodules"
-    assert group.finding_type is None and group.get_measurements() == []
-    (evaluation,) = group.get_qualitative_evaluations(name=NODULE)
-    assert evaluation[0].ConceptCodeSequence[0].CodeValue == ABSENT.value
+    # As the AI SR without findings: no group, and "Nodule: Absent" (inference.sr).
+    report = report_of(result.sr_path)
+    assert finding_groups(report) == []
+    (evaluations,) = hd.sr.utils.find_content_items(report[0], name=QUALITATIVE_EVALUATIONS)
+    (absent,) = evaluations.ContentSequence
+    assert absent.ConceptNameCodeSequence[0].CodeValue == NODULE.value
+    assert absent.ConceptCodeSequence[0].CodeValue == ABSENT.value
     sr = pydicom.dcmread(result.sr_path)
     assert sr.SpecificCharacterSet == "ISO_IR 192"
     (observer,) = sr.VerifyingObserverSequence
