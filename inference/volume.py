@@ -373,6 +373,13 @@ def _frames(index: int, ds: Dataset) -> list[_Slice]:
     return slices
 
 
+def _decode_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the pixel data could not be decoded: any Exception, and the panic of
+    a Rust decoder (pylibjpeg-rle's on some damaged RLE segments), which pyo3 raises as a
+    PanicException deriving from BaseException only; not KeyboardInterrupt and the like."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 def _read_pixels(path: Path) -> Dataset:
     try:
         ds = dcmread(path)
@@ -381,7 +388,9 @@ def _read_pixels(path: Path) -> Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ds.pixel_array  # noqa: B018 - decode now, so that a corrupt block names its slice
-    except Exception as exc:
+    except BaseException as exc:
+        if not _decode_failure(exc):
+            raise
         raise VolumeError(f"pixel data of {path.name} cannot be decoded: {exc}") from exc
     return ds
 
@@ -406,7 +415,9 @@ def _read_frames(
             for frame, pixels in enumerate(iter_pixels(ds), start=1):
                 k = where[(index, frame)]
                 hu[k] = _rescale(pixels, slices[k])
-    except Exception as exc:
+    except BaseException as exc:
+        if not _decode_failure(exc):
+            raise
         raise VolumeError(
             f"pixel data of {path.name} frame {frame + 1} cannot be decoded: {exc}"
         ) from exc
