@@ -2,6 +2,11 @@
 
 Every series is either chosen or rejected with its reasons, so that a study with no eligible
 series is recorded as such ("not applicable: …"), never skipped silently.
+
+A series' slices are its frames: a multi-frame instance (Enhanced CT, Legacy Converted Enhanced
+CT) counts its Number of Frames, a single-frame image one. Image Orientation, Slice Thickness and
+Image Type are read at the top level and, for multi-frame instances, from the functional groups
+(Plane Orientation, Pixel Measures, the frame type macros), shared or per frame.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+
+from .volume import frame_attribute, frame_count, is_multiframe
 
 HEADER_TAGS = [
     "SeriesInstanceUID",
@@ -26,6 +34,10 @@ HEADER_TAGS = [
     "ImagePositionPatient",
     "SOPInstanceUID",
     "BodyPartExamined",
+    # Multi-frame instances: the frame count and the functional groups (read without pixel data).
+    "NumberOfFrames",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
 ]
 
 
@@ -47,6 +59,12 @@ class Candidate:
     files: list[Path] = field(default_factory=list)
     headers: list[Dataset] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+
+    @property
+    def slice_count(self) -> int:
+        """Slices in the series: the frames of its multi-frame instances, one a single-frame
+        image."""
+        return sum(frame_count(h) if is_multiframe(h) else 1 for h in self.headers)
 
 
 @dataclass(frozen=True)
@@ -96,15 +114,41 @@ def select_series(files: Iterable[Path], rules: SeriesRules | None = None) -> Se
         (rejected if candidate.reasons else eligible).append(candidate)
     if not eligible:
         return Selection(None, rejected)
-    eligible.sort(key=lambda c: (-len(c.files), _thickness(c)))
+    eligible.sort(key=lambda c: (-c.slice_count, _thickness(c)))
     return Selection(eligible[0], rejected + eligible[1:])
+
+
+def _frame_values(h: Dataset, keyword: str, sequence: str) -> list[Any]:
+    """``keyword`` at the top level of ``h``; for a multi-frame instance without it there, the
+    value of each frame in the functional group ``sequence`` (None for a frame without one)."""
+    value = h.get(keyword)
+    if value not in (None, "") or not is_multiframe(h):
+        return [value]
+    return [frame_attribute(h, f, sequence, keyword) for f in range(1, frame_count(h) + 1)]
 
 
 def _thickness(c: Candidate) -> float:
     values = [
-        float(h.SliceThickness) for h in c.headers if h.get("SliceThickness") not in (None, "")
+        float(v)
+        for h in c.headers
+        for v in _frame_values(h, "SliceThickness", "PixelMeasuresSequence")
+        if v not in (None, "")
     ]
     return float(np.median(values)) if values else float("inf")
+
+
+def _image_types(h: Dataset) -> set[str]:
+    """Image Type values, and for a multi-frame instance the Frame Type values of its frames
+    (CT Image Frame Type and the like, shared or per frame)."""
+    types = {str(v).upper() for v in (h.get("ImageType") or [])}
+    groups = [*(h.get("SharedFunctionalGroupsSequence") or [])]
+    groups += [*(h.get("PerFrameFunctionalGroupsSequence") or [])]
+    for group in groups:
+        for element in group:
+            if element.VR == "SQ" and element.keyword.endswith("FrameTypeSequence"):
+                for item in element.value:
+                    types |= {str(v).upper() for v in (item.get("FrameType") or [])}
+    return types
 
 
 def _check(c: Candidate, rules: SeriesRules) -> list[str]:
@@ -114,9 +158,15 @@ def _check(c: Candidate, rules: SeriesRules) -> list[str]:
         reasons.append(
             f"modality {'/'.join(sorted(modalities))} is not {'/'.join(rules.modalities)}"
         )
-    if len(c.files) < rules.min_slices:
-        reasons.append(f"{len(c.files)} slices, fewer than {rules.min_slices}")
-    types = {str(v).upper() for h in c.headers for v in (h.get("ImageType") or [])}
+    if c.slice_count < rules.min_slices:
+        reasons.append(f"{c.slice_count} slices, fewer than {rules.min_slices}")
+    multi = [is_multiframe(h) for h in c.headers]
+    if any(multi) and not all(multi):
+        reasons.append(
+            f"{multi.count(False)} single-frame images mixed with {multi.count(True)} "
+            "multi-frame instances"
+        )
+    types = {t for h in c.headers for t in _image_types(h)}
     excluded = sorted(types & set(rules.exclude_image_types))
     if excluded:
         reasons.append(f"image type {', '.join(excluded)}")
@@ -132,7 +182,11 @@ def _check(c: Candidate, rules: SeriesRules) -> list[str]:
     thickness = _thickness(c)
     if thickness != float("inf") and thickness > rules.max_slice_thickness_mm:
         reasons.append(f"slice thickness {thickness:g} mm > {rules.max_slice_thickness_mm:g} mm")
-    orientations = [h.get("ImageOrientationPatient") for h in c.headers]
+    orientations = [
+        o
+        for h in c.headers
+        for o in _frame_values(h, "ImageOrientationPatient", "PlaneOrientationSequence")
+    ]
     if any(o is None for o in orientations):
         reasons.append("no Image Orientation (Patient)")
     else:
