@@ -7,7 +7,8 @@ DICOM patient coordinates (LPS, millimetres), as in Image Position (Patient).
 
     {"study_instance_uid": ..., "series_instance_uid": ..., "model": {"name": ..., "version": ...},
      "findings": [{"id", "probability", "center_mm": [x, y, z], "diameter_mm", "volume_mm3",
-                   "bbox_mm": [[x0, y0, z0], [x1, y1, z1]], "key_sop_instance_uid"}]}
+                   "bbox_mm": [[x0, y0, z0], [x1, y1, z1]], "key_sop_instance_uid",
+                   "key_frame_number" (multi-frame series only)}]}
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Finding:
     bbox_mm: tuple[Point, Point]
     key_sop_instance_uid: str
     mask: NDArray[np.bool_] | None = field(default=None, compare=False, repr=False)
+    # The key slice's frame in a multi-frame instance (Enhanced CT); None for an image.
+    key_frame: int | None = None
 
     def __post_init__(self) -> None:
         if self.id < 1:
@@ -56,9 +59,11 @@ class Finding:
             raise FindingsError(f"finding {self.id}: bbox_mm lower corner above upper corner")
         if not self.key_sop_instance_uid:
             raise FindingsError(f"finding {self.id}: key_sop_instance_uid is empty")
+        if self.key_frame is not None and self.key_frame < 1:
+            raise FindingsError(f"finding {self.id}: key_frame_number must be 1 or more")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "probability": round(self.probability, 6),
             "center_mm": [round(v, 3) for v in self.center_mm],
@@ -67,6 +72,9 @@ class Finding:
             "bbox_mm": [[round(v, 3) for v in corner] for corner in self.bbox_mm],
             "key_sop_instance_uid": self.key_sop_instance_uid,
         }
+        if self.key_frame is not None:
+            data["key_frame_number"] = self.key_frame
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Finding:
@@ -80,6 +88,9 @@ class Finding:
                 volume_mm3=float(data["volume_mm3"]),
                 bbox_mm=(_point(lo), _point(hi)),
                 key_sop_instance_uid=str(data["key_sop_instance_uid"]),
+                key_frame=(
+                    None if data.get("key_frame_number") is None else int(data["key_frame_number"])
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, FindingsError):

@@ -24,10 +24,11 @@ from models.registry import ModelCard
 from .findings import Finding
 from .results_common import (
     MANUFACTURER,
-    copyable_sources,
+    check_findings,
     result_uid,
     save_atomically,
     series_description,
+    source_series,
 )
 from .volume import Volume
 
@@ -65,20 +66,14 @@ def build_key_images(
         raise ValueError(
             f"{len(sources)} source headers for a volume of {len(volume.sop_uids)} slices"
         )
-    slices = []
-    for finding in findings:
-        try:
-            slices.append(volume.sop_uids.index(finding.key_sop_instance_uid))
-        except ValueError:
-            raise ValueError(
-                f"finding {finding.id}: key slice {finding.key_sop_instance_uid} is not in the "
-                "series"
-            ) from None
-    # The key slices' patient and study values that parse, the others left empty.
-    keys = dict(zip(slices, copyable_sources([sources[k] for k in slices]), strict=True))
+    # One header per slice (a frame of a multi-frame instance as its frame view), with the
+    # patient and study values that parse, the others left empty.
+    series = source_series(sources, volume.frames or None)
+    check_findings(findings, series)
+    slices = [series.slice_of(f.key_sop_instance_uid, f.key_frame) for f in findings]
     images = []
     for finding, k in zip(findings, slices, strict=True):
-        source = keys[k]
+        source = series.datasets[k]
         mask = finding.mask[k] if finding.mask is not None else None
         picture = render_key_image(volume.hu[k], mask)
         spacing = tuple(float(v) for v in source.PixelSpacing)
@@ -105,6 +100,8 @@ def build_key_images(
         reference = Dataset()
         reference.ReferencedSOPClassUID = source.SOPClassUID
         reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if series.frame(k) is not None:
+            reference.ReferencedFrameNumber = series.frame(k)
         image.SourceImageSequence = [reference]
         image.DerivationDescription = (
             "Source slice in the lung window (W 1500, L -600) with the AI finding's outline "
@@ -113,6 +110,8 @@ def build_key_images(
         # The body part tells validators that Laterality (Type 2C) is not needed: unpaired.
         if source.get("BodyPartExamined"):
             image.BodyPartExamined = source.BodyPartExamined
+        else:  # unknown (e.g. a Legacy Converted Enhanced CT keeps it in its frames): Type 2
+            image.Laterality = ""
         image.ImageComments = (
             f"Nodule {finding.id}: p={finding.probability:.2f}, {finding.diameter_mm:.1f} mm "
             f"(aidx {model.name}@{model.version}; not for clinical use)"

@@ -23,6 +23,7 @@ from models.registry import ModelCard
 from .findings import Finding
 from .results_common import (
     MANUFACTURER,
+    SourceSeries,
     check_findings,
     result_uid,
     save_atomically,
@@ -34,16 +35,20 @@ OF_INTEREST = Code("113000", "DCM", "Of Interest")
 
 
 def build_kos(
-    findings: Sequence[Finding], datasets: Sequence[Dataset], model: ModelCard, revision: int = 1
+    findings: Sequence[Finding],
+    datasets: Sequence[Dataset],
+    model: ModelCard,
+    revision: int = 1,
+    frames: Sequence[int | None] | None = None,
 ) -> hd.ko.KeyObjectSelectionDocument | None:
     """The KOS of the findings' key slices; ``datasets`` are the series' headers in volume
-    order (as ``Volume.sop_uids``). None without findings. ValueError on a finding whose key
-    slice is not in the series."""
+    order (as ``Volume.sop_uids``; ``frames`` as ``Volume.frames``). None without findings.
+    ValueError on a finding whose key slice is not in the series."""
     if not findings:
         return None
-    series = source_series(datasets)
+    series = source_series(datasets, frames)
     check_findings(findings, series)
-    slices = sorted({series.index[f.key_sop_instance_uid] for f in findings})
+    slices = sorted({series.slice_of(f.key_sop_instance_uid, f.key_frame) for f in findings})
     keys = [series.datasets[k] for k in slices]
     names = ", ".join(f"Nodule {f.id}" for f in findings)
     description = f"{names}: AI findings (aidx {model.name}@{model.version}); not for clinical use"
@@ -52,8 +57,8 @@ def build_kos(
         referenced_objects=keys,
         description=description[:1024],  # a TEXT item; kept short for a PACS's list
     )
-    return hd.ko.KeyObjectSelectionDocument(
-        evidence=keys,
+    document = hd.ko.KeyObjectSelectionDocument(
+        evidence=list({str(k.SOPInstanceUID): k for k in keys}.values()),
         content=content,
         series_instance_uid=result_uid(series.series_uid, model, "kos-series"),
         series_number=KOS_SERIES_NUMBER,
@@ -61,6 +66,23 @@ def build_kos(
         instance_number=revision,
         manufacturer=MANUFACTURER,
     )
+    _frame_numbers(document, {k: series.frame(k) for k in slices}, series)
+    return document
+
+
+def _frame_numbers(
+    document: hd.ko.KeyObjectSelectionDocument, frames: dict[int, int | None], series: SourceSeries
+) -> None:
+    """Key frames of a multi-frame instance: each IMAGE item names its frame (Referenced Frame
+    Number), in the order the items were made (the key slices'). highdicom references whole
+    instances."""
+    numbers = [frame for _, frame in sorted(frames.items())]
+    if all(n is None for n in numbers):
+        return
+    items = [i for i in document.ContentSequence if i.ValueType == "IMAGE"]
+    for item, number in zip(items, numbers, strict=True):
+        if number is not None:
+            item.ReferencedSOPSequence[0].ReferencedFrameNumber = number
 
 
 def write_kos(
@@ -69,10 +91,11 @@ def write_kos(
     model: ModelCard,
     path: Path,
     revision: int = 1,
+    frames: Sequence[int | None] | None = None,
 ) -> Path | None:
     """Build the KOS (see :func:`build_kos`) and write it to ``path``; None (nothing written)
     without findings."""
-    kos = build_kos(findings, datasets, model, revision)
+    kos = build_kos(findings, datasets, model, revision, frames)
     if kos is None:
         return None
     save_atomically(kos, path)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from aidx.config import AidxConfig
@@ -32,7 +31,7 @@ from .runner import OnnxRunner, RunnerOptions
 from .seg import write_seg
 from .series import SeriesRules, select_series
 from .sr import write_sr
-from .volume import load_series
+from .volume import load_series, slice_sources
 
 log = logging.getLogger("aidx.inference")
 
@@ -202,23 +201,31 @@ def infer_files(
     )
     findings_path = out_dir / "findings.json"
     report.write(findings_path)
-    sources: list[Dataset] = [dcmread(f, stop_before_pixels=True) for f in volume.files]
+    # One header per slice, each file read once (a multi-frame instance's for each of its
+    # frames, with the frame numbers beside them).
+    slices = slice_sources(volume)
+    sources: list[Dataset] = [s.header for s in slices]
+    frames = volume.frames or None
     sr_path = out_dir / "sr.dcm"
-    write_sr(findings, sources, card, sr_path, revision, previous_versions)
+    write_sr(findings, sources, card, sr_path, revision, previous_versions, frames=frames)
     seg_path = None
     if findings:
         seg_path = out_dir / "seg.dcm"
-        write_seg(findings, sources, card, seg_path, revision)
+        write_seg(findings, sources, card, seg_path, revision, frames)
     key_image_paths = (
         write_key_images(findings, volume, sources, card, out_dir / "key_images")
         if key_images
         else []
     )
-    kos_path = write_kos(findings, sources, card, out_dir / "kos.dcm", revision) if kos else None
+    kos_path = (
+        write_kos(findings, sources, card, out_dir / "kos.dcm", revision, frames) if kos else None
+    )
     cornerstone_path = None
     if cornerstone_sr:
         cornerstone_path = out_dir / "sr-cornerstone.dcm"
-        write_sr(findings, sources, card, cornerstone_path, revision, previous_versions, True)
+        write_sr(
+            findings, sources, card, cornerstone_path, revision, previous_versions, True, frames
+        )
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

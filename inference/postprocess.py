@@ -202,6 +202,7 @@ class _Measured:
     volume_mm3: float  # on the model's grid (what the calibration was fitted on)
     bbox_mm: tuple[Point, Point]
     key_sop_instance_uid: str
+    key_frame: int | None
     mask: NDArray[np.bool_]
     mask_mm3: float  # the mask's voxels on the series grid: the volume reported (SR = SEG)
 
@@ -218,6 +219,7 @@ def _numbered(measured: list[_Measured]) -> list[Finding]:
             volume_mm3=m.mask_mm3,
             bbox_mm=m.bbox_mm,
             key_sop_instance_uid=m.key_sop_instance_uid,
+            key_frame=m.key_frame,
             mask=m.mask,
         )
         for i, m in enumerate(measured, start=1)
@@ -252,6 +254,7 @@ def _measure(
         volume_mm3=len(c.weight) * voxel_mm3,
         bbox_mm=(_point(corners.min(axis=0)), _point(corners.max(axis=0))),
         key_sop_instance_uid=volume.sop_uids[k],
+        key_frame=volume.frames[k] if volume.frames else None,
         mask=mask,
         mask_mm3=int(np.count_nonzero(mask)) * series_voxel_mm3,
     )

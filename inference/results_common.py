@@ -38,6 +38,7 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM, validate_value
 
 from inference.findings import Finding
+from inference.volume import frame_attribute
 from models.registry import ModelCard
 
 RGB = tuple[int, int, int]
@@ -165,63 +166,135 @@ def series_description(what: str, model: ModelCard) -> str:
     return f"{what} ({MANUFACTURER} {model_ref(model)})"[:LO_MAX]
 
 
+SliceKey = tuple[str, int | None]  # (SOP Instance UID, frame number or None)
+
+
 @dataclass(frozen=True)
 class SourceSeries:
-    """The source series, checked: datasets in volume order and what the writers need of them."""
+    """The source series, checked: one header per slice in volume order and what the writers
+    need of them.
+
+    A slice is an image (a single-frame instance) or one frame of a multi-frame instance
+    (Enhanced CT, Legacy Converted Enhanced CT); ``frames[k]`` is slice k's frame number (None
+    for an image). ``datasets[k]`` reads as a single-frame header either way (for a frame: its
+    instance's attributes with the frame's geometry at the top level, :func:`frame_view`), and
+    ``instances[k]`` is the instance's own header (the SEG references it with frame numbers).
+    """
 
     datasets: tuple[Dataset, ...]
     series_uid: str
     frame_of_reference_uid: str
-    index: dict[str, int]  # SOP Instance UID -> k (position in volume order)
+    index: dict[SliceKey, int]  # (SOP Instance UID, frame) -> k (position in volume order)
+    frames: tuple[int | None, ...] = ()
+    instances: tuple[Dataset, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
         first = self.datasets[0]
         return (len(self.datasets), int(first.Rows), int(first.Columns))
 
-    def dataset(self, sop_instance_uid: str) -> Dataset:
-        return self.datasets[self.index[sop_instance_uid]]
+    def slice_of(self, sop_instance_uid: str, frame: int | None = None) -> int:
+        """k of an image, or of a frame of a multi-frame instance; KeyError if not in the series."""
+        return self.index[(sop_instance_uid, frame)]
+
+    def dataset(self, sop_instance_uid: str, frame: int | None = None) -> Dataset:
+        return self.datasets[self.slice_of(sop_instance_uid, frame)]
+
+    def frame(self, k: int) -> int | None:
+        return self.frames[k] if self.frames else None
 
 
-def source_series(datasets: Sequence[Dataset]) -> SourceSeries:
+# What a frame view leaves out: the functional groups (their values move to the top level) and
+# the pixels.
+_FRAME_VIEW_OMITS = frozenset(
+    tag_for_keyword(k)
+    for k in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelData")
+)
+
+
+def frame_view(ds: Dataset, frame: int) -> Dataset:
+    """Frame ``frame`` (1-based) of a multi-frame image as a single-frame header: the instance's
+    top-level attributes (patient, study, series, SOP Class and Instance UIDs, Rows, Columns)
+    and the frame's Image Position and Orientation (Patient), Pixel Spacing and Slice Thickness
+    from its functional groups. For the writers' geometry and for highdicom's copies of the
+    patient and study; references to it must carry the frame number."""
+    view = Dataset()
+    for tag in list(ds.keys()):  # keys(): iterating the Dataset would convert every element
+        if tag not in _FRAME_VIEW_OMITS:
+            view[tag] = ds[tag]
+    for sequence, keyword in (
+        ("PlanePositionSequence", "ImagePositionPatient"),
+        ("PlaneOrientationSequence", "ImageOrientationPatient"),
+        ("PixelMeasuresSequence", "PixelSpacing"),
+        ("PixelMeasuresSequence", "SliceThickness"),
+    ):
+        value = frame_attribute(ds, frame, sequence, keyword)
+        if value is not None:
+            setattr(view, keyword, value)
+    view.pop("NumberOfFrames", None)
+    return view
+
+
+def source_series(
+    datasets: Sequence[Dataset], frames: Sequence[int | None] | None = None
+) -> SourceSeries:
     """Check the source datasets and return them as a :class:`SourceSeries`; ValueError if not.
 
     The datasets must be one series, one Frame of Reference and one image size, in volume order:
-    sorted by position along the slice normal, as ``Volume.sop_uids``.
+    sorted by position along the slice normal, as ``Volume.sop_uids``. ``frames`` (as
+    ``Volume.frames``): slice k is frame ``frames[k]`` of the multi-frame instance
+    ``datasets[k]`` (the same header for each of its frames), or an image where None.
     """
     if len(datasets) == 0:
         raise ValueError("no source images: pass the series' datasets in volume order")
-    for ds in datasets:
+    frames = tuple(frames) if frames else (None,) * len(datasets)
+    if len(frames) != len(datasets):
+        raise ValueError(f"{len(frames)} frame numbers for {len(datasets)} source slices")
+    views: dict[tuple[int, int], Dataset] = {}
+    headers = [
+        ds if frame is None else views.setdefault((id(ds), frame), frame_view(ds, frame))
+        for ds, frame in zip(datasets, frames, strict=True)
+    ]
+    for ds, frame in zip(headers, frames, strict=True):
         missing = [k for k in REQUIRED if k not in ds]
         if missing:
             uid = ds.get("SOPInstanceUID", "?")
-            raise ValueError(f"source image {uid} lacks {', '.join(missing)}")
-    first = datasets[0]
+            where = f"frame {frame} of " if frame is not None else ""
+            raise ValueError(f"source image {where}{uid} lacks {', '.join(missing)}")
+    first = headers[0]
     for attribute in ("SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
-        values = {str(ds[attribute].value) for ds in datasets}
+        values = {str(ds[attribute].value) for ds in headers}
         if len(values) > 1:
             raise ValueError(
                 f"source images differ in {attribute} ({', '.join(sorted(values))}); "
                 "pass the images of one series"
             )
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    if len(set(uids)) != len(uids):
-        raise ValueError("source images repeat a SOP Instance UID")
-    if len(datasets) > 1:
-        along = _positions(datasets) @ _normal(first)
+    keys = [(str(ds.SOPInstanceUID), frame) for ds, frame in zip(headers, frames, strict=True)]
+    if len(set(keys)) != len(keys):
+        raise ValueError("source images repeat a SOP Instance UID (and frame)")
+    if len(headers) > 1:
+        along = _positions(headers) @ _normal(first)
         steps = np.diff(along)
         if np.any(steps <= 0):
             k = int(np.argmax(steps <= 0))
             raise ValueError(
-                f"source images are not in volume order: {uids[k + 1]} does not lie above "
-                f"{uids[k]} along the slice normal; pass them as ordered in Volume.sop_uids"
+                f"source images are not in volume order: {_name(keys[k + 1])} does not lie "
+                f"above {_name(keys[k])} along the slice normal; pass them as ordered in "
+                "Volume.sop_uids"
             )
     return SourceSeries(
-        datasets=tuple(copyable_sources(datasets)),
+        datasets=tuple(copyable_sources(headers)),
         series_uid=str(first.SeriesInstanceUID),
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
-        index={uid: k for k, uid in enumerate(uids)},
+        index={key: k for k, key in enumerate(keys)},
+        frames=frames,
+        instances=tuple(datasets),
     )
+
+
+def _name(key: SliceKey) -> str:
+    uid, frame = key
+    return uid if frame is None else f"frame {frame} of {uid}"
 
 
 def value_is_valid(vr: str, value: object) -> bool:
@@ -309,10 +382,10 @@ def check_findings(findings: Sequence[Finding], series: SourceSeries) -> None:
     if len(set(ids)) != len(ids):
         raise ValueError(f"finding ids repeat: {ids}")
     for f in findings:
-        if f.key_sop_instance_uid not in series.index:
+        if (f.key_sop_instance_uid, f.key_frame) not in series.index:
             raise ValueError(
-                f"finding {f.id}: key slice {f.key_sop_instance_uid} is not an image of "
-                f"series {series.series_uid}"
+                f"finding {f.id}: key slice {_name((f.key_sop_instance_uid, f.key_frame))} is "
+                f"not an image of series {series.series_uid}"
             )
 
 

@@ -48,6 +48,7 @@ from inference.results_common import (
     tracking_id,
     tracking_uid,
 )
+from inference.volume import frame_count
 from models.registry import ModelCard
 
 MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically abnormal structure")
@@ -57,22 +58,32 @@ CONTENT_LABEL = "NODULES"
 
 
 def build_seg(
-    findings: Sequence[Finding], datasets: Sequence[Dataset], model: ModelCard, revision: int = 1
+    findings: Sequence[Finding],
+    datasets: Sequence[Dataset],
+    model: ModelCard,
+    revision: int = 1,
+    frames: Sequence[int | None] | None = None,
 ) -> hd.seg.Segmentation:
     """The SEG of the findings' masks on the series whose headers are ``datasets``.
 
-    ``datasets``: the source images (headers are enough) in volume order, as ``Volume.sop_uids``.
-    Every finding needs a non-empty ``mask`` shaped like the volume. Raises ValueError if not.
+    ``datasets``: the source images (headers are enough) in volume order, as ``Volume.sop_uids``;
+    ``frames`` as ``Volume.frames`` for a multi-frame instance (the SEG's frames then reference
+    its frames). Every finding needs a non-empty ``mask`` shaped like the volume. Raises
+    ValueError if not.
     """
     if len(findings) == 0:
         raise ValueError("no findings: a SEG needs at least one segment (write only the SR)")
-    series = source_series(datasets)
+    series = source_series(datasets, frames)
     check_findings(findings, series)
     masks = [_checked_mask(f, series) for f in findings]
-    slices = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
+    if any(frame is not None for frame in series.frames):
+        source_images, pixel_array = _multiframe_source(series, masks)
+    else:
+        slices = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
+        source_images, pixel_array = [series.datasets[k] for k in slices], _pixels(masks, slices)
     return hd.seg.Segmentation(
-        source_images=[series.datasets[k] for k in slices],
-        pixel_array=_pixels(masks, slices),
+        source_images=source_images,
+        pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment(i, f, series, model) for i, f in enumerate(findings, 1)],
         series_instance_uid=result_uid(series.series_uid, model, "seg-series"),
@@ -95,9 +106,10 @@ def write_seg(
     model: ModelCard,
     path: Path,
     revision: int = 1,
+    frames: Sequence[int | None] | None = None,
 ) -> hd.seg.Segmentation:
     """Build the SEG (see :func:`build_seg`) and write it to ``path`` as a Part 10 file."""
-    seg = build_seg(findings, datasets, model, revision)
+    seg = build_seg(findings, datasets, model, revision, frames)
     save_atomically(seg, path)
     return seg
 
@@ -143,6 +155,27 @@ def _checked_mask(finding: Finding, series: SourceSeries) -> NDArray[np.bool_]:
     if not mask.any():
         raise ValueError(f"finding {finding.id}: mask is empty")
     return mask
+
+
+def _multiframe_source(
+    series: SourceSeries, masks: list[NDArray[np.bool_]]
+) -> tuple[list[Dataset], NDArray[np.uint8]]:
+    """The source (one multi-frame instance) and the masks in its frame order, as highdicom
+    takes a multi-frame source: one array frame per source frame (empty ones are left out of
+    the SEG)."""
+    instances = {str(ds.SOPInstanceUID): ds for ds in series.instances}
+    if len(instances) != 1 or any(frame is None for frame in series.frames):
+        raise ValueError(
+            "a SEG of a multi-frame series needs one multi-frame instance; the series has "
+            f"{len(instances)} instances"
+        )
+    (instance,) = instances.values()
+    everything = _pixels(masks, np.arange(len(series.frames)))
+    pixels = np.zeros((frame_count(instance), *everything.shape[1:]), dtype=np.uint8)
+    for k, frame in enumerate(series.frames):
+        assert frame is not None
+        pixels[frame - 1] = everything[k]
+    return [instance], pixels
 
 
 def _pixels(masks: list[NDArray[np.bool_]], slices: NDArray[np.intp]) -> NDArray[np.uint8]:

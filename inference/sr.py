@@ -109,6 +109,7 @@ def build_sr(
     revision: int = 1,
     previous_versions: Sequence[Dataset] = (),
     cornerstone: bool = False,
+    frames: Sequence[int | None] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 report of ``findings`` on the series whose headers are ``datasets``.
 
@@ -118,10 +119,12 @@ def build_sr(
     supersedes (Predecessor Documents). Each finding's group references its segment in the SEG
     that :func:`inference.seg.build_seg` writes for the same findings, model and revision.
     ``cornerstone``: the variant whose Tracking Identifiers Cornerstone3D hydrates into editable
-    bidirectional tools (its own SOP Instance UID; docs/results.md). Raises ValueError when the
-    series or a finding cannot be reported.
+    bidirectional tools (its own SOP Instance UID; docs/results.md). ``frames``: the slices'
+    frame numbers in their multi-frame instance (``Volume.frames``; see
+    :func:`inference.results_common.source_series`). Raises ValueError when the series or a
+    finding cannot be reported.
     """
-    series = source_series(datasets)
+    series = source_series(datasets, frames)
     check_findings(findings, series)
     algorithm = algorithm_identification(model)
     seg = _seg_reference(series, model, revision)
@@ -150,13 +153,14 @@ def build_sr(
         ),
         procedure_reported=CT_OF_CHEST,
         imaging_measurements=groups,
-        referenced_images=image_library([m.image for m in measured], series),
+        referenced_images=image_library([m.slice for m in measured], series),
     )
     if placeholder:
         state_no_findings(report)
+    number_library_frames(report, library_slices([m.slice for m in measured], series), series)
     kind = "sr-cornerstone-instance" if cornerstone else "sr-instance"
     return hd.sr.Comprehensive3DSR(
-        evidence=[*series.datasets, *([seg] if findings else [])],
+        evidence=[*_instances(series), *([seg] if findings else [])],
         content=report,
         series_instance_uid=result_uid(series.series_uid, model, "sr-series"),
         series_number=SR_SERIES_NUMBER,
@@ -181,24 +185,53 @@ def write_sr(
     revision: int = 1,
     previous_versions: Sequence[Dataset] = (),
     cornerstone: bool = False,
+    frames: Sequence[int | None] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the report (see :func:`build_sr`) and write it to ``path`` as a Part 10 file."""
-    sr = build_sr(findings, datasets, model, revision, previous_versions, cornerstone)
+    sr = build_sr(findings, datasets, model, revision, previous_versions, cornerstone, frames)
     save_atomically(sr, path)
     return sr
 
 
-def image_library(key_sop_instance_uids: Sequence[str], series: SourceSeries) -> list[Dataset]:
-    """Images for the Image Library: the key slices, in volume order; the middle image if none.
+def library_slices(slices: Sequence[int], series: SourceSeries) -> list[int]:
+    """The slices the Image Library lists: the key slices, each once, in volume order; the
+    middle slice if none."""
+    return sorted(set(slices)) or [len(series.datasets) // 2]
+
+
+def number_library_frames(
+    report: hd.sr.MeasurementReport, slices: Sequence[int], series: SourceSeries
+) -> None:
+    """Give each Image Library entry of a frame its Referenced Frame Number (highdicom
+    references whole instances); ``slices`` as :func:`library_slices` returns them."""
+    frames = [series.frame(k) for k in slices]
+    if all(frame is None for frame in frames):
+        return
+    (library,) = hd.sr.utils.find_content_items(report[0], name=codes.DCM.ImageLibrary)
+    images = hd.sr.utils.find_content_items(library, value_type="IMAGE", recursive=True)
+    for item, frame in zip(images, frames, strict=True):
+        if frame is not None:
+            item.ReferencedSOPSequence[0].ReferencedFrameNumber = frame
+
+
+def image_library(slices: Sequence[int], series: SourceSeries) -> list[Dataset]:
+    """Images for the Image Library: the key slices (indices k), each once, in volume order; the
+    middle image if none.
 
     Only referenced images: a library of every slice costs about 17 ms per image to build.
     Without findings the middle image still names the series and its Frame of Reference for
-    viewers that look the report's images up in the library.
+    viewers that look the report's images up in the library. A frame of a multi-frame instance
+    is its frame view (the instance is named once per frame; the frame is in the coordinates).
     """
-    ks = sorted({series.index[uid] for uid in key_sop_instance_uids})
-    if not ks:
-        ks = [len(series.datasets) // 2]
-    return [series.datasets[k] for k in ks]
+    return [series.datasets[k] for k in library_slices(slices, series)]
+
+
+def _instances(series: SourceSeries) -> list[Dataset]:
+    """The series' headers, one per instance (a multi-frame instance once), for the evidence."""
+    unique: dict[str, Dataset] = {}
+    for ds in series.datasets:
+        unique.setdefault(str(ds.SOPInstanceUID), ds)
+    return list(unique.values())
 
 
 class NamedModel(Protocol):
@@ -245,6 +278,7 @@ def centre_coordinates(
     center_mm: Sequence[float],
     frame_of_reference_uid: str,
     what: str = "finding",
+    frame: int | None = None,
 ) -> list[hd.sr.CoordinatesForMeasurement | hd.sr.CoordinatesForMeasurement3D]:
     """The regions a measurement is INFERRED FROM (TID 320): a SCOORD POINT at the centre
     projected onto its key slice ``key`` (SELECTED FROM that image) and a SCOORD3D POINT at the
@@ -265,6 +299,7 @@ def centre_coordinates(
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=str(key.SOPClassUID),
                 referenced_sop_instance_uid=str(key.SOPInstanceUID),
+                referenced_frame_numbers=None if frame is None else [frame],
             ),
         ),
         hd.sr.CoordinatesForMeasurement3D(
@@ -277,9 +312,9 @@ def centre_coordinates(
 
 @dataclass(frozen=True)
 class _Axes:
-    """A finding's caliper measurement: the image it is drawn on and its two axes there."""
+    """A finding's caliper measurement: the slice it is drawn on and its two axes there."""
 
-    image: str  # SOP Instance UID
+    slice: int  # k
     axes: Axes
 
 
@@ -294,7 +329,7 @@ def _measured(finding: Finding, series: SourceSeries) -> _Axes:
             f"finding {finding.id}: mask shape {finding.mask.shape} is not the volume's "
             f"{series.shape} (k, rows, columns)"
         )
-    k = series.index[finding.key_sop_instance_uid]
+    k = series.slice_of(finding.key_sop_instance_uid, finding.key_frame)
     if not finding.mask[k].any():
         areas = finding.mask.sum(axis=(1, 2))
         if not areas.any():
@@ -302,7 +337,7 @@ def _measured(finding: Finding, series: SourceSeries) -> _Axes:
         k = int(np.argmax(areas))
     ds = series.datasets[k]
     rows, columns = (float(v) for v in ds.PixelSpacing)
-    return _Axes(str(ds.SOPInstanceUID), measure_axes(finding.mask[k], (rows, columns)))
+    return _Axes(k, measure_axes(finding.mask[k], (rows, columns)))
 
 
 def _seg_reference(series: SourceSeries, model: ModelCard, revision: int) -> Dataset:
@@ -355,7 +390,8 @@ def _finding_group(
             hd.sr.Measurement(name=PROBABILITY, value=100.0 * finding.probability, unit=PERCENT),
         ],
     )
-    image = series.dataset(measured.image)
+    image = series.datasets[measured.slice]
+    frame = series.frame(measured.slice)
     for name, segment in ((LONG_AXIS, axes.long), (SHORT_AXIS, axes.short)):
         _num(group, name).ContentSequence.append(
             hd.sr.CoordinatesForMeasurement(
@@ -364,6 +400,7 @@ def _finding_group(
                 source_image=hd.sr.SourceImageForRegion(
                     referenced_sop_class_uid=str(image.SOPClassUID),
                     referenced_sop_instance_uid=str(image.SOPInstanceUID),
+                    referenced_frame_numbers=None if frame is None else [frame],
                 ),
             )
         )

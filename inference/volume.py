@@ -95,6 +95,16 @@ class Volume:
         p = np.asarray(point, dtype=np.float64) - self.origin
         return np.asarray(p @ np.linalg.inv(self.affine[:3, :3]).T)
 
+    def slice_of(self, sop_instance_uid: str, frame: int | None = None) -> int:
+        """k of an image (``frame`` None) or of frame ``frame`` of a multi-frame instance;
+        ValueError when the series has no such slice."""
+        frames = self.frames or (None,) * len(self.sop_uids)
+        for k, (uid, f) in enumerate(zip(self.sop_uids, frames, strict=True)):
+            if uid == sop_instance_uid and f == frame:
+                return k
+        where = sop_instance_uid if frame is None else f"frame {frame} of {sop_instance_uid}"
+        raise ValueError(f"{where} is not a slice of series {self.series_uid}")
+
 
 @dataclass(frozen=True)
 class SliceSource:
@@ -124,6 +134,45 @@ def slice_sources(volume: Volume) -> list[SliceSource]:
             headers[path] = dcmread(path, stop_before_pixels=True)
         sources.append(SliceSource(headers[path], frame))
     return sources
+
+
+def in_volume_order(
+    headers: Sequence[Dataset],
+) -> tuple[list[Dataset], list[int | None]]:
+    """The slices of a series' instance headers in volume order (along the slice normal): each
+    single-frame image once (frame None), each multi-frame instance once per frame (with the
+    frame number), as ``Volume`` orders them. ValueError when a slice has no position."""
+    slices: list[tuple[float, Dataset, int | None]] = []
+    normal: NDArray[np.float64] | None = None
+    for ds in headers:
+        frames: list[int | None] = (
+            list(range(1, frame_count(ds) + 1)) if is_multiframe(ds) else [None]
+        )
+        for frame in frames:
+            if frame is None:
+                position, orientation = (
+                    ds.get("ImagePositionPatient"),
+                    ds.get("ImageOrientationPatient"),
+                )
+            else:
+                position = frame_attribute(
+                    ds, frame, "PlanePositionSequence", "ImagePositionPatient"
+                )
+                orientation = frame_attribute(
+                    ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"
+                )
+            if position is None or orientation is None:
+                where = str(ds.get("SOPInstanceUID", "?"))
+                if frame is not None:
+                    where = f"frame {frame} of {where}"
+                raise ValueError(f"{where} has no position")
+            if normal is None:
+                iop = np.array([float(v) for v in orientation], dtype=np.float64)
+                normal = np.cross(iop[:3], iop[3:])
+            along = float(np.array([float(v) for v in position], dtype=np.float64) @ normal)
+            slices.append((along, ds, frame))
+    slices.sort(key=lambda s: s[0])
+    return [s[1] for s in slices], [s[2] for s in slices]
 
 
 def is_multiframe(ds: Dataset) -> bool:

@@ -47,6 +47,7 @@ from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import SegmentationStorage
 
 from inference.volume import Volume, VolumeError, load_series
@@ -284,7 +285,8 @@ def _check_grid(seg: hd.seg.Segmentation, volume: Volume, where: str) -> None:
             f"{where}: Frame of Reference {frame_of_reference or '(none)'} differs from the "
             f"series {volume.series_uid}'s {volume.frame_of_reference_uid}"
         )
-    index = {uid: k for k, uid in enumerate(volume.sop_uids)}
+    frames = volume.frames or (None,) * len(volume.sop_uids)
+    index = {key: k for k, key in enumerate(zip(volume.sop_uids, frames, strict=True))}
     shared = (
         seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
     )
@@ -309,13 +311,18 @@ def _check_grid(seg: hd.seg.Segmentation, volume: Volume, where: str) -> None:
                 f"{where}: frame {n} names no source image (Derivation Image Sequence > Source "
                 "Image Sequence), so it cannot be placed on the series"
             )
-        missing = [uid for uid in sources if uid not in index]
+        missing = [uid for uid, _ in sources if not any(key[0] == uid for key in index)]
         if missing:
             raise DatasetError(
                 f"{where}: frame {n} is derived from image {missing[0]}, which is not among the "
                 f"{slices} images of series {volume.series_uid} found; add the missing files"
             )
         position = _group(frame, shared, "PlanePositionSequence", "ImagePositionPatient", where, n)
+        if sources[0] not in index:
+            raise DatasetError(
+                f"{where}: frame {n} is derived from {sources[0][0]} frame {sources[0][1]}, "
+                f"which is not a slice of series {volume.series_uid}"
+            )
         k = index[sources[0]]
         offset = volume.to_index(position) - np.array([k, 0.0, 0.0])
         if np.abs(offset).max() > GRID_TOLERANCE:
@@ -341,13 +348,23 @@ def _group(
     raise DatasetError(f"{where}: frame {n} has no {attribute} ({sequence})")
 
 
-def _sources(frame: DicomDataset) -> list[str]:
-    return [
-        str(source.ReferencedSOPInstanceUID)
-        for derivation in frame.get("DerivationImageSequence", [])
-        for source in derivation.get("SourceImageSequence", [])
-        if "ReferencedSOPInstanceUID" in source
-    ]
+def _sources(frame: DicomDataset) -> list[tuple[str, int | None]]:
+    """(SOP Instance UID, frame number or None) of each source image a SEG frame names."""
+    out = []
+    for derivation in frame.get("DerivationImageSequence", []):
+        for source in derivation.get("SourceImageSequence", []):
+            if "ReferencedSOPInstanceUID" not in source:
+                continue
+            number = source.get("ReferencedFrameNumber")
+            if isinstance(number, MultiValue):
+                number = number[0]
+            out.append(
+                (
+                    str(source.ReferencedSOPInstanceUID),
+                    None if number in (None, "") else int(number),
+                )
+            )
+    return out
 
 
 def _mask(seg: hd.seg.Segmentation, volume: Volume, segments: Sequence[int]) -> NDArray[np.bool_]:

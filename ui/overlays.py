@@ -15,6 +15,7 @@ import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from inference.findings import Finding
 from inference.volume import Volume
@@ -115,7 +116,8 @@ def _seg_pieces(
     threshold = 1
     if kind == hd.seg.SegmentationTypeValues.FRACTIONAL:
         threshold = max(1, math.ceil(int(seg.MaximumFractionalValue) / 2))
-    slice_of = {uid: k for k, uid in enumerate(volume.sop_uids)}
+    frames = volume.frames or (None,) * len(volume.sop_uids)
+    slice_of = {key: k for k, key in enumerate(zip(volume.sop_uids, frames, strict=True))}
     tolerance = 0.5 * min(volume.spacing[1:])
     pieces: dict[int, list[_Piece]] = {}
     for n in range(int(seg.number_of_frames)):
@@ -125,7 +127,7 @@ def _seg_pieces(
         if segment is None or not sources:
             raise ValueError(f"{where}: frame {n + 1} names no segment or no source image")
         uid = str(sources[0].ReferencedSOPInstanceUID)
-        k = slice_of.get(uid)
+        k = slice_of.get((uid, _frame_number(sources[0])))
         if k is None:
             raise ValueError(f"{where}: frame {n + 1} lies on image {uid}, not in the series")
         position = _frame_item(seg, n, "PlanePositionSequence")
@@ -170,3 +172,11 @@ def _crop(finding_id: int, mask: NDArray[np.bool_]) -> _Piece | None:
     right = min(int(cols[-1]) + CROP_PAD + 1, mask.shape[1])
     bits = np.packbits(mask[top:bottom, left:right])
     return _Piece(finding_id, top, left, bottom - top, right - left, bits)
+
+
+def _frame_number(reference: Dataset) -> int | None:
+    """The (first) Referenced Frame Number of an image reference; None for a whole image."""
+    value = reference.get("ReferencedFrameNumber")
+    if value is None or value == "":
+        return None
+    return int(value[0] if isinstance(value, MultiValue) else value)

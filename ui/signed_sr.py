@@ -38,6 +38,8 @@ from inference.sr import (
     centre_coordinates,
     finding_groups,
     image_library,
+    library_slices,
+    number_library_frames,
     state_no_findings,
 )
 from ui.review import ReviewCase, ReviewedFinding, ReviewError
@@ -102,7 +104,7 @@ def build_signed_sr(
     algorithm = algorithm_identification(model)
     tracking = _tracking_uids(ai_sr)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
-    keys: list[str] = []
+    keys: list[int] = []  # the key slices (k)
     for f in findings:
         if not f.included:
             continue
@@ -113,14 +115,14 @@ def build_signed_sr(
                     f"the AI SR {case.sr_sop_uid} has no group {identifier!r} for finding "
                     f"{f.key}; the result files do not match the review"
                 )
-            key = series.dataset(f.ai.key_sop_instance_uid)
+            key = series.slice_of(f.ai.key_sop_instance_uid, f.ai.key_frame)
             uid = tracking[identifier]
         else:
             identifier = f"Added nodule {f.key.partition('-')[2]}"
             key = _nearest_image(f, series)
             uid = _uid(case.sr_sop_uid, "tracking", f.key)
         groups.append(_group(f, key, series, identifier, uid, algorithm))
-        keys.append(str(key.SOPInstanceUID))
+        keys.append(key)
     placeholder = not groups
     if placeholder:  # built around one group, then stated as "no nodule" (inference.sr)
         groups = [
@@ -150,8 +152,9 @@ def build_signed_sr(
     )
     if placeholder:
         state_no_findings(report)
+    number_library_frames(report, library_slices(keys, series), series)
     return hd.sr.Comprehensive3DSR(
-        evidence=list(series.datasets),
+        evidence=list({str(ds.SOPInstanceUID): ds for ds in series.datasets}.values()),
         content=report,
         series_instance_uid=series_instance_uid,
         series_number=SIGNED_SR_SERIES_NUMBER,
@@ -182,17 +185,21 @@ def build_signed_sr(
 # ------------------------------------------------------------------------------- internals
 def _group(
     f: ReviewedFinding,
-    key: Dataset,
+    key: int,
     series: SourceSeries,
     identifier: str,
     uid: str,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group of one included finding, with its decision."""
+    """TID 1501 group of one included finding (key slice ``key``), with its decision."""
 
     def measurement(name: Code, value: float, unit: Code) -> hd.sr.Measurement:
         coordinates = centre_coordinates(
-            key, f.center_mm, series.frame_of_reference_uid, f"finding {f.key}"
+            series.datasets[key],
+            f.center_mm,
+            series.frame_of_reference_uid,
+            f"finding {f.key}",
+            series.frame(key),
         )
         return hd.sr.Measurement(
             name=name, value=value, unit=unit, referenced_coordinates=coordinates
@@ -216,8 +223,8 @@ def _group(
     )
 
 
-def _nearest_image(f: ReviewedFinding, series: SourceSeries) -> Dataset:
-    """The image nearest an added finding's centre along the slice normal; ReviewError when
+def _nearest_image(f: ReviewedFinding, series: SourceSeries) -> int:
+    """The slice (k) nearest an added finding's centre along the slice normal; ReviewError when
     the centre lies beyond the series (more than half a slice past either end) or beside it."""
     first = series.datasets[0]
     iop = np.array([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
@@ -243,7 +250,7 @@ def _nearest_image(f: ReviewedFinding, series: SourceSeries) -> Dataset:
             f"{where} lies beside the images (outside slice {key.SOPInstanceUID}); remove it "
             "and add it again"
         ) from None
-    return key
+    return k
 
 
 def _character_set(source: Dataset, texts: Sequence[str]) -> str | list[str] | None:

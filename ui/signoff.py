@@ -94,7 +94,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -107,6 +106,7 @@ from inference.results_common import (
     save_atomically,
     source_series,
 )
+from inference.volume import in_volume_order
 from ui.accounts import PermissionDenied, User
 from ui.review import REVIEWER_ROLES, ReviewCase, ReviewError, Reviews
 from ui.signed_sr import (  # noqa: F401  (re-exported)
@@ -199,7 +199,7 @@ def sign(
     ai_sr = _read_ai_sr(case)
     predecessors = [*_previous_signed(case), ai_sr]
     predecessor_uids = tuple(str(p.SOPInstanceUID) for p in predecessors)
-    series = source_series(_source_datasets(store, case, ai_sr))
+    series = source_series(*in_volume_order(_source_datasets(store, case, ai_sr)))
     number = case.sign_count + 1
     digest = hashlib.sha256(
         json.dumps(
@@ -334,8 +334,8 @@ def _previous_signed(case: ReviewCase) -> list[Dataset]:
 
 
 def _source_datasets(store: Store, case: ReviewCase, ai_sr: Dataset) -> list[Dataset]:
-    """Headers of the images the AI SR lists as evidence (those the model saw), from the store,
-    in volume order (along the slice normal)."""
+    """Headers of the images the AI SR lists as evidence (those the model saw), from the store
+    (a multi-frame instance once)."""
     wanted = [
         str(sop.ReferencedSOPInstanceUID)
         for study in ai_sr.get("CurrentRequestedProcedureEvidenceSequence", [])
@@ -350,17 +350,13 @@ def _source_datasets(store: Store, case: ReviewCase, ai_sr: Dataset) -> list[Dat
             f"the images of series {case.series_uid} are not all in the store "
             f"({len(missing)} of {len(wanted)} missing); the report cannot be built"
         )
-    datasets = []
+    datasets: list[Dataset] = []
     for uid in wanted:
         try:
             datasets.append(dcmread(paths[uid], stop_before_pixels=True))
         except (OSError, InvalidDicomError) as exc:
             raise ReviewError(f"image {uid} cannot be read at {paths[uid]}: {exc}") from exc
-    iop = np.array([float(v) for v in datasets[0].ImageOrientationPatient], dtype=np.float64)
-    normal = np.cross(iop[:3], iop[3:])
-    return sorted(
-        datasets, key=lambda ds: float(np.array(ds.ImagePositionPatient, dtype=float) @ normal)
-    )
+    return datasets
 
 
 def _queue_recorded(store: Store, case: ReviewCase, fallback: Sequence[str]) -> None:

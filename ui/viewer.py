@@ -259,14 +259,13 @@ class StudyView:
         return self._colour[finding_id]
 
     def finding_slice(self, finding_id: int) -> int:
-        """Index of the finding's key slice (its key SOP Instance UID) in the series."""
-        uid = self.finding(finding_id).key_sop_instance_uid
+        """Index of the finding's key slice (its key SOP Instance UID, and frame in a multi-frame
+        instance) in the series."""
+        finding = self.finding(finding_id)
         try:
-            return self.volume.sop_uids.index(uid)
-        except ValueError:
-            raise ValueError(
-                f"finding {finding_id}: key slice {uid} is not in series {self.volume.series_uid}"
-            ) from None
+            return self.volume.slice_of(finding.key_sop_instance_uid, finding.key_frame)
+        except ValueError as exc:
+            raise ValueError(f"finding {finding_id}: key slice {exc}") from None
 
     def pixel_to_patient(
         self, slice_index: int, row: float, col: float

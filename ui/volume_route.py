@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 
 from aidx.deflate import InflateLimitError, read_header
+from inference.volume import frame_attribute
 from ui.accounts import User
 from ui.review import ReviewError
 from ui.slice_route import SliceQueryError, ViewedReviews, integer_parameter, review_parameter
@@ -63,12 +64,20 @@ def series_header(view: StudyView) -> dict[str, str]:
             ds = read_header(
                 view.volume.files[0],
                 MAX_INFLATED_BYTES,
-                specific_tags=["SeriesNumber", "SeriesDescription", "SliceThickness"],
+                specific_tags=[
+                    "SeriesNumber",
+                    "SeriesDescription",
+                    "SliceThickness",
+                    "SharedFunctionalGroupsSequence",  # an Enhanced CT's thickness is in there
+                ],
+            )
+            thickness = ds.get("SliceThickness") or frame_attribute(
+                ds, 1, "PixelMeasuresSequence", "SliceThickness"
             )
             values = {
                 "number": str(ds.get("SeriesNumber", "") or ""),
                 "description": str(ds.get("SeriesDescription", "") or ""),
-                "thickness": str(ds.get("SliceThickness", "") or ""),
+                "thickness": str(thickness or ""),
             }
         except (OSError, InvalidDicomError, InflateLimitError, ValueError) as exc:
             log.warning("series header unreadable: series_uid=%s %s", uid, exc)

@@ -20,6 +20,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from inference.results_common import finding_colour
 from inference.sr import finding_groups
 from tests.conftest import IN_CI, require_tool
+from tests.enhanced_ct import write_enhanced_ct, write_legacy_enhanced_ct
 from tests.standin_model import card, soft_tissue_model
 from training.phantom import NoduleRequest, PhantomOptions, generate
 
@@ -269,3 +270,41 @@ def test_dcmqi_reads_the_sr_and_seg_as_slicer_does(setup: dict[str, Any], tmp_pa
         assert values["Probability"] == pytest.approx(100 * finding["probability"], abs=0.1)
         (maximum,) = [i for i in group["measurementItems"] if "derivationModifier" in i]
         assert maximum["derivationModifier"]["CodeMeaning"] == "Maximum"
+
+
+@pytest.mark.parametrize("kind", ["legacy", "enhanced"])
+def test_infer_on_an_enhanced_ct_finds_what_the_single_frame_series_gives(
+    setup: dict[str, Any], tmp_path: Path, kind: str
+) -> None:
+    """`aidx infer` on the study as one multi-frame instance (Legacy Converted Enhanced CT;
+    Enhanced CT Image Storage): the same findings, keyed to the instance's frames, and results
+    that dciodvfy passes."""
+    aidx(setup, "models", "register", str(setup["model"]), "--card", str(setup["card"]))
+    assert aidx(setup, "models", "promote", "soft-tissue@0.0.1").returncode == 0
+    dicom = setup["root"] / "study" / "dicom"
+    write = write_legacy_enhanced_ct if kind == "legacy" else write_enhanced_ct
+    ct = write(dicom, tmp_path / "ct" / "ct.dcm")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    for source, out in ((dicom, single), (ct.parent, multi)):
+        done = aidx(setup, "infer", str(source), "--out", str(out), "--kos", "--key-images")
+        assert done.returncode == 0, done.stderr
+    expected, found = (
+        json.loads((out / "findings.json").read_text(encoding="utf-8"))["findings"]
+        for out in (single, multi)
+    )
+    assert expected
+    for f, e in zip(found, expected, strict=True):
+        assert f["key_sop_instance_uid"] == str(pydicom.dcmread(ct).SOPInstanceUID)
+        assert f["key_frame_number"] >= 1
+        f.pop("key_sop_instance_uid"), f.pop("key_frame_number"), e.pop("key_sop_instance_uid")
+        assert f == e
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    key_image = next((multi / "key_images").glob("*.dcm"))
+    for path in (multi / "sr.dcm", multi / "seg.dcm", multi / "kos.dcm", key_image):
+        report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
+        errors = [
+            line
+            for line in (report.stdout + report.stderr).splitlines()
+            if line.startswith("Error")
+        ]
+        assert not errors, (path.name, errors)

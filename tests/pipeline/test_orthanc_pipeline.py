@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import pydicom
 import pytest
 
 from inference.sr import LONG_AXIS, VOLUME, finding_groups
+from tests.enhanced_ct import write_enhanced_ct, write_legacy_enhanced_ct
+from tests.inference.test_results import dciodvfy_errors
 from tests.peers import LOOPBACK, peer_env, storescu, storescu_command
 from tests.pipeline.conftest import PipelineFactory
 from tests.pipeline.harness import (
@@ -157,6 +160,66 @@ def test_a_study_from_orthanc_comes_back_as_sr_and_seg_matching_aidx_infer(
     (delivery,) = status["destinations"]
     assert (delivery["destination"], delivery["state"], delivery["attempts"]) == (PACS, "sent", 1)
     assert (delivery["files"], delivery["last_error"]) == (2, None)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "enhanced"])
+def test_an_enhanced_ct_from_orthanc_gets_the_findings_of_its_single_frame_series(
+    tmp_path: Path, new_pipeline: PipelineFactory, chest_study: Path, kind: str
+) -> None:
+    """The chest study as one multi-frame instance (Legacy Converted Enhanced CT, highdicom's
+    converter; Enhanced CT Image Storage) through Orthanc: the same findings as the
+    single-frame series through `aidx infer`, and results that name the instance's frames."""
+    study = tmp_path / "multiframe"
+    write = write_legacy_enhanced_ct if kind == "legacy" else write_enhanced_ct
+    write(chest_study, study / "ct.dcm")
+    pipeline = new_pipeline()
+    with pipeline.pacs(tmp_path / "orthanc") as orthanc, pipeline.serving():
+        uid = upload_and_push(orthanc, study)
+        job = pipeline.wait_for_job(uid, SETTLED, deadline_s=JOB_DEADLINE_S)
+        assert job["state"] == "sent", job
+        (sr_path,) = downloads(orthanc, uid, "SR", tmp_path / "from-pacs")
+        (seg_path,) = downloads(orthanc, uid, "SEG", tmp_path / "from-pacs")
+        (result,) = pipeline.store.study_results(uid)
+    single = tmp_path / "single"
+    done = pipeline.aidx.run("infer", str(chest_study), "--out", str(single))
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = json.loads((single / "findings.json").read_text(encoding="utf-8"))["findings"]
+    found = json.loads(Path(result["findings_path"]).read_text(encoding="utf-8"))["findings"]
+    assert expected
+    fields = ("id", "probability", "center_mm", "diameter_mm", "volume_mm3", "bbox_mm")
+    assert [{k: f[k] for k in fields} for f in found] == [
+        {k: f[k] for k in fields} for f in expected
+    ]
+    # The key slice of each finding is a frame of the one instance, the frame whose position
+    # is that of the single-frame key slice.
+    instance = pydicom.dcmread(study / "ct.dcm", stop_before_pixels=True)
+    positions = {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): [
+            float(v) for v in pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient
+        ]
+        for f in chest_study.glob("*.dcm")
+    }
+    for f, single_f in zip(found, expected, strict=True):
+        assert f["key_sop_instance_uid"] == instance.SOPInstanceUID
+        frame = instance.PerFrameFunctionalGroupsSequence[f["key_frame_number"] - 1]
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == pytest.approx(positions[single_f["key_sop_instance_uid"]])
+    # The SR draws each long axis on that frame; the SEG's frames reference the instance's.
+    _, content = report(sr_path)
+    groups = {str(g.tracking_identifier): g for g in finding_groups(content)}
+    for f in found:
+        (long_axis,) = groups[f"Nodule {f['id']}"].get_measurements(name=LONG_AXIS)
+        (line,) = long_axis.referenced_coordinates
+        source = line.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == instance.SOPInstanceUID
+        assert int(source.ReferencedFrameNumber) == f["key_frame_number"]
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == instance.SOPInstanceUID
+        assert 1 <= int(source.ReferencedFrameNumber) <= int(instance.NumberOfFrames)
+    for path in (sr_path, seg_path):
+        assert dciodvfy_errors(path) == []
 
 
 def test_kill_9_during_a_job_reruns_it_after_a_restart_and_delivers_once(

@@ -22,6 +22,7 @@ from inference.findings import Finding
 from inference.pipeline import InferenceResult, infer_files
 from inference.volume import Volume, load_series
 from models.registry import Registry
+from tests.enhanced_ct import write_legacy_enhanced_ct
 from tests.standin_model import install
 from training.phantom import NoduleRequest, PhantomOptions, generate
 from ui.viewer import BOX_MARGIN, WINDOW_PRESETS, StudyView, display_order, window_gray
@@ -354,3 +355,27 @@ def test_without_usable_instance_numbers_axial_images_go_from_the_head_down() ->
         assert display_order(replace(base, normal=np.array(normal))) == order
     view = StudyView(replace(base, instance_numbers=()))
     assert view.instance_number(0) is None
+
+
+def test_an_enhanced_ct_opens_with_its_findings_and_seg_on_the_same_slices(
+    study: Study, view: StudyView, tmp_path: Path
+) -> None:
+    """The study as one Legacy Converted Enhanced CT instance: the viewer shows the same
+    images, jumps to the same key slice (a frame) and draws the SEG's contours (whose frames
+    reference the instance's frames) where the single-frame study has them."""
+    ct = write_legacy_enhanced_ct(study.files, tmp_path / "ct" / "ct.dcm")
+    models = study.root / "models"
+    model = Registry(models).resolve(None, install(models, study.root))
+    config = load_config(env={}, overrides={"inference.min_volume_mm3": 50})
+    result = infer_files([ct], tmp_path / "out", config, model)
+    assert result.seg_path is not None
+    frames = StudyView.open(ct.parent, result.findings_path, result.seg_path)
+    assert np.array_equal(frames.volume.hu, view.volume.hu)
+    assert sorted(frames.volume.frames) == list(range(1, len(study.files) + 1))  # type: ignore[type-var]
+    assert [f.key_frame for f in frames.findings] == [
+        frames.volume.frames[view.finding_slice(f.id)] for f in view.findings
+    ]
+    for f in view.findings:
+        k = view.finding_slice(f.id)
+        assert frames.finding_slice(f.id) == k
+        assert np.array_equal(frames.render(k, *LUNG), view.render(k, *LUNG))
