@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 import yaml
 
-from aidx.store import Store
+from aidx.store.store import Store
 from tests.peers import (
     LOOPBACK,
     Orthanc,

@@ -52,8 +52,8 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 from aidx.config import AidxConfig, load_config
 from aidx.demo import write_demo_study
-from aidx.store import Store
-from aidx.worker import Worker
+from aidx.pipeline.worker import Worker
+from aidx.store.store import Store
 from dicom_node.parse import read_file
 from ui import viewer_session
 from ui.accounts import Accounts

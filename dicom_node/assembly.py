@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from aidx.store import Store
+from aidx.store.store import Store
 
 log = logging.getLogger("aidx.assembly")
 

@@ -23,7 +23,7 @@ from pynetdicom.association import Association
 
 from aidx.config import AidxConfig, DestinationConfig, OutboxConfig
 from aidx.logs import exception_text
-from aidx.store import OutboxItem, Store
+from aidx.store.store import OutboxItem, Store
 
 from .client import no_delay, settle_reactor
 from .tls import client_context

@@ -24,7 +24,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
 
 from aidx.deflate import DEFLATED_SYNTAXES, InflateLimitError, inflate
-from aidx.store import InstanceRecord
+from aidx.store.store import InstanceRecord
 
 from . import status
 from .spool import valid_uid

@@ -29,7 +29,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from aidx.config import NodeConfig
-from aidx.store import Store
+from aidx.store.store import Store
 
 from . import status
 from .client import VERIFICATION

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from aidx.config import AidxConfig
-from aidx.store import Store
+from aidx.store.store import Store
 
 from .assembly import StudyAssembler
 from .export import ExportWorker

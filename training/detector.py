@@ -405,7 +405,7 @@ def export(
     import datetime  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
-    from aidx.cli_models import evaluation_figures, operating_point  # noqa: PLC0415
+    from aidx.cli.models import evaluation_figures, operating_point  # noqa: PLC0415
     from models.registry import TrainingSpec, sha256_of  # noqa: PLC0415
 
     spec = DetectorSpec.model_validate_json((out / "spec.json").read_text(encoding="utf-8"))

@@ -1,5 +1,5 @@
 """Radiologists' signed review decisions to the canonical training dataset (training/dataset.py);
-torch-free. ``aidx feedback export OUT_DIR [--since DATE]`` (aidx/cli_feedback.py) runs it.
+torch-free. ``aidx feedback export OUT_DIR [--since DATE]`` (aidx/cli/feedback.py) runs it.
 
 Which reviews: those signed at least once (``ui.review.Reviews.signed``), optionally signed at or
 after a time. A signed review re-opened for an amendment still counts while no decision has been
@@ -87,7 +87,7 @@ from .converters_dicom import _check_grid, _mask
 from .dataset import Case, Dataset, DatasetError, Lesion, write_case
 
 if TYPE_CHECKING:  # the caller (aidx feedback export) passes the store and its reviews in
-    from aidx.store import Store
+    from aidx.store.store import Store
     from ui.review import ReviewCase, ReviewedFinding, Reviews
 
 log = logging.getLogger("aidx.feedback")

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import Connection, Row, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from aidx.schema import sessions, users
+from aidx.store.schema import sessions, users
 
 from .audit import Audit
 
 if TYPE_CHECKING:
-    from aidx.store import Store
+    from aidx.store.store import Store
 
 log = logging.getLogger("ui.accounts")
 

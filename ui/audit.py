@@ -15,10 +15,10 @@ from typing import IO, TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Connection, CursorResult, select
 
-from aidx.schema import audit_log
+from aidx.store.schema import audit_log
 
 if TYPE_CHECKING:
-    from aidx.store import Store
+    from aidx.store.store import Store
 
 CSV_COLUMNS: Final = ("id", "at", "username", "role", "action", "study_uid", "detail", "client")
 

@@ -34,8 +34,8 @@ from typing import Any, Final
 import pandas as pd
 from sqlalchemy import and_, func, select
 
-from aidx.schema import instances, jobs, results, reviews, studies
-from aidx.store import Store
+from aidx.store.schema import instances, jobs, results, reviews, studies
+from aidx.store.store import Store
 from ui.audit import Audit
 from ui.review import Reviews, WorklistRow
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from aidx.schema import patients, reviews, studies
-from aidx.store import Store
+from aidx.store.schema import patients, reviews, studies
+from aidx.store.store import Store
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from sqlalchemy import and_, func, select
 
-from aidx.schema import decisions, jobs, patients, results, reviews, studies
-from aidx.store import Store
+from aidx.store.schema import decisions, jobs, patients, results, reviews, studies
+from aidx.store.store import Store
 from inference.findings import Finding, FindingsReport
 from ui.accounts import PermissionDenied, User
 from ui.audit import Audit

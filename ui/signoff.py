@@ -99,8 +99,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
-from aidx.schema import outbox
-from aidx.store import Store
+from aidx.store.schema import outbox
+from aidx.store.store import Store
 from inference.results_common import (
     LO_MAX,
     save_atomically,

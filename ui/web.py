@@ -43,7 +43,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from starlette.middleware.cors import CORSMiddleware
 
 from aidx.config import AidxConfig
-from aidx.store import Store
+from aidx.store.store import Store
 from ui.accounts import Accounts, AuthError, User
 from ui.app import build_app
 from ui.i18n import LANGUAGES, text

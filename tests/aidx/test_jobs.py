@@ -14,10 +14,10 @@ import pydicom
 import pytest
 
 from aidx.config import AidxConfig, load_config
-from aidx.jobs import Delivery, ResultRecord
-from aidx.routing import priority_function, routes
-from aidx.store import Store
-from aidx.worker import Worker
+from aidx.pipeline.routing import priority_function, routes
+from aidx.pipeline.worker import Worker
+from aidx.store.jobs import Delivery, ResultRecord
+from aidx.store.store import Store
 from dicom_node.parse import read_file
 from tests.standin_model import install
 from training.phantom import NoduleRequest, PhantomOptions, generate
@@ -272,7 +272,7 @@ def test_routes_name_unknown_destinations_with_the_fix(tmp_path: Path) -> None:
 
 
 def _insert_study(store: Store, uid: str) -> None:
-    from aidx.schema import patients, studies
+    from aidx.store.schema import patients, studies
 
     with store.engine.begin() as conn:
         inserted = conn.execute(

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
-from aidx.jobs import Delivery, ResultRecord
-from aidx.metrics import INFERENCE_BUCKETS, MetricsServer
-from aidx.store import InstanceRecord, Store
+from aidx.pipeline.metrics import INFERENCE_BUCKETS, MetricsServer
+from aidx.store.jobs import Delivery, ResultRecord
+from aidx.store.store import InstanceRecord, Store
 
 STUDY = "1.2.826.0.1.3680043.10.543.1"
 SERIES = STUDY + ".1"

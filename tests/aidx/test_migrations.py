@@ -1,4 +1,4 @@
-"""Schema versions of the store and `aidx db status` / `aidx db upgrade` (aidx.migrations)."""
+"""Schema versions of the store and `aidx db status` / `aidx db upgrade` (aidx.store.migrations)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import Connection, Engine
 
 from aidx.cli import main
-from aidx.migrations import (
+from aidx.store.migrations import (
     BASELINE,
     LATEST,
     MIGRATIONS,
@@ -20,8 +20,8 @@ from aidx.migrations import (
     schema_version,
     upgrade,
 )
-from aidx.schema import events, metadata
-from aidx.store import Store, create_store_engine
+from aidx.store.schema import events, metadata
+from aidx.store.store import Store, create_store_engine
 
 V2_INDEXES = {"ix_decisions_review_key", "ix_decisions_at"}
 

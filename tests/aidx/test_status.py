@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from aidx.cli import main
-from aidx.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.jobs import Delivery, ResultRecord
-from aidx.store import InstanceRecord, Store
+from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
+from aidx.store.jobs import Delivery, ResultRecord
+from aidx.store.store import InstanceRecord, Store
 
 DONE = "1.2.826.0.1.3680043.10.543.10"
 WAITING = "1.2.826.0.1.3680043.10.543.20"

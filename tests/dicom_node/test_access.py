@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from pynetdicom.association import Association
 
-from aidx.store import instances
+from aidx.store.store import instances
 from dicom_node.client import VERIFICATION
 from dicom_node.policy import (
     REASON_CALLED_AE_NOT_RECOGNISED,

@@ -25,7 +25,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from aidx.store import instances
+from aidx.store.store import instances
 from dicom_node import status
 from tests.dicom_node.conftest import NodeFactory
 from tests.dicom_node.senders import (

@@ -41,7 +41,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from aidx.store import Store, instances
+from aidx.store.store import Store, instances
 from dicom_node import status
 from dicom_node.parse import REQUIRED_UIDS
 from tests.conftest import require_tool

@@ -16,7 +16,7 @@ import pytest
 from pydicom import dcmread
 
 from aidx.config import AidxConfig
-from aidx.store import Store, instances, jobs
+from aidx.store.store import Store, instances, jobs
 from tests.conftest import require_tool
 from tests.dicom_node.senders import NODE_AET, storescu_responses
 from tests.peers import (

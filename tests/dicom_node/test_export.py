@@ -18,7 +18,7 @@ from pydicom.uid import (
 )
 
 from aidx.config import DestinationConfig
-from aidx.store import Store
+from aidx.store.store import Store
 from dicom_node.export import ExportWorker, SendError, send_files
 from tests.conftest import require_tool
 from tests.dicom_node.aidx_process import AidxSetup, destination

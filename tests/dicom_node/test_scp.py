@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 
-from aidx.store import instances, jobs
+from aidx.store.store import instances, jobs
 from tests.conftest import require_tool
 from tests.dicom_node.conftest import NodeFactory, wait_for
 from tests.peers import echoscu, storescu

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydicom import dcmread
 
-from aidx.store import Store
+from aidx.store.store import Store
 from tests.dicom_node.aidx_process import AidxSetup
 from tests.peers import LOOPBACK, Modality, Orthanc, PeerError, free_port, log_tail, poll_until
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from aidx.cli import main
 from aidx.config import TlsConfig, load_config
 from aidx.permissions import DIR_MODE, FILE_MODE, private_key_problem
-from aidx.store import Store
+from aidx.store.store import Store
 from dicom_node.service import NodeService
 from dicom_node.tls import client_context, server_context
 from inference.results_common import save_atomically

@@ -39,8 +39,8 @@ from aidx.logs import (
     patient_values_of,
     protect_patient_data,
 )
-from aidx.store import Store
-from aidx.worker import Worker
+from aidx.pipeline.worker import Worker
+from aidx.store.store import Store
 from dicom_node.parse import read_file
 from tests.inference.test_results import dciodvfy_errors
 from tests.standin_model import install

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from aidx.deflate import InflateLimitError, inflated_size, read_header
-from aidx.store import Store, instances, studies
+from aidx.store.store import Store, instances, studies
 from dicom_node import status
 from dicom_node.service import NodeService
 from inference.pipeline import within_inflate_limit
@@ -139,7 +139,7 @@ def test_one_address_cannot_take_every_slot(
 
 
 def test_the_refusals_are_served_in_metrics(start_node: NodeFactory) -> None:
-    from aidx.metrics import MetricsServer
+    from aidx.pipeline.metrics import MetricsServer
 
     node = start_node(node__association_request_timeout_s=1.0)
     silent = connect(node.port)

@@ -87,7 +87,7 @@ def test_dataset_then_evaluate(tmp_path: Path) -> None:
 
 
 def test_card_figures_from_a_froc_report() -> None:
-    from aidx.cli_models import evaluation_figures
+    from aidx.cli.models import evaluation_figures
     from training.evaluate import EVALUATION_BANDS
     from training.froc import Detection, Nodule, Scan
     from training.froc import evaluate as froc

@@ -1,4 +1,4 @@
-"""`aidx feedback export` (training/feedback.py, aidx/cli_feedback.py): signed review decisions
+"""`aidx feedback export` (training/feedback.py, aidx/cli/feedback.py): signed review decisions
 as a canonical training dataset, read back by the dataset loader and the training pipeline, with
 no patient data or UIDs in any file."""
 
@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from aidx.cli import main
-from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from inference.volume import load_series
 from tests.ui.reviewed_study import ReviewedStudy, reviewed_study
 from training.dataset import Case, Dataset, case_label, case_volume

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aidx.config import AidxConfig, load_config
-from aidx.store import Store
-from aidx.worker import Worker
+from aidx.pipeline.worker import Worker
+from aidx.store.store import Store
 from dicom_node.parse import read_file
 from tests.standin_model import install
 from training.phantom import NoduleRequest, PhantomOptions, generate

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import select
 
 import ui.accounts as accounts_module
-from aidx.schema import sessions
-from aidx.store import Store
+from aidx.store.schema import sessions
+from aidx.store.store import Store
 from ui.accounts import (
     ADMIN,
     AUTH_FAILED_MESSAGE,

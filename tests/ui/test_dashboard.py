@@ -15,8 +15,8 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from aidx.schema import jobs, patients, results, studies
-from aidx.store import Store
+from aidx.store.schema import jobs, patients, results, studies
+from aidx.store.store import Store
 from dicom_node.parse import read_file
 from inference.findings import FindingsReport
 from tests.ui.reviewed_study import ReviewedStudy, reviewed_study

@@ -23,7 +23,7 @@ import highdicom as hd
 import pytest
 import yaml
 
-from aidx.store import Store
+from aidx.store.store import Store
 from tests.conftest import REPO, require_tool
 from tests.inference.test_results import dciodvfy_errors
 from tests.peers import LOOPBACK, Orthanc, free_port, log_tail, poll_until, stop_process

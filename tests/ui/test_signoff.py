@@ -19,8 +19,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
 
-from aidx.schema import outbox
-from aidx.store import Store
+from aidx.store.schema import outbox
+from aidx.store.store import Store
 from inference.sr import finding_groups
 from tests.conftest import REPO
 from tests.inference.test_results import dciodvfy_errors, text_items

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import ui.accounts as accounts_module
-from aidx import cli_users
 from aidx.cli import main
-from aidx.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.store import Store
+from aidx.cli import users as cli_users
+from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
+from aidx.store.store import Store
 from ui.accounts import AUTH_FAILED_MESSAGE, Accounts, AuthError
 from ui.audit import CSV_COLUMNS
 
@@ -222,7 +222,7 @@ def test_commands_on_a_data_dir_without_a_store_say_what_to_give(aidx: Run, tmp_
 def test_a_review_app_without_accounts_says_how_to_add_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from aidx.cli_ui import start_ui
+    from aidx.cli.ui import start_ui
     from aidx.config import load_config
     from ui.web import UiServer
 

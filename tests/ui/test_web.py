@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from aidx.config import load_config
-from aidx.store import Store
+from aidx.store.store import Store
 from tests.dicom_node.test_tls import Pki, pki  # noqa: F401  (the throwaway CA fixture)
 from tests.peers import poll_until
 from tests.ui.reviewed_study import PASSWORD, ReviewedStudy, reviewed_study

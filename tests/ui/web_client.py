@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from aidx.config import load_config
-from aidx.store import Store
+from aidx.store.store import Store
 from tests.ui.reviewed_study import PASSWORD
 from ui.accounts import Accounts
 from ui.review import Reviews

@@ -31,7 +31,7 @@ class OutboxItem:
 
 
 class OutboxQueue:
-    """Outbox operations of the store (mixed into :class:`aidx.store.Store`)."""
+    """Outbox operations of the store (mixed into :class:`aidx.store.store.Store`)."""
 
     engine: Engine
 

@@ -1,5 +1,9 @@
 """The ``aidx`` command: one sub-command per job, each a thin wrapper over a library call.
 
+This module builds the parser and runs :func:`main`; the commands live in one module per group
+(:mod:`aidx.cli.db`, ``feedback``, ``models``, ``node``, ``pipeline`` (serve, worker),
+``status``, ``ui``, ``users``). Nothing below the command line imports this package.
+
 Commands that belong to the training side (``phantom``) import it only when they run, so the
 serving commands never load training code, torch or MONAI.
 """
@@ -15,7 +19,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aidx import __version__, cli_db, cli_models, cli_node, cli_pipeline, cli_status, cli_ui
+from aidx import __version__
+from aidx.cli import db as cli_db
+from aidx.cli import models as cli_models
+from aidx.cli import node as cli_node
+from aidx.cli import pipeline as cli_pipeline
+from aidx.cli import status as cli_status
+from aidx.cli import ui as cli_ui
+from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.config import (
     AidxConfig,
     ConfigError,
@@ -24,10 +35,9 @@ from aidx.config import (
     redacted,
 )
 from aidx.demo import write_demo_study
-from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.logs import setup_logging
-from aidx.migrations import SchemaVersionError
 from aidx.permissions import private_key_problem, private_umask, sqlite_path, tighten_data_dir
+from aidx.store.migrations import SchemaVersionError
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -157,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.set_defaults(handler=cli_models.infer)
 
-    from aidx import cli_users  # `aidx users` and `aidx audit`: the review app's accounts
+    # `aidx users` and `aidx audit`: the review app's accounts
+    from aidx.cli import users as cli_users
 
     cli_users.add_parsers(sub)
-    from aidx import cli_feedback  # `aidx feedback export`: reviews as training data
+    # `aidx feedback export`: reviews as training data
+    from aidx.cli import feedback as cli_feedback
 
     cli_feedback.add_parsers(sub)
     cli_ui.add_parser(sub)

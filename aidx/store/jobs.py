@@ -53,7 +53,7 @@ class Job:
 
 @dataclass(frozen=True)
 class ResultRecord:
-    """One route's output of a job (see ``results`` in :mod:`aidx.schema`)."""
+    """One route's output of a job (see ``results`` in :mod:`aidx.store.schema`)."""
 
     series_uid: str
     model: str
@@ -110,7 +110,7 @@ def add_event(
 
 
 class JobQueue:
-    """Job operations of the store (mixed into :class:`aidx.store.Store`)."""
+    """Job operations of the store (mixed into :class:`aidx.store.store.Store`)."""
 
     engine: Engine
 

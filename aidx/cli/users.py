@@ -17,11 +17,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig
-from aidx.exit_codes import EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from aidx.store import Store
+    from aidx.store.store import Store
     from ui.accounts import User
     from ui.audit import AuditEntry
 
@@ -288,7 +288,7 @@ def _entry_row(e: AuditEntry) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------- helpers
 def _open_store(config: AidxConfig, create: bool = False) -> Store:
-    from aidx.store import Store
+    from aidx.store.store import Store
 
     if config.store.url is None:
         db = (config.data_dir / "aidx.db").resolve()

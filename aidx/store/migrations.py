@@ -13,7 +13,7 @@ upgrade`` first copies an SQLite database beside itself (``VACUUM INTO``), then 
 missing steps in order inside one transaction, so that a failed step leaves the database as it
 was. A server database (PostgreSQL) is backed up by its own tools (``pg_dump``) first.
 
-Adding a step: change :mod:`aidx.schema` (what a new database gets) and append a
+Adding a step: change :mod:`aidx.store.schema` (what a new database gets) and append a
 :class:`Migration` that brings a database of the previous version to the same shape.
 """
 
@@ -27,7 +27,8 @@ from pathlib import Path
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, func, inspect, select, text
 from sqlalchemy.engine import Connection, Engine
 
-from . import __version__
+from aidx import __version__
+
 from .schema import decisions, metadata
 
 BASELINE = 1  # the schema of a database made before versions were recorded

@@ -9,9 +9,9 @@ import sys
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig
-from aidx.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.store import Store
+from aidx.store.store import Store
 
 log = logging.getLogger("aidx.cli")
 

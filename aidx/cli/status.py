@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig
-from aidx.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.jobs import FAILED, NOT_APPLICABLE
-from aidx.schema import outbox
+from aidx.store.jobs import FAILED, NOT_APPLICABLE
+from aidx.store.schema import outbox
 
 if TYPE_CHECKING:
-    from aidx.store import Store
+    from aidx.store.store import Store
 
 # Job states whose reason is the answer to "why are there no results?".
 _REASON_STATES = (FAILED, NOT_APPLICABLE)
@@ -41,7 +41,7 @@ def status(args: argparse.Namespace, config: AidxConfig) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    from aidx.store import Store
+    from aidx.store.store import Store
 
     store = Store(config.store_url())
     try:

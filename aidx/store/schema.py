@@ -256,7 +256,7 @@ decisions = Table(
     CheckConstraint(
         "action IN ('accept', 'reject', 'edit', 'add', 'remove', 'reset')", name="ck_decisions"
     ),
-    # Schema version 2 (aidx.migrations): a review's latest decision per finding, and the
+    # Schema version 2 (aidx.store.migrations): a review's latest decision per finding, and the
     # feedback export's decisions since a time.
     Index("ix_decisions_review_key", "review_id", "finding_key", "id"),
     Index("ix_decisions_at", "at"),

@@ -2,7 +2,7 @@
 the results and queue their deliveries.
 
 A worker holds a lease on its running job and renews it from a heartbeat thread; if the process
-dies, the job is taken again (see :mod:`aidx.jobs`). Results are written to
+dies, the job is taken again (see :mod:`aidx.store.jobs`). Results are written to
 ``<data_dir>/results/<study>/v<version>/<route>/`` with UIDs derived from the study, series, model
 version and study version, so a job run twice writes the same objects and the PACS keeps one
 copy. ``aidx serve`` runs workers in its process (woken when a study completes); ``aidx worker``
@@ -24,17 +24,17 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 import models
+from aidx.config import AidxConfig
+from aidx.deflate import read_header
+from aidx.logs import exception_text, patient_values, patient_values_of, redact
+from aidx.store.jobs import Delivery, Job, ResultRecord, worker_name
+from aidx.store.store import Store
 from inference.detector import Detector
 from inference.pipeline import InferenceResult, NotApplicableError, infer_files
 from inference.runner import OnnxRunner
 from models.registry import ModelError, Registry
 
-from .config import AidxConfig
-from .deflate import read_header
-from .jobs import Delivery, Job, ResultRecord, worker_name
-from .logs import exception_text, patient_values, patient_values_of, redact
 from .routing import Route, routes
-from .store import Store
 
 log = logging.getLogger("aidx.worker")
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig
-from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     pass

@@ -11,11 +11,11 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig, ConfigError, DestinationConfig, TlsConfig
-from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from aidx.store import Store
+    from aidx.store.store import Store
 
 log = logging.getLogger("aidx.cli")
 
@@ -120,7 +120,7 @@ def send(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def _open_store(config: AidxConfig) -> Store:
-    from aidx.store import Store
+    from aidx.store.store import Store
 
     if config.store.url is None:
         # The default SQLite index lives in data_dir, which `aidx serve` creates; `send --queue`

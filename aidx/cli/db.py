@@ -1,4 +1,4 @@
-"""`aidx db status` and `aidx db upgrade`: the store's schema version (aidx.migrations)."""
+"""`aidx db status` and `aidx db upgrade`: the store's schema version (aidx.store.migrations)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig
-from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.migrations import SchemaVersionError, backup, state, upgrade
-from aidx.store import create_store_engine, safe_url
+from aidx.store.migrations import SchemaVersionError, backup, state, upgrade
+from aidx.store.store import create_store_engine, safe_url
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -30,11 +30,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select, text
 from sqlalchemy.engine import make_url
 
-from .jobs import JOB_STATES, QUEUED
-from .schema import instances, jobs, outbox, studies
+from aidx.store.jobs import JOB_STATES, QUEUED
+from aidx.store.schema import instances, jobs, outbox, studies
 
 if TYPE_CHECKING:
-    from .store import Store
+    from aidx.store.store import Store
 
 log = logging.getLogger("aidx.metrics")
 

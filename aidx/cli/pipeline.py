@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig, ConfigError
-from aidx.exit_codes import EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from aidx.store import Store
-    from aidx.worker import WorkerPool
+    from aidx.pipeline.worker import WorkerPool
+    from aidx.store.store import Store
     from dicom_node.service import NodeService
 
 log = logging.getLogger("aidx.cli")
@@ -41,8 +41,8 @@ def _stop_on_signals() -> threading.Event:
 def _check_pipeline(config: AidxConfig) -> str | None:
     """Routes name known destinations, and the models they use exist: a warning if not (the
     node still receives; jobs fail with the reason until a model is registered)."""
-    from aidx.routing import routes
-    from aidx.worker import model_registry
+    from aidx.pipeline.routing import routes
+    from aidx.pipeline.worker import model_registry
     from models.registry import ModelError
 
     registry = model_registry(config)
@@ -55,10 +55,10 @@ def _check_pipeline(config: AidxConfig) -> str | None:
 
 
 def serve(args: argparse.Namespace, config: AidxConfig) -> int:
-    from aidx.metrics import MetricsServer
-    from aidx.routing import priority_function
-    from aidx.store import Store
-    from aidx.worker import WorkerPool
+    from aidx.pipeline.metrics import MetricsServer
+    from aidx.pipeline.routing import priority_function
+    from aidx.pipeline.worker import WorkerPool
+    from aidx.store.store import Store
     from dicom_node.policy import NodeStartError
     from dicom_node.service import NodeService
 
@@ -105,7 +105,7 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
             pool.stop()
             print(f"aidx serve: metrics endpoint: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    from aidx.cli_ui import start_ui
+    from aidx.cli.ui import start_ui
 
     try:
         ui_server = start_ui(config, store, demo)
@@ -156,10 +156,9 @@ def _health(
 
 def _send_demo(config: AidxConfig, port: int) -> None:
     """Write the demo study (if absent) and send it to this node, as a PACS would."""
+    from aidx.config import DestinationConfig
+    from aidx.demo import write_demo_study
     from dicom_node.export import SendError, send_files
-
-    from .config import DestinationConfig
-    from .demo import write_demo_study
 
     try:
         written = write_demo_study(config)
@@ -182,8 +181,8 @@ def _send_demo(config: AidxConfig, port: int) -> None:
 
 def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     del args
-    from aidx.store import Store
-    from aidx.worker import WorkerPool
+    from aidx.pipeline.worker import WorkerPool
+    from aidx.store.store import Store
 
     stop = _stop_on_signals()
     count = max(config.pipeline.workers, 1)

@@ -13,11 +13,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig
-from aidx.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from aidx.store import Store
+    from aidx.store.store import Store
 
 SINCE_FORMAT = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] (local time unless it ends with +HH:MM or Z)"
 
@@ -116,7 +116,7 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 
 def _open_store(config: AidxConfig) -> Store:
-    from aidx.store import Store
+    from aidx.store.store import Store
 
     if config.store.url is None:
         db = (config.data_dir / "aidx.db").resolve()

@@ -9,12 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from aidx.config import AidxConfig, OutputKind, PriorityRuleConfig, RouteConfig
+from aidx.deflate import read_header
+from aidx.store.store import Store
 from inference.pipeline import series_rules
 from inference.series import SeriesRules
-
-from .config import AidxConfig, OutputKind, PriorityRuleConfig, RouteConfig
-from .deflate import read_header
-from .store import Store
 
 log = logging.getLogger("aidx.routing")
 

@@ -142,7 +142,7 @@ class IndexResult:
 
 def _open_schema(engine: Engine, where: str) -> None:
     """Create a new database's tables, or check an existing one's schema version
-    (aidx.migrations). ``aidx serve`` and ``aidx worker`` processes started together on a new
+    (aidx.store.migrations). ``aidx serve`` and ``aidx worker`` processes started together on a new
     database would race between "does it exist?" and "CREATE TABLE"; they take turns under one
     lock (SQLite: BEGIN IMMEDIATE, the others wait through the busy timeout; PostgreSQL: a
     transaction-scoped advisory lock)."""
