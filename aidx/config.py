@@ -23,6 +23,10 @@ from aidx.permissions import private_key_problem
 
 ENV_PREFIX = "AIDX_"
 ENV_CONFIG_FILE = "AIDX_CONFIG"
+DEFAULT_DATA_DIR = Path("aidx-data")  # relative to the folder a command runs in
+# Where `aidx serve` records its data folder, so that a command run from another folder finds
+# the running store (XDG state home; AIDX_STATE_DIR overrides it, e.g. for tests).
+ENV_STATE_DIR = "AIDX_STATE_DIR"
 MASK = "********"
 
 
@@ -302,7 +306,7 @@ class ModelsConfig(StrictModel):
 
 
 class AidxConfig(StrictModel):
-    data_dir: Path = Path("aidx-data")
+    data_dir: Path = DEFAULT_DATA_DIR  # load_config resolves it (default_data_dir)
     log: LogConfig = Field(default_factory=LogConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
@@ -355,10 +359,48 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         keys = tuple(dotted.split("."))
         _merge(data, _nest(keys, value), sources, "command line", ())
+    if "data_dir" not in data:
+        data["data_dir"] = str(default_data_dir(env))
     try:
         return AidxConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, AidxConfig, sources)) from None
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """This user's aidx state folder: AIDX_STATE_DIR, else $XDG_STATE_HOME/aidx, else
+    ~/.local/state/aidx."""
+    env = os.environ if env is None else env
+    if env.get(ENV_STATE_DIR):
+        return Path(env[ENV_STATE_DIR])
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "aidx"
+
+
+def record_data_dir(data_dir: Path, env: Mapping[str, str] | None = None) -> None:
+    """Remember the data folder of the `aidx serve` starting now (absolute), for commands run
+    without one from another folder (:func:`default_data_dir`). Best effort: a state folder
+    that cannot be written only loses the convenience."""
+    record = state_dir(env) / "data-dir"
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"{Path(data_dir).resolve()}\n", encoding="utf-8")
+    except OSError:
+        return
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The data folder when none is configured: ``./aidx-data`` if it exists here, else the one
+    the last `aidx serve` recorded (if it still exists), else ``./aidx-data``; absolute, so that
+    it means the same folder for every part of the command."""
+    here = DEFAULT_DATA_DIR.resolve()
+    if here.is_dir():
+        return here
+    try:
+        recorded = Path((state_dir(env) / "data-dir").read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return here
+    return recorded if recorded.is_absolute() and recorded.is_dir() else here
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

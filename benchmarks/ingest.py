@@ -7,8 +7,14 @@ each receiver, started fresh for every timed run so that none sees a study twice
   (`event.encoded_dataset()`); the floor for any pynetdicom-based receiver;
 - orthanc: Orthanc as shipped (tests/peers.Orthanc);
 - storescp: DCMTK storescp (tests/peers.Storescp; --fork for concurrent senders);
-- aidx: ``aidx --data-dir DIR serve --port PORT --ae-title AIDX`` (ready when it answers a
-  C-ECHO, stopped with SIGTERM); skipped with a note if the command is not available.
+- aidx: ``aidx --data-dir DIR serve --port PORT --ae-title AIDX`` as a user starts it (the
+  node, one inference worker and the review app, each in its own process; ready when it answers
+  a C-ECHO, stopped with SIGTERM), timed in three states:
+  ``aidx`` right after it answers, ``aidx-idle`` 20 s later (start-up work done: the review
+  app's first requests, the model loaded), ``aidx-busy`` while a job runs (another study sent
+  first; the send is timed once the worker has taken its job, with the default model running);
+  ``aidx-1proc``, ``aidx-1proc-idle`` and ``aidx-1proc-busy``: the same with
+  ``serve --single-process`` (everything in one Python process, the layout before issue 18).
 
 It also times 4 storescu processes sending 4 copies of the study (new Study/Series/SOP UIDs) at
 once, and for aidx the resident memory after each of 10 consecutive studies. Every run checks
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform
 import statistics
@@ -56,13 +63,30 @@ from tests.peers import (
     wait_for_port,
 )
 
-RECEIVERS = ("bare", "bare-durable", "orthanc", "storescp", "aidx")
+AIDX_VARIANTS = (
+    "aidx",
+    "aidx-idle",
+    "aidx-busy",
+    "aidx-1proc",
+    "aidx-1proc-idle",
+    "aidx-1proc-busy",
+)
+RECEIVERS = ("bare", "bare-durable", "orthanc", "storescp", *AIDX_VARIANTS)
+IDLE_AFTER_S = 20.0  # "idle": this long after the node answers
+BUSY_QUIET_PERIOD_S = (
+    "1"  # the busy runs' first study becomes a job one second after its last image
+)
 LABELS = {
     "bare": "bare pynetdicom SCP (floor)",
     "bare-durable": "bare SCP + fsync (durable floor)",
     "orthanc": "Orthanc",
     "storescp": "DCMTK storescp",
-    "aidx": "aidx serve",
+    "aidx": "aidx serve, after start",
+    "aidx-idle": "aidx serve, idle",
+    "aidx-busy": "aidx serve, job running",
+    "aidx-1proc": "aidx one process, after start",
+    "aidx-1proc-idle": "aidx one process, idle",
+    "aidx-1proc-busy": "aidx one process, job running",
 }
 SUCCESS_LINE = "Received Store Response (Success)"
 SEND_TIMEOUT_S = 600.0
@@ -147,7 +171,9 @@ def dcm_count(folder: Path) -> int:
 
 
 @contextmanager
-def start_receiver(name: str, work: Path, concurrent: bool) -> Iterator[Receiver]:
+def start_receiver(
+    name: str, work: Path, concurrent: bool, busy: Path | None = None
+) -> Iterator[Receiver]:
     """Start the named receiver fresh in ``work`` and stop it (with its children) afterwards."""
     if name == "orthanc":
         with Orthanc(work / "orthanc") as orthanc:
@@ -170,10 +196,18 @@ def start_receiver(name: str, work: Path, concurrent: bool) -> Iterator[Receiver
         finally:
             stop_process(process)
         return
-    if name == "aidx":
+    if name in AIDX_VARIANTS:
         aidx = Path(sys.executable).parent / "aidx"
-        command = [str(aidx), "--data-dir", str(work / "aidx-data"), "serve"]
-        process = start_process([*command, "--port", str(port), "--ae-title", "AIDX"], log)
+        data_dir = work / "aidx-data"
+        command = [str(aidx), "--data-dir", str(data_dir), "serve"]
+        if "1proc" in name:
+            command.append("--single-process")
+        if name.endswith("busy"):
+            os.environ["AIDX_NODE__STUDY_QUIET_PERIOD_S"] = BUSY_QUIET_PERIOD_S
+        try:
+            process = start_process([*command, "--port", str(port), "--ae-title", "AIDX"], log)
+        finally:
+            os.environ.pop("AIDX_NODE__STUDY_QUIET_PERIOD_S", None)
         try:
             try:
                 poll_until(
@@ -186,12 +220,38 @@ def start_receiver(name: str, work: Path, concurrent: bool) -> Iterator[Receiver
             except PeerError as exc:
                 last = str(exc).strip().splitlines()
                 raise ReceiverUnavailableError(f"{last[0]}; last log line: {last[-1]}") from exc
+            receiver = Receiver("AIDX", port, process.pid)
+            if name.endswith("idle"):
+                time.sleep(IDLE_AFTER_S)  # a measurement condition, not a synchronisation
+            elif name.endswith("busy"):
+                assert busy is not None, "a busy run needs a study of its own"
+                start_a_job(receiver, data_dir, work, busy)
             # aidx keeps its own layout; storescu's Success responses are the check.
-            yield Receiver("AIDX", port, process.pid)
+            yield receiver
         finally:
             stop_process(process)
         return
     raise ValueError(f"unknown receiver {name!r}; choose from {', '.join(RECEIVERS)}")
+
+
+def start_a_job(receiver: Receiver, data_dir: Path, work: Path, busy: Path) -> None:
+    """Send the study ``busy`` and wait until a worker runs its job (the timed send then
+    overlaps inference)."""
+    send(receiver, [busy], work / "busy-logs")
+    aidx = Path(sys.executable).parent / "aidx"
+
+    def running() -> bool:
+        done = subprocess.run(
+            [str(aidx), "--data-dir", str(data_dir), "status", "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            return False
+        return any(s["job_state"] == "running" for s in json.loads(done.stdout)["studies"])
+
+    poll_until(running, 120.0, "a job running in aidx")
 
 
 def orthanc_count(orthanc: Orthanc) -> Callable[[], int]:
@@ -274,6 +334,11 @@ class Copies:
     root: Path
     made: list[Path] = field(default_factory=list)
 
+    def busy(self) -> Path:
+        """A study of its own that keeps a worker busy in the busy runs."""
+        target = self.root / "busy"
+        return target if target.is_dir() else copy_with_new_uids(self.source, target)
+
     def first(self, n: int) -> list[Path]:
         while len(self.made) < n:
             self.made.append(copy_with_new_uids(self.source, self.root / f"copy{len(self.made)}"))
@@ -291,10 +356,12 @@ class Result:
     note: str = ""
 
 
-def timed_run(name: str, studies: list[Path], root: Path, concurrent: bool) -> float:
+def timed_run(
+    name: str, studies: list[Path], root: Path, concurrent: bool, busy: Path | None = None
+) -> float:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         work = Path(tmp)
-        with start_receiver(name, work, concurrent) as receiver:
+        with start_receiver(name, work, concurrent, busy) as receiver:
             seconds = send(receiver, studies, work / "logs")
             check_held(name, receiver, sum(dcm_count(s) for s in studies))
     return seconds
@@ -316,15 +383,20 @@ def run_receiver(name: str, args: argparse.Namespace, study: Path, copies: Copie
     result = Result()
     try:
         for repeat in range(args.repeats):
-            result.single.append(timed_run(name, [study], args.root, concurrent=False))
-            many = copies.first(args.senders)
-            result.concurrent.append(timed_run(name, many, args.root, concurrent=True))
-            print(
-                f"  {name} run {repeat + 1}: 1 sender {result.single[-1]:.2f} s,"
-                f" {args.senders} senders {result.concurrent[-1]:.2f} s",
-                flush=True,
+            busy = copies.busy() if name.endswith("busy") else None
+            result.single.append(timed_run(name, [study], args.root, False, busy))
+            if args.senders > 1:
+                many = copies.first(args.senders)
+                result.concurrent.append(timed_run(name, many, args.root, True, busy))
+            many_s = (
+                f", {args.senders} senders {result.concurrent[-1]:.2f} s"
+                if result.concurrent
+                else ""
             )
-        if name == "aidx" and args.rss_studies > 0:
+            print(
+                f"  {name} run {repeat + 1}: 1 sender {result.single[-1]:.2f} s{many_s}", flush=True
+            )
+        if name == "aidx" and args.rss_studies > 0 and "1proc" not in name:
             result.rss_kib = memory_run(copies.first(args.rss_studies), args.root)
     except ReceiverUnavailableError as exc:
         result.note = f"not available ({exc})"
@@ -346,26 +418,27 @@ def report(results: dict[str, Result], images: int, senders: int) -> None:
         if result.note:
             print(f"  {LABELS[name]:<29} {result.note}")
             continue
-        one, many = med(result.single), med(result.concurrent)
-        print(
-            f"  {LABELS[name]:<29} {one:>8.2f} s {images / one:>9.0f}"
-            f"   {many:>8.2f} s {senders * images / many:>9.0f}"
+        one = med(result.single)
+        many = (
+            f"   {med(result.concurrent):>8.2f} s {senders * images / med(result.concurrent):>9.0f}"
+            if result.concurrent
+            else ""
         )
+        print(f"  {LABELS[name]:<32} {one:>8.2f} s {images / one:>9.0f}{many}")
+    # Issue 18's goal: each aidx state within 1.25x the bare SCP's time, and faster than Orthanc.
+    for variant in AIDX_VARIANTS:
+        ours = results.get(variant)
+        if ours is None or ours.note:
+            continue
+        for base, goal in (("bare", "<= 1.25x"), ("orthanc", "< 1x")):
+            other = results.get(base)
+            if other is None or other.note:
+                continue
+            ratio = med(ours.single) / med(other.single)
+            print(f"  {LABELS[variant]:<32} time / {LABELS[base]}: {ratio:.2f}x   goal {goal}")
     aidx = results.get("aidx")
     if aidx is None or aidx.note:
         return
-    for base, target in (("orthanc", 2.0), ("bare", 0.8), ("bare-durable", None)):
-        other = results.get(base)
-        if other is None or other.note:
-            continue
-        for label, ours, theirs, count in (
-            ("1 sender", aidx.single, other.single, images),
-            (f"{senders} senders", aidx.concurrent, other.concurrent, senders * images),
-        ):
-            a, b = rate(ours, count), rate(theirs, count)
-            if a is not None and b is not None:
-                goal = f"   target >= {target:g}x" if target else "   (no target: reference)"
-                print(f"  aidx / {LABELS[base]} images/s ({label}): {a / b:.2f}x{goal}")
     if aidx.rss_kib:
         mib = [k / 1024 for k in aidx.rss_kib]
         print(
@@ -390,7 +463,7 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown receiver(s) {', '.join(unknown)}; choose from {RECEIVERS}")
     if args.repeats < 1 or args.senders < 1:
-        parser.error("--repeats and --senders must be at least 1")
+        parser.error("--repeats and --senders must be at least 1 (--senders 1: one sender only)")
     return args
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # (the UI tests do): it would take port 7860 and a second or two of start-up each. Tests that
 # clear AIDX_* variables for a subprocess set this one again (tests/dicom_node/aidx_process.py).
 os.environ.setdefault("AIDX_UI__ENABLED", "false")
+# `aidx serve` records its data folder in the user's state folder (aidx.config.record_data_dir):
+# the tests' servers record theirs in a folder of the test run, not in the user's home.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="aidx-test-state-")
 REPO = Path(__file__).resolve().parent.parent
 
 

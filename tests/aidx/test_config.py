@@ -14,6 +14,7 @@ from aidx.config import (
     ConfigError,
     StrictModel,
     load_config,
+    record_data_dir,
     redacted,
 )
 from tests.conftest import REPO
@@ -146,3 +147,31 @@ def test_redacted_masks_secret_fields_secret_keys_and_url_passwords() -> None:
     assert shown["password"] == MASK
     assert shown["name"] == "plain"
     assert "s3cret" not in str(shown) and "hunter2" not in str(shown)
+
+
+def test_without_a_data_dir_a_command_finds_the_folder_aidx_serve_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`aidx status` run from another folder used to look for ./aidx-data there and find "no
+    store": the folder `aidx serve` records is used when none is configured and there is no
+    ./aidx-data here; ./aidx-data, where it exists, and a configured folder still win."""
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    served = tmp_path / "served" / "aidx-data"
+    served.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_config(env=env).data_dir == elsewhere / "aidx-data"  # nothing recorded yet
+    record_data_dir(served, env)
+    assert (tmp_path / "state" / "aidx" / "data-dir").read_text(encoding="utf-8").strip() == str(
+        served
+    )
+    assert load_config(env=env).data_dir == served
+    (elsewhere / "aidx-data").mkdir()  # a data folder here is this folder's own
+    assert load_config(env=env).data_dir == elsewhere / "aidx-data"
+    configured = tmp_path / "configured"
+    assert load_config(env=env, overrides={"data_dir": str(configured)}).data_dir == configured
+    # A recorded folder that is gone is not used.
+    (elsewhere / "aidx-data").rmdir()
+    served.rmdir()
+    assert load_config(env=env).data_dir == elsewhere / "aidx-data"

@@ -1,0 +1,148 @@
+"""`aidx serve` as a supervisor of separate processes: the DICOM node (with the outbox and the
+metrics endpoint), the inference workers and the review app, so that none slows another
+through the interpreter lock (a C-STORE is not queued behind a Gradio request or a model's
+Python post-processing).
+
+- Each child is ``python -m aidx ... <command>`` with the same configuration (the supervisor
+  passes ``--config`` and ``--data-dir`` as it resolved them; the environment is inherited).
+- A child that exits while the supervisor runs is logged with its exit status and started
+  again after a back-off (1 s, doubling to 30 s; reset once it has run for a minute).
+- SIGTERM or Ctrl-C stops the children with SIGTERM (they finish what they can: the node
+  stops accepting, workers leave their job for the next start), waits up to
+  :data:`STOP_GRACE_S`, then kills what is left. Children ignore SIGINT, so a Ctrl-C in the
+  terminal reaches only the supervisor and nothing prints a traceback.
+- Killed itself (SIGKILL, a crash), the supervisor takes its children with it: each child arms
+  the kernel's parent-death signal (SIGKILL) as it starts (:func:`as_supervised_child`), so a
+  restarted ``aidx serve`` finds its ports free and no orphan keeps working on the store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger("aidx.supervisor")
+
+STOP_GRACE_S = 10.0
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0  # a child up this long gets its back-off reset
+SUPERVISED_ENV = "AIDX_SUPERVISED"  # set in every child: "this process is one of aidx serve's"
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ChildSpec:
+    """A process to keep running: a name for the log and its ``aidx`` arguments."""
+
+    name: str
+    args: list[str]
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff_s: float = BACKOFF_FIRST_S
+    restart_at: float = 0.0
+    restarts: int = field(default=0)
+
+
+def as_supervised_child() -> None:
+    """Called first thing by ``aidx`` when :data:`SUPERVISED_ENV` names the supervisor's pid:
+    die with it (Linux parent-death signal, SIGKILL), exit at once if it is already gone, and
+    leave Ctrl-C to it (the supervisor stops the children with SIGTERM)."""
+    value = os.environ.get(SUPERVISED_ENV)
+    if not value:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's stop() still ends us
+        pass
+    if value.isdigit() and os.getppid() != int(value):
+        os._exit(0)  # the supervisor died before the death signal was armed
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Supervisor:
+    """Starts the children, restarts those that exit, stops them all on :meth:`stop`."""
+
+    def __init__(self, children: Sequence[ChildSpec], base_args: Sequence[str]) -> None:
+        self._children = [_Child(spec) for spec in children]
+        self._base = [sys.executable, "-m", "aidx", *base_args]
+        self._stop = threading.Event()
+
+    def _start(self, child: _Child) -> None:
+        command = [*self._base, *child.spec.args]
+        env = dict(os.environ, **{SUPERVISED_ENV: str(os.getpid())})
+        child.process = subprocess.Popen(command, env=env)
+        child.started = time.monotonic()
+        log.info("started %s (pid %d)", child.spec.name, child.process.pid)
+
+    def start(self) -> None:
+        for child in self._children:
+            self._start(child)
+
+    def pids(self) -> dict[str, int]:
+        return {c.spec.name: c.process.pid for c in self._children if c.process is not None}
+
+    def run(self) -> None:
+        """Watch the children until :meth:`stop` is called (from a signal handler)."""
+        while not self._stop.wait(0.2):
+            now = time.monotonic()
+            for child in self._children:
+                process = child.process
+                if process is not None and process.poll() is not None:
+                    ran = now - child.started
+                    if ran >= HEALTHY_AFTER_S:
+                        child.backoff_s = BACKOFF_FIRST_S
+                    log.error(
+                        "%s (pid %d) exited with status %s after %.0f s; starting it again "
+                        "in %.0f s",
+                        child.spec.name,
+                        process.pid,
+                        process.returncode,
+                        ran,
+                        child.backoff_s,
+                    )
+                    child.process = None
+                    child.restart_at = now + child.backoff_s
+                    child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+                if child.process is None and now >= child.restart_at:
+                    child.restarts += 1
+                    self._start(child)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def shutdown(self) -> list[tuple[str, int | None]]:
+        """SIGTERM every child, wait up to :data:`STOP_GRACE_S`, SIGKILL the rest; each child's
+        name and exit status."""
+        running = [c for c in self._children if c.process is not None]
+        for child in running:
+            assert child.process is not None
+            if child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        statuses = []
+        for child in running:
+            assert child.process is not None
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", child.spec.name, STOP_GRACE_S)
+                child.process.kill()
+                child.process.wait()
+            statuses.append((child.spec.name, child.process.returncode))
+        return statuses
