@@ -35,7 +35,8 @@ STOP_GRACE_S = 10.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a child up this long gets its back-off reset
-SUPERVISED_ENV = "AIDX_SUPERVISED"  # set in every child: "this process is one of aidx serve's"
+# Set in every child to the supervisor's pid (not AIDX_*: those are configuration).
+SUPERVISED_ENV = "_AIDX_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,21 +78,38 @@ def as_supervised_child() -> None:
 class Supervisor:
     """Starts the children, restarts those that exit, stops them all on :meth:`stop`."""
 
-    def __init__(self, children: Sequence[ChildSpec], base_args: Sequence[str]) -> None:
+    def __init__(
+        self,
+        children: Sequence[ChildSpec],
+        base_args: Sequence[str],
+        env: dict[str, str] | None = None,
+    ) -> None:
         self._children = [_Child(spec) for spec in children]
         self._base = [sys.executable, "-m", "aidx", *base_args]
+        self._env = env or {}
         self._stop = threading.Event()
 
     def _start(self, child: _Child) -> None:
         command = [*self._base, *child.spec.args]
-        env = dict(os.environ, **{SUPERVISED_ENV: str(os.getpid())})
-        child.process = subprocess.Popen(command, env=env)
+        env = {**os.environ, **self._env, SUPERVISED_ENV: str(os.getpid())}
+        # Its own session: a Ctrl-C in the terminal reaches only the supervisor.
+        child.process = subprocess.Popen(command, env=env, start_new_session=True)
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
 
     def start(self) -> None:
         for child in self._children:
             self._start(child)
+
+    def exited(self) -> tuple[str, int] | None:
+        """The first child found to have exited (name, status), None while all run."""
+        for child in self._children:
+            if child.process is not None and child.process.poll() is not None:
+                return child.spec.name, child.process.returncode
+        return None
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def pids(self) -> dict[str, int]:
         return {c.spec.name: c.process.pid for c in self._children if c.process is not None}

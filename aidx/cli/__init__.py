@@ -38,6 +38,7 @@ from aidx.demo import write_demo_study
 from aidx.logs import setup_logging
 from aidx.permissions import private_key_problem, private_umask, sqlite_path, tighten_data_dir
 from aidx.store.migrations import SchemaVersionError
+from aidx.supervisor import as_supervised_child
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="also write the demo study and send it to this node (what `make run` does)",
+    )
+    serve.add_argument(
+        "--single-process",
+        action="store_true",
+        help="run the node, workers and review app in this one process (default: a process "
+        "each, supervised)",
     )
     serve.set_defaults(handler=cli_pipeline.serve)
 
@@ -374,6 +381,7 @@ def _everywhere(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    as_supervised_child()  # one of `aidx serve`'s processes: die with it, Ctrl-C is its job
     # Files 0640, folders 0750 for everything this command writes (aidx.permissions).
     with private_umask():
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,15 +16,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig, ConfigError
+from aidx.supervisor import SUPERVISED_ENV
 
 if TYPE_CHECKING:
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store
+    from aidx.supervisor import ChildSpec, Supervisor
     from dicom_node.service import NodeService
 
 log = logging.getLogger("aidx.cli")
 
 DEMO_QUIET_PERIOD_S = 5.0
+STARTUP_TIMEOUT_S = 60.0  # for the node and the review app to listen
 
 
 def _stop_on_signals() -> threading.Event:
@@ -55,6 +59,155 @@ def _check_pipeline(config: AidxConfig) -> str | None:
 
 
 def serve(args: argparse.Namespace, config: AidxConfig) -> int:
+    """`aidx serve`: a supervisor of the node, worker and review app processes (aidx.supervisor),
+    or all of them in this process with ``--single-process`` (and in each supervised node)."""
+    if getattr(args, "single_process", False):
+        return _serve_here(args, config)
+    return _supervise(args, config)
+
+
+def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
+    from aidx.config import record_data_dir
+    from aidx.supervisor import Supervisor
+
+    demo = bool(getattr(args, "demo", False))
+    if demo and config.node.study_quiet_period_s > DEMO_QUIET_PERIOD_S:
+        log.info("demo: study quiet period %.0f s", DEMO_QUIET_PERIOD_S)
+        config.node.study_quiet_period_s = DEMO_QUIET_PERIOD_S
+    try:
+        model_problem = _check_pipeline(config)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        from aidx.store.store import Store
+
+        Store(config.store_url()).close()  # create or migrate the store once, before the children
+    except (OSError, ValueError, SQLAlchemyError) as exc:
+        print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if model_problem:
+        log.warning("no model for inference: %s", model_problem)
+    record_data_dir(config.data_dir)
+    children = _children(args, config)
+    supervisor = Supervisor(children, _base_args(args, config), _child_env(config))
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("received signal %d: stopping", signum)
+        supervisor.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    supervisor.start()
+    try:
+        problem = _wait_until_ready(config, supervisor)
+        if problem:
+            print(f"aidx serve: cannot start: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        pids = ", ".join(f"{name} {pid}" for name, pid in supervisor.pids().items())
+        log.info(
+            "aidx serving: DICOM %s@%s:%d, %d worker(s)%s (processes: %s)",
+            config.node.ae_title,
+            config.node.host,
+            config.node.port,
+            config.pipeline.workers,
+            f", metrics http://{config.metrics.host}:{config.metrics.port}/metrics"
+            if config.metrics.port
+            else "",
+            pids,
+        )
+        if demo:
+            threading.Thread(
+                target=_send_demo, args=(config, config.node.port), name="aidx-demo", daemon=True
+            ).start()
+        supervisor.run()
+    finally:
+        for name, status in supervisor.shutdown():
+            if status not in (0, None, -signal.SIGTERM):
+                log.warning("%s stopped with status %s", name, status)
+    return EXIT_OK
+
+
+def _children(args: argparse.Namespace, config: AidxConfig) -> list[ChildSpec]:
+    """The node (with the outbox and /metrics), the workers and the review app."""
+    from aidx.supervisor import ChildSpec
+
+    node = [
+        *("serve", "--single-process", "--workers", "0", "--no-ui"),
+        *("--ae-title", config.node.ae_title, "--host", config.node.host),
+        *("--port", str(config.node.port), "--metrics-port", str(config.metrics.port)),
+    ]
+    children = [ChildSpec("node", node)]
+    if config.pipeline.workers > 0:
+        children.append(ChildSpec("workers", ["worker", "--workers", str(config.pipeline.workers)]))
+    if config.ui.enabled:
+        ui = ["ui", "--host", config.ui.host, "--port", str(config.ui.port)]
+        children.append(ChildSpec("review app", [*ui, *(["--demo"] if args.demo else [])]))
+    return children
+
+
+def _base_args(args: argparse.Namespace, config: AidxConfig) -> list[str]:
+    """The global options every child gets: the same configuration, as resolved here."""
+    base = ["--data-dir", str(config.data_dir.resolve())]
+    if getattr(args, "config", None):
+        base += ["--config", str(args.config)]
+    base += ["--log-level", config.log.level, "--log-format", config.log.format]
+    return base
+
+
+def _child_env(config: AidxConfig) -> dict[str, str]:
+    """Settings a flag cannot carry: the demo's shorter quiet period."""
+    return {"AIDX_NODE__STUDY_QUIET_PERIOD_S": repr(config.node.study_quiet_period_s)}
+
+
+def _wait_until_ready(config: AidxConfig, supervisor: Supervisor) -> str | None:
+    """Wait until the node (and the review app) accept connections; the reason when a child
+    exits first (its own message is already on stderr) or nothing answers in time."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    # The node says it listens (a port that answers may be another program's).
+    ready = _ready_file(config, supervisor.pids()["node"])
+    while not ready.exists():
+        exited = supervisor.exited()
+        if exited:
+            where = f"DICOM {config.node.host}:{config.node.port}"
+            return f"{exited[0]} exited with status {exited[1]} ({where}; its message is above)"
+        if supervisor.stopping():
+            return None
+        if time.monotonic() > deadline:
+            return f"the node did not start in {STARTUP_TIMEOUT_S:.0f} s"
+        time.sleep(0.1)  # polling for a child's start-up
+    ports = []
+    if config.ui.enabled:
+        ui_host = "127.0.0.1" if config.ui.host in ("0.0.0.0", "::") else config.ui.host
+        ports.append(("review app", ui_host, config.ui.port))
+    for name, address, port in ports:
+        while True:
+            exited = supervisor.exited()
+            if exited:
+                return f"{exited[0]} exited with status {exited[1]}"
+            if supervisor.stopping():
+                return None
+            try:
+                with socket.create_connection((address, port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    waited = f"{STARTUP_TIMEOUT_S:.0f} s"
+                    return f"the {name} did not listen on {address}:{port} in {waited}"
+                time.sleep(0.1)  # polling a port while a child starts
+    return None
+
+
+def _ready_file(config: AidxConfig, pid: int) -> Path:
+    """Written by a supervised node once it listens (removed when it stops)."""
+    from aidx.doorbell import run_dir
+
+    return run_dir(config.data_dir) / f"node-ready.{pid}"
+
+
+def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
+    from aidx.config import record_data_dir
+    from aidx.doorbell import JOBS, RESULTS, Doorbell, ring
     from aidx.pipeline.metrics import MetricsServer
     from aidx.pipeline.routing import priority_function
     from aidx.pipeline.worker import WorkerPool
@@ -72,11 +225,14 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(config.store_url())
         pool: WorkerPool | None = None
+
+        def on_complete(*_: object) -> None:
+            if pool is not None:
+                pool.notify()
+            ring(config.data_dir, JOBS)  # workers in other processes
+
         service = NodeService(
-            config,
-            store,
-            on_complete=lambda *_: pool.notify() if pool is not None else None,
-            priority=priority_function(config, store),
+            config, store, on_complete=on_complete, priority=priority_function(config, store)
         )
         pool = WorkerPool(
             config,
@@ -85,13 +241,17 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
             on_results=service.exporter.notify,
             poll_interval_s=config.pipeline.poll_interval_s,
         )
+        results_bell = Doorbell(config.data_dir, RESULTS, service.exporter.notify)
         service.start()
         pool.start()
+        results_bell.start()
     except (NodeStartError, OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if model_problem:
         log.warning("no model for inference: %s", model_problem)
+    if not os.environ.get(SUPERVISED_ENV):
+        record_data_dir(config.data_dir)
     metrics = None
     if config.metrics.port:
         health = _health(service, pool, config, model_problem is None)
@@ -117,7 +277,8 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
         print(f"aidx serve: review app: {exc}", file=sys.stderr)
         return EXIT_USAGE
     log.info(
-        "aidx serving: DICOM %s@%s:%d, %d worker(s)%s",
+        "%s: DICOM %s@%s:%d, %d worker(s)%s",
+        "aidx node ready" if os.environ.get(SUPERVISED_ENV) else "aidx serving",
         config.node.ae_title,
         config.node.host,
         service.port,
@@ -128,13 +289,19 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
         threading.Thread(
             target=_send_demo, args=(config, service.port), name="aidx-demo", daemon=True
         ).start()
+    ready = _ready_file(config, os.getpid())
+    if os.environ.get(SUPERVISED_ENV):
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        ready.touch()
     try:
         stop.wait()
     finally:
+        ready.unlink(missing_ok=True)
         if ui_server is not None:
             ui_server.stop()  # type: ignore[attr-defined]
         if metrics is not None:
             metrics.stop()
+        results_bell.stop()
         service.stop()
         pool.stop()
         store.close()
@@ -181,6 +348,7 @@ def _send_demo(config: AidxConfig, port: int) -> None:
 
 def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     del args
+    from aidx.doorbell import JOBS, RESULTS, Doorbell
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store
 
@@ -195,12 +363,27 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_USAGE
     if model_problem:
         log.warning("no model for inference: %s", model_problem)
-    pool = WorkerPool(config, store, count, poll_interval_s=config.pipeline.poll_interval_s)
+    pool = WorkerPool(
+        config,
+        store,
+        count,
+        on_results=lambda: _ring(config, RESULTS),  # the node's outbox sends now
+        poll_interval_s=config.pipeline.poll_interval_s,
+    )
+    jobs_bell = Doorbell(config.data_dir, JOBS, pool.notify)
     pool.start()
+    jobs_bell.start()
     log.info("aidx worker: %d worker(s) on %s", count, config.store_url().split("://")[0])
     try:
         stop.wait()
     finally:
+        jobs_bell.stop()
         pool.stop()
         store.close()
     return EXIT_OK
+
+
+def _ring(config: AidxConfig, kind: str) -> None:
+    from aidx.doorbell import ring
+
+    ring(config.data_dir, kind)

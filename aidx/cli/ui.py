@@ -6,6 +6,7 @@ import argparse
 import logging
 import secrets
 import sys
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ui = sub.add_parser("ui", help="run the radiologist review app alone (aidx serve runs it too)")
     ui.add_argument("--host", dest="ui_host", help="override ui.host")
     ui.add_argument("--port", dest="ui_port", type=int, help="override ui.port")
+    # `aidx serve --demo` runs the review app as `aidx ui --demo`: the demo's account.
+    ui.add_argument("--demo", action="store_true", help=argparse.SUPPRESS)
     ui.set_defaults(handler=run_ui)
 
 
@@ -34,6 +37,12 @@ def start_ui(config: AidxConfig, store: Store, demo: bool = False) -> object | N
 
     server = UiServer(config, store)
     server.start()
+    _announce(config, server, demo)
+    return server
+
+
+def _announce(config: AidxConfig, server: Any, demo: bool) -> None:
+    """The review app's address, and how to sign in (the demo's account, or how to add one)."""
     password = ensure_demo_user(server.ctx.accounts) if demo else None
     print(f"aidx review app: {server.url}", flush=True)
     if password:
@@ -50,7 +59,6 @@ def start_ui(config: AidxConfig, store: Store, demo: bool = False) -> object | N
         )
     else:
         _no_accounts_hint(config, server.ctx.accounts)
-    return server
 
 
 def _no_accounts_hint(config: AidxConfig, accounts: object) -> None:
@@ -86,7 +94,6 @@ def ensure_demo_user(accounts: object) -> str | None:
 
 
 def run_ui(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args
     from ui.web import UiServer
 
     try:
@@ -96,8 +103,7 @@ def run_ui(args: argparse.Namespace, config: AidxConfig) -> int:
     except (OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx ui: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"aidx review app: {server.url}  (users: aidx users add NAME --role ...)", flush=True)
-    _no_accounts_hint(config, server.ctx.accounts)
+    _announce(config, server, bool(getattr(args, "demo", False)))
     try:
         server.run()
     finally:

@@ -1,0 +1,168 @@
+"""`aidx serve` as a supervisor (aidx.supervisor): the node, the workers and the review app
+run as processes of their own; a crashed one is started again, Ctrl-C stops them all cleanly,
+and killing the supervisor takes them with it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.peers import LOOPBACK, echoscu, free_port, poll_until, stop_process
+
+AIDX = [sys.executable, "-m", "aidx"]
+NODE_AET = "AIDX"
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    def text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def children(self) -> dict[str, int]:
+        """The children's pids, from the supervisor's "aidx serving" line."""
+        found = re.search(r"\(processes: (.*)\)", self.text())
+        assert found, self.text()
+        pairs = (part.rsplit(" ", 1) for part in found.group(1).split(", "))
+        return {name: int(pid) for name, pid in pairs}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited too (reaped by init once its parent is gone).
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@contextmanager
+def served(tmp_path: Path, *extra: str, ui_port: int | None = None) -> Iterator[Served]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    env["AIDX_UI__ENABLED"] = "true" if ui_port else "false"
+    log = tmp_path / "serve.log"
+    command = [*AIDX, "--data-dir", str(tmp_path / "data"), "serve", "--port", str(port)]
+    command += ["--metrics-port", "0", *extra]
+    if ui_port:
+        command += ["--ui-port", str(ui_port)]
+    process = subprocess.Popen(
+        command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        poll_until(
+            lambda: "aidx serving" in log.read_text(encoding="utf-8", errors="replace"),
+            90.0,
+            "aidx serve ready",
+            process=process,
+            log_path=log,
+        )
+        yield Served(process, log, port)
+    finally:
+        stop_process(process)
+
+
+def test_the_parts_run_as_processes_and_ctrl_c_stops_them_all_cleanly(tmp_path: Path) -> None:
+    ui_port = free_port()
+    with served(tmp_path, ui_port=ui_port) as s:
+        children = s.children()
+        assert set(children) == {"node", "workers", "review app"}
+        assert s.process.pid not in children.values()
+        assert all(alive(pid) for pid in children.values())
+        assert echoscu(LOOPBACK, s.port, called_aet=NODE_AET).returncode == 0
+        with socket.create_connection((LOOPBACK, ui_port), timeout=5):
+            pass
+        # Ctrl-C in a terminal reaches the supervisor's process group; the children are in
+        # sessions of their own, so only the supervisor gets it, and it stops them.
+        os.killpg(s.process.pid, signal.SIGINT)
+        assert s.process.wait(30) == 0
+        poll_until(lambda: not any(alive(pid) for pid in children.values()), 15.0, "children gone")
+    text = s.text()
+    assert "Traceback" not in text, text[-3000:]
+    assert "received signal 2: stopping" in text
+
+
+def test_a_child_that_dies_is_started_again_while_the_node_keeps_answering(
+    tmp_path: Path,
+) -> None:
+    with served(tmp_path) as s:
+        worker = s.children()["workers"]
+        os.kill(worker, signal.SIGKILL)
+        poll_until(
+            lambda: f"workers (pid {worker}) exited with status -9" in s.text(),
+            15.0,
+            "the supervisor noticing the dead worker",
+            log_path=s.log,
+        )
+        assert echoscu(LOOPBACK, s.port, called_aet=NODE_AET).returncode == 0
+        restarted = re.compile(r"started workers \(pid (\d+)\)")
+        poll_until(
+            lambda: len(restarted.findall(s.text())) == 2,
+            15.0,
+            "the worker started again",
+            log_path=s.log,
+        )
+        new = int(restarted.findall(s.text())[-1])
+        assert new != worker and alive(new)
+        assert s.process.poll() is None
+
+
+def test_killing_the_supervisor_takes_its_children_and_frees_the_port(tmp_path: Path) -> None:
+    with served(tmp_path) as s:
+        children = s.children()
+        os.kill(s.process.pid, signal.SIGKILL)
+        s.process.wait(10)
+        poll_until(
+            lambda: not any(alive(pid) for pid in children.values()),
+            15.0,
+            "children gone with the supervisor",
+        )
+    # A restart gets the port: nothing of the old serve holds it.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, s.port))
+
+
+def test_a_part_that_cannot_start_stops_serve_with_the_reason(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, port))
+        taken.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+        env["AIDX_UI__ENABLED"] = "false"
+        done = subprocess.run(
+            [*AIDX, "--data-dir", str(tmp_path / "d"), "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "aidx serve: cannot start: node exited with status 2" in done.stderr
+    assert str(port) in done.stderr  # the node's own message names the port
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--single-process"])
+def test_single_process_serves_as_before(tmp_path: Path, flag: str) -> None:
+    with served(tmp_path, flag) as s:
+        assert echoscu(LOOPBACK, s.port, called_aet=NODE_AET).returncode == 0
+        assert "processes:" not in s.text()
