@@ -1,7 +1,10 @@
 """aidx: an AI imaging diagnostic assistant (DICOM node, ONNX inference, review app).
 
-This package is the application shell: the ``aidx`` command, configuration, logging and (with
-later components) the store and job pipeline. It never imports torch or MONAI.
+This package is the application shell, by responsibility: :mod:`aidx.cli` (the ``aidx``
+command), :mod:`aidx.pipeline` (workers, routing, metrics), :mod:`aidx.store` (tables, store, job
+queue, outbox, migrations), and at the root configuration, logging, file permissions, deflate and
+the demo study. Imports go one way: cli -> pipeline -> store -> root (docs/architecture.md). It
+never imports torch or MONAI.
 """
 
 from importlib.metadata import PackageNotFoundError, version

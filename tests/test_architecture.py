@@ -1,4 +1,4 @@
-"""Rules of ARCHITECTURE.md that code can check."""
+"""Rules of docs/architecture.md that code can check."""
 
 from __future__ import annotations
 
