@@ -325,17 +325,36 @@ def _send_demo(config: AidxConfig, port: int) -> None:
     """Write the demo study (if absent) and send it to this node, as a PACS would."""
     from aidx.config import DestinationConfig
     from aidx.demo import write_demo_study
+    from aidx.store.store import Store
     from dicom_node.export import SendError, send_files
+    from dicom_node.parse import read_file
 
     try:
         written = write_demo_study(config)
         dicom_dir = Path(getattr(written, "dicom_dir", written))
         files = sorted(dicom_dir.glob("*.dcm"))
-        host = "127.0.0.1" if config.node.host in ("0.0.0.0", "::") else config.node.host
-        target = DestinationConfig(ae_title=config.node.ae_title, host=host, port=port)
-        send_files(target, "AIDX_DEMO", files)
-    except (SendError, OSError, ValueError) as exc:
+        study_uid = read_file(files[0].read_bytes(), "AIDX_DEMO").study_uid
+        store = Store(config.store_url())
+        try:
+            before = _study_state(store, study_uid)
+            host = "127.0.0.1" if config.node.host in ("0.0.0.0", "::") else config.node.host
+            target = DestinationConfig(ae_title=config.node.ae_title, host=host, port=port)
+            send_files(target, "AIDX_DEMO", files)
+            after = _study_state(store, study_uid)
+        finally:
+            store.close()
+    except (SendError, OSError, ValueError, SQLAlchemyError) as exc:
         log.error("demo: could not send the demo study: %s", exc)
+        return
+    if before is not None and before == after:
+        # Every image was a re-send of one already stored: no new version, so no new job.
+        log.info(
+            "demo: sent %d images, all already stored (the demo study was received before); "
+            "nothing new to analyse. Its result: aidx --data-dir %s status %s",
+            len(files),
+            config.data_dir,
+            study_uid,
+        )
         return
     log.info(
         "demo: sent %d images; the result follows after the %.0f s quiet period and "
@@ -344,6 +363,12 @@ def _send_demo(config: AidxConfig, port: int) -> None:
         config.node.study_quiet_period_s,
         config.data_dir,
     )
+
+
+def _study_state(store: Store, study_uid: str) -> tuple[int, int] | None:
+    """(instances, version) of a stored study; None when it is not in the store."""
+    study = store.study(study_uid)
+    return None if study is None else (int(study["instance_count"]), int(study["version"]))
 
 
 def worker(args: argparse.Namespace, config: AidxConfig) -> int:

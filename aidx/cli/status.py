@@ -20,7 +20,7 @@ from sqlalchemy import select
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig
 from aidx.store.jobs import FAILED, NOT_APPLICABLE
-from aidx.store.schema import outbox
+from aidx.store.schema import outbox, results, reviews
 
 if TYPE_CHECKING:
     from aidx.store.store import Store
@@ -77,10 +77,23 @@ def _default_db(config: AidxConfig) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------- the data
+def _reviews(store: Store, study_uid: str) -> list[dict[str, Any]]:
+    """The study's reviews (one per result a radiologist can review), oldest first."""
+    query = (
+        select(reviews, results.c.job_id, results.c.study_version)
+        .join(results, results.c.id == reviews.c.result_id)
+        .where(reviews.c.study_uid == study_uid)
+        .order_by(reviews.c.id)
+    )
+    with store.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
 def recent_status(store: Store, limit: int = 20) -> list[dict[str, Any]]:
-    """The latest studies (latest arrival first) with their latest job."""
+    """The latest studies (latest arrival first) with their latest job and review."""
     out = []
     for row in store.recent_studies(limit):
+        latest = _reviews(store, row["study_uid"])[-1:]
         out.append(
             {
                 "study_uid": row["study_uid"],
@@ -93,6 +106,7 @@ def recent_status(store: Store, limit: int = 20) -> list[dict[str, Any]]:
                 "last_image": _iso(row["last_arrival"]),
                 "calling_ae": row["calling_ae"],
                 "reason": row["reason"] if row["job_state"] in _REASON_STATES else None,
+                "review_state": latest[0]["state"] if latest else None,
             }
         )
     return out
@@ -108,6 +122,27 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
     def offset(at: float | None) -> float | None:
         return None if at is None else round(float(at) - last_image, 3)
 
+    study_reviews = _reviews(store, study_uid)
+    events = [
+        {
+            "at": _iso(e["at"]),
+            "offset_s": offset(e["at"]),
+            "event": e["event"],
+            "job_id": e["job_id"],
+            "detail": e["detail"],
+        }
+        for e in store.study_events(study_uid)
+    ]
+    # The review's steps in the timeline: opened by a radiologist, signed (the latest signing).
+    for r in study_reviews:
+        if r["opened_at"] is not None:
+            events.append(_event(r["opened_at"], offset, "review opened", r["job_id"], ""))
+        if r["signed_at"] is not None:
+            detail = f"by {r['signed_by']}" + (
+                f" (signing {r['sign_count']})" if r["sign_count"] > 1 else ""
+            )
+            events.append(_event(r["signed_at"], offset, "signed", r["job_id"], detail))
+    events.sort(key=lambda e: e["offset_s"] if e["offset_s"] is not None else 0.0)
     with store.engine.connect() as conn:
         items = [
             dict(r._mapping)
@@ -126,16 +161,7 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
         "first_image_offset_s": offset(study["first_arrival"]),
         "last_image": _iso(last_image),
         "completed_at": _iso(study["completed_at"]),
-        "events": [
-            {
-                "at": _iso(e["at"]),
-                "offset_s": offset(e["at"]),
-                "event": e["event"],
-                "job_id": e["job_id"],
-                "detail": e["detail"],
-            }
-            for e in store.study_events(study_uid)
-        ],
+        "events": events,
         "jobs": [
             {
                 "id": j["id"],
@@ -166,6 +192,21 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
             }
             for r in store.study_results(study_uid)
         ],
+        "reviews": [
+            {
+                "review_id": r["id"],
+                "job_id": r["job_id"],
+                "study_version": r["study_version"],
+                "state": r["state"],
+                "opened_at": _iso(r["opened_at"]),
+                "signed_by": r["signed_by"],
+                "signed_at": _iso(r["signed_at"]),
+                "signings": r["sign_count"],
+                "signed_sr_uid": r["signed_sr_uid"],
+                "signed_sr_path": r["signed_sr_path"],
+            }
+            for r in study_reviews
+        ],
         "destinations": [
             {
                 "destination": i["destination"],
@@ -180,6 +221,16 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
             }
             for i in items
         ],
+    }
+
+
+def _event(at: float, offset: Any, name: str, job_id: int | None, detail: str) -> dict[str, Any]:
+    return {
+        "at": _iso(at),
+        "offset_s": offset(at),
+        "event": name,
+        "job_id": job_id,
+        "detail": detail,
     }
 
 
@@ -206,14 +257,15 @@ def _print_recent(studies: list[dict[str, Any]]) -> None:
         return
     width = max(len("STUDY UID"), *(len(s["study_uid"]) for s in studies))
     print(
-        f"{'STUDY UID':<{width}}  {'IMAGES':>6}  {'STUDY':<9}  {'JOB':<14}  {'PRIO':>4}  "
-        f"{'LAST RECEIVED':<23}  REASON"
+        f"{'STUDY UID':<{width}}  {'IMAGES':>6}  {'STUDY':<9}  {'JOB':<14}  {'REVIEW':<9}  "
+        f"{'PRIO':>4}  {'LAST RECEIVED':<23}  REASON"
     )
     for s in studies:
         priority = "-" if s["priority"] is None else str(s["priority"])
         print(
             f"{s['study_uid']:<{width}}  {s['instances']:>6}  {s['study_state']:<9}  "
-            f"{s['job_state'] or '-':<14}  {priority:>4}  {_when(s['last_image']):<23}  "
+            f"{s['job_state'] or '-':<14}  {s['review_state'] or '-':<9}  "
+            f"{priority:>4}  {_when(s['last_image']):<23}  "
             f"{s['reason'] or ''}".rstrip()
         )
 
@@ -246,6 +298,19 @@ def _print_study(r: dict[str, Any]) -> None:
         )
         print(f"    SR   {res['sr_path']}")
         print(f"    SEG  {res['seg_path'] or '-'}")
+
+    print("\nReview")
+    if not r["reviews"]:
+        print("  none")
+    for v in r["reviews"]:
+        print(
+            f"  review {v['review_id']} of job {v['job_id']} (study version "
+            f"{v['study_version']}): {v['state']}"
+        )
+        if v["signed_at"]:
+            again = f", {v['signings']} signings" if v["signings"] > 1 else ""
+            print(f"    signed by {v['signed_by']} at {_when(v['signed_at'])}{again}")
+            print(f"    signed SR  {v['signed_sr_path']}")
 
     print("\nDestinations")
     if not r["destinations"]:

@@ -4,6 +4,7 @@ node, and its result is listed by `aidx status`; /healthz and /metrics answer.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from aidx.cli.pipeline import _send_demo
+from aidx.config import load_config
 from tests.peers import LOOPBACK, free_port, poll_until, stop_process
 from tests.standin_model import install
 
@@ -24,7 +27,11 @@ AIDX = [sys.executable, "-m", "aidx"]
     ids=["in-process", "aidx-worker", "aidx-worker-postgresql"],
 )
 def test_serve_demo_lists_the_result_and_reports_health(
-    tmp_path: Path, separate_worker: bool, backend: str, request: pytest.FixtureRequest
+    tmp_path: Path,
+    separate_worker: bool,
+    backend: str,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """In-process workers, or none in `aidx serve` and an `aidx worker` process beside it on
     the same store (the split a larger site uses), on SQLite or PostgreSQL."""
@@ -105,6 +112,15 @@ def test_serve_demo_lists_the_result_and_reports_health(
         if worker is not None:
             assert "job 1: results ready" in (tmp_path / "worker.log").read_text("utf-8")
             assert "job 1: results ready" not in text
+        else:
+            # `make run` again: the same demo study, every image a re-send of a stored one;
+            # the message says so instead of promising a result that does not follow.
+            config = load_config(env=env)
+            with caplog.at_level(logging.INFO, logger="aidx.cli"):
+                _send_demo(config, config.node.port)
+            assert "all already stored" in caplog.text, caplog.text
+            assert "nothing new to analyse" in caplog.text
+            assert "the result follows" not in caplog.text
     finally:
         stop_process(process)
         if worker is not None:

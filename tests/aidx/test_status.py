@@ -110,7 +110,8 @@ def test_lists_recent_studies_latest_first(
     assert lines[1].split()[1:4] == ["1", "receiving", "-"]
     assert lines[2].split()[1:4] == ["1", "complete", "failed"]
     assert lines[2].endswith("no CT series with at least 20 slices")
-    assert lines[3].split()[1:5] == ["3", "complete", "sent", "5"]
+    # The REVIEW column: no review yet (`-`); tests/ui/test_signoff checks a signed one.
+    assert lines[3].split()[1:6] == ["3", "complete", "sent", "-", "5"]
     assert not any(secret in out for secret in PATIENT_DETAILS)
 
     code, out, _ = run(capsys, "--data-dir", str(data_dir), "status", "--json", "--limit", "2")

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
 
+from aidx.cli.status import recent_status, study_status
 from aidx.store.schema import outbox
 from aidx.store.store import Store
 from inference.sr import finding_groups
@@ -303,6 +304,17 @@ def test_amendment_names_the_previous_signed_report(study: ReviewedStudy) -> Non
     }
     assert len(study.accounts.audit.query(action="sign")) == 2
     assert dciodvfy_errors(second.sr_path) == []
+    # `aidx status` tells the review's state, who signed, how often, and where the SR is.
+    (recent,) = recent_status(study.store)
+    assert recent["review_state"] == "signed"
+    report = study_status(study.store, study.study_uid)
+    assert report is not None
+    (review,) = report["reviews"]
+    assert (review["state"], review["signed_by"], review["signings"]) == ("signed", rad.username, 2)
+    assert review["signed_sr_path"] == str(second.sr_path)
+    assert review["signed_sr_uid"] == second.sr_uid
+    steps = [e["event"] for e in report["events"]]
+    assert steps.index("review opened") < steps.index("signed")
 
 
 # -------------------------------------------------------------------------------- refusals
