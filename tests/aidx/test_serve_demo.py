@@ -23,8 +23,8 @@ AIDX = [sys.executable, "-m", "aidx"]
 
 @pytest.mark.parametrize(
     ("separate_worker", "backend"),
-    [(False, "sqlite"), (True, "sqlite"), (True, "postgresql")],
-    ids=["in-process", "aidx-worker", "aidx-worker-postgresql"],
+    [(False, "sqlite"), (True, "postgresql")],
+    ids=["supervised", "aidx-worker-postgresql"],
 )
 def test_serve_demo_lists_the_result_and_reports_health(
     tmp_path: Path,
@@ -33,8 +33,9 @@ def test_serve_demo_lists_the_result_and_reports_health(
     request: pytest.FixtureRequest,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """In-process workers, or none in `aidx serve` and an `aidx worker` process beside it on
-    the same store (the split a larger site uses), on SQLite or PostgreSQL."""
+    """`aidx serve` with its own worker process (the supervised layout), or none in `aidx
+    serve` and an `aidx worker` started apart on the same store (the split a larger site
+    uses), here on PostgreSQL."""
     install(tmp_path / "models", tmp_path)
     metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}

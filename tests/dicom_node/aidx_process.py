@@ -146,12 +146,19 @@ class AidxSetup:
         return seen[0]
 
     @contextmanager
-    def serve(self, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    def serve(
+        self, log_path: Path, single_process: bool = False
+    ) -> Iterator[subprocess.Popen[bytes]]:
         """``aidx serve`` in its own process group, ready when its port accepts connections;
-        stopped with SIGTERM on exit (the caller checks ``returncode``)."""
+        stopped with SIGTERM on exit (the caller checks ``returncode``). ``single_process``:
+        the node's tests run `serve --single-process` (what the supervised node child runs),
+        without the supervisor's extra process start-up."""
+        command = self.command("serve")
+        if single_process:
+            command.append("--single-process")
         with log_path.open("ab") as log:
             process = subprocess.Popen(
-                self.command("serve"),
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -281,7 +281,10 @@ def test_cli_serve_beyond_loopback_without_allow_list_exits_with_reason(tmp_path
     port = free_port()
     data_dir = tmp_path / "data"
     result = subprocess.run(
-        [script, "--data-dir", str(data_dir), "serve", "--host", "0.0.0.0", "--port", str(port)],
+        [
+            *(script, "--data-dir", str(data_dir), "serve", "--single-process"),
+            *("--host", "0.0.0.0", "--port", str(port)),
+        ],
         check=False,
         capture_output=True,
         text=True,

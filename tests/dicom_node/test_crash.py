@@ -46,7 +46,7 @@ class NodeProcess:
         # No inference workers: this tests the node (the pipeline tests run workers).
         command = [
             *(str(AIDX), "--data-dir", str(data_dir), "serve", "--port", str(port)),
-            *("--workers", "0", "--metrics-port", "0", "--no-ui"),
+            *("--workers", "0", "--metrics-port", "0", "--no-ui", "--single-process"),
         ]
         self.process = start_process(command, log_path)
         poll_until(

@@ -48,7 +48,7 @@ def test_outbox_waits_for_the_pacs_and_delivers_once_after_a_restart(
         outbox={"initial_backoff_s": 0.5, "max_backoff_s": 1.0, "poll_interval_s": 0.3},
     )
     first_log = tmp_path / "serve-1.log"
-    with aidx.serve(first_log) as first:
+    with aidx.serve(first_log, single_process=True) as first:
         queued = aidx.run("send", str(small_study), "--to", "PACS", "--queue")
         assert queued.returncode == 0, queued.stderr
         assert f"outbox item 1 queued: {len(files)} files to PACS" in queued.stdout
@@ -68,7 +68,7 @@ def test_outbox_waits_for_the_pacs_and_delivers_once_after_a_restart(
 
     with Orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as orthanc:
         second_log = tmp_path / "serve-2.log"
-        with aidx.serve(second_log) as second:
+        with aidx.serve(second_log, single_process=True) as second:
             sent = aidx.wait_for_item(
                 lambda row: row.state == "sent", "delivery after the restart", log_path=second_log
             )

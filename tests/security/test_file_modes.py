@@ -108,7 +108,7 @@ def test_everything_aidx_serve_writes_is_0640_in_0750_folders(
         pydicom.dcmread(next(study.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
     )
     log_path = tmp_path / "serve.log"
-    with setup.serve(log_path) as process:
+    with setup.serve(log_path, single_process=True) as process:
         sent = setup.run("send", str(study), "--to", "SELF")
         assert sent.returncode == 0, sent.stderr + log_tail(log_path)
         store = Store(setup.load().store_url())
