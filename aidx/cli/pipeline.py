@@ -75,7 +75,9 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
         log.info("demo: study quiet period %.0f s", DEMO_QUIET_PERIOD_S)
         config.node.study_quiet_period_s = DEMO_QUIET_PERIOD_S
     try:
-        model_problem = _check_pipeline(config)
+        from aidx.pipeline.routing import routes
+
+        routes(config)  # unknown destinations: refuse to start
         config.data_dir.mkdir(parents=True, exist_ok=True)
         from aidx.store.store import Store
 
@@ -83,8 +85,6 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
     except (OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if model_problem:
-        log.warning("no model for inference: %s", model_problem)
     record_data_dir(config.data_dir)
     children = _children(args, config)
     supervisor = Supervisor(children, _base_args(args, config), _child_env(config))
@@ -97,6 +97,11 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     supervisor.start()
     try:
+        # While the children start: a route without a model only warns (the node still
+        # receives; its jobs fail with the reason until a model is registered).
+        model_problem = _check_pipeline(config)
+        if model_problem:
+            log.warning("no model for inference: %s", model_problem)
         problem = _wait_until_ready(config, supervisor)
         if problem:
             print(f"aidx serve: cannot start: {problem}", file=sys.stderr)
