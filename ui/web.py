@@ -23,6 +23,7 @@ Gradio app (ui/app.py) mounted behind it, one per interface language.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import io
 import logging
@@ -440,6 +441,7 @@ class UiServer:
         return f"{scheme}://{host}:{self.port}/"
 
     def _make_server(self) -> Any:
+        _quiet_shutdown()
         ui = self.ctx.config.ui
         config = uvicorn.Config(
             self.gate,
@@ -505,3 +507,29 @@ class UiServer:
         self.app.state.login_workers.close()
         self.ctx.temp.remove()
         os.umask(self._umask_before)
+
+
+class _ShutdownCancellation(logging.Filter):
+    """At shutdown uvicorn waits ``timeout_graceful_shutdown`` for open requests, then cancels
+    them; a browser's open event stream is such a request, and uvicorn logs its cancellation
+    as an 80-line "Exception in ASGI application" traceback. That is the expected end of an
+    open page, not an error: one line says so instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, asyncio.CancelledError):
+            log.info("review app stopped: an open browser page's connection was closed")
+            return False
+        # "Cancel N running task(s), timeout graceful shutdown exceeded": said by the line above
+        message = record.getMessage()
+        return not (message.startswith("Cancel ") and "graceful shutdown" in message)
+
+
+_SHUTDOWN_FILTER = _ShutdownCancellation()
+
+
+def _quiet_shutdown() -> None:
+    """Install :class:`_ShutdownCancellation` on uvicorn's error log (once)."""
+    logger = logging.getLogger("uvicorn.error")
+    if _SHUTDOWN_FILTER not in logger.filters:
+        logger.addFilter(_SHUTDOWN_FILTER)

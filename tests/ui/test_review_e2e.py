@@ -148,6 +148,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         finally:
             stop_process(process)
     assert process.returncode == 0, log_tail(log_path)
+    # Stopped with the review app's pages served: no traceback (a browser's open connection
+    # is closed with one line, ui.web._ShutdownCancellation).
+    assert "Traceback" not in log_path.read_text(encoding="utf-8", errors="replace")
 
 
 def _shot(page: Any, name: str) -> None:

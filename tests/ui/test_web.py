@@ -251,3 +251,33 @@ def test_every_interface_text_exists_in_both_languages() -> None:
     assert missing("zh") == []
     assert text("zh", "sign") == "签署报告" and text("en", "sign") == "Sign report"
     assert text("fr", "sign") == "Sign report"  # an unknown language falls back to English
+
+
+def test_an_open_page_cancelled_at_shutdown_is_one_line_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn cancels a browser's open event stream when the review app stops and logs it as
+    "Exception in ASGI application" with an 80-line traceback (seen with Chromium on Ctrl-C);
+    the review app says it in one line instead, and lets real errors through."""
+    import asyncio
+    import logging
+
+    from ui.web import _quiet_shutdown
+
+    _quiet_shutdown()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    with caplog.at_level(logging.INFO):
+        try:
+            raise asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded")
+        except asyncio.CancelledError:
+            uvicorn_log.exception("Exception in ASGI application\n")
+        uvicorn_log.error("Cancel 1 running task(s), timeout graceful shutdown exceeded")
+        try:
+            raise ValueError("a real error")
+        except ValueError:
+            uvicorn_log.exception("Exception in ASGI application\n")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "review app stopped: an open browser page's connection was closed" in messages
+    assert not any("graceful shutdown" in m for m in messages)
+    (real,) = [r for r in caplog.records if r.exc_info]
+    assert isinstance(real.exc_info[1], ValueError)  # type: ignore[index]
