@@ -12,7 +12,8 @@ import pydicom
 import pytest
 
 from inference.kos import KOS_SERIES_NUMBER, OF_INTEREST, build_kos, write_kos
-from tests.inference.test_results import MODEL, Case, case, dciodvfy_errors  # noqa: F401
+from tests.inference.results_case import MODEL, Case, dciodvfy_errors
+from tests.inference.test_results import case  # noqa: F401 - the fixture
 
 KOS_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"
 

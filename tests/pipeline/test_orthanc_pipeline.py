@@ -23,7 +23,7 @@ import pytest
 
 from inference.sr import LONG_AXIS, VOLUME, finding_groups
 from tests.enhanced_ct import write_enhanced_ct
-from tests.inference.test_results import dciodvfy_errors
+from tests.inference.results_case import dciodvfy_errors
 from tests.peers import LOOPBACK, peer_env, storescu, storescu_command
 from tests.pipeline.conftest import PipelineFactory
 from tests.pipeline.harness import (

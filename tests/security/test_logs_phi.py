@@ -42,7 +42,7 @@ from aidx.logs import (
 from aidx.pipeline.worker import Worker
 from aidx.store.store import Store
 from dicom_node.parse import read_file
-from tests.inference.test_results import dciodvfy_errors
+from tests.inference.results_case import dciodvfy_errors
 from tests.standin_model import install
 from training.phantom import NoduleRequest, PhantomOptions, generate
 

@@ -25,7 +25,7 @@ import yaml
 
 from aidx.store.store import Store
 from tests.conftest import REPO, require_tool
-from tests.inference.test_results import dciodvfy_errors
+from tests.inference.results_case import dciodvfy_errors
 from tests.peers import LOOPBACK, Orthanc, free_port, log_tail, poll_until, stop_process
 from tests.pipeline.harness import downloads, study_series
 from ui.accounts import Accounts

@@ -24,7 +24,7 @@ from aidx.store.schema import outbox
 from aidx.store.store import Store
 from inference.sr import finding_groups
 from tests.conftest import REPO
-from tests.inference.test_results import dciodvfy_errors, text_items
+from tests.inference.results_case import dciodvfy_errors, text_items
 from tests.ui.reviewed_study import PASSWORD, ReviewedStudy, reviewed_study
 from ui.accounts import PermissionDenied, User
 from ui.review import ReviewedFinding, ReviewError, Reviews

@@ -23,7 +23,7 @@ from inference.results_common import finding_colour
 from inference.seg import write_seg
 from inference.sr import finding_groups, write_sr
 from tests.conftest import IN_CI, REPO, require_tool
-from tests.inference.test_results import MODEL, TWO_NODULES, Case, make_case
+from tests.inference.results_case import MODEL, TWO_NODULES, Case, make_case
 
 HARNESS = REPO / "tests" / "viewers" / "node"
 
