@@ -376,6 +376,9 @@ class StorageSCP:
         except DiskFloorError as exc:
             raise InstanceError(status.OUT_OF_RESOURCES, str(exc)) from exc
         except OSError as exc:
+            # A new file renamed into place before the failure (flushing its folder) goes too.
+            if not existed:
+                final.unlink(missing_ok=True)
             raise InstanceError(status.OUT_OF_RESOURCES, f"cannot write the file: {exc}") from exc
         try:
             result = self.store.index_instance(
