@@ -76,6 +76,8 @@ SYSTEM_ACTOR: Final = "system"
 # Audit actions of this module; the review app adds its own (study views, decisions, sign-offs).
 LOGIN: Final = "login"
 LOGIN_FAILED: Final = "login_failed"
+LOGIN_RATE_LIMITED: Final = "login_rate_limited"  # ui.login_rate_limit (ui.web)
+REQUEST_REFUSED: Final = "request_refused"  # from another origin (ui.web_guard.OriginPolicy)
 LOCKOUT: Final = "lockout"
 LOGOUT: Final = "logout"
 SESSION_EXPIRED: Final = "session_expired"

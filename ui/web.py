@@ -41,11 +41,12 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from aidx.config import AidxConfig
 from aidx.store.store import Store
-from ui.accounts import Accounts, AuthError, User
+from ui.accounts import LOGIN_RATE_LIMITED, REQUEST_REFUSED, Accounts, AuthError, User
 from ui.app import build_app
 from ui.i18n import LANGUAGES, text
 from ui.review import Reviews
@@ -62,6 +63,7 @@ from ui.web_guard import (
     Message,
     OriginPolicy,
     Receive,
+    RefusalNotes,
     Scope,
     Send,
     SessionOwners,
@@ -122,6 +124,7 @@ class SessionGate:
         self.headers = [*SECURITY_HEADERS, *([HSTS] if https else [])]
         self._checked: dict[str, tuple[User, float]] = {}
         self._lock = threading.Lock()
+        self.refusals = RefusalNotes()
 
     def user(self, token: str | None, client: str | None) -> User | None:
         if not token:
@@ -154,7 +157,14 @@ class SessionGate:
         if self.origins.applies(scope):
             refusal = self.origins.refusal(scope)
             if refusal is not None:
-                log.warning("%s %s: %s", scope.get("method", "websocket"), scope["path"], refusal)
+                method, address = scope.get("method", "websocket"), client_of(scope) or "unknown"
+                log.warning("%s %s from %s: %s", method, scope["path"], address, refusal)
+                if self.refusals.first(REQUEST_REFUSED, address):
+                    detail = {"method": method, "path": str(scope["path"])[:200], "why": refusal}
+                    record = self.accounts.audit.record
+                    await run_in_threadpool(
+                        record, "-", None, REQUEST_REFUSED, detail=detail, client=address
+                    )
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 4403})
                     return
@@ -278,7 +288,14 @@ def create_app(ctx: UiContext) -> tuple[FastAPI, SessionGate]:
     api.add_middleware(CORSMiddleware, allow_origins=[])
     https = ctx.config.ui.https
     gate_holder: dict[str, SessionGate] = {}
-    login_limit = LoginRateLimit(ctx.config.ui.login_rate_limit, ctx.config.ui.login_rate_window_s)
+
+    def rate_limited(address: str, wait_s: int) -> None:
+        detail = {"retry_after_s": wait_s}
+        ctx.accounts.audit.record("-", None, LOGIN_RATE_LIMITED, detail=detail, client=address)
+
+    login_limit = LoginRateLimit(
+        ctx.config.ui.login_rate_limit, ctx.config.ui.login_rate_window_s, on_refused=rate_limited
+    )
     login_workers = LoginWorkers()
     api.state.login_limit, api.state.login_workers = login_limit, login_workers
 

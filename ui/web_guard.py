@@ -52,6 +52,7 @@ LOGIN_QUEUE_MAX: Final = 32  # sign-ins waiting for those threads; more get 503
 RATE_LIMIT_ADDRESSES: Final = 10_000  # client addresses remembered by the rate limit
 SESSION_OWNERS: Final = 100_000  # page sessions remembered (Gradio keeps 10,000 per app)
 GRADIO_BODY_MAX: Final = 1 << 20  # bytes of a Gradio API request body (events are small JSON)
+REFUSAL_AUDIT_S: Final = 60.0  # one audit entry per client address and kind of refusal per window
 
 Origin = tuple[str, str, int]
 
@@ -140,10 +141,17 @@ class LoginRateLimit:
     """
 
     def __init__(
-        self, attempts: int, window_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        attempts: int,
+        window_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``on_refused(address, wait_s)``: told once per address each time it is refused
+        (with the log line), for the audit log."""
         if attempts < 1 or window_s <= 0:
             raise ValueError("the login rate limit needs attempts >= 1 and a positive window")
+        self.on_refused = on_refused
         self.attempts = attempts
         self.window_s = window_s
         self.clock = clock
@@ -178,6 +186,8 @@ class LoginRateLimit:
                 self.attempts,
                 self.window_s,
             )
+            if self.on_refused is not None:
+                self.on_refused(address, wait)
         return wait
 
     def succeeded(self, address: str) -> None:
@@ -194,6 +204,31 @@ class LoginRateLimit:
             del self._seen[address]
         while len(self._seen) > RATE_LIMIT_ADDRESSES:
             self._seen.popitem(last=False)
+
+
+class RefusalNotes:
+    """Which refusals go to the audit log: the first of each kind from each client address in
+    every ``window_s`` (a flood of refused requests is one entry a minute per address)."""
+
+    def __init__(
+        self, window_s: float = REFUSAL_AUDIT_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._last: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, kind: str, address: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            last = self._last.get((kind, address))
+            if last is not None and now - last < self.window_s:
+                return False
+            self._last[(kind, address)] = now
+            self._last.move_to_end((kind, address))
+            while len(self._last) > RATE_LIMIT_ADDRESSES:
+                self._last.popitem(last=False)
+        return True
 
 
 class LoginBusy(Exception):  # noqa: N818  (a state, not an error of the caller)

@@ -106,6 +106,21 @@ def test_language_logout_and_gradio_events_from_another_origin_are_refused(
     assert out.status_code == 303
 
 
+def test_refusals_are_logged_with_the_address_and_audited_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    web = empty_app(tmp_path)
+    forger = TestClient(web.gate, base_url=APP, client=("10.9.8.7", 4000))
+    for _ in range(5):
+        assert sign_in(forger, {"Origin": "https://evil.example"}) == 403
+    lines = [r.getMessage() for r in caplog.records if "evil.example" in r.getMessage()]
+    assert len(lines) == 5 and all("POST /login from 10.9.8.7" in line for line in lines)
+    refused = web.ctx.accounts.audit.query(action="request_refused")
+    assert len(refused) == 1, refused  # a flood of forged requests is one entry a minute
+    assert refused[0].client == "10.9.8.7" and refused[0].detail["path"] == "/login"
+    assert "evil.example" in refused[0].detail["why"]
+
+
 def test_a_sibling_subdomain_is_another_origin(web: WebApp) -> None:
     with TestClient(web.gate, base_url="https://app.hospital.example") as client:
         login(client, "eng")

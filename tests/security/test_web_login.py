@@ -59,6 +59,9 @@ def test_failed_sign_ins_are_limited_per_address(web: WebApp) -> None:
     assert attempt(attacker, PASSWORD) == 303
     failures = web.ctx.accounts.audit.query(action="login_failed")
     assert len(failures) == LIMIT  # refused attempts never reached the password check
+    # The refusals are in the audit log: one entry per address each time it is locked out.
+    limited = web.ctx.accounts.audit.query(action="login_rate_limited")
+    assert [(e.client, e.detail) for e in limited] == [("10.0.0.66", {"retry_after_s": 60})]
 
 
 def test_successful_sign_ins_are_not_counted(web: WebApp) -> None:
