@@ -40,9 +40,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script: make tests.peers importable
-    sys.path.insert(0, str(REPO))
+# Run as a script, this folder comes first on sys.path and its training.py would shadow the
+# `training` package (whatever PYTHONPATH holds): drop it, and put the repository root first.
+_HERE = Path(__file__).resolve().parent
+REPO = _HERE.parent
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from benchmarks.ingest import copy_with_new_uids
 from tests.peers import (
@@ -92,9 +94,24 @@ def aidx_node(work: Path, max_dataset_mb: int) -> Iterator[Node]:
             process=process,
             log_path=log,
         )
-        yield Node(port, process.pid, data, log)
+        yield Node(port, node_process(process.pid), data, log)
     finally:
         stop_process(process)
+
+
+def node_process(supervisor: int) -> int:
+    """The pid of the process that receives: `aidx serve` supervises its node as a child
+    (``serve --single-process``); measuring the supervisor would find no growth at all."""
+    pending, seen = [supervisor], []
+    while pending:
+        pid = pending.pop()
+        seen.append(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pending += [int(c) for c in (task / "children").read_text().split()]
+    for pid in seen:
+        if b"--single-process" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+            return pid
+    raise RuntimeError(f"no node (serve --single-process) among aidx serve's processes {seen}")
 
 
 def spool_count(node: Node) -> int:
@@ -330,6 +347,8 @@ def run_memory(root: Path, args: argparse.Namespace) -> list[tuple[str, int | No
         fits = big_dataset(maximum * 9 // 10)
         code, growth = memory_probe(node, work, fits, "1.2.840.10008.1.2.1")
         results.append((f"data set within the limit ({len(fits) / 1e6:.0f} MB)", code, growth))
+        if growth * 1024 < len(fits) // 2:  # it holds the data set at least once
+            raise RuntimeError(f"pid {node.pid} grew {growth} KiB: not the receiving process")
     return results
 
 
