@@ -222,6 +222,8 @@ class PipelineConfig(StrictModel):
     max_attempts: int = Field(default=3, ge=1)
     # How often separate worker processes look for queued jobs (in-process ones are woken).
     poll_interval_s: float = Field(default=2.0, gt=0)
+    # Niceness of the worker processes (0-19): inference takes the CPU the node does not need.
+    worker_nice: int = Field(default=10, ge=0, le=19)
     routes: list[RouteConfig] = Field(default_factory=list)
     priority_rules: list[PriorityRuleConfig] = Field(default_factory=list)
 
@@ -239,6 +241,8 @@ class UiConfig(StrictModel):
     """The review app (``aidx ui``, and ``aidx serve`` unless ``enabled`` is false)."""
 
     enabled: bool = True
+    # Niceness of the review app's process under `aidx serve` (0-19).
+    nice: int = Field(default=5, ge=0, le=19)
     host: str = "127.0.0.1"
     port: int = Field(default=7860, ge=0, le=65535)  # 0: any free port (tests)
     # HTTPS: required when host is not a loopback address (remote reading).

@@ -19,6 +19,7 @@ Python post-processing).
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger("aidx.supervisor")
 
@@ -46,6 +48,9 @@ class ChildSpec:
 
     name: str
     args: list[str]
+    # Added to the supervisor's niceness as the child starts (before its imports): inference and
+    # the review app yield the CPU to the DICOM node, whose peer waits on a timeout.
+    nice: int = 0
 
 
 @dataclass
@@ -75,6 +80,20 @@ def as_supervised_child() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def lower_priority(nice: int, pid: int = 0) -> None:
+    """Make ``pid`` at least ``nice`` nicer than this process (``pid`` 0: make this process at
+    least ``nice`` nice). Never lowers a niceness (that needs privileges). Linux applies it to
+    the main thread; threads started later inherit it."""
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        current = os.getpriority(os.PRIO_PROCESS, pid) if pid else own
+        target = min(own + nice if pid else nice, 19)
+        if target > current:
+            os.setpriority(os.PRIO_PROCESS, pid, target)
+    except (OSError, AttributeError) as exc:  # a process gone already, or not POSIX
+        log.debug("cannot set the niceness of pid %d: %s", pid, exc)
+
+
 class Supervisor:
     """Starts the children, restarts those that exit, stops them all on :meth:`stop`."""
 
@@ -83,11 +102,15 @@ class Supervisor:
         children: Sequence[ChildSpec],
         base_args: Sequence[str],
         env: dict[str, str] | None = None,
+        state_path: Path | None = None,
     ) -> None:
+        """``state_path``: a JSON file kept up to date with each child's pid and restarts (read
+        by the node's ``/healthz``, :func:`children_alive`); removed at :meth:`shutdown`."""
         self._children = [_Child(spec) for spec in children]
         self._base = [sys.executable, "-m", "aidx", *base_args]
         self._env = env or {}
         self._stop = threading.Event()
+        self.state_path = state_path
 
     def _start(self, child: _Child) -> None:
         command = [*self._base, *child.spec.args]
@@ -95,7 +118,27 @@ class Supervisor:
         # Its own session: a Ctrl-C in the terminal reaches only the supervisor.
         child.process = subprocess.Popen(command, env=env, start_new_session=True)
         child.started = time.monotonic()
+        if child.spec.nice:
+            lower_priority(child.spec.nice, child.process.pid)
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
+        self._write_state()
+
+    def _write_state(self) -> None:
+        if self.state_path is None:
+            return
+        children = {
+            c.spec.name: {"pid": c.process.pid, "restarts": c.restarts, "started": c.started}
+            for c in self._children
+            if c.process is not None
+        }
+        state = {"pid": os.getpid(), "children": children}
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            temp = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}")
+            temp.write_text(json.dumps(state))
+            temp.replace(self.state_path)
+        except OSError as exc:  # health reports the children as unknown; serving goes on
+            log.warning("cannot write %s: %s", self.state_path, exc)
 
     def start(self) -> None:
         for child in self._children:
@@ -152,6 +195,8 @@ class Supervisor:
             assert child.process is not None
             if child.process.poll() is None:
                 child.process.terminate()
+        if self.state_path is not None:
+            self.state_path.unlink(missing_ok=True)
         deadline = time.monotonic() + STOP_GRACE_S
         statuses = []
         for child in running:
@@ -164,3 +209,25 @@ class Supervisor:
                 child.process.wait()
             statuses.append((child.spec.name, child.process.returncode))
         return statuses
+
+
+def children_alive(state_path: Path, names: Sequence[str]) -> dict[str, bool]:
+    """Whether each named child of the supervisor that wrote ``state_path`` runs: its pid is a
+    live process whose parent is that supervisor (a pid taken again by another program is not
+    it). A child being restarted, or a state file that cannot be read, is not alive."""
+    try:
+        state = json.loads(state_path.read_text())
+        supervisor = int(state["pid"])
+        pids = {str(name): int(child["pid"]) for name, child in state["children"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict.fromkeys(names, False)
+    return {name: name in pids and _child_of(pids[name], supervisor) for name in names}
+
+
+def _child_of(pid: int, parent: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    state, ppid = fields[0], int(fields[1])
+    return state not in ("Z", "X") and ppid == parent

@@ -14,7 +14,9 @@ each receiver, started fresh for every timed run so that none sees a study twice
   app's first requests, the model loaded), ``aidx-busy`` while a job runs (another study sent
   first; the send is timed once the worker has taken its job, with the default model running);
   ``aidx-1proc``, ``aidx-1proc-idle`` and ``aidx-1proc-busy``: the same with
-  ``serve --single-process`` (everything in one Python process, the layout before issue 18).
+  ``serve --single-process`` (everything in one Python process, the layout before issue 18);
+  ``aidx-node-idle``: the node child alone (``serve --single-process --workers 0 --no-ui``),
+  which shows what the sibling processes cost it;
 
 It also times 4 storescu processes sending 4 copies of the study (new Study/Series/SOP UIDs) at
 once, and for aidx the resident memory after each of 10 consecutive studies. Every run checks
@@ -70,6 +72,7 @@ AIDX_VARIANTS = (
     "aidx-1proc",
     "aidx-1proc-idle",
     "aidx-1proc-busy",
+    "aidx-node-idle",
 )
 RECEIVERS = ("bare", "bare-durable", "orthanc", "storescp", *AIDX_VARIANTS)
 IDLE_AFTER_S = 20.0  # "idle": this long after the node answers
@@ -87,6 +90,7 @@ LABELS = {
     "aidx-1proc": "aidx one process, after start",
     "aidx-1proc-idle": "aidx one process, idle",
     "aidx-1proc-busy": "aidx one process, job running",
+    "aidx-node-idle": "aidx node alone, idle",
 }
 SUCCESS_LINE = "Received Store Response (Success)"
 SEND_TIMEOUT_S = 600.0
@@ -202,6 +206,8 @@ def start_receiver(
         command = [str(aidx), "--data-dir", str(data_dir), "serve"]
         if "1proc" in name:
             command.append("--single-process")
+        elif "node" in name:  # what the supervised node child runs, without its siblings
+            command += ["--single-process", "--workers", "0", "--no-ui"]
         if name.endswith("busy"):
             os.environ["AIDX_NODE__STUDY_QUIET_PERIOD_S"] = BUSY_QUIET_PERIOD_S
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -87,7 +88,9 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_USAGE
     record_data_dir(config.data_dir)
     children = _children(args, config)
-    supervisor = Supervisor(children, _base_args(args, config), _child_env(config))
+    supervisor = Supervisor(
+        children, _base_args(args, config), _child_env(config), _supervisor_state(config)
+    )
 
     def _on_signal(signum: int, _frame: object) -> None:
         log.info("received signal %d: stopping", signum)
@@ -141,10 +144,12 @@ def _children(args: argparse.Namespace, config: AidxConfig) -> list[ChildSpec]:
     ]
     children = [ChildSpec("node", node)]
     if config.pipeline.workers > 0:
-        children.append(ChildSpec("workers", ["worker", "--workers", str(config.pipeline.workers)]))
+        workers = ["worker", "--workers", str(config.pipeline.workers)]
+        children.append(ChildSpec("workers", workers, nice=config.pipeline.worker_nice))
     if config.ui.enabled:
         ui = ["ui", "--host", config.ui.host, "--port", str(config.ui.port)]
-        children.append(ChildSpec("review app", [*ui, *(["--demo"] if args.demo else [])]))
+        ui += ["--demo"] if args.demo else []
+        children.append(ChildSpec("review app", ui, nice=config.ui.nice))
     return children
 
 
@@ -316,14 +321,33 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
 def _health(
     service: NodeService, pool: WorkerPool, config: AidxConfig, model_ok: bool
 ) -> Callable[[], dict[str, bool]]:
+    """The node's /healthz checks. Under `aidx serve` the node's siblings count too: the
+    workers and the review app are alive as the supervisor's children (its state file)."""
+    from aidx.supervisor import children_alive
+
+    supervised = bool(os.environ.get(SUPERVISED_ENV))
+    state = _supervisor_state(config)
+
     def checks() -> dict[str, bool]:
-        return {
-            "dicom_listener": service.scp.running,
-            "workers": pool.alive() or config.pipeline.workers == 0,
-            "model": model_ok,
-        }
+        result = {"dicom_listener": service.scp.running, "model": model_ok}
+        if not supervised:
+            result["workers"] = pool.alive() or config.pipeline.workers == 0
+            return result
+        try:
+            names = [n for n in json.loads(state.read_text())["children"] if n != "node"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return {**result, "supervisor": False}
+        alive = children_alive(state, names)
+        return {**result, **{name.replace(" ", "_"): ok for name, ok in alive.items()}}
 
     return checks
+
+
+def _supervisor_state(config: AidxConfig) -> Path:
+    """The supervisor's children and their pids (aidx.supervisor.Supervisor.state_path)."""
+    from aidx.doorbell import run_dir
+
+    return run_dir(config.data_dir) / "supervisor.json"
 
 
 def _send_demo(config: AidxConfig, port: int) -> None:
@@ -381,7 +405,9 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     from aidx.doorbell import JOBS, RESULTS, Doorbell
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store
+    from aidx.supervisor import lower_priority
 
+    lower_priority(config.pipeline.worker_nice)  # as under `aidx serve` (it set it already)
     stop = _stop_on_signals()
     count = max(config.pipeline.workers, 1)
     try:

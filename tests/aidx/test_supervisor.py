@@ -4,12 +4,14 @@ and killing the supervisor takes them with it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from aidx.supervisor import children_alive
 from tests.peers import LOOPBACK, echoscu, free_port, poll_until, stop_process
 
 AIDX = [sys.executable, "-m", "aidx"]
@@ -79,13 +82,38 @@ def served(tmp_path: Path, *extra: str, ui_port: int | None = None) -> Iterator[
         stop_process(process)
 
 
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def healthz(port: int) -> dict[str, bool]:
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/healthz", timeout=10) as answer:
+            return dict(json.load(answer)["checks"])
+    except urllib.error.HTTPError as exc:  # 503 carries the checks too
+        return dict(json.load(exc)["checks"])
+
+
 def test_the_parts_run_as_processes_and_ctrl_c_stops_them_all_cleanly(tmp_path: Path) -> None:
-    ui_port = free_port()
-    with served(tmp_path, ui_port=ui_port) as s:
+    ui_port, metrics_port = free_port(), free_port()
+    with served(tmp_path, "--metrics-port", str(metrics_port), ui_port=ui_port) as s:
         children = s.children()
         assert set(children) == {"node", "workers", "review app"}
         assert s.process.pid not in children.values()
         assert all(alive(pid) for pid in children.values())
+        # The node comes first for the CPU: inference and the review app are niced.
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert niceness(children["node"]) == own
+        assert niceness(children["workers"]) == min(own + 10, 19)
+        assert niceness(children["review app"]) == min(own + 5, 19)
+        # The node's /healthz answers for its siblings too.
+        assert healthz(metrics_port) == {
+            "store": True,
+            "dicom_listener": True,
+            "model": True,
+            "workers": True,
+            "review_app": True,
+        }
         assert echoscu(LOOPBACK, s.port, called_aet=NODE_AET).returncode == 0
         with socket.create_connection((LOOPBACK, ui_port), timeout=5):
             pass
@@ -163,3 +191,27 @@ def test_single_process_serves_as_before(tmp_path: Path, flag: str) -> None:
     with served(tmp_path, flag) as s:
         assert echoscu(LOOPBACK, s.port, called_aet=NODE_AET).returncode == 0
         assert "processes:" not in s.text()
+
+
+def test_health_knows_a_child_by_its_pid_and_its_parent(tmp_path: Path) -> None:
+    state = tmp_path / "supervisor.json"
+    assert children_alive(state, ["workers"]) == {"workers": False}  # no supervisor
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        children = {"workers": {"pid": child.pid}, "review app": {"pid": 1}}
+        state.write_text(json.dumps({"pid": os.getpid(), "children": children}))
+        # pid 1 is not this supervisor's child: a pid taken again by another program.
+        assert children_alive(state, ["workers", "review app", "outbox"]) == {
+            "workers": True,
+            "review app": False,
+            "outbox": False,
+        }
+        child.kill()
+        child.wait()
+        assert children_alive(state, ["workers"]) == {"workers": False}
+        state.write_text("{not json")
+        assert children_alive(state, ["workers"]) == {"workers": False}
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
