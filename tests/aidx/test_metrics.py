@@ -15,36 +15,14 @@ from sqlalchemy import create_engine
 from aidx.pipeline.metrics import INFERENCE_BUCKETS, MetricsServer
 from aidx.store.jobs import Delivery, ResultRecord
 from aidx.store.store import InstanceRecord, Store
+from tests.aidx.instances import instance_record
 
 STUDY = "1.2.826.0.1.3680043.10.543.1"
 SERIES = STUDY + ".1"
 
 
 def record(n: int, size: int, study: str = STUDY, series: str = SERIES) -> InstanceRecord:
-    return InstanceRecord(
-        sop_uid=f"{series}.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        series_uid=series,
-        study_uid=study,
-        transfer_syntax="1.2.840.10008.1.2.1",
-        patient_id="PID-SECRET",
-        issuer="",
-        patient_name="DOE^JANE",
-        birth_date="19600101",
-        sex="F",
-        accession_number="ACC1",
-        study_date="20240501",
-        study_time="120000",
-        study_description="CT CHEST",
-        modality="CT",
-        series_description="LUNG 1.0",
-        body_part="CHEST",
-        series_number=1,
-        instance_number=n,
-        path=f"/spool/{series}/{n}.dcm",
-        size=size,
-        calling_ae="PACS",
-    )
+    return instance_record(study, n, series, size=size)
 
 
 @pytest.fixture

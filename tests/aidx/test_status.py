@@ -16,6 +16,7 @@ from aidx.cli import main
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.store.jobs import Delivery, ResultRecord
 from aidx.store.store import InstanceRecord, Store
+from tests.aidx.instances import instance_record
 
 DONE = "1.2.826.0.1.3680043.10.543.10"
 WAITING = "1.2.826.0.1.3680043.10.543.20"
@@ -26,30 +27,14 @@ PATIENT_DETAILS = ("DOE^JANE", "PID-SECRET-77", "19600101", "ACC-SECRET-5")
 
 
 def record(study: str, n: int) -> InstanceRecord:
-    series = study + ".1"
-    return InstanceRecord(
-        sop_uid=f"{series}.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        series_uid=series,
-        study_uid=study,
-        transfer_syntax="1.2.840.10008.1.2.1",
-        patient_id=PATIENT_DETAILS[1],
-        issuer="",
-        patient_name=PATIENT_DETAILS[0],
-        birth_date=PATIENT_DETAILS[2],
-        sex="F",
-        accession_number=PATIENT_DETAILS[3],
-        study_date="20240501",
-        study_time="120000",
-        study_description="CT CHEST",
-        modality="CT",
-        series_description="LUNG 1.0",
-        body_part="CHEST",
-        series_number=1,
-        instance_number=n,
-        path=f"/spool/{series}/{n}.dcm",
-        size=1000,
-        calling_ae="PACS",
+    name, patient_id, birth_date, accession = PATIENT_DETAILS
+    return instance_record(
+        study,
+        n,
+        patient_id=patient_id,
+        patient_name=name,
+        birth_date=birth_date,
+        accession_number=accession,
     )
 
 

@@ -12,35 +12,13 @@ from sqlalchemy import select, update
 
 from aidx.store.schema import instances, series, studies
 from aidx.store.store import InstanceRecord, Store
+from tests.aidx.instances import instance_record
 
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 
 
 def record(n: int, study: str = STUDY, patient_id: str = "P1") -> InstanceRecord:
-    return InstanceRecord(
-        sop_uid=f"{study}.1.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        series_uid=f"{study}.1",
-        study_uid=study,
-        transfer_syntax="1.2.840.10008.1.2.1",
-        patient_id=patient_id,
-        issuer="",
-        patient_name="TEST^INDEX",
-        birth_date="19700101",
-        sex="O",
-        accession_number="A1",
-        study_date="20240501",
-        study_time="120000",
-        study_description="CT CHEST",
-        modality="CT",
-        series_description="LUNG",
-        body_part="CHEST",
-        series_number=1,
-        instance_number=n,
-        path=f"/spool/{n}.dcm",
-        size=1000 + n,
-        calling_ae="PACS",
-    )
+    return instance_record(study, n, patient_id=patient_id, path=f"/spool/{n}.dcm", size=1000 + n)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
