@@ -31,7 +31,6 @@ from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.config import AidxConfig, ConfigError, load_config
 from aidx.logs import setup_logging
 from aidx.permissions import private_umask, sqlite_path, tighten_data_dir
-from aidx.store.migrations import SchemaVersionError
 from aidx.supervisor import as_supervised_child
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -368,6 +367,12 @@ def _main(argv: Sequence[str] | None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, config)
-    except SchemaVersionError as exc:  # any command that opens the store
+    except Exception as exc:
+        # A SchemaVersionError, from any command that opens the store (imported here: the
+        # store and SQLAlchemy are loaded by the commands that use them, not by every one).
+        from aidx.store.migrations import SchemaVersionError
+
+        if not isinstance(exc, SchemaVersionError):
+            raise
         print(f"aidx: {exc}", file=sys.stderr)
         return EXIT_USAGE
