@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aidx import __version__
 from aidx.cli import config as cli_config
@@ -28,14 +28,16 @@ from aidx.cli import pipeline as cli_pipeline
 from aidx.cli import status as cli_status
 from aidx.cli import ui as cli_ui
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig, ConfigError, load_config
 from aidx.logs import setup_logging
 from aidx.permissions import private_umask, sqlite_path, tighten_data_dir
 from aidx.supervisor import as_supervised_child
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
-Handler = Callable[[argparse.Namespace, AidxConfig], int]
+if TYPE_CHECKING:
+    from aidx.config import AidxConfig
+
+    Handler = Callable[[argparse.Namespace, AidxConfig], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,6 +339,8 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     _everywhere(parser)
     args = parser.parse_args(argv)
+    from aidx.config import ConfigError, load_config  # after parsing: `aidx --help` needs neither
+
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:
         overrides["data_dir"] = str(args.data_dir)

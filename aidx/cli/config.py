@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig, dump_yaml, redacted
 from aidx.permissions import private_key_problem
+
+if TYPE_CHECKING:
+    from aidx.config import AidxConfig
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,6 +26,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def config_show(args: argparse.Namespace, config: AidxConfig) -> int:
+    from aidx.config import dump_yaml, redacted
+
     data = redacted(config)
     if args.format == "json":
         print(json.dumps(data, indent=2, ensure_ascii=False))

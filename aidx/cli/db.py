@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from aidx.config import AidxConfig
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

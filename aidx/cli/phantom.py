@@ -9,11 +9,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
-from aidx.demo import write_demo_study
+
+if TYPE_CHECKING:
+    from aidx.config import AidxConfig
 
 log = logging.getLogger("aidx.cli")
 
@@ -94,6 +95,7 @@ def write_phantom(args: argparse.Namespace, config: AidxConfig) -> int:
 
 def write_demo(args: argparse.Namespace, config: AidxConfig) -> int:
     del args
+    from aidx.demo import write_demo_study
     from training.phantom import PhantomError
 
     try:

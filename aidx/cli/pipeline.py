@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig, ConfigError
 from aidx.supervisor import SUPERVISED_ENV
 
 if TYPE_CHECKING:
+    from aidx.config import AidxConfig
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store
     from aidx.supervisor import ChildSpec, Supervisor
@@ -408,6 +408,7 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     del args
     from sqlalchemy.exc import SQLAlchemyError
 
+    from aidx.config import ConfigError
     from aidx.doorbell import JOBS, RESULTS, Doorbell
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
 
 if TYPE_CHECKING:
+    from aidx.config import AidxConfig
     from aidx.store.store import Store
 
 
