@@ -63,6 +63,18 @@ SERVING = [
 ]
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run in a fresh interpreter (nothing imported yet), in the repository."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
 def test_serving_packages_and_the_phantom_do_not_load_torch_or_monai() -> None:
     code = (
         "import sys\n"
@@ -74,14 +86,7 @@ def test_serving_packages_and_the_phantom_do_not_load_torch_or_monai() -> None:
         + "assert not loaded, loaded\n"
         + "print('ok')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = _python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -120,14 +125,7 @@ def test_the_command_line_loads_no_heavy_package_before_it_knows_the_command(
         + run
         + f"print(sorted(m for m in {NOT_FOR_EVERY_COMMAND!r} if m in sys.modules))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = _python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
 
