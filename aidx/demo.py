@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import AidxConfig
+if TYPE_CHECKING:
+    from .config import AidxConfig
 
 
 def write_demo_study(config: AidxConfig, overwrite: bool = False) -> Any:

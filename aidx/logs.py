@@ -17,6 +17,7 @@ made (:class:`PatientDataFilter`), whichever handler receives it:
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import json
 import logging
 import os
@@ -28,27 +29,27 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import highdicom
-import pydicom
-from pydicom.datadict import keyword_dict
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.valuerep import VR, PersonName
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+# pydicom and highdicom are not imported here: every aidx process sets up logging, most never
+# read DICOM (importing both takes about 0.7 s). Their loggers are configured by name; what the
+# redaction needs from pydicom is imported when a record of theirs is first redacted.
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
 
 REDACTED = "[redacted]"
 LIBRARY_LOGGERS = ("pydicom", "highdicom", "py.warnings")
-_LIBRARY_DIRS = tuple(str(Path(m.__file__ or "").parent) + os.sep for m in (pydicom, highdicom))
+_LIBRARIES = ("pydicom", "highdicom")
 
 # A quoted string, as the libraries write them: '...', "..." or a bytes repr b'...'.
 _QUOTED = re.compile(r"""b?'(?:[^'\\\n]|\\.)*'|b?"(?:[^"\\\n]|\\.)*\"""")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)){3,}$")
 _TAG = re.compile(r"^\(?[0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)?$")
-_VRS = frozenset(vr.value for vr in VR)
 # Type names, as in "'str' object cannot be interpreted as an integer".
 _BUILTINS = frozenset(n for n in dir(builtins) if isinstance(getattr(builtins, n), type))
 _ARGUMENT = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")  # an argument: "patient_name"
@@ -74,10 +75,33 @@ _PATIENT_VALUES: ContextVar[tuple[re.Pattern[str], ...]] = ContextVar(
 )
 
 
+@cache
+def _library_dirs() -> tuple[str, ...]:
+    """The folders of pydicom and highdicom, found without importing them."""
+    specs = [importlib.util.find_spec(name) for name in _LIBRARIES]
+    return tuple(str(Path(s.origin).parent) + os.sep for s in specs if s and s.origin)
+
+
+_DICOM_WORDS: frozenset[str] | None = None
+
+
+def _dicom_words() -> frozenset[str]:
+    """DICOM keywords and VRs: quoted, they name an attribute, not a value."""
+    global _DICOM_WORDS  # noqa: PLW0603 - read from pydicom once, when first needed
+    if _DICOM_WORDS is None:
+        try:
+            from pydicom.datadict import keyword_dict  # noqa: PLC0415 - not in every process
+            from pydicom.valuerep import VR  # noqa: PLC0415
+        except ImportError:  # a warning while pydicom itself is imported: redact every quote
+            return frozenset()
+        _DICOM_WORDS = frozenset(keyword_dict) | frozenset(vr.value for vr in VR)
+    return _DICOM_WORDS
+
+
 def _keep_quoted(match: re.Match[str]) -> str:
     quoted = match.group(0)
     inner = quoted[2:-1] if quoted.startswith("b") else quoted[1:-1]
-    if inner == "" or inner in keyword_dict or inner in _VRS or inner in _BUILTINS:
+    if inner == "" or inner in _dicom_words() or inner in _BUILTINS:
         return quoted
     if _ARGUMENT.match(inner):
         return quoted
@@ -115,7 +139,7 @@ def from_library(exc: BaseException) -> bool:
         seen.add(id(current))
         tb = current.__traceback__
         while tb is not None:
-            if tb.tb_frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+            if tb.tb_frame.f_code.co_filename.startswith(_library_dirs()):
                 return True
             tb = tb.tb_next
         current = current.__cause__ or current.__context__
@@ -207,6 +231,10 @@ def patient_values_of(dataset: Dataset) -> set[str]:
     """The values of ``dataset``'s patient attributes (the Patient module's group 0010, the
     accession number and the people named in the study), and the components of its names, as
     strings that messages may quote."""
+    from pydicom.datadict import keyword_dict  # noqa: PLC0415 - not for every aidx process
+    from pydicom.multival import MultiValue  # noqa: PLC0415
+    from pydicom.valuerep import PersonName  # noqa: PLC0415
+
     values: set[str] = set()
     # keys(), not the dataset: iterating a Dataset converts every element.
     tags: list[int] = [t for t in dataset.keys() if t.group == _PATIENT_GROUP]  # noqa: SIM118

@@ -8,6 +8,8 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 SERVING = [
@@ -61,6 +63,18 @@ SERVING = [
 ]
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run in a fresh interpreter (nothing imported yet), in the repository."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
 def test_serving_packages_and_the_phantom_do_not_load_torch_or_monai() -> None:
     code = (
         "import sys\n"
@@ -72,16 +86,48 @@ def test_serving_packages_and_the_phantom_do_not_load_torch_or_monai() -> None:
         + "assert not loaded, loaded\n"
         + "print('ok')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = _python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# What `aidx --help` and every `aidx` process (each child of `aidx serve` is one) would otherwise
+# load before it knows its command: DICOM (highdicom about 0.6 s), the store (SQLAlchemy), the
+# configuration (pydantic, YAML), the model runtime and the review app. A command imports them
+# when it runs.
+NOT_FOR_EVERY_COMMAND = (
+    "highdicom",
+    "pydicom",
+    "pynetdicom",
+    "sqlalchemy",
+    "pydantic",
+    "yaml",
+    "numpy",
+    "onnxruntime",
+    "gradio",
+    "fastapi",
+    "torch",
+    "monai",
+    "aidx.config",
+    "aidx.store",
+    "training",
+)
+
+
+@pytest.mark.parametrize("argv", [None, ["--help"], ["status", "--help"]])
+def test_the_command_line_loads_no_heavy_package_before_it_knows_the_command(
+    argv: list[str] | None,
+) -> None:
+    run = "" if argv is None else f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+    code = (
+        "import sys\n"
+        "from aidx.cli import main\n"
+        + run
+        + f"print(sorted(m for m in {NOT_FOR_EVERY_COMMAND!r} if m in sys.modules))\n"
+    )
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
 
 
 def test_training_config_loads() -> None:

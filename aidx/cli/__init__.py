@@ -1,8 +1,9 @@
 """The ``aidx`` command: one sub-command per job, each a thin wrapper over a library call.
 
-This module builds the parser and runs :func:`main`; the commands live in one module per group
-(:mod:`aidx.cli.db`, ``feedback``, ``models``, ``node``, ``pipeline`` (serve, worker),
-``status``, ``ui``, ``users``). Nothing below the command line imports this package.
+This module builds the parser, takes the global options and runs :func:`main`; the commands
+live in one module per group (:mod:`aidx.cli.config`, ``db``, ``feedback``, ``models``, ``node``,
+``pipeline`` (serve, worker), ``phantom`` (phantom, demo), ``status``, ``ui``, ``users``).
+Nothing below the command line imports this package.
 
 Commands that belong to the training side (``phantom``) import it only when they run, so the
 serving commands never load training code, torch or MONAI.
@@ -11,8 +12,6 @@ serving commands never load training code, torch or MONAI.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,35 +19,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aidx import __version__
+from aidx.cli import config as cli_config
 from aidx.cli import db as cli_db
 from aidx.cli import models as cli_models
 from aidx.cli import node as cli_node
+from aidx.cli import phantom as cli_phantom
 from aidx.cli import pipeline as cli_pipeline
 from aidx.cli import status as cli_status
 from aidx.cli import ui as cli_ui
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.config import (
-    AidxConfig,
-    ConfigError,
-    dump_yaml,
-    load_config,
-    redacted,
-)
-from aidx.demo import write_demo_study
 from aidx.logs import setup_logging
-from aidx.permissions import private_key_problem, private_umask, sqlite_path, tighten_data_dir
-from aidx.store.migrations import SchemaVersionError
+from aidx.permissions import private_umask, sqlite_path, tighten_data_dir
 from aidx.supervisor import as_supervised_child
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 if TYPE_CHECKING:
-    pass
+    from aidx.config import AidxConfig
 
-log = logging.getLogger("aidx.cli")
-
-
-Handler = Callable[[argparse.Namespace, AidxConfig], int]
+    Handler = Callable[[argparse.Namespace, AidxConfig], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,28 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(parser, default=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    config = sub.add_parser("config", help="show or check the configuration")
-    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    show = config_sub.add_parser("show", help="print the effective configuration, secrets masked")
-    show.add_argument("--format", choices=["yaml", "json"], default="yaml")
-    show.set_defaults(handler=_config_show)
-    check = config_sub.add_parser("check", help="validate the configuration and exit")
-    check.set_defaults(handler=_config_check)
-
-    phantom = sub.add_parser(
-        "phantom",
-        help="write a synthetic chest CT study (DICOM series + ground truth)",
-        description="Write a synthetic chest CT as a DICOM series in OUT_DIR/dicom, with "
-        "OUT_DIR/ground_truth.json listing every nodule (centre in patient mm, LPS). "
-        "Synthetic data: not for clinical use.",
-    )
-    _phantom_arguments(phantom)
-    phantom.set_defaults(handler=_phantom)
-
-    demo = sub.add_parser(
-        "demo", help="write the demo study configured under 'demo' (what `make run` does)"
-    )
-    demo.set_defaults(handler=_demo)
+    cli_config.add_parsers(sub)
+    cli_phantom.add_parsers(sub)
 
     serve = sub.add_parser(
         "serve", help="run aidx: DICOM node, study assembly, inference workers, outbox, metrics"
@@ -325,32 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _phantom_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same study")
-    p.add_argument("--nodules", type=int, help="number of nodules (default: random, 0-5)")
-    p.add_argument("--slices", type=int, default=300, help="number of slices (default 300)")
-    p.add_argument("--matrix", type=int, default=512, help="rows and columns (default 512)")
-    p.add_argument("--slice-thickness", type=float, help="mm (default: clinical, by coverage)")
-    p.add_argument("--pixel-spacing", type=float, help="mm (default: fits the body, 0.6-0.9)")
-    p.add_argument("--kernel", choices=["STANDARD", "LUNG"], help="reconstruction kernel")
-    p.add_argument("--min-diameter", type=float, default=3.0, help="smallest nodule, mm")
-    p.add_argument("--max-diameter", type=float, default=30.0, help="largest nodule, mm")
-    p.add_argument("--patient-name", default="PHANTOM^CHEST", help="DICOM PN, e.g. 王^小明")
-    p.add_argument("--patient-id", help="default: derived from the seed")
-    p.add_argument("--accession", help="accession number (default: derived from the seed)")
-    p.add_argument("--birth-date", default="19600101", help="YYYYMMDD")
-    p.add_argument("--sex", default="O", choices=["M", "F", "O"])
-    p.add_argument(
-        "--charset",
-        choices=["ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "GB18030"],
-        help="Specific Character Set (default: Latin-1 when it fits, else UTF-8)",
-    )
-    p.add_argument("--mask", action="store_true", help="also write nodule_mask.nii.gz")
-    p.add_argument("--overwrite", action="store_true", help="replace a phantom in OUT_DIR")
-    p.add_argument("--workers", type=int, help="processes (default: one per core)")
-
-
 def _global_options(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: object
 ) -> None:
@@ -396,6 +339,8 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     _everywhere(parser)
     args = parser.parse_args(argv)
+    from aidx.config import ConfigError, load_config  # after parsing: `aidx --help` needs neither
+
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:
         overrides["data_dir"] = str(args.data_dir)
@@ -426,119 +371,12 @@ def _main(argv: Sequence[str] | None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, config)
-    except SchemaVersionError as exc:  # any command that opens the store
+    except Exception as exc:
+        # A SchemaVersionError, from any command that opens the store (imported here: the
+        # store and SQLAlchemy are loaded by the commands that use them, not by every one).
+        from aidx.store.migrations import SchemaVersionError
+
+        if not isinstance(exc, SchemaVersionError):
+            raise
         print(f"aidx: {exc}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def _config_show(args: argparse.Namespace, config: AidxConfig) -> int:
-    data = redacted(config)
-    if args.format == "json":
-        print(json.dumps(data, indent=2, ensure_ascii=False))
-    else:
-        print(dump_yaml(data), end="")
-    return EXIT_OK
-
-
-def _config_check(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args  # loading already validated the configuration; the key files are checked here
-    problems = key_file_problems(config)
-    for problem in problems:
-        print(f"aidx: {problem}", file=sys.stderr)
-    if problems:
-        return EXIT_USAGE
-    print("configuration is valid")
-    return EXIT_OK
-
-
-def key_file_problems(config: AidxConfig) -> list[str]:
-    """Every configured TLS private key that must not be used (aidx.permissions), as
-    ``setting: problem``."""
-    keys = {
-        "node.tls.private_key": config.node.tls.private_key,
-        "ui.private_key": config.ui.private_key,
-    }
-    for name, destination in config.destinations.items():
-        keys[f"destinations.{name}.tls.private_key"] = destination.tls.private_key
-    problems = []
-    for setting, path in keys.items():
-        problem = private_key_problem(path) if path is not None else None
-        if problem is not None:
-            problems.append(f"{setting}: {problem}")
-    return problems
-
-
-def _phantom(args: argparse.Namespace, config: AidxConfig) -> int:
-    del config
-    from training.phantom import PhantomError, PhantomOptions, generate
-
-    try:
-        options = PhantomOptions(
-            slices=args.slices,
-            matrix=args.matrix,
-            nodules=args.nodules,
-            seed=args.seed,
-            slice_thickness=args.slice_thickness,
-            pixel_spacing=args.pixel_spacing,
-            kernel=args.kernel,
-            diameter_range=(args.min_diameter, args.max_diameter),
-            patient_name=args.patient_name,
-            patient_id=args.patient_id,
-            patient_birth_date=args.birth_date,
-            patient_sex=args.sex,
-            accession_number=args.accession,
-            charset=args.charset,
-            write_mask=args.mask,
-            workers=args.workers,
-        )
-        result = generate(args.out_dir, options, overwrite=args.overwrite)
-    except PhantomError as exc:
-        print(f"aidx phantom: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    _report_phantom(result)
-    return EXIT_OK
-
-
-def _demo(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args
-    from training.phantom import PhantomError
-
-    try:
-        result = write_demo_study(config, overwrite=True)
-    except PhantomError as exc:
-        print(f"aidx demo: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    _report_phantom(result)
-    dicom_dir = result.dicom_dir
-    print(
-        "\nThis is synthetic data (not for clinical use). Look at it with any DICOM viewer, or "
-        f"send it to a PACS with DCMTK:\n  storescu +sd +sp '*.dcm' HOST PORT {dicom_dir}"
-        "\nor run everything on it: aidx serve --demo"
-    )
-    return EXIT_OK
-
-
-def _report_phantom(result: Any) -> None:
-    truth = result.ground_truth
-    geometry = truth["geometry"]
-    print(f"wrote {len(result.files)} CT slices to {result.dicom_dir}")
-    print(
-        f"  {geometry['columns']}x{geometry['rows']}, pixel spacing "
-        f"{geometry['pixel_spacing_mm'][0]:.3f} mm, slice thickness "
-        f"{geometry['slice_thickness_mm']} mm, kernel {geometry['kernel']}"
-    )
-    print(f"  study {truth['study_instance_uid']}")
-    print(f"  series {truth['series_instance_uid']}")
-    print(f"ground truth: {result.ground_truth_path} ({len(truth['nodules'])} nodules)")
-    for n in truth["nodules"]:
-        c = ", ".join(f"{v:.1f}" for v in n["center_mm"])
-        print(
-            f"  #{n['id']}: {n['diameter_mm']:.1f} mm {n['type']} {n['margin']} "
-            f"{n['location']} at ({c}) mm, image {n['key_slice_instance_number']}"
-        )
-    if result.mask_path:
-        print(f"nodule mask: {result.mask_path}")
-    log.info(
-        "phantom written",
-        extra={"study_uid": truth["study_instance_uid"], "seconds": result.timings["total_s"]},
-    )

@@ -1,18 +1,20 @@
-"""`aidx db status` and `aidx db upgrade`: the store's schema version (aidx.store.migrations)."""
+"""`aidx db status` and `aidx db upgrade`: the store's schema version (aidx.store.migrations).
+
+The store and SQLAlchemy are imported when a command runs, not for every `aidx` process."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from typing import TYPE_CHECKING
 
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
-from aidx.store.migrations import SchemaVersionError, backup, state, upgrade
-from aidx.store.store import create_store_engine, safe_url
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from aidx.config import AidxConfig
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,6 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _engine(config: AidxConfig) -> tuple[Engine | None, str]:
+    from aidx.store.store import create_store_engine
+
     url = config.store_url()
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None, url
@@ -44,6 +48,11 @@ def _engine(config: AidxConfig) -> tuple[Engine | None, str]:
 
 
 def db_status(args: argparse.Namespace, config: AidxConfig) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from aidx.store.migrations import state
+    from aidx.store.store import safe_url
+
     del args
     engine, url = _engine(config)
     if engine is None:
@@ -78,6 +87,11 @@ def db_status(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def db_upgrade(args: argparse.Namespace, config: AidxConfig) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from aidx.store.migrations import SchemaVersionError, upgrade
+    from aidx.store.store import safe_url
+
     engine, url = _engine(config)
     if engine is None:
         print(f"no database at {safe_url(url)}: nothing to upgrade (aidx serve creates one)")
@@ -110,6 +124,11 @@ def db_upgrade(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def db_backup(args: argparse.Namespace, config: AidxConfig) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from aidx.store.migrations import SchemaVersionError, backup
+    from aidx.store.store import safe_url
+
     engine, url = _engine(config)
     if engine is None:
         print(f"aidx db backup: no database at {safe_url(url)}", file=sys.stderr)

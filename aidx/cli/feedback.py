@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
 
 if TYPE_CHECKING:
+    from aidx.config import AidxConfig
     from aidx.store.store import Store
 
 SINCE_FORMAT = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] (local time unless it ends with +HH:MM or Z)"

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
 
 if TYPE_CHECKING:
-    pass
+    from aidx.config import AidxConfig
 
 log = logging.getLogger("aidx.cli")
 

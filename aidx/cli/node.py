@@ -12,9 +12,9 @@ import time
 from typing import TYPE_CHECKING
 
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig, ConfigError, DestinationConfig, TlsConfig
 
 if TYPE_CHECKING:
+    from aidx.config import AidxConfig, DestinationConfig
     from aidx.store.store import Store
 
 log = logging.getLogger("aidx.cli")
@@ -47,6 +47,8 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
+    from aidx.config import ConfigError, DestinationConfig, TlsConfig
+
     if name is None:
         node = config.node
         host = "127.0.0.1" if node.host in ("0.0.0.0", "::") else node.host
@@ -69,6 +71,7 @@ def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
 
 
 def echo(args: argparse.Namespace, config: AidxConfig) -> int:
+    from aidx.config import ConfigError
     from dicom_node.client import echo
 
     try:
@@ -90,6 +93,7 @@ def echo(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def send(args: argparse.Namespace, config: AidxConfig) -> int:
+    from aidx.config import ConfigError
     from dicom_node.client import collect_files
     from dicom_node.export import SendError, send_files
 

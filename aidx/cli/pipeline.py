@@ -13,13 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig, ConfigError
 from aidx.supervisor import SUPERVISED_ENV
 
 if TYPE_CHECKING:
+    from aidx.config import AidxConfig
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store
     from aidx.supervisor import ChildSpec, Supervisor
@@ -68,6 +66,8 @@ def serve(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from aidx.config import record_data_dir
     from aidx.supervisor import Supervisor
 
@@ -216,6 +216,8 @@ def _ready_file(config: AidxConfig, pid: int) -> Path:
 
 
 def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from aidx.config import record_data_dir
     from aidx.doorbell import JOBS, RESULTS, Doorbell, ring
     from aidx.pipeline.metrics import MetricsServer
@@ -352,6 +354,8 @@ def _supervisor_state(config: AidxConfig) -> Path:
 
 def _send_demo(config: AidxConfig, port: int) -> None:
     """Write the demo study (if absent) and send it to this node, as a PACS would."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from aidx.config import DestinationConfig
     from aidx.demo import write_demo_study
     from aidx.store.store import Store
@@ -402,6 +406,9 @@ def _study_state(store: Store, study_uid: str) -> tuple[int, int] | None:
 
 def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     del args
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from aidx.config import ConfigError
     from aidx.doorbell import JOBS, RESULTS, Doorbell
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store

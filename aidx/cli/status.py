@@ -15,18 +15,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
-from aidx.store.jobs import FAILED, NOT_APPLICABLE
-from aidx.store.schema import outbox, results, reviews
 
 if TYPE_CHECKING:
+    from aidx.config import AidxConfig
     from aidx.store.store import Store
-
-# Job states whose reason is the answer to "why are there no results?".
-_REASON_STATES = (FAILED, NOT_APPLICABLE)
 
 
 def status(args: argparse.Namespace, config: AidxConfig) -> int:
@@ -79,6 +72,10 @@ def _default_db(config: AidxConfig) -> Path | None:
 # ----------------------------------------------------------------------------------- the data
 def _reviews(store: Store, study_uid: str) -> list[dict[str, Any]]:
     """The study's reviews (one per result a radiologist can review), oldest first."""
+    from sqlalchemy import select
+
+    from aidx.store.schema import results, reviews
+
     query = (
         select(reviews, results.c.job_id, results.c.study_version)
         .join(results, results.c.id == reviews.c.result_id)
@@ -91,6 +88,9 @@ def _reviews(store: Store, study_uid: str) -> list[dict[str, Any]]:
 
 def recent_status(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     """The latest studies (latest arrival first) with their latest job and review."""
+    from aidx.store.jobs import FAILED, NOT_APPLICABLE
+
+    reason_states = (FAILED, NOT_APPLICABLE)  # their reason answers "why are there no results?"
     out = []
     for row in store.recent_studies(limit):
         latest = _reviews(store, row["study_uid"])[-1:]
@@ -105,7 +105,7 @@ def recent_status(store: Store, limit: int = 20) -> list[dict[str, Any]]:
                 "first_image": _iso(row["first_arrival"]),
                 "last_image": _iso(row["last_arrival"]),
                 "calling_ae": row["calling_ae"],
-                "reason": row["reason"] if row["job_state"] in _REASON_STATES else None,
+                "reason": row["reason"] if row["job_state"] in reason_states else None,
                 "review_state": latest[0]["state"] if latest else None,
             }
         )
@@ -114,6 +114,10 @@ def recent_status(store: Store, limit: int = 20) -> list[dict[str, Any]]:
 
 def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
     """One study's timeline, jobs, results and outbox items; None when it is not in the store."""
+    from sqlalchemy import select
+
+    from aidx.store.schema import outbox
+
     study = store.study(study_uid)
     if study is None:
         return None

@@ -6,13 +6,13 @@ import argparse
 import logging
 import secrets
 import sys
-from typing import Any
-
-from sqlalchemy.exc import SQLAlchemyError
+from typing import TYPE_CHECKING, Any
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
-from aidx.store.store import Store
+
+if TYPE_CHECKING:
+    from aidx.config import AidxConfig
+    from aidx.store.store import Store
 
 log = logging.getLogger("aidx.cli")
 
@@ -94,6 +94,9 @@ def ensure_demo_user(accounts: object) -> str | None:
 
 
 def run_ui(args: argparse.Namespace, config: AidxConfig) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from aidx.store.store import Store
     from ui.web import UiServer
 
     try:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
-from aidx.config import AidxConfig
 
 if TYPE_CHECKING:
+    from aidx.config import AidxConfig
     from aidx.store.store import Store
     from ui.accounts import User
     from ui.audit import AuditEntry

@@ -391,3 +391,20 @@ def test_the_current_patients_values_are_redacted_from_any_record(
     )
     log.info("after the study: %s", NAME)  # nothing known to redact any more
     assert captured.messages()[-1] == f"after the study: {NAME}"
+
+
+def test_quoted_values_are_redacted_before_pydicom_is_imported() -> None:
+    """aidx.logs leaves pydicom unimported (not every aidx process reads DICOM) and reads the
+    DICOM keywords and VRs from it when a record first needs them: a warning that comes first
+    is redacted the same."""
+    code = (
+        "import sys, warnings\n"
+        "from aidx.logs import redact_quoted\n"
+        "assert 'pydicom' not in sys.modules\n"
+        f"print(redact_quoted(\"'PatientName' of VR 'PN' is '{NAME}'\"))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"'PatientName' of VR 'PN' is '{REDACTED}'"
