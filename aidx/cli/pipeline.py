@@ -340,7 +340,8 @@ def _health(
         except (OSError, ValueError, KeyError, TypeError):
             return {**result, "supervisor": False}
         alive = children_alive(state, names)
-        return {**result, **{name.replace(" ", "_"): ok for name, ok in alive.items()}}
+        # pipeline.workers 0: the workers run apart (`aidx worker`), their health is their own.
+        return {**result, "workers": True, **{n.replace(" ", "_"): ok for n, ok in alive.items()}}
 
     return checks
 
