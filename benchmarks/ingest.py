@@ -432,11 +432,14 @@ def report(results: dict[str, Result], images: int, senders: int) -> None:
         )
         print(f"  {LABELS[name]:<32} {one:>8.2f} s {images / one:>9.0f}{many}")
     # Issue 18's goal: each aidx state within 1.25x the bare SCP's time, and faster than Orthanc.
+    # The bare SCP answers before its file is on disk; a receiver that fsyncs each file first
+    # (as aidx and its conformance statement promise) is held to the durable floor instead.
     for variant in AIDX_VARIANTS:
         ours = results.get(variant)
         if ours is None or ours.note:
             continue
-        for base, goal in (("bare", "<= 1.25x"), ("orthanc", "< 1x")):
+        goals = (("bare", "<= 1.25x"), ("bare-durable", "<= 1.25x"), ("orthanc", "< 1x"))
+        for base, goal in goals:
             other = results.get(base)
             if other is None or other.note:
                 continue
