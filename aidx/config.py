@@ -130,6 +130,8 @@ class OutboxConfig(StrictModel):
     initial_backoff_s: float = Field(default=5.0, gt=0)
     max_backoff_s: float = Field(default=900.0, gt=0)
     poll_interval_s: float = Field(default=2.0, gt=0)
+    # Niceness of the outbox process under `aidx serve` (0-19).
+    nice: int = Field(default=5, ge=0, le=19)
 
 
 class StoreConfig(StrictModel):

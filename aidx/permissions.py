@@ -48,8 +48,8 @@ def _tighten(path: Path) -> None:
     target: a link in the data folder may point at a folder that is not aidx's)."""
     try:
         st = path.lstat()
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):  # a data folder that is a file: the
+        return  # command that uses it says so
     if stat.S_ISLNK(st.st_mode) or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         return
     mode = stat.S_IMODE(st.st_mode)

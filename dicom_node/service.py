@@ -1,5 +1,5 @@
 """The node service that ``aidx serve`` runs: spool recovery, storage SCP, study assembly and
-the export outbox, started and stopped together."""
+(unless another process delivers) the export outbox, started and stopped together."""
 
 from __future__ import annotations
 
@@ -29,16 +29,18 @@ class NodeService:
         store: Store | None = None,
         on_complete: Callable[[str, int], None] | None = None,
         priority: Callable[[str], int] | None = None,
+        outbox: bool = True,
     ) -> None:
         """``on_complete(study_uid, job_id)`` is told of each job recorded (to wake workers);
-        ``priority(study_uid)`` gives a completed study's job priority."""
+        ``priority(study_uid)`` gives a completed study's job priority; ``outbox`` False leaves
+        delivery to another process (`aidx outbox run`, under `aidx serve`)."""
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(config.store_url())
         self.spool = Spool(config.data_dir / "spool", config.node.min_free_disk_mb * 1024 * 1024)
         self.assembler = StudyAssembler(self.store, on_complete, priority)
         self.scp = StorageSCP(config.node, self.store, self.spool, self.assembler.notify)
-        self.exporter = ExportWorker(config, self.store)
+        self.exporter = ExportWorker(config, self.store) if outbox else None
 
     @property
     def port(self) -> int:
@@ -51,13 +53,15 @@ class NodeService:
             log.info("removed %d partial files left by an interrupted receive", removed)
         self.reindex_unindexed()
         self.assembler.start()
-        self.exporter.start()
+        if self.exporter is not None:
+            self.exporter.start()
         self.scp.start()
 
     def stop(self) -> None:
         self.scp.stop()
         self.assembler.stop()
-        self.exporter.stop()
+        if self.exporter is not None:
+            self.exporter.stop()
 
     def reindex_unindexed(self) -> int:
         """Index files that reached the spool but not the index (a crash between the two).

@@ -24,6 +24,7 @@ import pandas as pd
 from numpy.typing import NDArray
 from PIL import Image
 
+from aidx.doorbell import RESULTS, ring
 from ui.accounts import User
 from ui.review import ReviewCase, ReviewedFinding, ReviewError
 from ui.signoff import sign
@@ -493,6 +494,8 @@ def sign_review(ctx: Any, st: ViewerState, user: User, client: str | None) -> An
         client=client,
         default_organisation=ctx.config.ui.organisation,
     )
+    if result.destinations:
+        ring(ctx.config.data_dir, RESULTS)  # the outbox process sends now, not at its next look
     st.state = ctx.reviews.case(st.review_id).state
     return result
 

@@ -74,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--single-process",
         action="store_true",
-        help="run the node, workers and review app in this one process (default: a process "
-        "each, supervised)",
+        help="run the node, workers, outbox and review app in this one process (default: a "
+        "process each, supervised)",
+    )
+    serve.add_argument(
+        "--no-outbox",
+        action="store_true",
+        help="with --single-process: leave the outbox to `aidx outbox run` (as under the "
+        "supervisor)",
     )
     serve.set_defaults(handler=cli_pipeline.serve)
 
@@ -97,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.set_defaults(handler=cli_node.send)
 
-    outbox = sub.add_parser("outbox", help="list or retry queued exports")
+    outbox = sub.add_parser("outbox", help="deliver, list or retry queued exports")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    run = outbox_sub.add_parser(
+        "run", help="deliver queued exports until stopped (a process of `aidx serve`)"
+    )
+    run.set_defaults(handler=cli_node.outbox_run)
     listing = outbox_sub.add_parser("list", help="show queued, sent and failed exports")
     listing.add_argument("--state", choices=["pending", "sending", "sent", "failed"])
     listing.set_defaults(handler=cli_node.outbox_list)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import signal
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -18,32 +16,6 @@ if TYPE_CHECKING:
     from aidx.store.store import Store
 
 log = logging.getLogger("aidx.cli")
-
-
-def serve(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args
-    from dicom_node.policy import NodeStartError
-    from dicom_node.service import NodeService
-
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        log.info("received signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    try:
-        service = NodeService(config)
-        service.start()
-    except (NodeStartError, OSError, ValueError) as exc:
-        print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        stop.wait()
-    finally:
-        service.stop()
-    return EXIT_OK
 
 
 def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
@@ -131,6 +103,39 @@ def _open_store(config: AidxConfig) -> Store:
         # may come first.
         config.data_dir.mkdir(parents=True, exist_ok=True)
     return Store(config.store_url())
+
+
+def outbox_run(args: argparse.Namespace, config: AidxConfig) -> int:
+    """`aidx outbox run`: deliver the outbox's items (results, signed SRs, `send --queue`) with
+    retries, until SIGTERM or Ctrl-C; woken by the ``results`` doorbell, else it polls every
+    ``outbox.poll_interval_s``. One per store: `aidx serve` runs it as a child process."""
+    del args
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from aidx.cli.signals import stop_on_signals
+    from aidx.doorbell import RESULTS, Doorbell
+    from aidx.supervisor import lower_priority
+    from dicom_node.export import ExportWorker
+
+    lower_priority(config.outbox.nice)  # as under `aidx serve` (it set it already)
+    stop = stop_on_signals()
+    try:
+        store = _open_store(config)
+    except (OSError, ValueError, SQLAlchemyError) as exc:
+        print(f"aidx outbox run: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    exporter = ExportWorker(config, store)
+    bell = Doorbell(config.data_dir, RESULTS, exporter.notify)
+    exporter.start()
+    bell.start()
+    log.info("aidx outbox: delivering to %s", ", ".join(config.destinations) or "(none)")
+    try:
+        stop.wait()
+    finally:
+        bell.stop()
+        exporter.stop()
+        store.close()
+    return EXIT_OK
 
 
 def outbox_list(args: argparse.Namespace, config: AidxConfig) -> int:

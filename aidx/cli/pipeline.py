@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
+from aidx.cli.signals import stop_on_signals
 from aidx.supervisor import SUPERVISED_ENV
 
 if TYPE_CHECKING:
@@ -27,18 +28,6 @@ log = logging.getLogger("aidx.cli")
 
 DEMO_QUIET_PERIOD_S = 5.0
 STARTUP_TIMEOUT_S = 60.0  # for the node and the review app to listen
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        log.info("received signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    return stop
 
 
 def _check_pipeline(config: AidxConfig) -> str | None:
@@ -134,15 +123,15 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def _children(args: argparse.Namespace, config: AidxConfig) -> list[ChildSpec]:
-    """The node (with the outbox and /metrics), the workers and the review app."""
+    """The node (with /metrics), the outbox, the workers and the review app."""
     from aidx.supervisor import ChildSpec
 
     node = [
-        *("serve", "--single-process", "--workers", "0", "--no-ui"),
+        *("serve", "--single-process", "--workers", "0", "--no-ui", "--no-outbox"),
         *("--ae-title", config.node.ae_title, "--host", config.node.host),
         *("--port", str(config.node.port), "--metrics-port", str(config.metrics.port)),
     ]
-    children = [ChildSpec("node", node)]
+    children = [ChildSpec("node", node), ChildSpec("outbox", ["outbox", "run"], config.outbox.nice)]
     if config.pipeline.workers > 0:
         workers = ["worker", "--workers", str(config.pipeline.workers)]
         children.append(ChildSpec("workers", workers, nice=config.pipeline.worker_nice))
@@ -231,7 +220,7 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
     if demo and config.node.study_quiet_period_s > DEMO_QUIET_PERIOD_S:
         log.info("demo: study quiet period %.0f s", DEMO_QUIET_PERIOD_S)
         config.node.study_quiet_period_s = DEMO_QUIET_PERIOD_S
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     try:
         model_problem = _check_pipeline(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -243,20 +232,28 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
                 pool.notify()
             ring(config.data_dir, JOBS)  # workers in other processes
 
+        outbox = not getattr(args, "no_outbox", False)
         service = NodeService(
-            config, store, on_complete=on_complete, priority=priority_function(config, store)
+            config,
+            store,
+            on_complete=on_complete,
+            priority=priority_function(config, store),
+            outbox=outbox,
         )
+        exporter = service.exporter
         pool = WorkerPool(
             config,
             store,
             config.pipeline.workers,
-            on_results=service.exporter.notify,
+            # The outbox here, or in its own process (`aidx outbox run`).
+            on_results=exporter.notify if exporter else lambda: _ring(config, RESULTS),
             poll_interval_s=config.pipeline.poll_interval_s,
         )
-        results_bell = Doorbell(config.data_dir, RESULTS, service.exporter.notify)
+        results_bell = Doorbell(config.data_dir, RESULTS, exporter.notify) if exporter else None
         service.start()
         pool.start()
-        results_bell.start()
+        if results_bell is not None:
+            results_bell.start()
     except (NodeStartError, OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -313,7 +310,8 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
             ui_server.stop()  # type: ignore[attr-defined]
         if metrics is not None:
             metrics.stop()
-        results_bell.stop()
+        if results_bell is not None:
+            results_bell.stop()
         service.stop()
         pool.stop()
         store.close()
@@ -416,7 +414,7 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     from aidx.supervisor import lower_priority
 
     lower_priority(config.pipeline.worker_nice)  # as under `aidx serve` (it set it already)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     count = max(config.pipeline.workers, 1)
     try:
         model_problem = _check_pipeline(config)

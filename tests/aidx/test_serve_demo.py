@@ -101,7 +101,14 @@ def test_serve_demo_lists_the_result_and_reports_health(
             health = json.loads(r.read())
         assert health == {
             "status": "ok",
-            "checks": {"store": True, "dicom_listener": True, "workers": True, "model": True},
+            # the workers (or their own host's `aidx worker`) and the outbox, each a process
+            "checks": {
+                "store": True,
+                "dicom_listener": True,
+                "workers": True,
+                "model": True,
+                "outbox": True,
+            },
         }
         with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics") as r:
             metrics = r.read().decode()

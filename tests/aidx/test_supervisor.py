@@ -98,7 +98,7 @@ def test_the_parts_run_as_processes_and_ctrl_c_stops_them_all_cleanly(tmp_path: 
     ui_port, metrics_port = free_port(), free_port()
     with served(tmp_path, "--metrics-port", str(metrics_port), ui_port=ui_port) as s:
         children = s.children()
-        assert set(children) == {"node", "workers", "review app"}
+        assert set(children) == {"node", "outbox", "workers", "review app"}
         assert s.process.pid not in children.values()
         assert all(alive(pid) for pid in children.values())
         # The node comes first for the CPU: inference and the review app are niced.
@@ -106,6 +106,7 @@ def test_the_parts_run_as_processes_and_ctrl_c_stops_them_all_cleanly(tmp_path: 
         assert niceness(children["node"]) == own
         assert niceness(children["workers"]) == min(own + 10, 19)
         assert niceness(children["review app"]) == min(own + 5, 19)
+        assert niceness(children["outbox"]) == min(own + 5, 19)
         # The node's /healthz answers for its siblings too.
         assert healthz(metrics_port) == {
             "store": True,
@@ -113,6 +114,7 @@ def test_the_parts_run_as_processes_and_ctrl_c_stops_them_all_cleanly(tmp_path: 
             "model": True,
             "workers": True,
             "review_app": True,
+            "outbox": True,
         }
         assert echoscu(LOOPBACK, s.port, called_aet=NODE_AET).returncode == 0
         with socket.create_connection((LOOPBACK, ui_port), timeout=5):
