@@ -215,9 +215,28 @@ class PriorityRuleConfig(StrictModel):
         return self
 
 
+class CeleryConfig(StrictModel):
+    """Dispatch of jobs through Celery and a broker (``pipeline.queue: celery``; the ``[scale]``
+    extra): several hosts' `aidx worker` processes share the work, the store stays the ledger."""
+
+    # The broker (RabbitMQ): amqp://user:password@host:5672/vhost (the password is masked).
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    # The queue jobs are published to, and that `aidx worker` consumes by default.
+    queue: str = Field(default="aidx", min_length=1, max_length=200)
+    # RabbitMQ priority levels: a job's priority (0-100, pipeline.priority_rules) maps onto 0..N.
+    max_priority: int = Field(default=9, ge=1, le=255)
+    # Seconds between the node's looks for queued jobs not yet published (a broker that was
+    # down, a node restarted): each is published again; a task delivered twice runs once.
+    republish_interval_s: float = Field(default=30.0, gt=0)
+
+
 class PipelineConfig(StrictModel):
     # Inference workers that `aidx serve` runs in its own process (0: run `aidx worker` apart).
     workers: int = Field(default=1, ge=0, le=64)
+    # How jobs reach the workers: "store" (workers claim them from the store; one host, or
+    # several on PostgreSQL) or "celery" (a task per job on a broker; pipeline.celery).
+    queue: Literal["store", "celery"] = "store"
+    celery: CeleryConfig = Field(default_factory=CeleryConfig)
     # A running job's worker renews its lease; a job whose lease ran out is taken again.
     lease_s: float = Field(default=120.0, ge=5)
     # Attempts at a job before it is marked failed.

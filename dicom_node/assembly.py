@@ -9,42 +9,31 @@ the receive path.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
+from aidx.background import BackgroundLoop
 from aidx.store.store import Store
 
 log = logging.getLogger("aidx.assembly")
 
 
-class StudyAssembler:
+class StudyAssembler(BackgroundLoop):
+    thread_name = "aidx-assembly"
+
     def __init__(
         self,
         store: Store,
         on_complete: Callable[[str, int], None] | None = None,
         priority: Callable[[str], int] | None = None,
     ) -> None:
+        super().__init__()
         self.store = store
         self.on_complete = on_complete
         self.priority = priority
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="aidx-assembly", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def notify(self, study_uid: str = "") -> None:
+    def notify(self, *_args: object) -> None:
         """A study opened (or reopened): its deadline may come before the one being waited for."""
-        del study_uid
         self._wake.set()
 
     def run_once(self, now: float | None = None) -> float | None:
@@ -83,6 +72,4 @@ class StudyAssembler:
             except Exception:
                 log.exception("study assembly failed; retrying in 5 s")
                 due = time.time() + 5.0
-            timeout = None if due is None else max(due - time.time(), 0.0) + 0.01
-            self._wake.wait(timeout)
-            self._wake.clear()
+            self._sleep(None if due is None else max(due - time.time(), 0.0) + 0.01)

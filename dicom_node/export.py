@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from aidx.background import BackgroundLoop
 from aidx.config import AidxConfig, DestinationConfig, OutboxConfig
 from aidx.logs import exception_text
 from aidx.store.store import OutboxItem, Store
@@ -133,31 +133,22 @@ def backoff_s(attempts: int, outbox: OutboxConfig, rng: random.Random | None = N
     return float(base * (rng or random).uniform(0.9, 1.1))
 
 
-class ExportWorker:
+class ExportWorker(BackgroundLoop):
     """Delivers outbox items in the background; wakes when one is queued or due."""
 
+    thread_name = "aidx-export"
+    join_timeout_s = 30.0
+
     def __init__(self, config: AidxConfig, store: Store) -> None:
+        super().__init__()
         self.config = config
         self.store = store
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         resumed = self.store.requeue_interrupted()
         if resumed:
             log.info("outbox: %d interrupted deliveries resumed", resumed)
-        self._thread = threading.Thread(target=self._run, name="aidx-export", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def notify(self) -> None:
-        self._wake.set()
+        super().start()
 
     def deliver_due(self) -> int:
         """Attempt every item that is due now; returns how many were attempted."""
@@ -217,6 +208,4 @@ class ExportWorker:
             except Exception:
                 log.exception("outbox delivery failed; retrying")
                 nxt = None
-            timeout = poll if nxt is None else min(max(nxt - time.time(), 0.0) + 0.01, poll)
-            self._wake.wait(timeout)
-            self._wake.clear()
+            self._sleep(poll if nxt is None else min(max(nxt - time.time(), 0.0) + 0.01, poll))

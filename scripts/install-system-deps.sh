@@ -3,7 +3,8 @@
 # DCMTK (storescu, echoscu), dicom3tools (dciodvfy), Orthanc (the PACS), Chromium (UI tests) and
 # PostgreSQL (the store's second back end; the tests start their own throwaway server), a
 # CJK font, so that the Chinese interface is readable in the UI tests' screenshots, and Node.js
-# with npm (tests/viewers runs OHIF's and Cornerstone3D's loaders; it needs Node >= 20.19).
+# with npm (tests/viewers runs OHIF's and Cornerstone3D's loaders; it needs Node >= 20.19), and
+# RabbitMQ (the broker of pipeline.queue: celery; the tests start their own).
 # Not root: prints what is missing; the tests then skip (or fail with CI=true) with the reason.
 set -euo pipefail
 
@@ -15,6 +16,7 @@ declare -A tools=(
   [/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc]=fonts-wqy-zenhei
   [/usr/bin/node]=nodejs
   [/usr/bin/npm]=npm
+  [/usr/lib/rabbitmq/bin/rabbitmq-server]=rabbitmq-server
 )
 missing=()
 for path in "${!tools[@]}"; do
@@ -34,5 +36,5 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian starts Orthanc and PostgreSQL as services on install; the tests run their own.
 if command -v systemctl >/dev/null 2>&1; then
-  systemctl stop orthanc postgresql 2>/dev/null || true
+  systemctl stop orthanc postgresql rabbitmq-server 2>/dev/null || true
 fi

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +38,45 @@ def require_tool(name: str, package: str) -> str:
     pytest.skip(message)
 
 
+def _missing_peer(check: Callable[[], object], what: str) -> None:
+    """Run ``check`` (which raises ToolMissingError or ImportError for a missing server or
+    driver); skip with ``what`` and the reason, or fail under CI, where nothing may skip."""
+    from tests.peers.process import ToolMissingError
+
+    try:
+        check()
+    except (ToolMissingError, ImportError) as exc:
+        message = f"{what}: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Any]:
     """A throwaway PostgreSQL server for the whole run (tests.peers.postgres)."""
     from tests.peers.postgres import POSTGRES_PACKAGE, Postgres, postgres_bin
-    from tests.peers.process import ToolMissingError
 
-    try:
+    def check() -> None:
         postgres_bin()
         import psycopg  # noqa: F401 - the driver the [postgres] extra installs
-    except (ToolMissingError, ImportError) as exc:
-        message = f"PostgreSQL store tests need Debian's '{POSTGRES_PACKAGE}' and psycopg: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+
+    _missing_peer(check, f"PostgreSQL store tests need Debian's '{POSTGRES_PACKAGE}' and psycopg")
     with Postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[Any]:
+    """A throwaway RabbitMQ broker for the whole run (tests.peers.rabbitmq)."""
+    from tests.peers.rabbitmq import RABBITMQ_PACKAGE, RabbitMQ, rabbitmq_server
+
+    def check() -> None:
+        rabbitmq_server()
+        import celery  # noqa: F401 - what the [scale] extra installs
+
+    _missing_peer(check, f"Celery dispatch tests need Debian's '{RABBITMQ_PACKAGE}' and Celery")
+    with RabbitMQ() as server:
         yield server
 
 

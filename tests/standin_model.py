@@ -38,6 +38,53 @@ def soft_tissue_model(path: Path) -> Path:
     return path
 
 
+def slow_soft_tissue_model(path: Path, rounds: int) -> Path:
+    """The soft-tissue stand-in that also works: each patch first runs ``rounds`` element-wise
+    passes over itself (an ONNX Loop) that add nothing to its output. A job then takes seconds,
+    long enough to kill its worker in the middle of it."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, DIMS)
+    y = helper.make_tensor_value_info("probability", TensorProto.FLOAT, DIMS)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Sigmoid", ["v_in"], ["v_out"]),
+        ],
+        "work",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, DIMS),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, DIMS),
+        ],
+    )
+    inits = [
+        helper.make_tensor("offset", TensorProto.FLOAT, [], [0.69]),
+        helper.make_tensor("gain", TensorProto.FLOAT, [], [40.0]),
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor("rounds", TensorProto.INT64, [], [rounds]),
+        helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
+    ]
+    nodes = [
+        helper.make_node("Loop", ["rounds", "yes", "image"], ["worked"], body=body),
+        helper.make_node("ReduceMean", ["worked"], ["mean"], keepdims=0),
+        helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+        helper.make_node("Sub", ["image", "offset"], ["d"]),
+        helper.make_node("Mul", ["d", "gain"], ["s"]),
+        helper.make_node("Sigmoid", ["s"], ["p"]),
+        helper.make_node("Add", ["p", "nothing"], ["probability"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "slow-soft-tissue", [x], [y], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
 def card(onnx_path: Path) -> dict[str, Any]:
     return {
         "name": "soft-tissue",
@@ -59,11 +106,15 @@ def card(onnx_path: Path) -> dict[str, Any]:
     }
 
 
-def install(models_dir: Path, root: Path) -> str:
-    """Register the stand-in in a registry folder and make it active; returns its name."""
+def install(models_dir: Path, root: Path, slow_rounds: int = 0) -> str:
+    """Register the stand-in in a registry folder and make it active; returns its name.
+    ``slow_rounds``: the slow variant (:func:`slow_soft_tissue_model`)."""
     from models.registry import Registry
 
-    model = soft_tissue_model(root / "soft-tissue.onnx")
+    if slow_rounds:
+        model = slow_soft_tissue_model(root / "soft-tissue.onnx", slow_rounds)
+    else:
+        model = soft_tissue_model(root / "soft-tissue.onnx")
     card_path = root / "soft-tissue.card.json"
     card_path.write_text(json.dumps(card(model)), encoding="utf-8")
     registry = Registry(models_dir)

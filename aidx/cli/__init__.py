@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="run inference workers apart from `aidx serve`, on the same store"
     )
     worker.add_argument("--workers", type=int, help="override pipeline.workers")
+    worker.add_argument(
+        "--queue",
+        action="append",
+        metavar="Q",
+        help="with pipeline.queue celery: consume this queue (repeatable; default "
+        "pipeline.celery.queue)",
+    )
     worker.set_defaults(handler=cli_pipeline.worker)
 
     echo = sub.add_parser("echo", help="C-ECHO a destination, or this node by default")

@@ -19,6 +19,7 @@ from aidx.supervisor import SUPERVISED_ENV
 
 if TYPE_CHECKING:
     from aidx.config import AidxConfig
+    from aidx.pipeline.dispatch import Publisher
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store
     from aidx.supervisor import ChildSpec, Supervisor
@@ -226,8 +227,12 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(config.store_url())
         pool: WorkerPool | None = None
+        publisher = _publisher(config, store)
 
         def on_complete(*_: object) -> None:
+            if publisher is not None:
+                publisher.notify()  # a task on the broker (pipeline.queue: celery)
+                return
             if pool is not None:
                 pool.notify()
             ring(config.data_dir, JOBS)  # workers in other processes
@@ -244,7 +249,7 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
         pool = WorkerPool(
             config,
             store,
-            config.pipeline.workers,
+            0 if publisher is not None else config.pipeline.workers,
             # The outbox here, or in its own process (`aidx outbox run`).
             on_results=exporter.notify if exporter else lambda: _ring(config, RESULTS),
             poll_interval_s=config.pipeline.poll_interval_s,
@@ -252,6 +257,8 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
         results_bell = Doorbell(config.data_dir, RESULTS, exporter.notify) if exporter else None
         service.start()
         pool.start()
+        if publisher is not None:
+            publisher.start()
         if results_bell is not None:
             results_bell.start()
     except (NodeStartError, OSError, ValueError, SQLAlchemyError) as exc:
@@ -312,10 +319,27 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
             metrics.stop()
         if results_bell is not None:
             results_bell.stop()
+        if publisher is not None:
+            publisher.stop()
         service.stop()
         pool.stop()
         store.close()
     return EXIT_OK
+
+
+def _publisher(config: AidxConfig, store: Store) -> Publisher | None:
+    """With pipeline.queue: celery, the node publishes its jobs to the broker (and runs no
+    inference itself: `aidx worker` consumes them, on this host or others)."""
+    if config.pipeline.queue != "celery":
+        return None
+    from aidx.pipeline.dispatch import Publisher
+
+    if config.pipeline.workers and os.environ.get(SUPERVISED_ENV) is None:
+        log.warning(
+            "pipeline.queue celery: this process runs no inference; start `aidx worker` (on this "
+            "host or others) for pipeline.workers"
+        )
+    return Publisher(config, store)
 
 
 def _health(
@@ -404,7 +428,6 @@ def _study_state(store: Store, study_uid: str) -> tuple[int, int] | None:
 
 
 def worker(args: argparse.Namespace, config: AidxConfig) -> int:
-    del args
     from sqlalchemy.exc import SQLAlchemyError
 
     from aidx.config import ConfigError
@@ -414,7 +437,15 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     from aidx.supervisor import lower_priority
 
     lower_priority(config.pipeline.worker_nice)  # as under `aidx serve` (it set it already)
-    stop = stop_on_signals()
+    queues = list(getattr(args, "queue", None) or [])
+    if queues and config.pipeline.queue != "celery":
+        print(
+            "aidx worker: --queue needs pipeline.queue: celery (jobs are claimed from the store)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    celery = config.pipeline.queue == "celery"
+    stop = None if celery else stop_on_signals()  # Celery's worker handles the signals
     count = max(config.pipeline.workers, 1)
     try:
         model_problem = _check_pipeline(config)
@@ -425,6 +456,24 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_USAGE
     if model_problem:
         log.warning("no model for inference: %s", model_problem)
+    if celery:
+        from aidx.pipeline.dispatch import BrokerError, run_workers
+
+        try:
+            run_workers(
+                config,
+                store,
+                count,
+                queues or [config.pipeline.celery.queue],
+                on_results=lambda: _ring(config, RESULTS),
+            )
+        except (BrokerError, ValueError) as exc:
+            print(f"aidx worker: cannot start: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        finally:
+            store.close()
+        return EXIT_OK
+    assert stop is not None
     pool = WorkerPool(
         config,
         store,

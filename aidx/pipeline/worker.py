@@ -107,10 +107,22 @@ class Worker:
     # -------------------------------------------------------------------------------- jobs
     def run_once(self) -> bool:
         """Take and run one job; False when the queue was empty."""
-        lease_s = self.config.pipeline.lease_s
-        job = self.store.claim_job(self.name, lease_s)
+        job = self.store.claim_job(self.name, self.config.pipeline.lease_s)
         if job is None:
             return False
+        self._run_claimed(job)
+        return True
+
+    def run_job_id(self, job_id: int, takeover: bool = False) -> bool:
+        """Take and run job ``job_id`` (a task from the broker, aidx.pipeline.dispatch); False
+        when it is not this worker's to run (done, superseded, or held by a live worker)."""
+        job = self.store.claim_job_id(job_id, self.name, self.config.pipeline.lease_s, takeover)
+        if job is None:
+            return False
+        self._run_claimed(job)
+        return True
+
+    def _run_claimed(self, job: Job) -> None:
         self.current_job = job.id
         heartbeat = threading.Event()
         beat = threading.Thread(
@@ -123,7 +135,6 @@ class Worker:
             heartbeat.set()
             beat.join()
             self.current_job = None
-        return True
 
     def _heartbeat(self, job: Job, done: threading.Event) -> None:
         lease_s = self.config.pipeline.lease_s

@@ -148,6 +148,40 @@ class JobQueue:
             if taken is not None:
                 return taken
 
+    def claim_job_id(
+        self,
+        job_id: int,
+        worker: str,
+        lease_s: float,
+        takeover: bool = False,
+        now: float | None = None,
+        alive: Callable[[int], bool] = pid_alive,
+    ) -> Job | None:
+        """Take job ``job_id`` for a task that names it (``pipeline.queue: celery``): a queued
+        job, or a running one whose lease ran out or whose worker on this host is gone, or
+        any running one when ``takeover`` (the broker delivered the task again because the
+        consumer that had it is gone). None when the job is done, superseded, held by a live
+        worker, or unknown: a task delivered twice runs once."""
+        now = time.time() if now is None else now
+        host = worker.split(":", 1)[0]
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None or row.state not in (QUEUED, RUNNING):
+            return None
+        if row.state == RUNNING and not (takeover or _abandoned(row, host, now, alive)):
+            return None
+        return self._take(row, worker, lease_s, now)
+
+    def queued_jobs(self) -> list[tuple[int, int]]:
+        """(id, priority) of every queued job, oldest first (published to the broker)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs.c.id, jobs.c.priority)
+                .where(jobs.c.state == QUEUED)
+                .order_by(jobs.c.created_at, jobs.c.id)
+            ).all()
+        return [(int(r[0]), int(r[1] or 0)) for r in rows]
+
     def _take(self, row: Any, worker: str, lease_s: float, now: float) -> Job | None:
         with self._write() as conn:
             newer = conn.execute(

@@ -370,3 +370,37 @@ def test_workers_claiming_together_take_each_job_once(store_url: str) -> None:
     assert sorted(claimed) == sorted(uids)  # all taken, none twice
     assert store.job_counts()["running"] == len(uids)
     store.close()
+
+
+def test_a_task_claims_its_own_job_once_and_takes_over_only_when_delivered_again(
+    store_url: str,
+) -> None:
+    """pipeline.queue celery: a task names its job (JobQueue.claim_job_id)."""
+    store = _store(store_url)
+    for n, uid in enumerate(["1.2.3.41", "1.2.3.42"]):
+        _insert_study(store, uid)
+        store.complete_study(uid, 2000.0 + n)
+    assert [p for _, p in store.queued_jobs()] == [0, 0]
+    (first_id, _), (second_id, _) = store.queued_jobs()
+    job = store.claim_job_id(second_id, "a:111:0", 60.0, now=3000.0, alive=lambda _: True)
+    assert job is not None and job.id == second_id  # the named job, not the oldest
+    assert [i for i, _ in store.queued_jobs()] == [first_id]
+    # Delivered twice while its worker lives: runs once.
+    assert store.claim_job_id(second_id, "b:222:0", 60.0, now=3001.0, alive=lambda _: True) is None
+    # Delivered again because its consumer is gone (another host: no pid to look at).
+    taken = store.claim_job_id(
+        second_id, "b:222:0", 60.0, takeover=True, now=3002.0, alive=lambda _: True
+    )
+    assert taken is not None and taken.attempts == 2
+    store.finish_job(taken, "b:222:0", [], [], 1.0)
+    assert store.claim_job_id(second_id, "c:3:0", 60.0, takeover=True, now=3003.0) is None
+    assert store.claim_job_id(999_999, "c:3:0", 60.0, now=3004.0) is None
+
+
+def test_job_priorities_map_onto_the_brokers_levels() -> None:
+    from aidx.config import CeleryConfig
+    from aidx.pipeline.dispatch import broker_priority, safe_broker_url
+
+    levels = CeleryConfig(max_priority=9)
+    assert [broker_priority(p, levels) for p in (0, 1, 50, 99, 100, 250)] == [0, 1, 5, 9, 9, 9]
+    assert safe_broker_url("amqp://u:pw@host:5672/v") == "amqp://u:***@host:5672/v"

@@ -1,0 +1,139 @@
+"""Jobs through Celery and a real RabbitMQ (``pipeline.queue: celery``, aidx.pipeline.dispatch):
+the node publishes each job, `aidx worker` processes consume them, the store stays the ledger.
+A worker killed in the middle of a job: the broker delivers the task again, another worker
+takes the job over at once (not when its lease runs out) and the result is made once."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from aidx.store.schema import events, jobs, results
+from aidx.store.store import Store
+from tests.peers import free_port, poll_until, stop_process
+from tests.standin_model import install
+
+AIDX = [sys.executable, "-m", "aidx"]
+LEASE_S = 600  # the takeover must not wait for it
+
+
+def aidx_env(tmp_path: Path, broker_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    env.update(
+        {
+            "AIDX_DATA_DIR": str(tmp_path / "data"),
+            "AIDX_NODE__PORT": str(free_port()),
+            "AIDX_METRICS__PORT": "0",
+            "AIDX_UI__ENABLED": "false",
+            "AIDX_MODELS__DIR": str(tmp_path / "models"),
+            "AIDX_MODELS__DEFAULT": "soft-tissue",
+            "AIDX_INFERENCE__MIN_VOLUME_MM3": "50",
+            "AIDX_DEMO__SLICES": "30",
+            "AIDX_DEMO__MATRIX": "96",
+            "AIDX_DEMO__NODULES": "1",
+            "AIDX_PIPELINE__WORKERS": "0",
+            "AIDX_PIPELINE__LEASE_S": str(LEASE_S),
+            "AIDX_PIPELINE__QUEUE": "celery",
+            "AIDX_PIPELINE__CELERY__BROKER_URL": broker_url,
+            "AIDX_PIPELINE__CELERY__QUEUE": f"aidx-test-{free_port()}",  # a queue per test
+        }
+    )
+    return env
+
+
+def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def job_row(store: Store) -> Any:
+    with store.engine.connect() as conn:
+        return conn.execute(select(jobs)).one()
+
+
+def test_a_job_whose_worker_dies_is_delivered_again_and_its_result_made_once(
+    tmp_path: Path, rabbitmq_server: Any
+) -> None:
+    install(tmp_path / "models", tmp_path, slow_rounds=4000)  # a job of several seconds
+    env = aidx_env(tmp_path, rabbitmq_server.url())
+    logs = {name: tmp_path / f"{name}.log" for name in ("node", "worker-a", "worker-b")}
+    node = start([*AIDX, "serve", "--single-process", "--demo"], logs["node"], env)
+    workers = {name: start([*AIDX, "worker"], logs[name], env) for name in ("worker-a", "worker-b")}
+    store: Store | None = None
+    try:
+        running = re.compile(r"job 1: running")
+
+        def holder() -> str | None:
+            for name in workers:
+                if running.search(logs[name].read_text("utf-8", errors="replace")):
+                    return name
+            return None
+
+        poll_until(
+            lambda: holder() is not None, 120, "a worker running job 1", log_path=logs["node"]
+        )
+        dead = holder()
+        assert dead is not None
+        os.kill(workers[dead].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        workers[dead].wait(10)
+        other = next(name for name in workers if name != dead)
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+        poll_until(
+            lambda: job_row(store).state == "results_ready",
+            120,
+            "job 1's result from the other worker",
+            process=workers[other],
+            log_path=logs[other],
+        )
+        # Taken over when the broker delivered the task again, not when the lease ran out.
+        assert time.monotonic() - killed_at < LEASE_S / 4
+        row = job_row(store)
+        assert row.attempts == 2
+        with store.engine.connect() as conn:
+            assert len(conn.execute(select(results)).all()) == 1
+            kinds = [r.event for r in conn.execute(select(events).order_by(events.c.id))]
+        assert "requeued" in kinds
+        assert "job 1: results ready" in logs[other].read_text("utf-8")
+        assert "job 1 published" in logs["node"].read_text("utf-8")
+    finally:
+        if store is not None:
+            store.close()
+        for process in [node, *workers.values()]:
+            stop_process(process)
+    assert node.returncode == 0, logs["node"].read_text("utf-8")[-3000:]
+
+
+def test_a_worker_without_its_broker_says_where_and_what_to_do(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    env = aidx_env(tmp_path, f"amqp://aidx:s3cret@127.0.0.1:{port}//")
+    install(tmp_path / "models", tmp_path)
+    done = subprocess.run(
+        [*AIDX, "worker"], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"amqp://aidx:***@127.0.0.1:{port}//" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout
+    assert "start RabbitMQ" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("option", [["--queue", "gpu"]])
+def test_queue_option_needs_the_celery_queue(tmp_path: Path, option: list[str]) -> None:
+    env = aidx_env(tmp_path, "amqp://guest:guest@127.0.0.1:1//")
+    env["AIDX_PIPELINE__QUEUE"] = "store"
+    done = subprocess.run(
+        [*AIDX, "worker", *option], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert "pipeline.queue: celery" in done.stderr
