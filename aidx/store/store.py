@@ -433,7 +433,8 @@ class Store(OutboxQueue, JobQueue):
         """Mark a settled study complete and record its job; returns the job id.
 
         Does nothing (returns None) when an instance arrived in the meantime or the study is
-        already complete, so calling it twice never makes two jobs.
+        already complete, so calling it twice, or from two nodes on one store, never makes two
+        jobs.
         """
         with self._write() as conn:
             row = conn.execute(
@@ -449,11 +450,20 @@ class Store(OutboxQueue, JobQueue):
             if row.last_arrival + row.quiet_period_s > now:
                 return None
             version = int(row.version) + 1
-            conn.execute(
+            # Conditional on what was read: another node's assembler on the same store (or an
+            # instance arriving) between the read and this update makes it change nothing.
+            changed = conn.execute(
                 update(studies)
-                .where(studies.c.study_uid == study_uid)
+                .where(
+                    (studies.c.study_uid == study_uid)
+                    & (studies.c.state == row.state)
+                    & (studies.c.version == row.version)
+                    & (studies.c.last_arrival == row.last_arrival)
+                )
                 .values(state="complete", version=version, completed_at=now)
-            )
+            ).rowcount
+            if not changed:
+                return None
             result = conn.execute(
                 jobs.insert().values(
                     study_uid=study_uid,
