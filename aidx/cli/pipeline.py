@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aidx.cli.exit_codes import EXIT_OK, EXIT_USAGE
 from aidx.cli.signals import stop_on_signals
@@ -271,9 +271,10 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
     metrics = None
     if config.metrics.port:
         health = _health(service, pool, config, model_problem is None)
-        metrics = MetricsServer(
-            config.metrics.host, config.metrics.port, store, health, [service.scp.guard]
-        )
+        collectors: list[Any] = [service.scp.guard]
+        if publisher is not None:
+            collectors.append(publisher)  # queue depth and reachability of the broker
+        metrics = MetricsServer(config.metrics.host, config.metrics.port, store, health, collectors)
         try:
             metrics.start()
         except OSError as exc:

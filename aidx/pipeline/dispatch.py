@@ -23,8 +23,10 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy.engine import make_url
 
 from aidx.background import BackgroundLoop
@@ -139,6 +141,43 @@ class Publisher(BackgroundLoop):
             published += 1
             log.info("job %d published to queue %s", job_id, self.celery.queue)
         return published
+
+    def queue_depth(self) -> int | None:
+        """Tasks waiting in the broker's queue (not yet delivered to a worker); None when the
+        broker does not answer."""
+        try:
+            with self.app.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+                declared = conn.default_channel.queue_declare(
+                    queue=self.celery.queue,
+                    passive=True,  # only asks; a queue not there yet is "not found"
+                )
+                return int(declared.message_count)
+        except Exception as exc:  # noqa: BLE001 - kombu and amqp raise many kinds
+            if "NOT_FOUND" in str(exc) or "404" in str(exc):
+                return 0  # a queue no task has been published to yet: empty
+            log.debug("broker queue depth: %s", exc)
+            return None
+
+    def collect(self) -> Iterable[Metric]:
+        """Prometheus families read from the broker on each scrape (the node's /metrics)."""
+        depth = GaugeMetricFamily(
+            "aidx_broker_queue_messages",
+            "Tasks waiting in the broker's queue (pipeline.queue celery)",
+            labels=["queue"],
+        )
+        up = GaugeMetricFamily("aidx_broker_up", "Whether the broker answered this scrape")
+        messages = self.queue_depth()
+        if messages is not None:
+            depth.add_metric([self.celery.queue], float(messages))
+        up.add_metric([], 0.0 if messages is None else 1.0)
+        return [depth, up]
+
+    def describe(self) -> Iterable[Metric]:
+        return [
+            GaugeMetricFamily("aidx_broker_queue_messages", "", labels=["queue"]),
+            GaugeMetricFamily("aidx_broker_up", ""),
+        ]
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,53 @@ def test_a_job_whose_worker_dies_is_delivered_again_and_its_result_made_once(
         for process in [node, *workers.values()]:
             stop_process(process)
     assert node.returncode == 0, logs["node"].read_text("utf-8")[-3000:]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
+
+
+def test_the_nodes_metrics_show_the_brokers_queue_until_a_worker_takes_the_job(
+    tmp_path: Path, rabbitmq_server: Any
+) -> None:
+    install(tmp_path / "models", tmp_path)
+    env = aidx_env(tmp_path, rabbitmq_server.url())
+    metrics_port = free_port()
+    env["AIDX_METRICS__PORT"] = str(metrics_port)
+    queue = env["AIDX_PIPELINE__CELERY__QUEUE"]
+    node_log, worker_log = tmp_path / "node.log", tmp_path / "worker.log"
+    node = start([*AIDX, "serve", "--single-process", "--demo"], node_log, env)
+    worker = None
+    store: Store | None = None
+    try:
+        poll_until(
+            lambda: "job 1 published" in node_log.read_text("utf-8", errors="replace"),
+            120,
+            "job 1 on the broker",
+            process=node,
+            log_path=node_log,
+        )
+        waiting = f'aidx_broker_queue_messages{{queue="{queue}"}} 1.0'
+        poll_until(lambda: waiting in scrape(metrics_port), 30, "the task counted in /metrics")
+        assert "aidx_broker_up 1.0" in scrape(metrics_port)
+        worker = start([*AIDX, "worker"], worker_log, env)
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+        poll_until(
+            lambda: job_row(store).state == "results_ready",
+            120,
+            "job 1's result",
+            process=worker,
+            log_path=worker_log,
+        )
+        assert f'aidx_broker_queue_messages{{queue="{queue}"}} 0.0' in scrape(metrics_port)
+    finally:
+        if store is not None:
+            store.close()
+        for process in (node, worker):
+            if process is not None:
+                stop_process(process)
+    assert node.returncode == 0, node_log.read_text("utf-8")[-3000:]
 
 
 def test_a_worker_without_its_broker_says_where_and_what_to_do(tmp_path: Path) -> None:
