@@ -237,7 +237,9 @@ def run_workers(
             log.info("job %d: nothing to run (done, superseded or held by another worker)", job_id)
 
     hostname = f"aidx-worker@{socket.gethostname()}.{time.time_ns() % 1_000_000}"
-    pool = "solo" if count <= 1 else "threads"
+    # Threads, even for one worker: with late acknowledgement, Celery's "solo" pool took the
+    # next task only every ~10 s (seen in tests/pipeline/test_celery_dispatch.py).
+    pool = "threads"
     log.info(
         "aidx worker: %d worker(s) on Celery, queue(s) %s, broker %s",
         count,

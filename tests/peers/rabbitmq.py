@@ -43,26 +43,35 @@ class RabbitMQ(_Server):
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="aidx-rabbitmq-"))
         super().__init__(self.root / "rabbitmq.log")
-        self.port = 0
-        self.epmd_port = 0
+        self.port = self.epmd_port = self.dist_port = 0
 
     def url(self, password: str = "guest") -> str:
         """The broker URL aidx takes (``pipeline.celery.broker_url``)."""
         return f"amqp://guest:{password}@{LOOPBACK}:{self.port}//"
 
     def start(self) -> Self:
-        server = rabbitmq_server()
-        self.port = free_port()
-        self.epmd_port = free_port()
+        self.port, self.epmd_port, self.dist_port = free_port(), free_port(), free_port()
         (self.root / "enabled_plugins").write_text("[].\n")
         listen = f"listeners.tcp.default = {LOOPBACK}:{self.port}\n"
         (self.root / "rabbitmq.conf").write_text(listen)
+        self._boot()
+        return self
+
+    def restart(self) -> None:
+        """Stop the broker (SIGTERM: a clean shutdown) and start it again on the same ports
+        with the same database: durable queues and persistent messages survive, as on a
+        broker host's restart."""
+        super().stop()
+        self._boot()
+
+    def _boot(self) -> None:
+        server = rabbitmq_server()
         env = {
             "HOME": str(self.root),  # the Erlang cookie
             "RABBITMQ_NODENAME": f"aidx{self.port}@localhost",
             "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
             "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
             "ERL_EPMD_PORT": str(self.epmd_port),  # its own epmd, stopped with it
             "ERL_EPMD_ADDRESS": LOOPBACK,
             "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
@@ -80,7 +89,6 @@ class RabbitMQ(_Server):
             process=process,
             log_path=self.log_path,
         )
-        return self
 
     def _answers(self) -> bool:
         from kombu import Connection

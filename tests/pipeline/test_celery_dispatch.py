@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from aidx.store.schema import events, jobs, results
+from aidx.store.schema import events, jobs, results, studies
 from aidx.store.store import Store
-from tests.peers import free_port, poll_until, stop_process
+from tests.peers import LOOPBACK, free_port, poll_until, stop_process, storescu
+from tests.peers.rabbitmq import RabbitMQ
 from tests.standin_model import install
 
 AIDX = [sys.executable, "-m", "aidx"]
@@ -185,3 +186,72 @@ def test_queue_option_needs_the_celery_queue(tmp_path: Path, option: list[str]) 
     )
     assert done.returncode == 2
     assert "pipeline.queue: celery" in done.stderr
+
+
+def test_queued_jobs_survive_a_broker_restart_and_the_stat_study_queued_last_runs_first(
+    tmp_path: Path,
+) -> None:
+    """Ten studies complete while no worker runs, the STAT one last; the broker restarts with
+    their ten tasks queued; then one worker takes them: none is lost, and the broker gives it
+    the STAT study's task first (priority from pipeline.priority_rules)."""
+    from training.phantom import PhantomOptions, generate
+
+    install(tmp_path / "models", tmp_path)
+    config = tmp_path / "aidx.yaml"
+    config.write_text(
+        "pipeline:\n  priority_rules:\n    - calling_ae_titles: [STAT]\n      priority: 100\n"
+    )
+    broker = RabbitMQ().start()
+    node = worker = None
+    store: Store | None = None
+    try:
+        env = aidx_env(tmp_path, broker.url())
+        env["AIDX_NODE__STUDY_QUIET_PERIOD_S"] = "1"
+        node_log, worker_log = tmp_path / "node.log", tmp_path / "worker.log"
+        node = start([*AIDX, "--config", str(config), "serve", "--single-process"], node_log, env)
+        port = int(env["AIDX_NODE__PORT"])
+        poll_until(lambda: "aidx serving" in node_log.read_text("utf-8"), 60, "the node")
+        sent: list[tuple[str, str]] = []  # (calling AE, study folder)
+        for n in range(10):
+            options = PhantomOptions(slices=20, matrix=64, nodules=0, seed=5000 + n)
+            folder = generate(tmp_path / f"study-{n}", options).dicom_dir
+            sent.append(("STAT" if n == 9 else "ROUTINE", str(folder)))
+        for ae, folder in sent:
+            storescu(LOOPBACK, port, [folder], called_aet="AIDX", calling_aet=ae)
+        published = re.compile(r"job \d+ published")
+        poll_until(
+            lambda: len(published.findall(node_log.read_text("utf-8"))) == 10,
+            120,
+            "ten jobs on the broker",
+            process=node,
+            log_path=node_log,
+        )
+        broker.restart()
+        worker = start([*AIDX, "worker"], worker_log, env)
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+
+        def states() -> list[str]:
+            with store.engine.connect() as conn:
+                return [r.state for r in conn.execute(select(jobs))]
+
+        poll_until(
+            lambda: states().count("results_ready") == 10,
+            240,
+            "ten results",
+            process=worker,
+            log_path=worker_log,
+        )
+        with store.engine.connect() as conn:
+            order = conn.execute(
+                select(studies.c.calling_ae)
+                .join(jobs, jobs.c.study_uid == studies.c.study_uid)
+                .order_by(jobs.c.started_at)
+            ).all()
+        assert [r.calling_ae for r in order] == ["STAT"] + ["ROUTINE"] * 9
+    finally:
+        if store is not None:
+            store.close()
+        for process in (node, worker):
+            if process is not None:
+                stop_process(process)
+        broker.stop()
