@@ -183,6 +183,9 @@ class RouteConfig(StrictModel):
     series_description: str = ""  # a regular expression searched in SeriesDescription
     # Destination name -> what to send there; empty means sr and seg to every destination.
     outputs: dict[str, list[OutputKind]] = Field(default_factory=dict)
+    # pipeline.queue celery: the broker queue of a study this route applies to (a GPU model's
+    # route: a queue that only GPU hosts' `aidx worker --queue` consume); "": pipeline.celery.queue.
+    queue: str = Field(default="", max_length=200)
 
     @model_validator(mode="after")
     def _pattern_compiles(self) -> RouteConfig:

@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from aidx.background import BackgroundLoop
 from aidx.config import AidxConfig, CeleryConfig
+from aidx.pipeline.routing import queue_function
 from aidx.pipeline.worker import Worker, model_registry
 
 if TYPE_CHECKING:
@@ -76,7 +77,10 @@ def celery_app(config: AidxConfig) -> Celery:
         task_default_queue=celery.queue,
         task_queues=[
             Queue(  # type: ignore[no-untyped-call]
-                celery.queue, routing_key=celery.queue, queue_arguments=_queue_args(celery)
+                name, routing_key=name, queue_arguments=_queue_args(celery)
+            )
+            for name in sorted(
+                {celery.queue, *(r.queue for r in config.pipeline.routes if r.queue)}
             )
         ],
         task_queue_max_priority=celery.max_priority,
@@ -122,24 +126,26 @@ class Publisher(BackgroundLoop):
         self.celery = config.pipeline.celery
         self.store = store
         self.app = app or celery_app(config)
+        self.queue_of = queue_function(config, store)  # pipeline.routes[].queue
         self._published: set[int] = set()
         self._failing = False
 
     def publish_queued(self) -> int:
         """Publish every queued job not published by this process; how many were published."""
         published = 0
-        for job_id, priority in self.store.queued_jobs():
+        for job_id, priority, study_uid in self.store.queued_jobs():
             if job_id in self._published:
                 continue
+            queue = self.queue_of(study_uid)
             self.app.send_task(
                 TASK,
                 args=[job_id],
-                queue=self.celery.queue,
+                queue=queue,
                 priority=broker_priority(priority, self.celery),
             )
             self._published.add(job_id)
             published += 1
-            log.info("job %d published to queue %s", job_id, self.celery.queue)
+            log.info("job %d published to queue %s", job_id, queue)
         return published
 
     def queue_depth(self) -> int | None:

@@ -72,6 +72,37 @@ def _route(r: RouteConfig, config: AidxConfig) -> Route:
     return Route(r.name, r.model or None, tuple(r.calling_ae_titles), rules, outputs)
 
 
+def queue_function(config: AidxConfig, store: Store) -> Callable[[str], str]:
+    """``study_uid -> broker queue`` (pipeline.queue celery): the ``queue`` of the first route
+    with one whose conditions (calling AE, body part, series description) a series of the study
+    meets, read from the store's series rows; else pipeline.celery.queue. A job runs every route
+    that applies, on the host that takes it: a route with its own queue comes first."""
+    default = config.pipeline.celery.queue
+    queued = [r for r in config.pipeline.routes if r.queue]
+
+    def queue_of(study_uid: str) -> str:
+        if not queued:
+            return default
+        study = store.study(study_uid) or {}
+        all_series = store.study_series(study_uid)
+        for route in queued:
+            if route.calling_ae_titles and study.get("calling_ae") not in route.calling_ae_titles:
+                continue
+            for s in all_series:
+                part = str(s.get("body_part") or "").upper()
+                if route.body_parts and part not in {p.upper() for p in route.body_parts}:
+                    continue
+                description = str(s.get("description") or "")
+                if route.series_description and not re.search(
+                    route.series_description, description, re.IGNORECASE
+                ):
+                    continue
+                return route.queue
+        return default
+
+    return queue_of
+
+
 def priority_function(config: AidxConfig, store: Store) -> Callable[[str], int]:
     """``study_uid -> priority`` by ``pipeline.priority_rules`` (0 when none match)."""
     rules = config.pipeline.priority_rules

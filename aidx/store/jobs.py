@@ -172,15 +172,16 @@ class JobQueue:
             return None
         return self._take(row, worker, lease_s, now)
 
-    def queued_jobs(self) -> list[tuple[int, int]]:
-        """(id, priority) of every queued job, oldest first (published to the broker)."""
+    def queued_jobs(self) -> list[tuple[int, int, str]]:
+        """(id, priority, study UID) of every queued job, oldest first (published to the
+        broker)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(jobs.c.id, jobs.c.priority)
+                select(jobs.c.id, jobs.c.priority, jobs.c.study_uid)
                 .where(jobs.c.state == QUEUED)
                 .order_by(jobs.c.created_at, jobs.c.id)
             ).all()
-        return [(int(r[0]), int(r[1] or 0)) for r in rows]
+        return [(int(r[0]), int(r[1] or 0), str(r[2])) for r in rows]
 
     def _take(self, row: Any, worker: str, lease_s: float, now: float) -> Job | None:
         with self._write() as conn:

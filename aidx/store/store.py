@@ -481,6 +481,12 @@ class Store(OutboxQueue, JobQueue):
             return job_id
 
     # ------------------------------------------------------------------------------- queries
+    def study_series(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's series rows (description, body part, modality, counts)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(series).where(series.c.study_uid == study_uid))
+            return [dict(r._mapping) for r in rows]
+
     def study(self, study_uid: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()

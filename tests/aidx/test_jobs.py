@@ -380,11 +380,11 @@ def test_a_task_claims_its_own_job_once_and_takes_over_only_when_delivered_again
     for n, uid in enumerate(["1.2.3.41", "1.2.3.42"]):
         _insert_study(store, uid)
         store.complete_study(uid, 2000.0 + n)
-    assert [p for _, p in store.queued_jobs()] == [0, 0]
-    (first_id, _), (second_id, _) = store.queued_jobs()
+    assert [(p, uid) for _, p, uid in store.queued_jobs()] == [(0, "1.2.3.41"), (0, "1.2.3.42")]
+    (first_id, _, _), (second_id, _, _) = store.queued_jobs()
     job = store.claim_job_id(second_id, "a:111:0", 60.0, now=3000.0, alive=lambda _: True)
     assert job is not None and job.id == second_id  # the named job, not the oldest
-    assert [i for i, _ in store.queued_jobs()] == [first_id]
+    assert [i for i, _, _ in store.queued_jobs()] == [first_id]
     # Delivered twice while its worker lives: runs once.
     assert store.claim_job_id(second_id, "b:222:0", 60.0, now=3001.0, alive=lambda _: True) is None
     # Delivered again because its consumer is gone (another host: no pid to look at).
@@ -404,3 +404,23 @@ def test_job_priorities_map_onto_the_brokers_levels() -> None:
     levels = CeleryConfig(max_priority=9)
     assert [broker_priority(p, levels) for p in (0, 1, 50, 99, 100, 250)] == [0, 1, 5, 9, 9, 9]
     assert safe_broker_url("amqp://u:pw@host:5672/v") == "amqp://u:***@host:5672/v"
+
+
+def test_a_route_with_its_own_queue_takes_the_studies_it_applies_to(tmp_path: Path) -> None:
+    """pipeline.queue celery: a study goes to the queue of the first route with a queue whose
+    conditions one of its series meets (from the store's series rows), else the default."""
+    from aidx.config import RouteConfig
+    from aidx.pipeline.routing import queue_function
+    from tests.aidx.instances import instance_record
+
+    routes = [
+        RouteConfig(name="chest-gpu", queue="gpu", body_parts=["CHEST"]),
+        RouteConfig(name="all"),
+    ]
+    config = _config(tmp_path, queue="celery", routes=routes)
+    store = _store(f"sqlite:///{tmp_path / 'q.db'}")
+    store.index_instance(instance_record("1.2.3.61", 1), 1000.0, 1.0)  # CHEST
+    store.index_instance(instance_record("1.2.3.62", 1, body_part="ABDOMEN"), 1000.0, 1.0)
+    queue_of = queue_function(config, store)
+    assert queue_of("1.2.3.61") == "gpu"
+    assert queue_of("1.2.3.62") == config.pipeline.celery.queue == "aidx"
