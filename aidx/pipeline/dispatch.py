@@ -88,6 +88,9 @@ def celery_app(config: AidxConfig) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
+        # Task events, so that Flower (or `celery events`) shows the tasks, not only workers.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
