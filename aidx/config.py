@@ -138,6 +138,14 @@ class StoreConfig(StrictModel):
     url: str | None = None
 
 
+class StorageConfig(StrictModel):
+    # Where received images (spool/), results (results/) and signed reports (signed/) live: a
+    # shared mount (NFS, SMB, CephFS) when several hosts share a store; null: data_dir. Each
+    # host's own state (SQLite index, run/, logs, keys) stays in data_dir. The store records
+    # absolute paths: mount a shared root at the same path on every host.
+    root: Path | None = None
+
+
 class SeriesRulesConfig(StrictModel):
     modalities: list[str] = Field(default_factory=lambda: ["CT"])
     min_slices: int = Field(default=20, ge=2)
@@ -340,6 +348,7 @@ class AidxConfig(StrictModel):
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
@@ -349,6 +358,12 @@ class AidxConfig(StrictModel):
 
     def demo_output(self) -> Path:
         return self.demo.output or self.data_dir / "demo"
+
+    def storage_root(self) -> Path:
+        """Received images, results and signed reports live under this (storage.root)."""
+        return (
+            Path(self.storage.root).expanduser().resolve() if self.storage.root else self.data_dir
+        )
 
     def models_dir(self) -> Path:
         return self.models.dir or self.data_dir / "models"

@@ -37,7 +37,9 @@ class NodeService:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(config.store_url())
-        self.spool = Spool(config.data_dir / "spool", config.node.min_free_disk_mb * 1024 * 1024)
+        self.spool = Spool(
+            config.storage_root() / "spool", config.node.min_free_disk_mb * 1024 * 1024
+        )
         self.assembler = StudyAssembler(self.store, on_complete, priority)
         self.scp = StorageSCP(config.node, self.store, self.spool, self.assembler.notify)
         self.exporter = ExportWorker(config, self.store) if outbox else None

@@ -489,7 +489,7 @@ def sign_review(ctx: Any, st: ViewerState, user: User, client: str | None) -> An
         ctx.store,
         st.review_id,
         user,
-        ctx.config.data_dir / "signed",
+        ctx.config.storage_root() / "signed",
         fallback_destinations=ctx.config.ui.signoff_destinations,
         client=client,
         default_organisation=ctx.config.ui.organisation,

@@ -226,6 +226,11 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
         model_problem = _check_pipeline(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(config.store_url())
+        problem = storage_problem(config, store)
+        if problem:
+            store.close()
+            print(f"aidx serve: cannot start: {problem}", file=sys.stderr)
+            return EXIT_USAGE
         pool: WorkerPool | None = None
         publisher = _publisher(config, store)
 
@@ -326,6 +331,37 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
         pool.stop()
         store.close()
     return EXIT_OK
+
+
+def storage_problem(config: AidxConfig, store: Store) -> str | None:
+    """Why this host cannot use its storage root (storage.root, else data_dir), or None: it
+    must be writable, and hold the files the store lists last, at the paths recorded (a host
+    that mounts a shared root elsewhere, or not at all, or names another root, would fail
+    every study or write results that the other hosts cannot read)."""
+    import tempfile
+
+    root = config.storage_root()
+    setting = "storage.root" if config.storage.root else "data_dir"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".aidx-write-check-"):
+            pass
+    except OSError as exc:
+        why = exc.strerror or exc
+        return f"{setting} {root} is not writable ({why}); fix its permissions or set {setting}"
+    recent = store.recent_instance_paths(5)
+    if recent and not any(Path(p).is_file() for p in recent):
+        return (
+            f"{setting} {root}: none of the files the store lists last are here (e.g. "
+            f"{recent[0]}): this host does not see the storage the store's other hosts write; "
+            "mount the shared root at the same path on every host (and set storage.root to it)"
+        )
+    if recent and not any(Path(p).is_relative_to(root) for p in recent):
+        return (
+            f"{setting} {root}: the files the store lists last lie elsewhere (e.g. {recent[0]}); "
+            "set storage.root to the shared root that every host of this store uses"
+        )
+    return None
 
 
 def _publisher(config: AidxConfig, store: Store) -> Publisher | None:
@@ -454,6 +490,11 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
         store: Store = Store(config.store_url())
     except (ConfigError, OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx worker: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = storage_problem(config, store)
+    if problem:
+        store.close()
+        print(f"aidx worker: cannot start: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if model_problem:
         log.warning("no model for inference: %s", model_problem)

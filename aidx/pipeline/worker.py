@@ -203,7 +203,7 @@ class Worker:
                 continue
             model = self.registry.resolve(route.model, self.config.models.default)
             out_dir = (
-                self.config.data_dir
+                self.config.storage_root()
                 / "results"
                 / job.study_uid
                 / f"v{job.study_version}"

@@ -412,6 +412,14 @@ class Store(OutboxQueue, JobQueue):
                 )
             )
 
+    def recent_instance_paths(self, count: int) -> list[str]:
+        """The files of the ``count`` instances received last."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(instances.c.path).order_by(instances.c.received_at.desc()).limit(count)
+            )
+            return [str(r[0]) for r in rows]
+
     def indexed_paths(self) -> set[str]:
         with self.engine.connect() as conn:
             return {str(r[0]) for r in conn.execute(select(instances.c.path))}
