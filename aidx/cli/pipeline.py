@@ -330,6 +330,9 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
         service.stop()
         pool.stop()
         store.close()
+    if pool.busy():  # a job left running: see worker()
+        logging.shutdown()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 
@@ -533,6 +536,12 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
         jobs_bell.stop()
         pool.stop()
         store.close()
+    if pool.busy():
+        # A job left running (taken again at the next start): end now, without the
+        # interpreter's shutdown, which would abort under ONNX Runtime's running threads
+        # ("terminate called without an active exception", status -6).
+        logging.shutdown()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

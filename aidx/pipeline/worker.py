@@ -314,3 +314,7 @@ class WorkerPool:
 
     def alive(self) -> bool:
         return all(w.alive() for w in self.workers)
+
+    def busy(self) -> bool:
+        """Whether a worker still runs a job (after :meth:`stop`: one left for the next start)."""
+        return any(w.current_job is not None for w in self.workers)
