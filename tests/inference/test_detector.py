@@ -41,6 +41,21 @@ def test_crops_are_the_neighbourhood_and_its_wider_context() -> None:
     assert out[1, 0, 0, 0, 0] == 0.0 and out[1, 0, 4, 4, 4] == array[0, 1, 39]
 
 
+def test_the_wide_crop_is_the_block_mean_of_twice_the_field() -> None:
+    """The wide channel, made from the grid's block means once for all centres, is the 2x2x2
+    mean of the (2 size)³ neighbourhood, at any parity of the centre and beyond the edges."""
+    rng = np.random.default_rng(3)
+    array = rng.random((23, 30, 27), dtype=np.float32)
+    centres = np.array([[11.0, 15.0, 13.0], [0.0, 29.0, 1.0], [12.6, 4.4, 25.0]])
+    out = crops(array, centres, 8)
+    padded = np.pad(array, 8)
+    for i, (z, y, x) in enumerate(np.rint(centres).astype(int) + 8):
+        big = padded[z - 8 : z + 8, y - 8 : y + 8, x - 8 : x + 8]
+        expected = big.reshape(8, 2, 8, 2, 8, 2).mean(axis=(1, 3, 5))
+        assert np.allclose(out[i, 1], expected, atol=1e-6)
+        assert np.array_equal(out[i, 0], padded[z - 4 : z + 4, y - 4 : y + 4, x - 4 : x + 4])
+
+
 def sphere_volume() -> Preprocessed:
     z, y, x = np.mgrid[:48, :48, :48].astype(np.float32)
     array = np.full((48, 48, 48), windowed(-850), dtype=np.float32)
