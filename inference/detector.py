@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -244,8 +244,12 @@ class Detector:
         self.card: ModelCard = card
         self.spec: DetectorSpec = card.detector
         self.options = options or RunnerOptions()
+        overlap = self.spec.candidates.network_overlap
+        network_options = (
+            self.options if overlap is None else replace(self.options, overlap=overlap)
+        )
         self.network = (
-            OnnxRunner(model.onnx_path, card, self.options)
+            OnnxRunner(model.onnx_path, card, network_options)
             if self.spec.candidates.network
             else None
         )

@@ -236,6 +236,22 @@ def test_the_detector_finds_the_nodule_with_its_mask_on_the_series_grid(tmp_path
     assert near[0].key_sop_instance_uid == "1.2.3.24"
 
 
+@pytest.mark.parametrize(("network_overlap", "expected"), [(None, 0.25), (0.0, 0.0)])
+def test_the_first_stage_runs_at_the_cards_overlap_or_the_configurations(
+    tmp_path: Path, network_overlap: float | None, expected: float
+) -> None:
+    first, card = two_stage_folder(tmp_path)
+    data = json.loads(card.read_text(encoding="utf-8"))
+    data["detector"]["candidates"] |= {"network": True, "network_overlap": network_overlap}
+    card.write_text(json.dumps(data), encoding="utf-8")
+    entry = Registry(tmp_path / "models").register(first, card)
+    options = RunnerOptions(providers=("CPUExecutionProvider",), overlap=0.25)
+    detector = Detector(entry, options)
+    assert detector.network is not None
+    assert detector.network.options.overlap == expected
+    assert detector.options.overlap == 0.25  # the rest of the detector keeps the configuration's
+
+
 def test_a_model_without_a_detector_section_is_not_a_detector(tmp_path: Path) -> None:
     first = tiny_model(tmp_path / "model.onnx")
     data = json.loads(json.dumps(CARD)) | {"sha256": sha256_of(first)}
