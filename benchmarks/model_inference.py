@@ -13,6 +13,7 @@ Budgets of the detector issue on the 2-core CPU: model stages <= 10 s, whole com
 peak RSS <= 2 GB.
 
 Usage: python benchmarks/model_inference.py [lung-nodule@0.5.0 lung-nodule@0.6.0] [--repeats 3]
+       python benchmarks/model_inference.py lung-nodule@0.6.0=../main lung-nodule@0.6.1  # code too
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ from aidx.config import DemoConfig
 from training.phantom import PhantomOptions, generate
 
 
-def run(model: str, study: Path, out: Path, data_dir: Path) -> dict[str, float]:
+def run(
+    model: str, study: Path, out: Path, data_dir: Path, code: Path | None = None
+) -> dict[str, float]:
+    """One `aidx infer` (``code``: the checkout whose aidx runs, e.g. the code before a change;
+    default: this one)."""
     aidx = str(Path(sys.executable).parent / "aidx")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
+    if code is not None:
+        env["PYTHONPATH"] = str(code.resolve())
     start = time.perf_counter()
     result = subprocess.run(
         [
@@ -52,7 +59,7 @@ def run(model: str, study: Path, out: Path, data_dir: Path) -> dict[str, float]:
             "--out",
             str(out),
             "--model",
-            model,
+            model.partition("=")[0],
         ],
         capture_output=True,
         text=True,
@@ -102,7 +109,13 @@ def ranks(findings_path: Path, truth: list[dict[str, object]]) -> tuple[list[str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["lung-nodule@0.5.0", "lung-nodule"])
+    parser.add_argument(
+        "models",
+        nargs="*",
+        default=["lung-nodule@0.5.0", "lung-nodule"],
+        help="model references; MODEL=DIR runs it with the code of the checkout DIR (the same "
+        "model before and after a code change, side by side)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slices", type=int, default=DemoConfig().slices)
     parser.add_argument("--seed", type=int, default=DemoConfig().seed, help="default: the demo's")
@@ -127,9 +140,13 @@ def main() -> int:
             + ", ".join(f"{n['diameter_mm']:.1f} mm" for n in truth)
         )
         results: dict[str, list[dict[str, float]]] = {m: [] for m in args.models}
-        for i in range(args.repeats):  # interleaved, so a slow moment hits every model alike
+        for _ in range(args.repeats):  # interleaved, so a slow moment hits every model alike
             for m in args.models:
-                results[m].append(run(m, made.dicom_dir, root / f"{m}-{i}", args.data_dir))
+                _, _, code = m.partition("=")
+                out = root / f"{len(results[m])}-{args.models.index(m)}"
+                results[m].append(
+                    run(m, made.dicom_dir, out, args.data_dir, Path(code) if code else None)
+                )
         base = args.models[0]
         print(f"medians over {args.repeats} runs (ratio to {base}):")
         for m in args.models:
@@ -149,7 +166,8 @@ def main() -> int:
                 f"{figures['peak_mb']:.0f} MB ({figures['peak_mb'] / basef['peak_mb']:.2f}x)"
             )
             print(f"      steps (s): {steps}")
-            hits, false_positives = ranks(root / f"{m}-0" / "findings.json", truth)
+            first = root / f"0-{args.models.index(m)}" / "findings.json"
+            hits, false_positives = ranks(first, truth)
             print(
                 f"      nodules found as {', '.join(hits)}; false positives at the operating "
                 f"threshold: {false_positives}"

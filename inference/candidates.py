@@ -35,6 +35,7 @@ from scipy import ndimage
 
 LUNG_HU = -400.0  # lung parenchyma and airways are below this, solid tissue above
 COARSE = 4  # the lung mask is found on a grid this many times coarser
+BLUR_THREADS = 2  # Gaussian filters run side by side (the 2-core CPU budget)
 
 
 class CandidateError(ValueError):
@@ -137,16 +138,11 @@ def find_candidates(
         # sigmas in voxels of this grid, and one more above the last for its difference
         levels = [s / step_mm for s in sigmas]
         ratio = levels[1] / levels[0] if len(levels) > 1 else 1.4
-        blurred = [ndimage.gaussian_filter(grid, s, mode="nearest") for s in levels]
-        blurred.append(ndimage.gaussian_filter(grid, levels[-1] * ratio, mode="nearest"))
+        blurred = _blur(grid, [*levels, levels[-1] * ratio])
         for i, sigma_mm in enumerate(sigmas):
             k = (levels[i + 1] if i + 1 < len(levels) else levels[-1] * ratio) / levels[i]
             response = (blurred[i] - blurred[i + 1]) / np.float32(k - 1.0)
-            peaks = (
-                (response == ndimage.maximum_filter(response, size=3, mode="nearest"))
-                & (response > spec.min_response)
-                & mask
-            )
+            peaks = (response == local_max(response)) & (response > spec.min_response) & mask
             where = np.argwhere(peaks)
             if len(where) == 0:
                 continue
@@ -218,6 +214,36 @@ def blob_shape(smoothed: NDArray[np.float32], where: NDArray[np.intp]) -> NDArra
     ratio = np.where(largest > 0, np.clip(smallest / np.maximum(largest, 1e-12), 0.0, 1.0), 0.0)
     out[inner] = ratio
     return out
+
+
+def local_max(array: NDArray[np.float32]) -> NDArray[np.float32]:
+    """The maximum over each voxel's 3x3x3 neighbourhood, the edges repeated beyond the grid:
+    ``ndimage.maximum_filter(array, size=3, mode="nearest")``, one axis at a time with whole
+    array operations (several times faster on a 1 mm lung box)."""
+    out = np.array(array, dtype=array.dtype, copy=True)
+    for axis in range(array.ndim):
+        src = out.copy()
+        n = src.shape[axis]
+        if n < 2:
+            continue
+        lo = [slice(None)] * array.ndim
+        hi = [slice(None)] * array.ndim
+        lo[axis], hi[axis] = slice(0, n - 1), slice(1, n)
+        np.maximum(out[tuple(lo)], src[tuple(hi)], out=out[tuple(lo)])  # the next voxel
+        np.maximum(out[tuple(hi)], src[tuple(lo)], out=out[tuple(hi)])  # the previous one
+    return out
+
+
+def _blur(grid: NDArray[np.float32], sigmas: list[float]) -> list[NDArray[np.float32]]:
+    """``grid`` smoothed by a Gaussian of each sigma (voxels), two at a time: SciPy's filters
+    release the GIL, so two threads use both cores of a small machine."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - only here
+
+    def blur(sigma: float) -> NDArray[np.float32]:
+        return np.asarray(ndimage.gaussian_filter(grid, sigma, mode="nearest"))
+
+    with ThreadPoolExecutor(max_workers=BLUR_THREADS) as pool:
+        return list(pool.map(blur, sigmas))
 
 
 def _octaves(sigmas_mm: tuple[float, ...], spacing_mm: float) -> list[tuple[int, list[float]]]:

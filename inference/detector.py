@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,7 @@ def detector_input(
     cut = crop_volume(volume, start, stop)
     timings["lungs_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    pre = preprocess(cut, PreprocessSpec((spec.spacing_mm,) * 3, hu_window))
+    pre = preprocess(cut, PreprocessSpec((spec.spacing_mm,) * 3, hu_window), body=False)
     timings["fine_preprocess_s"] = time.perf_counter() - t
     # the coarse lungs onto the fine grid, by nearest voxel through patient coordinates
     t = time.perf_counter()
@@ -155,7 +155,11 @@ def crops(
 ) -> NDArray[np.float32]:
     """Two concentric crops around each centre (voxel indices), as channels: ``size``³ at the
     grid's spacing, and ``(2 size)``³ averaged down to ``size``³; outside the grid is 0 (air,
-    the window's low end)."""
+    the window's low end).
+
+    The wide crop is a strided view of the grid's 2x2x2 block means, made once for all
+    centres (the mean of each voxel's block reaching forward): per crop, a copy, not a mean
+    over 262 144 voxels."""
     n = len(centres)
     out = np.zeros((n, 2, size, size, size), dtype=np.float32)
     if n == 0:
@@ -164,13 +168,23 @@ def crops(
     padded = np.pad(array, pad, mode="constant", constant_values=0.0)
     at = np.rint(np.asarray(centres)).astype(int) + pad
     half = size // 2
+    pooled = block_means(padded)
     for i, (z, y, x) in enumerate(at):
         out[i, 0] = padded[
             z - half : z - half + size, y - half : y - half + size, x - half : x - half + size
         ]
-        big = padded[z - size : z + size, y - size : y + size, x - size : x + size]
-        out[i, 1] = big.reshape(size, 2, size, 2, size, 2).mean(axis=(1, 3, 5))
+        out[i, 1] = pooled[tuple(slice(c - size, c + size, 2) for c in (z, y, x))]
     return out
+
+
+def block_means(array: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``out[z, y, x]``: the mean of ``array[z:z+2, y:y+2, x:x+2]`` (one shorter along each
+    axis), summed in float32 one axis at a time."""
+    s = array[1:] + array[:-1]
+    s = s[:, 1:] + s[:, :-1]
+    s = s[:, :, 1:] + s[:, :, :-1]
+    s *= np.float32(0.125)
+    return s
 
 
 class Classifier:
@@ -230,8 +244,12 @@ class Detector:
         self.card: ModelCard = card
         self.spec: DetectorSpec = card.detector
         self.options = options or RunnerOptions()
+        overlap = self.spec.candidates.network_overlap
+        network_options = (
+            self.options if overlap is None else replace(self.options, overlap=overlap)
+        )
         self.network = (
-            OnnxRunner(model.onnx_path, card, self.options)
+            OnnxRunner(model.onnx_path, card, network_options)
             if self.spec.candidates.network
             else None
         )
@@ -256,7 +274,9 @@ class Detector:
         t = time.perf_counter()
         card = self.card
         # the network sees the lungs' box, not the field of view (a third to a half of it)
-        coarse = preprocess(data.cut, PreprocessSpec(card.input.spacing_mm, card.input.hu_window))
+        coarse = preprocess(
+            data.cut, PreprocessSpec(card.input.spacing_mm, card.input.hu_window), body=False
+        )
         probability = self.network.predict(coarse.array)
         c = self.spec.candidates
         peaks = probability_peaks(

@@ -93,6 +93,9 @@ class CandidateSettings(_Strict):
     network: bool = False
     network_min_probability: float = Field(default=0.01, gt=0, lt=1)
     network_max_candidates: int = Field(default=100, ge=1)
+    # its sliding window's overlap (None: the configuration's inference.overlap); its peaks
+    # are candidates, not findings, so seams between windows cost little
+    network_overlap: float | None = Field(default=None, ge=0, lt=1)
 
 
 class ClassifierSpec(_Strict):

@@ -394,6 +394,7 @@ def export(
     threshold_from: Path | None = None,
     augment_top: int = 0,
     max_candidates: int | None = None,
+    network_overlap: float | None = None,
 ) -> Path:
     """The model folder ``root/<name>/<version>``: the base network (first stage), the
     classifier and a card; with ``evaluation`` (a froc.json of this folder's model, from
@@ -401,7 +402,9 @@ def export(
     ``operating_fp_rate`` false positives per scan, taken from ``threshold_from`` (another
     froc.json: the selection set's, so that the held-out figures stay held out) when given.
     ``augment_top``: the classifier's flip-averaged candidates (``classifier.augment_top``);
-    ``max_candidates``: blob candidates per scan at serving, when not the training's."""
+    ``max_candidates``: blob candidates per scan at serving, when not the training's;
+    ``network_overlap``: the first-stage network's sliding-window overlap at serving
+    (``detector.candidates.network_overlap``; None: the configuration's)."""
     import datetime  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
@@ -417,12 +420,13 @@ def export(
     if not classifier.exists():
         diff = export_classifier(out / "classifier.pt", classifier)
         log.info("classifier exported, ONNX Runtime within %.1e of PyTorch", diff)
+    serving: dict[str, Any] = {}
     if max_candidates is not None:
-        spec = spec.model_copy(
-            update={
-                "candidates": spec.candidates.model_copy(update={"max_candidates": max_candidates})
-            }
-        )
+        serving["max_candidates"] = max_candidates
+    if network_overlap is not None:
+        serving["network_overlap"] = network_overlap
+    if serving:
+        spec = spec.model_copy(update={"candidates": spec.candidates.model_copy(update=serving)})
     spec = spec.model_copy(
         update={
             "classifier": spec.classifier.model_copy(
@@ -511,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     exp.add_argument("--augment-top", type=int, default=0, help="flip-average the N best")
     exp.add_argument("--max-candidates", type=int, help="blob candidates per scan at serving")
+    exp.add_argument(
+        "--network-overlap",
+        type=float,
+        help="the first-stage network's sliding-window overlap at serving (default: the config's)",
+    )
     exp.add_argument("--training-command", default="see docs/models/lung-nodule.md")
     args = parser.parse_args(argv)
     if args.command == "extract":
@@ -544,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             args.threshold_from,
             args.augment_top,
             args.max_candidates,
+            args.network_overlap,
         )
         print(f"model folder: {folder}")
     return 0

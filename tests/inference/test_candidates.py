@@ -10,6 +10,7 @@ from inference.candidates import (
     CandidateSpec,
     blob_shape,
     find_candidates,
+    local_max,
     lung_mask,
     probability_peaks,
 )
@@ -98,3 +99,25 @@ def test_the_lungs_are_the_air_inside_the_body() -> None:
 def test_bad_settings_name_the_setting(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(CandidateError, match=message):
         CandidateSpec(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(9, 12, 7), (1, 5, 6), (2, 2, 2)])
+def test_the_local_maximum_is_scipys_3x3x3_maximum_filter(shape: tuple[int, int, int]) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(sum(shape))
+    array = rng.random(shape, dtype=np.float32)
+    array[0, 0, :2] = 0.5  # a plateau: equal neighbours are both maxima
+    assert np.array_equal(local_max(array), ndimage.maximum_filter(array, size=3, mode="nearest"))
+
+
+def test_candidates_do_not_depend_on_the_blur_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference import candidates
+
+    volume, _ = lung_with_a_nodule_and_a_vessel()
+    lungs = np.ones(volume.shape, dtype=bool)
+    spec = CandidateSpec(max_candidates=20)
+    two = find_candidates(volume, lungs, 1.0, spec)
+    monkeypatch.setattr(candidates, "BLUR_THREADS", 1)
+    one = find_candidates(volume, lungs, 1.0, spec)
+    assert np.array_equal(two.index, one.index) and np.array_equal(two.response, one.response)

@@ -41,6 +41,21 @@ def test_crops_are_the_neighbourhood_and_its_wider_context() -> None:
     assert out[1, 0, 0, 0, 0] == 0.0 and out[1, 0, 4, 4, 4] == array[0, 1, 39]
 
 
+def test_the_wide_crop_is_the_block_mean_of_twice_the_field() -> None:
+    """The wide channel, made from the grid's block means once for all centres, is the 2x2x2
+    mean of the (2 size)³ neighbourhood, at any parity of the centre and beyond the edges."""
+    rng = np.random.default_rng(3)
+    array = rng.random((23, 30, 27), dtype=np.float32)
+    centres = np.array([[11.0, 15.0, 13.0], [0.0, 29.0, 1.0], [12.6, 4.4, 25.0]])
+    out = crops(array, centres, 8)
+    padded = np.pad(array, 8)
+    for i, (z, y, x) in enumerate(np.rint(centres).astype(int) + 8):
+        big = padded[z - 8 : z + 8, y - 8 : y + 8, x - 8 : x + 8]
+        expected = big.reshape(8, 2, 8, 2, 8, 2).mean(axis=(1, 3, 5))
+        assert np.allclose(out[i, 1], expected, atol=1e-6)
+        assert np.array_equal(out[i, 0], padded[z - 4 : z + 4, y - 4 : y + 4, x - 4 : x + 4])
+
+
 def sphere_volume() -> Preprocessed:
     z, y, x = np.mgrid[:48, :48, :48].astype(np.float32)
     array = np.full((48, 48, 48), windowed(-850), dtype=np.float32)
@@ -219,6 +234,22 @@ def test_the_detector_finds_the_nodule_with_its_mask_on_the_series_grid(tmp_path
     assert 80 <= int(mask.sum()) <= 200  # the 6 mm sphere: 123 voxels of 1 mm³
     assert 5.0 <= near[0].diameter_mm <= 7.5
     assert near[0].key_sop_instance_uid == "1.2.3.24"
+
+
+@pytest.mark.parametrize(("network_overlap", "expected"), [(None, 0.25), (0.0, 0.0)])
+def test_the_first_stage_runs_at_the_cards_overlap_or_the_configurations(
+    tmp_path: Path, network_overlap: float | None, expected: float
+) -> None:
+    first, card = two_stage_folder(tmp_path)
+    data = json.loads(card.read_text(encoding="utf-8"))
+    data["detector"]["candidates"] |= {"network": True, "network_overlap": network_overlap}
+    card.write_text(json.dumps(data), encoding="utf-8")
+    entry = Registry(tmp_path / "models").register(first, card)
+    options = RunnerOptions(providers=("CPUExecutionProvider",), overlap=0.25)
+    detector = Detector(entry, options)
+    assert detector.network is not None
+    assert detector.network.options.overlap == expected
+    assert detector.options.overlap == 0.25  # the rest of the detector keeps the configuration's
 
 
 def test_a_model_without_a_detector_section_is_not_a_detector(tmp_path: Path) -> None:

@@ -94,6 +94,15 @@ def test_body_mask_holds_the_lungs_and_nodule_but_not_the_air(
     assert flipped is not None and np.array_equal(flipped, pre.body)
 
 
+def test_without_the_body_the_model_input_is_the_same(phantom: tuple[Volume, np.ndarray]) -> None:
+    volume, _ = phantom
+    with_body = preprocess(volume, SPEC)
+    without = preprocess(volume, SPEC, body=False)
+    assert without.body is None and with_body.body is not None
+    assert np.array_equal(without.array, with_body.array)
+    assert np.array_equal(without.affine, with_body.affine)
+
+
 def test_oblique_series_is_refused(phantom: tuple[Volume, np.ndarray]) -> None:
     volume, _ = phantom
     angle = np.radians(20)

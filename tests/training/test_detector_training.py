@@ -135,6 +135,7 @@ def test_the_export_is_a_registrable_model_with_figures_and_a_threshold_chosen_e
         threshold_from=selection,
         augment_top=16,
         max_candidates=1234,
+        network_overlap=0.0,
     )
     card = ModelCard.load(folder / "card.json")
     verify(card, folder / "model.onnx")
@@ -143,4 +144,5 @@ def test_the_export_is_a_registrable_model_with_figures_and_a_threshold_chosen_e
     assert card.evaluation["cpm"] == pytest.approx(0.8)  # the held-out set's
     assert card.detector.classifier.augment_top == 16
     assert card.detector.candidates.max_candidates == 1234
+    assert card.detector.candidates.network_overlap == 0.0
     assert card.training.synthetic and card.training.command == "the command"
