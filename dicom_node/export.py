@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -32,6 +33,8 @@ log = logging.getLogger("aidx.export")
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+# New associations after one is lost mid-send (pynetdicom can lose a response under load).
+RECONNECTS = 2
 
 
 class SendError(RuntimeError):
@@ -68,22 +71,38 @@ def send_files(
     tls_args = (
         (client_context(destination.tls), destination.host) if destination.tls.enabled else None
     )
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
-    )
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted or unreachable"
-        raise SendError(
-            f"association to {destination.ae_title}@{destination.host}:{destination.port} {why}"
-        )
-    no_delay(assoc)
     report = SendReport()
-    try:
-        for path, sop_class, syntax in headers:
-            _send_one(assoc, path, sop_class, syntax, report)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    pending = list(headers)
+    for attempt in range(1 + RECONNECTS):
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+        )
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "aborted or unreachable"
+            raise SendError(
+                f"association to {destination.ae_title}@{destination.host}:{destination.port} "
+                f"{why}" + (f" ({report.sent} files were sent before)" if report.sent else "")
+            )
+        no_delay(assoc)
+        try:
+            while pending and _send_one(assoc, *pending[0], report):
+                pending.pop(0)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if not pending:
+            break
+        # The association was lost under a file (its response with it): that file and the
+        # rest go again on a new one; a file stored already is a duplicate the peer keeps once.
+        log.warning(
+            "association to %s lost after %d files; %s for the other %d",
+            destination.ae_title,
+            report.sent,
+            "reconnecting" if attempt < RECONNECTS else "giving up",
+            len(pending),
+        )
+    for path, _, _ in pending:
+        report.failures.append(f"{path.name}: no response (association lost)")
     if report.failures:
         raise SendError("; ".join(report.failures[:5]) + _more(len(report.failures)))
     return report
@@ -95,20 +114,38 @@ def _more(n: int) -> str:
 
 def _send_one(
     assoc: Association, path: Path, sop_class: UID, syntax: UID, report: SendReport
-) -> None:
+) -> bool:
+    """Send one file and count the outcome; False when the association was lost (the file
+    is neither sent nor failed: the caller sends it again on a new association)."""
+    if not assoc.is_established:
+        return False
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     settle_reactor(assoc)
+    try:
+        return _store(assoc, path, sop_class, syntax, accepted, report)
+    except RuntimeError:  # pynetdicom: the association ended while this file was sent
+        return False
+
+
+def _store(
+    assoc: Association,
+    path: Path,
+    sop_class: UID,
+    syntax: UID,
+    accepted: set[tuple[Any, Any]],
+    report: SendReport,
+) -> bool:
     if (sop_class, syntax) in accepted:
         rsp = assoc.send_c_store(path)
     else:
         fallback = next((t for t in UNCOMPRESSED if (sop_class, t) in accepted), None)
         if fallback is None:
             report.failures.append(f"{path.name}: the peer accepts no transfer syntax for it")
-            return
+            return True
         ds = dcmread(path)
         if not syntax.is_little_endian:
             report.failures.append(f"{path.name}: big endian files cannot be converted")
-            return
+            return True
         if syntax.is_compressed:
             # Decodes pixel data and switches to explicit VR little endian. The same instance
             # in another encoding keeps its SOP Instance UID (pydicom makes a new one by default).
@@ -122,9 +159,10 @@ def _send_one(
     if code in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or warning: stored
         report.sent += 1
     elif code == -1:
-        report.failures.append(f"{path.name}: no response (association lost)")
+        return False  # no response: the association was lost (or aborted on a DIMSE timeout)
     else:
         report.failures.append(f"{path.name}: status 0x{code:04X}")
+    return True
 
 
 def backoff_s(attempts: int, outbox: OutboxConfig, rng: random.Random | None = None) -> float:

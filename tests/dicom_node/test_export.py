@@ -235,3 +235,38 @@ def test_outbox_gives_up_after_the_last_attempt_and_delivers_after_retry(
     assert (sent.state, sent.tries, sent.files, sent.detail) == ("sent", 1, len(files), "")
     again = aidx.run("outbox", "retry")
     assert "0 failed items queued again" in again.stdout
+
+
+def test_an_association_lost_mid_send_is_opened_again_for_the_rest(small_study: Path) -> None:
+    """pynetdicom can lose a C-STORE response under load (then the association ends on its
+    DIMSE timeout); here the peer aborts once on its third store: the file and the rest go on
+    a new association, and every file arrives."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    files = sorted(small_study.glob("*.dcm"))
+    received: list[str] = []
+    aborted: list[bool] = []
+
+    def on_store(event: evt.Event) -> int:
+        if len(received) == 2 and not aborted:
+            aborted.append(True)
+            event.assoc.abort()
+            return 0xA700
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="FLAKY")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(
+        (LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        report = send_files(
+            DestinationConfig(ae_title="FLAKY", host=LOOPBACK, port=port), "AIDX", files
+        )
+    finally:
+        server.shutdown()
+    assert aborted == [True]
+    assert (report.sent, report.failures) == (len(files), [])
+    assert sorted(received) == sorted(sop_uid(p) for p in files)
