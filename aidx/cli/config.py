@@ -26,7 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def config_show(args: argparse.Namespace, config: AidxConfig) -> int:
-    from aidx.config import dump_yaml, redacted
+    from aidx.config_show import dump_yaml, redacted
 
     data = redacted(config)
     if args.format == "json":

@@ -27,12 +27,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
-from sqlalchemy.engine import make_url
 
 from aidx.background import BackgroundLoop
 from aidx.config import AidxConfig, CeleryConfig
 from aidx.pipeline.routing import queue_function
 from aidx.pipeline.worker import Worker, model_registry
+from aidx.store.store import safe_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -49,8 +49,9 @@ class BrokerError(RuntimeError):
 
 
 def safe_broker_url(url: str) -> str:
+    """The broker URL with its password masked, as the store's URL (aidx.store.store.safe_url)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return safe_url(url)
     except Exception:  # noqa: BLE001 - not an RFC-1738 URL: show only its scheme
         return url.split("://", 1)[0] + "://..."
 
@@ -260,7 +261,6 @@ def run_workers(
         concurrency=max(count, 1),
         pool=pool,
         hostname=hostname,
-        prefetch_multiplier=1,
         without_gossip=True,
         without_mingle=True,
         without_heartbeat=True,

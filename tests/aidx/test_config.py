@@ -9,14 +9,13 @@ import yaml
 from pydantic import SecretStr
 
 from aidx.config import (
-    MASK,
     AidxConfig,
     ConfigError,
     StrictModel,
     load_config,
     record_data_dir,
-    redacted,
 )
+from aidx.config_show import MASK, redacted
 from tests.conftest import REPO
 
 NO_ENV: dict[str, str] = {}
