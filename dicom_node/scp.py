@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -186,6 +187,9 @@ class StorageSCP:
         self.spool = spool
         self.policy = AccessPolicy(node)
         self.on_study_opened = on_study_opened
+        # Studies this node has told its assembler of. A study another node opened (on a shared
+        # store) is this node's to complete too once it receives part of it: that node may die.
+        self._studies_told: OrderedDict[str, None] = OrderedDict()
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._counts: dict[int, _Counts] = {}
@@ -402,9 +406,17 @@ class StorageSCP:
             raise InstanceError(
                 status.DUPLICATE_SOP_INSTANCE, f"{result.conflict}; the stored one is kept"
             )
-        if result.study_opened and self.on_study_opened is not None:
-            self.on_study_opened(record.study_uid)
+        if self.on_study_opened is not None:
+            told = self._studies_told
+            if result.study_opened or record.study_uid not in told:
+                self.on_study_opened(record.study_uid)
+                told[record.study_uid] = None
+                if len(told) > _STUDIES_TOLD:
+                    told.popitem(last=False)
         return result.outcome
+
+
+_STUDIES_TOLD = 1024  # recent studies remembered; an older one told again costs one wake-up
 
 
 def _out_of_space(exc: BaseException) -> bool:
