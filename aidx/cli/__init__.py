@@ -28,6 +28,7 @@ from aidx.cli import pipeline as cli_pipeline
 from aidx.cli import status as cli_status
 from aidx.cli import ui as cli_ui
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from aidx.keys import secret_problems
 from aidx.logs import setup_logging
 from aidx.permissions import private_umask, sqlite_path, tighten_data_dir
 from aidx.supervisor import as_supervised_child
@@ -385,6 +386,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
     tighten_data_dir(config.data_dir, sqlite_path(config.store_url()))
+    # Secret keys other users could reach: refused, with the fix (aidx.keys).
+    secrets_open = secret_problems(config.data_dir)
+    for problem in secrets_open:
+        print(f"aidx: {problem}", file=sys.stderr)
+    if secrets_open:
+        return EXIT_USAGE
     handler: Handler = args.handler
     try:
         return handler(args, config)
