@@ -1,7 +1,8 @@
 """The ``aidx`` command: one sub-command per job, each a thin wrapper over a library call.
 
 This module builds the parser, takes the global options and runs :func:`main`; the commands
-live in one module per group (:mod:`aidx.cli.config`, ``db``, ``feedback``, ``models``, ``node``,
+live in one module per group (:mod:`aidx.cli.config`, ``db``, ``export`` (export-study),
+``feedback``, ``models``, ``node``,
 ``pipeline`` (serve, worker), ``phantom`` (phantom, demo), ``status``, ``ui``, ``users``).
 Nothing below the command line imports this package.
 
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     from aidx.cli import feedback as cli_feedback
 
     cli_feedback.add_parsers(sub)
+    # `aidx export-study`: a study with its results, as received or de-identified
+    from aidx.cli import export as cli_export
+
+    cli_export.add_parsers(sub)
     cli_ui.add_parser(sub)
     cli_db.add_parsers(sub)
 
