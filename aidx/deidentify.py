@@ -191,7 +191,7 @@ class Deidentifier:
     def uid(self, original: str) -> str:
         """The new UID of ``original``: ``2.25.`` and a UUID from HMAC-SHA256 under the key
         (at most 44 characters)."""
-        digest = hmac.new(self._key, b"uid\0" + original.encode("ascii"), hashlib.sha256)
+        digest = hmac.new(self._key, b"uid\0" + original.encode("utf-8"), hashlib.sha256)
         return f"2.25.{uuid.UUID(bytes=digest.digest()[:16], version=4).int}"
 
     def pseudonym(self, patient_id: str) -> str:
@@ -209,7 +209,11 @@ class Deidentifier:
             if elem.VR == "PN":
                 for value in values:
                     parts = re.split(r"[\^=\s,]+", str(value))
-                    self._identifying.update(p.lower() for p in parts if len(p) >= 3)
+                    # Latin names from 3 letters; a Chinese or Japanese name's components are
+                    # often one or two characters, and as rare in descriptions.
+                    self._identifying.update(
+                        p.lower() for p in parts if len(p) >= 3 or (p and not p.isascii())
+                    )
                 continue
             action = profile_action(elem.tag)
             if action is None or action == "U" or is_descriptor(elem.tag, elem.VR):
@@ -236,27 +240,26 @@ class Deidentifier:
                 "first"
             )
         old_meta = getattr(ds, "file_meta", FileMetaDataset())
-        out = ds
-        self._visit(out)
+        self._visit(ds)
         applied = [BASIC_PROFILE]
-        if "ContentSequence" in out:
+        if "ContentSequence" in ds:
             applied.append(CLEAN_STRUCTURED_CONTENT)
         if self.options.clean_descriptors:
             applied.append(CLEAN_DESCRIPTORS)
         if self.options.retain_full_dates:
             applied.append(RETAIN_FULL_DATES)
-        out.PatientIdentityRemoved = "YES"
-        out.DeidentificationMethod = [o.meaning for o in applied]
-        out.DeidentificationMethodCodeSequence = Sequence([_code(o) for o in applied])
-        out.LongitudinalTemporalInformationModified = (
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = [o.meaning for o in applied]
+        ds.DeidentificationMethodCodeSequence = Sequence([_code(o) for o in applied])
+        ds.LongitudinalTemporalInformationModified = (
             "UNMODIFIED" if self.options.retain_full_dates else "REMOVED"
         )
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = out.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = old_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1")
-        out.file_meta = meta
-        return out
+        ds.file_meta = meta
+        return ds
 
     def _visit(self, ds: Dataset) -> None:
         for elem in list(ds):

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
 from aidx.cli import main
-from aidx.deidentify import is_descriptor
+from aidx.deidentify import Deidentifier, Options, is_descriptor
 from tests.inference.results_case import dciodvfy_errors
 from tests.ui.reviewed_study import ReviewedStudy, reviewed_study
 from tests.ui.test_signoff import decide_all, signed_dir
@@ -327,6 +327,7 @@ def test_the_key_is_the_owners_alone(exported: Exported) -> None:
     assert stat.S_IMODE((keys / "deid.key").stat().st_mode) == 0o600
 
 
+@pytest.mark.usefixtures("fresh_logging")  # `aidx` runs in-process under capsys
 def test_bad_input_is_refused_and_nothing_is_written(
     exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -359,3 +360,31 @@ def test_bad_input_is_refused_and_nothing_is_written(
     sop = str(header(image).SOPInstanceUID)
     assert f"the image {sop} is not at {image}" in err and "nothing was written" in err
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no export, no partial folder
+
+
+def test_cleaning_knows_chinese_names_and_text_items() -> None:
+    """Clean Descriptors and structured content on small data sets: a description or a TEXT
+    content item that holds a name of the export (a Chinese name's one- or two-character
+    components too) goes; one that holds none stays."""
+    image = Dataset()
+    image.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    image.SOPInstanceUID = "1.2.3.4.1"
+    image.PatientName = "Wang^Fang=王^芳"
+    image.StudyDescription = "胸部CT 王芳"
+    image.SeriesDescription = "Lung 1.25 mm"
+    image.ImageComments = "for Dr. Wang"
+    text = Dataset()
+    text.ValueType = "TEXT"
+    text.TextValue = "reviewed with 王芳's family"
+    plain_text = Dataset()
+    plain_text.ValueType = "TEXT"
+    plain_text.TextValue = "Nodule 1"
+    image.ContentSequence = [text, plain_text]
+    deid = Deidentifier(b"k" * 32, Options(clean_descriptors=True))
+    deid.learn(image)
+    out = deid.apply(image)
+    assert "StudyDescription" not in out and "ImageComments" not in out
+    assert out.SeriesDescription == "Lung 1.25 mm"
+    assert [i.TextValue for i in out.ContentSequence] == ["ANONYMIZED", "Nodule 1"]
+    assert out.PatientName == "" and out.SOPInstanceUID == deid.uid("1.2.3.4.1")
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID

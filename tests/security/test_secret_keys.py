@@ -4,10 +4,8 @@ command starts and when the key is used, with the command that fixes it."""
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +15,11 @@ from aidx.keys import KEY_BYTES, SecretKeyError, secret_key, secret_problems
 from training.feedback import FeedbackError, feedback_key
 
 OTHER_UID = 12345
+pytestmark = pytest.mark.usefixtures("fresh_logging")  # `aidx` runs in-process under capsys
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
-
-
-@pytest.fixture(autouse=True)
-def _logging_restored() -> Iterator[None]:
-    """`aidx` run in-process sets the root logger's handlers to this test's stderr: put the
-    previous ones back, so that a later test's log lines do not go to a closed capture."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
 
 
 def test_a_key_is_made_once_for_its_owner_alone(tmp_path: Path, umask_022: None) -> None:
