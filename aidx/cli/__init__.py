@@ -1,7 +1,8 @@
 """The ``aidx`` command: one sub-command per job, each a thin wrapper over a library call.
 
 This module builds the parser, takes the global options and runs :func:`main`; the commands
-live in one module per group (:mod:`aidx.cli.config`, ``db``, ``feedback``, ``models``, ``node``,
+live in one module per group (:mod:`aidx.cli.config`, ``db``, ``export`` (export-study),
+``feedback``, ``models``, ``node``,
 ``pipeline`` (serve, worker), ``phantom`` (phantom, demo), ``status``, ``ui``, ``users``).
 Nothing below the command line imports this package.
 
@@ -28,6 +29,7 @@ from aidx.cli import pipeline as cli_pipeline
 from aidx.cli import status as cli_status
 from aidx.cli import ui as cli_ui
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from aidx.keys import secret_problems
 from aidx.logs import setup_logging
 from aidx.permissions import private_umask, sqlite_path, tighten_data_dir
 from aidx.supervisor import as_supervised_child
@@ -168,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     from aidx.cli import feedback as cli_feedback
 
     cli_feedback.add_parsers(sub)
+    # `aidx export-study`: a study with its results, as received or de-identified
+    from aidx.cli import export as cli_export
+
+    cli_export.add_parsers(sub)
     cli_ui.add_parser(sub)
     cli_db.add_parsers(sub)
 
@@ -385,6 +391,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
     tighten_data_dir(config.data_dir, sqlite_path(config.store_url()))
+    # Secret keys other users could reach: refused, with the fix (aidx.keys).
+    secrets_open = secret_problems(config.data_dir)
+    for problem in secrets_open:
+        print(f"aidx: {problem}", file=sys.stderr)
+    if secrets_open:
+        return EXIT_USAGE
     handler: Handler = args.handler
     try:
         return handler(args, config)

@@ -30,6 +30,8 @@ from sqlalchemy import (
     update,
 )
 
+from aidx.permissions import create_private_file, sqlite_path
+
 from .jobs import QUEUED, JobQueue, add_event
 from .migrations import prepare, schema_lock
 from .outbox import OutboxItem, OutboxQueue
@@ -200,6 +202,9 @@ class Store(OutboxQueue, JobQueue):
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        database = sqlite_path(url)
+        if database is not None:  # password hashes: the owner's alone (aidx.permissions)
+            create_private_file(database)
         self.engine: Engine = create_store_engine(url)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -8,6 +8,7 @@ import atexit
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -93,13 +94,17 @@ def reviewed_study(
     store_url: str | None = None,
     patient_name: str = "PHANTOM^CHEST",
     charset: str | None = None,
+    prepare: Callable[[list[Path]], None] | None = None,
 ) -> ReviewedStudy:
     """Generate, index and run one phantom study under ``root``; users radiologist ``rad``
     (display name ``Smith^Anna``), ``admin`` and ``eng``, all with password PASSWORD. The store
-    is ``store_url`` (default: SQLite in the data folder)."""
+    is ``store_url`` (default: SQLite in the data folder). ``prepare`` may change the phantom's
+    files before they are indexed (e.g. add attributes a hospital's images carry)."""
     config = make_config(root)
     config.store.url = store_url
     files = sorted(_phantom(root / "study", seed, patient_name, charset).glob("*.dcm"))
+    if prepare is not None:
+        prepare(files)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.store_url())
     study_uid = ""
