@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from aidx.permissions import private_key_problem
+from aidx.config_base import StrictModel, https_refusal
+from aidx.config_dicomweb import DicomwebConfig
 
 ENV_PREFIX = "AIDX_"
 ENV_CONFIG_FILE = "AIDX_CONFIG"
@@ -27,12 +28,6 @@ DEFAULT_DATA_DIR = Path("aidx-data")  # relative to the folder a command runs in
 # Where `aidx serve` records its data folder, so that a command run from another folder finds
 # the running store (XDG state home; AIDX_STATE_DIR overrides it, e.g. for tests).
 ENV_STATE_DIR = "AIDX_STATE_DIR"
-
-
-class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, and values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class LogConfig(StrictModel):
@@ -265,9 +260,6 @@ class MetricsConfig(StrictModel):
     port: int = Field(default=9108, ge=0, le=65535)
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
-
 class UiConfig(StrictModel):
     """The review app (``aidx ui``, and ``aidx serve`` unless ``enabled`` is false)."""
 
@@ -318,21 +310,9 @@ class UiConfig(StrictModel):
 
     def refusal(self) -> str | None:
         """Why the app must not start as configured, or None."""
-        if self.host not in LOOPBACK_HOSTS and not self.https:
-            return (
-                f"ui.host is {self.host!r}, beyond this machine: the review app serves patient "
-                "images and needs HTTPS there. Set ui.certificate and ui.private_key (PEM "
-                "files), or keep ui.host at 127.0.0.1 behind your own TLS proxy"
-            )
-        for name in ("certificate", "private_key"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                return f"ui.{name}: {path} is not a readable file"
-        if self.private_key is not None:
-            problem = private_key_problem(self.private_key)
-            if problem is not None:
-                return f"ui.private_key: {problem}"
-        return None
+        return https_refusal(
+            "ui", "review app serves patient images", self.host, self.certificate, self.private_key
+        )
 
 
 class ModelsConfig(StrictModel):
@@ -353,6 +333,7 @@ class AidxConfig(StrictModel):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     ui: UiConfig = Field(default_factory=UiConfig)
+    dicomweb: DicomwebConfig = Field(default_factory=DicomwebConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def demo_output(self) -> Path:

@@ -53,6 +53,7 @@ def key_file_problems(config: AidxConfig) -> list[str]:
     keys = {
         "node.tls.private_key": config.node.tls.private_key,
         "ui.private_key": config.ui.private_key,
+        "dicomweb.private_key": config.dicomweb.private_key,
     }
     for name, destination in config.destinations.items():
         keys[f"destinations.{name}.tls.private_key"] = destination.tls.private_key
