@@ -13,13 +13,19 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from aidx.store.store import IndexOutcome, Store
+from aidx.store.store import IndexOutcome, InstanceRecord, Store
 
 from . import status
 from .parse import InstanceError, ParseLimits, file_meta_bytes, parse_dataset, read_record
 from .spool import DiskFloorError, Spool, valid_uid
+
+
+@dataclass(frozen=True)
+class Stored:
+    record: InstanceRecord  # its path is not filled in
+    outcome: IndexOutcome  # "new" or "duplicate"
 
 
 class Receiver:
@@ -45,11 +51,13 @@ class Receiver:
         sop_class_uid: str,
         source: str,
         quiet_period_s: float,
-    ) -> IndexOutcome:
+        expect_study_uid: str | None = None,
+    ) -> Stored:
         """Store one data set (its bytes in ``transfer_syntax``, without File Meta) that a
         sender announced as ``sop_class_uid``/``sop_uid``; ``source`` is the calling AE title
-        (or the DICOMweb peer's name). Returns "new" or "duplicate" (a re-send, stored again);
-        raises :class:`InstanceError` with the DIMSE status and the reason, having left nothing
+        (or the DICOMweb peer's name); ``expect_study_uid``: refuse a data set of another study.
+        The outcome is "new" or "duplicate" (a re-send, stored again); raises
+        :class:`InstanceError` with the DIMSE status and the reason, having left nothing
         behind."""
         if not valid_uid(sop_uid):
             raise InstanceError(status.CANNOT_UNDERSTAND, "the SOP Instance UID is invalid")
@@ -63,6 +71,12 @@ class Receiver:
         meta = file_meta_bytes(sop_class_uid, sop_uid, transfer_syntax)
         size = len(meta) + len(dataset_bytes)
         record = read_record(ds, sop_uid, sop_class_uid, transfer_syntax, source, size)
+        if expect_study_uid is not None and record.study_uid != expect_study_uid:
+            raise InstanceError(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"the instance is of study {record.study_uid}, not of the study "
+                f"{expect_study_uid} it was sent to",
+            )
         conflict = self.store.uid_conflict(record)
         if conflict:
             raise InstanceError(
@@ -103,7 +117,7 @@ class Receiver:
             )
         if result.study_opened and self.on_study_opened is not None:
             self.on_study_opened(record.study_uid)
-        return result.outcome
+        return Stored(record, result.outcome)
 
 
 def _out_of_space(exc: BaseException) -> bool:

@@ -364,4 +364,4 @@ class StorageSCP:
             sop_class_uid,
             calling_ae,
             self.policy.quiet_period_s(calling_ae),
-        )
+        ).outcome

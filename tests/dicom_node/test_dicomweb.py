@@ -1,0 +1,436 @@
+"""The node's DICOMweb service against real clients: the Python ``dicomweb-client`` (STOW-RS,
+QIDO-RS, WADO-RS, results read back with highdicom), Orthanc's DICOMweb plugin (STOW-RS from
+its DicomWeb.Servers), and bad requests made by hand with httpx.
+
+One node serves the whole module (module-scoped), with three peers: ``pacs`` (store and read),
+``viewer`` (read only) and ``orthanc``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import generate_uid
+
+from aidx.pipeline.worker import Worker
+from dicom_node.dicomweb.stow import read_part10
+from dicom_node.service import NodeService
+from tests.conftest import IN_CI
+from tests.dicom_node.conftest import node_config, wait_for
+from tests.peers.orthanc import Orthanc, dicomweb_plugin
+from tests.peers.process import ToolMissingError, free_port
+from tests.standin_model import install
+
+TOKENS = {"pacs": "pacs-token-0123456789", "viewer": "viewer-token-0123456789"}
+ORTHANC_TOKEN = "orthanc-token-0123456789"
+BOUNDARY = "aidx-test-boundary"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeService]:
+    root = tmp_path_factory.mktemp("dicomweb")
+    models = root / "models"
+    model = install(models, root)
+    config = node_config(
+        root / "data",
+        dicomweb__port=free_port(),
+        dicomweb__max_request_mb=1,
+        dicomweb__peers=[
+            {"name": "pacs", "token_sha256": _sha(TOKENS["pacs"])},
+            {"name": "viewer", "token_sha256": _sha(TOKENS["viewer"]), "store": False},
+            {"name": "orthanc", "token_sha256": _sha(ORTHANC_TOKEN), "read": False},
+        ],
+        models__dir=str(models),
+        models__default=model,
+        inference__providers=["CPUExecutionProvider"],
+        inference__min_volume_mm3=1000,
+        inference__series__min_slices=8,
+    )
+    service = NodeService(config)
+    service.start()
+    yield service
+    service.stop()
+    service.store.close()
+
+
+def _url(node: NodeService) -> str:
+    assert node.dicomweb is not None
+    return node.dicomweb.url
+
+
+def _auth(peer: str = "pacs") -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[peer]}"}
+
+
+def _client(node: NodeService, peer: str = "pacs") -> DICOMwebClient:
+    return DICOMwebClient(url=_url(node), headers=_auth(peer))
+
+
+def _multipart(parts: list[bytes], part_type: str = "application/dicom") -> bytes:
+    body = b"".join(
+        b"\r\n--" + BOUNDARY.encode() + f"\r\nContent-Type: {part_type}\r\n\r\n".encode() + p
+        for p in parts
+    )
+    return body + b"\r\n--" + BOUNDARY.encode() + b"--\r\n"
+
+
+DICOM_PARTS = 'multipart/related; type="application/dicom"'
+STOW_TYPE = f"{DICOM_PARTS}; boundary={BOUNDARY}"
+
+
+def _stow(
+    node: NodeService, parts: list[bytes], path: str = "/studies", **headers: str
+) -> httpx.Response:
+    return httpx.post(
+        _url(node) + path,
+        content=_multipart(parts),
+        headers={"Content-Type": STOW_TYPE, **_auth(), **headers},
+        timeout=60,
+    )
+
+
+def _copy(files: list[Path], out: Path) -> list[Path]:
+    """The study again under new study, series and instance UIDs (a study not yet stored)."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    copies = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        copies.append(out / path.name)
+        ds.save_as(copies[-1], enforce_file_format=True)
+    return copies
+
+
+def _files(small_study: Path) -> list[Path]:
+    return sorted(small_study.glob("*.dcm"))
+
+
+def _dataset_bytes(data: bytes) -> bytes:
+    return data[read_part10(memoryview(data)).dataset_offset :]
+
+
+def _count(node: NodeService, study_uid: str) -> int:
+    return len(node.store.study_instances(study_uid))
+
+
+# --------------------------------------------------------------------------------------- STOW-RS
+def test_stow_stores_each_instance_as_received_and_assembles_the_study(
+    node: NodeService, small_study: Path
+) -> None:
+    files = _files(small_study)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    response = _stow(node, [f.read_bytes() for f in files])
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom+json"
+    answer = pydicom.Dataset.from_json(response.json())
+    assert answer.RetrieveURL == f"{_url(node)}/studies/{study_uid}"
+    assert "FailedSOPSequence" not in answer
+    assert len(answer.ReferencedSOPSequence) == len(files)
+    # Each data set is stored byte for byte as it came, where C-STORE would store it.
+    by_uid = {r["sop_uid"]: r for r in node.store.study_instances(study_uid)}
+    assert len(by_uid) == len(files)
+    for path in files:
+        sent = path.read_bytes()
+        row = by_uid[read_part10(memoryview(sent)).sop_uid]
+        assert row["calling_ae"] == "pacs"
+        assert _dataset_bytes(Path(row["path"]).read_bytes()) == _dataset_bytes(sent)
+        assert Path(row["path"]).is_relative_to(node.spool.root / study_uid)
+    # The study is assembled as a received one is: one job once it is quiet.
+    wait_for(lambda: len(node.store.study_jobs(study_uid)) == 1, "the study's job")
+
+    again = _stow(node, [files[0].read_bytes()], f"/studies/{study_uid}")
+    assert again.status_code == 200, again.text
+    assert _count(node, study_uid) == len(files)
+
+
+def test_a_corrupt_part_is_listed_with_its_reason_and_the_others_are_stored(
+    node: NodeService, small_study: Path, tmp_path: Path
+) -> None:
+    good = _copy(_files(small_study)[:3], tmp_path / "copy")
+    study_uid = str(pydicom.dcmread(good[0]).StudyInstanceUID)
+    truncated = good[1].read_bytes()[:-1000]
+    parts = [good[0].read_bytes(), b"not a DICOM file at all", truncated, good[2].read_bytes()]
+    response = _stow(node, parts)
+
+    assert response.status_code == 202, response.text
+    answer = pydicom.Dataset.from_json(response.json())
+    assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [
+        str(pydicom.dcmread(p).SOPInstanceUID) for p in (good[0], good[2])
+    ]
+    failed = answer.FailedSOPSequence
+    assert [i.FailureReason for i in failed] == [0xC000, 0xC000]
+    assert failed[1].ReferencedSOPInstanceUID == str(pydicom.dcmread(good[1]).SOPInstanceUID)
+    warnings = response.headers.get_list("warning")
+    assert "part 2: not a DICOM Part 10 file" in warnings[0]
+    assert "truncated" in warnings[1]
+    assert _count(node, study_uid) == 2
+    assert list(node.spool.incoming.iterdir()) == []
+
+
+def test_an_instance_of_another_study_is_refused_by_a_study_stow(
+    node: NodeService, small_study: Path, tmp_path: Path
+) -> None:
+    (other,) = _copy(_files(small_study)[:1], tmp_path / "other")
+    target = generate_uid()
+    response = _stow(node, [other.read_bytes()], f"/studies/{target}")
+
+    assert response.status_code == 409, response.text
+    (failed,) = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
+    assert failed.FailureReason == 0xA900
+    assert f"not of the study {target}" in response.headers["warning"]
+    assert not (node.spool.root / str(pydicom.dcmread(other).StudyInstanceUID)).exists()
+
+
+def test_requests_refused_with_the_status_and_reason(node: NodeService, small_study: Path) -> None:
+    url, one = _url(node), _files(small_study)[0].read_bytes()
+    no_token = httpx.get(f"{url}/studies")
+    assert no_token.status_code == 401
+    assert no_token.headers["www-authenticate"].startswith("Bearer")
+    wrong = httpx.get(f"{url}/studies", headers={"Authorization": "Bearer guessed"})
+    assert wrong.status_code == 401 and "not one of dicomweb.peers" in wrong.text
+    read_only = _stow(node, [one], **_auth("viewer"))
+    assert read_only.status_code == 403 and "viewer may not store" in read_only.text
+
+    wrong_type = httpx.post(
+        f"{url}/studies", content=one, headers={"Content-Type": "application/dicom", **_auth()}
+    )
+    assert wrong_type.status_code == 415 and "multipart/related" in wrong_type.text
+    json_parts = httpx.post(
+        f"{url}/studies",
+        content=_multipart([b"{}"], "application/dicom+json"),
+        headers={
+            "Content-Type": STOW_TYPE.replace('"application/dicom"', '"application/dicom+json"'),
+            **_auth(),
+        },
+    )
+    assert json_parts.status_code == 415
+
+    too_large = _stow(node, [one, b"\0" * (1024 * 1024)])
+    assert too_large.status_code == 413 and "dicomweb.max_request_mb" in too_large.text
+    cut_short = httpx.post(
+        f"{url}/studies",
+        content=_multipart([one])[:-20],
+        headers={"Content-Type": STOW_TYPE, **_auth()},
+    )
+    assert cut_short.status_code == 400 and "cut short" in cut_short.text
+
+    unknown = generate_uid()
+    for path in (
+        f"/studies/{unknown}",
+        f"/studies/{unknown}/series",
+        f"/studies/{unknown}/metadata",
+    ):
+        response = httpx.get(url + path, headers=_auth())
+        assert response.status_code == 404, path
+        assert f"no study {unknown}" in response.text
+    bad_query = httpx.get(f"{url}/studies?limit=many", headers=_auth())
+    assert bad_query.status_code == 400 and "limit" in bad_query.text
+
+
+def test_concurrent_stows_of_the_same_instances_store_them_once(
+    node: NodeService, small_study: Path, tmp_path: Path
+) -> None:
+    files = _copy(_files(small_study)[:4], tmp_path / "same")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    parts = [f.read_bytes() for f in files]
+    start = threading.Barrier(4)
+    codes: list[int] = []
+
+    def send() -> None:
+        start.wait()
+        codes.append(_stow(node, parts).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert codes == [200] * 4
+    assert _count(node, study_uid) == 4
+    assert len(list((node.spool.root / study_uid).rglob("*.dcm"))) == 4
+    study = node.store.study(study_uid)
+    assert study is not None and study["instance_count"] == 4
+    assert list(node.spool.incoming.iterdir()) == []
+
+
+def test_orthanc_stows_a_study_to_aidx_through_its_dicomweb_servers(
+    node: NodeService, small_study: Path, tmp_path: Path
+) -> None:
+    try:
+        plugin = dicomweb_plugin(
+            {"aidx": (_url(node) + "/", {"Authorization": f"Bearer {ORTHANC_TOKEN}"})}
+        )
+    except ToolMissingError as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    files = _copy(_files(small_study)[:5], tmp_path / "orthanc-study")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    with Orthanc(tmp_path / "orthanc", config=plugin) as orthanc:
+        orthanc.upload_dir(files[0].parent)
+        study_id = orthanc.find_study(study_uid)
+        assert study_id is not None
+        orthanc.stow("aidx", [study_id])
+
+    rows = node.store.study_instances(study_uid)
+    assert len(rows) == 5
+    assert {r["calling_ae"] for r in rows} == {"orthanc"}
+    for row in rows:  # stored as Orthanc sent them: the same pixels and UIDs as uploaded
+        stored = pydicom.dcmread(row["path"])
+        original = pydicom.dcmread(
+            next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == row["sop_uid"])
+        )
+        assert stored.PixelData == original.PixelData
+
+
+# --------------------------------------------------------------------------- QIDO-RS and WADO-RS
+@pytest.fixture(scope="module")
+def study_uid(node: NodeService, small_study: Path) -> str:
+    """The small study, stored by STOW-RS, assembled and analysed (AI SR and SEG)."""
+    files = _files(small_study)
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    if _count(node, uid) < len(files):
+        assert _stow(node, [f.read_bytes() for f in files]).status_code == 200
+    wait_for(lambda: len(node.store.study_jobs(uid)) >= 1, "the study's job")
+    assert Worker(node.config, node.store).run_once()
+    (result,) = node.store.study_results(uid)
+    assert result["seg_path"] is not None
+    return uid
+
+
+def test_qido_finds_studies_series_and_instances_with_filters_and_paging(
+    node: NodeService, study_uid: str, small_study: Path
+) -> None:
+    client = _client(node, "viewer")
+    header = pydicom.dcmread(_files(small_study)[0], stop_before_pixels=True)
+
+    # The module's other studies are copies of this one, for the same patient.
+    same_patient = [
+        pydicom.Dataset.from_json(s)
+        for s in client.search_for_studies(search_filters={"PatientID": header.PatientID})
+    ]
+    assert study_uid in {s.StudyInstanceUID for s in same_patient}
+    assert {s.PatientID for s in same_patient} == {header.PatientID}
+    assert client.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []
+    (study,) = client.search_for_studies(
+        search_filters={"PatientID": header.PatientID, "StudyInstanceUID": study_uid}
+    )
+    found = pydicom.Dataset.from_json(study)
+    assert found.PatientID == header.PatientID
+    assert found.StudyInstanceUID == study_uid
+    assert set(found.ModalitiesInStudy) == {"CT", "SR", "SEG"}
+    assert found.NumberOfStudyRelatedSeries == 3
+    assert found.RetrieveURL == f"{_url(node)}/studies/{study_uid}"
+    day = str(header.StudyDate)
+    assert client.search_for_studies(search_filters={"StudyDate": f"{day}-{day}"})
+    assert client.search_for_studies(search_filters={"StudyDate": "19000101-19000102"}) == []
+    assert client.search_for_studies(
+        search_filters={"ModalitiesInStudy": "SEG", "StudyInstanceUID": study_uid}
+    )
+    name = str(header.PatientName)
+    assert client.search_for_studies(search_filters={"PatientName": name[:3].lower() + "*"})
+
+    series = [pydicom.Dataset.from_json(s) for s in client.search_for_series(study_uid)]
+    assert sorted(s.Modality for s in series) == ["CT", "SEG", "SR"]
+    ct = next(s for s in series if s.Modality == "CT")
+    assert ct.NumberOfSeriesRelatedInstances == 12
+
+    page = client.search_for_instances(
+        study_uid, ct.SeriesInstanceUID, offset=10, limit=5, fields=["SliceThickness"]
+    )
+    assert len(page) == 2
+    item = pydicom.Dataset.from_json(page[0])
+    assert item.SliceThickness == header.SliceThickness  # read from the file's header
+    assert item.SOPClassUID == CT_IMAGE
+
+    response = httpx.get(
+        f"{_url(node)}/studies?PatientID={header.PatientID}&NoSuchAttribute=1", headers=_auth()
+    )
+    assert response.status_code == 400
+    ignored = httpx.get(
+        f"{_url(node)}/studies?PatientID={header.PatientID}&PatientWeight=70", headers=_auth()
+    )
+    assert ignored.status_code == 200 and len(ignored.json()) == len(same_patient)
+    assert "PatientWeight" in ignored.headers["warning"]
+
+
+def test_wado_returns_the_files_as_stored_metadata_and_frames(
+    node: NodeService, study_uid: str, small_study: Path
+) -> None:
+    client = _client(node, "viewer")
+    files = _files(small_study)
+    datasets = client.retrieve_study(study_uid)
+    sent = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in files}
+    images = [d for d in datasets if d.Modality == "CT"]
+    assert {d.SOPInstanceUID for d in images} == set(sent)
+    for ds in images:
+        assert ds.PixelData == pydicom.dcmread(sent[ds.SOPInstanceUID]).PixelData
+
+    first = pydicom.dcmread(files[0])
+    metadata = client.retrieve_series_metadata(study_uid, first.SeriesInstanceUID)
+    assert len(metadata) == 12
+    one = pydicom.Dataset.from_json(metadata[0])
+    assert "PixelData" not in one and one.AvailableTransferSyntaxUID == str(
+        first.file_meta.TransferSyntaxUID
+    )
+    (frame,) = client.retrieve_instance_frames(
+        study_uid, first.SeriesInstanceUID, first.SOPInstanceUID, frame_numbers=[1]
+    )
+    assert frame == first.PixelData
+
+    refused = httpx.get(
+        f"{_url(node)}/studies/{study_uid}",
+        headers={
+            "Accept": f"{DICOM_PARTS}; transfer-syntax=1.2.840.10008.1.2.4.50",
+            **_auth(),
+        },
+    )
+    assert refused.status_code == 406 and "as stored" in refused.text
+
+
+def test_the_ai_results_are_served_with_their_study_and_read_back_by_highdicom(
+    node: NodeService, study_uid: str
+) -> None:
+    client = _client(node, "viewer")
+    series = {
+        pydicom.Dataset.from_json(s).Modality: pydicom.Dataset.from_json(s)
+        for s in client.search_for_series(study_uid)
+    }
+    (sr_data,) = client.retrieve_series(study_uid, series["SR"].SeriesInstanceUID)
+    (seg_data,) = client.retrieve_series(study_uid, series["SEG"].SeriesInstanceUID)
+    (result,) = node.store.study_results(study_uid)
+
+    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_data)
+    assert sr.SOPInstanceUID == result["sr_sop_uid"]
+    groups = sr.content.get_planar_roi_measurement_groups() + list(
+        sr.content.get_volumetric_roi_measurement_groups()
+    )
+    assert len(groups) == result["finding_count"] >= 1
+    seg = hd.seg.Segmentation.from_dataset(seg_data)
+    assert seg.number_of_segments == result["finding_count"]
+    # The files go out as aidx wrote them.
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, seg_data, enforce_file_format=True)
+    assert seg_data.PixelData == pydicom.dcmread(result["seg_path"]).PixelData
+    meta = client.retrieve_instance_metadata(
+        study_uid, series["SR"].SeriesInstanceUID, result["sr_sop_uid"]
+    )
+    assert pydicom.Dataset.from_json(meta).ContentSequence  # the report's content, as JSON
