@@ -14,13 +14,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, model_validator
 
 from aidx.config_base import StrictModel, https_refusal
-from aidx.config_dicomweb import DicomwebConfig
+from aidx.config_dicomweb import DicomwebConfig, DicomwebDestinationConfig
 
 ENV_PREFIX = "AIDX_"
 ENV_CONFIG_FILE = "AIDX_CONFIG"
@@ -117,6 +117,25 @@ class DestinationConfig(StrictModel):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(default=None, pattern=AE_TITLE_PATTERN)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+
+
+def _destination_kind(value: Any) -> str:
+    """Which form a destination takes: DICOMweb when it has a ``dicomweb`` URL, else DIMSE."""
+    if isinstance(value, Mapping):
+        return "stow-rs" if "dicomweb" in value else "c-store"
+    return "stow-rs" if isinstance(value, DicomwebDestinationConfig) else "c-store"
+
+
+_DESTINATION_FORMS: dict[str, type[StrictModel]] = {
+    "c-store": DestinationConfig,
+    "stow-rs": DicomwebDestinationConfig,
+}
+# A destination: an AE (C-STORE) or a DICOMweb root (STOW-RS).
+Destination = Annotated[
+    Annotated[DestinationConfig, Tag("c-store")]
+    | Annotated[DicomwebDestinationConfig, Tag("stow-rs")],
+    Discriminator(_destination_kind),
+]
 
 
 class OutboxConfig(StrictModel):
@@ -324,7 +343,7 @@ class AidxConfig(StrictModel):
     data_dir: Path = DEFAULT_DATA_DIR  # load_config resolves it (default_data_dir)
     log: LogConfig = Field(default_factory=LogConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
-    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -505,11 +524,19 @@ def _describe(
 ) -> list[str]:
     problems = []
     for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
+        # A destination's form (its union tag) is not a key: left out, it picks the keys allowed.
+        tags = [str(p) for p in err["loc"] if p in _DESTINATION_FORMS]
+        loc = tuple(str(p) for p in err["loc"] if p not in _DESTINATION_FORMS)
         dotted = ".".join(loc)
         origin = _origin(loc, sources)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
+            if tags and len(loc) == 3:
+                allowed = sorted(_DESTINATION_FORMS[tags[0]].model_fields)
+                allowed[-1] += (
+                    " (a destination is a DICOM AE, with ae_title, host and port, or a DICOMweb "
+                    "root, with dicomweb: URL; not both)"
+                )
             hint = difflib.get_close_matches(loc[-1], allowed, n=1)
             did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
             nested = _split_key(model, loc)

@@ -1,4 +1,6 @@
-"""The ``dicomweb`` section: the node's DICOMweb service (PS3.18 STOW-RS, QIDO-RS, WADO-RS).
+"""The ``dicomweb`` section: the node's DICOMweb service (PS3.18 STOW-RS, QIDO-RS, WADO-RS);
+and the DICOMweb destinations (``destinations.NAME.dicomweb``), to which the outbox sends by
+STOW-RS.
 
 Systems (a PACS, an archive, a viewer's back end) authenticate with a bearer token each, as
 DIMSE peers are allowed by AE title: the configuration keeps only the token's SHA-256 (``aidx
@@ -11,12 +13,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from aidx.config_base import StrictModel, https_refusal
 
 # A peer's name is recorded as the calling AE title of what it stores (16 characters).
 PEER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$"
+URL_PATTERN = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 
 
 class DicomwebPeerConfig(StrictModel):
@@ -54,7 +57,7 @@ class DicomwebConfig(StrictModel):
     max_request_mb: int = Field(default=1024, ge=1, le=65536)
     # The service's address as clients reach it, for the URLs it returns (behind a proxy:
     # https://pacs-gw.hospital.example/dicomweb); null: as the request addressed it.
-    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    public_url: str | None = Field(default=None, pattern=URL_PATTERN)
     peers: list[DicomwebPeerConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -99,3 +102,45 @@ class DicomwebConfig(StrictModel):
             self.certificate,
             self.private_key,
         )
+
+
+class DicomwebAuthConfig(StrictModel):
+    """How aidx signs in to a DICOMweb destination: a bearer token, or a user name and password
+    (HTTP Basic); neither: no Authorization header."""
+
+    bearer_token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> DicomwebAuthConfig:
+        if self.bearer_token is not None and (self.username or self.password):
+            raise ValueError("give bearer_token, or username and password, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("give both username and password (HTTP Basic), or neither")
+        return self
+
+
+class DicomwebDestinationConfig(StrictModel):
+    """A destination that takes results by STOW-RS (PS3.18 10.5): ``dicomweb`` is its DICOMweb
+    root, e.g. https://pacs.hospital.example/dicom-web (aidx posts to <root>/studies)."""
+
+    dicomweb: str
+    auth: DicomwebAuthConfig = Field(default_factory=DicomwebAuthConfig)
+    # CA certificates (PEM) that sign the destination's HTTPS certificate; null: the system's.
+    ca_certificates: Path | None = None
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+
+    @field_validator("dicomweb")
+    @classmethod
+    def _root_url(cls, value: str) -> str:
+        if not re.fullmatch(URL_PATTERN, value):
+            raise ValueError(
+                f"{value!r} is not a DICOMweb root URL: write http(s)://host[:port]/path, e.g. "
+                "https://pacs.hospital.example/dicom-web"
+            )
+        return value
+
+    @property
+    def studies_url(self) -> str:
+        return self.dicomweb.rstrip("/") + "/studies"

@@ -34,12 +34,20 @@ def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
         )
         return DestinationConfig(ae_title=node.ae_title, host=host, port=node.port, tls=tls)
     try:
-        return config.destinations[name]
+        destination = config.destinations[name]
     except KeyError:
         known = ", ".join(sorted(config.destinations)) or "none configured"
         raise ConfigError(
             [f"destinations.{name}: unknown destination; configured: {known}"]
         ) from None
+    if not isinstance(destination, DestinationConfig):
+        raise ConfigError(
+            [
+                f"destinations.{name} is a DICOMweb destination ({destination.dicomweb}): this "
+                "command speaks DIMSE to an AE; the outbox sends results there by STOW-RS"
+            ]
+        )
+    return destination
 
 
 def echo(args: argparse.Namespace, config: AidxConfig) -> int:

@@ -212,3 +212,37 @@ def test_dicomweb_refusals_name_the_key_and_the_fix(tmp_path: Path) -> None:
     ).dicomweb
     assert "dicomweb.host is '0.0.0.0'" in str(remote.refusal())
     assert "dicomweb.certificate and dicomweb.private_key" in str(remote.refusal())
+
+
+def test_a_destination_is_an_ae_or_a_dicomweb_root_and_errors_say_which_keys_go_together(
+    tmp_path: Path,
+) -> None:
+    from aidx.config import DestinationConfig
+    from aidx.config_dicomweb import DicomwebDestinationConfig
+
+    config = load_config(
+        write(
+            tmp_path,
+            "destinations:\n"
+            "  pacs: {ae_title: PACS, host: 10.0.0.5, port: 104}\n"
+            "  web: {dicomweb: 'https://pacs.example/dicom-web/', auth: {bearer_token: t0k}}\n",
+        ),
+        NO_ENV,
+    )
+    assert isinstance(config.destinations["pacs"], DestinationConfig)
+    web = config.destinations["web"]
+    assert isinstance(web, DicomwebDestinationConfig)
+    assert web.studies_url == "https://pacs.example/dicom-web/studies"
+    assert redacted(config)["destinations"]["web"]["auth"]["bearer_token"] == MASK
+
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            write(tmp_path, "destinations:\n  web: {dicomweb: 'http://x/dw', ae_title: P}\n"),
+            NO_ENV,
+        )
+    message = str(info.value)
+    assert "destinations.web.ae_title: unknown key" in message
+    assert "a DICOM AE, with ae_title, host and port, or a DICOMweb root" in message
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "destinations:\n  web: {dicomweb: 'ftp://x'}\n"), NO_ENV)
+    assert "destinations.web.dicomweb: 'ftp://x' is not a DICOMweb root URL" in str(info.value)

@@ -1,6 +1,7 @@
 """The node's DICOMweb service against real clients: the Python ``dicomweb-client`` (STOW-RS,
 QIDO-RS, WADO-RS, results read back with highdicom), Orthanc's DICOMweb plugin (STOW-RS from
-its DicomWeb.Servers), and bad requests made by hand with httpx.
+its DicomWeb.Servers; and the outbox's STOW-RS of aidx's results to it), and bad requests made by
+hand with httpx.
 
 One node serves the whole module (module-scoped), with three peers: ``pacs`` (store and read),
 ``viewer`` (read only) and ``orthanc``.
@@ -11,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import httpx
@@ -21,8 +24,10 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
+from aidx.cli import main
 from aidx.pipeline.worker import Worker
 from dicom_node.dicomweb.stow import read_part10
+from dicom_node.export import ExportWorker
 from dicom_node.service import NodeService
 from tests.conftest import IN_CI
 from tests.dicom_node.conftest import node_config, wait_for
@@ -60,7 +65,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeService]:
         inference__min_volume_mm3=1000,
         inference__series__min_slices=8,
     )
-    service = NodeService(config)
+    service = NodeService(config, outbox=False)  # each test's own outbox delivers (`_outbox`)
     service.start()
     yield service
     service.stop()
@@ -271,9 +276,10 @@ def test_concurrent_stows_of_the_same_instances_store_them_once(
     assert list(node.spool.incoming.iterdir()) == []
 
 
-def test_orthanc_stows_a_study_to_aidx_through_its_dicomweb_servers(
-    node: NodeService, small_study: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def orthanc(node: NodeService, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Orthanc with Debian's DICOMweb plugin: aidx is in its DicomWeb.Servers (as peer
+    ``orthanc``), and it serves DICOMweb at /dicom-web/."""
     try:
         plugin = dicomweb_plugin(
             {"aidx": (_url(node) + "/", {"Authorization": f"Bearer {ORTHANC_TOKEN}"})}
@@ -282,23 +288,27 @@ def test_orthanc_stows_a_study_to_aidx_through_its_dicomweb_servers(
         if IN_CI:
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+    with Orthanc(tmp_path_factory.mktemp("orthanc"), config=plugin) as server:
+        yield server
+
+
+def test_orthanc_stows_a_study_to_aidx_through_its_dicomweb_servers(
+    node: NodeService, orthanc: Orthanc, small_study: Path, tmp_path: Path
+) -> None:
     files = _copy(_files(small_study)[:5], tmp_path / "orthanc-study")
     study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-    with Orthanc(tmp_path / "orthanc", config=plugin) as orthanc:
-        orthanc.upload_dir(files[0].parent)
-        study_id = orthanc.find_study(study_uid)
-        assert study_id is not None
-        orthanc.stow("aidx", [study_id])
+    orthanc.upload_dir(files[0].parent)
+    study_id = orthanc.find_study(study_uid)
+    assert study_id is not None
+    orthanc.stow("aidx", [study_id])
 
     rows = node.store.study_instances(study_uid)
     assert len(rows) == 5
     assert {r["calling_ae"] for r in rows} == {"orthanc"}
-    for row in rows:  # stored as Orthanc sent them: the same pixels and UIDs as uploaded
+    sent = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in files}
+    for row in rows:  # the pixels and UIDs as uploaded to Orthanc
         stored = pydicom.dcmread(row["path"])
-        original = pydicom.dcmread(
-            next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == row["sop_uid"])
-        )
-        assert stored.PixelData == original.PixelData
+        assert stored.PixelData == pydicom.dcmread(sent[row["sop_uid"]]).PixelData
 
 
 # --------------------------------------------------------------------------- QIDO-RS and WADO-RS
@@ -434,3 +444,62 @@ def test_the_ai_results_are_served_with_their_study_and_read_back_by_highdicom(
         study_uid, series["SR"].SeriesInstanceUID, result["sr_sop_uid"]
     )
     assert pydicom.Dataset.from_json(meta).ContentSequence  # the report's content, as JSON
+
+
+# ------------------------------------------------------------------- STOW-RS to a destination
+def _outbox(node: NodeService, destinations: dict[str, Any], **outbox: Any) -> ExportWorker:
+    """An export worker on the module node's store with these destinations."""
+    config = node.config.model_copy(deep=True)
+    config.destinations = destinations
+    for key, value in outbox.items():
+        setattr(config.outbox, key, value)
+    return ExportWorker(config, node.store)
+
+
+def test_the_outbox_sends_the_results_to_orthanc_by_stow_rs_once(
+    node: NodeService, orthanc: Orthanc, study_uid: str
+) -> None:
+    (result,) = node.store.study_results(study_uid)
+    files = [result["sr_path"], result["seg_path"]]
+    worker = _outbox(node, {"pacs-web": {"dicomweb": f"{orthanc.url}/dicom-web"}})
+    first, _ = node.store.enqueue("pacs-web", "dicomweb-test:1", files, study_uid)
+    again, _ = node.store.enqueue("pacs-web", "dicomweb-test:2", files, study_uid)
+    assert worker.deliver_due() == 2
+
+    states = {i.id: i for i in node.store.outbox_items()}
+    assert states[first].state == states[again].state == "sent", states
+    study_id = orthanc.find_study(study_uid)
+    assert study_id is not None
+    instances = orthanc.get(f"/studies/{study_id}/instances")
+    by_uid = {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in instances}
+    assert len(instances) == 2  # sent twice, kept once
+    seg_uid = str(pydicom.dcmread(result["seg_path"]).SOPInstanceUID)
+    assert set(by_uid) == {result["sr_sop_uid"], seg_uid}
+    request = urllib.request.Request(f"{orthanc.url}/instances/{by_uid[seg_uid]}/file")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(response.read())))
+    assert seg.number_of_segments == result["finding_count"]
+
+
+def test_a_dicomweb_destination_that_is_down_is_retried_then_listed_as_failed(
+    node: NodeService, study_uid: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (result,) = node.store.study_results(study_uid)
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"
+    worker = _outbox(node, {"down-web": {"dicomweb": down}}, max_attempts=2)
+    item_id, _ = node.store.enqueue("down-web", "dicomweb-test:down", [result["sr_path"]])
+
+    def failed_for_good() -> bool:
+        worker.deliver_due()
+        item = next(i for i in node.store.outbox_items() if i.id == item_id)
+        return item.state == "failed"
+
+    wait_for(failed_for_good, "two attempts at a destination that is down")
+    item = next(i for i in node.store.outbox_items() if i.id == item_id)
+    assert item.attempts == 2
+    assert f"STOW-RS to down-web ({down}/studies) failed" in str(item.last_error)
+    assert (
+        main(["--data-dir", str(node.config.data_dir), "outbox", "list", "--state", "failed"]) == 0
+    )
+    listed = capsys.readouterr().out
+    assert "down-web" in listed and "STOW-RS to down-web" in listed
