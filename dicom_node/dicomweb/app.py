@@ -10,12 +10,14 @@ WADO-RS): 403. Refusals are one line of text saying why; the log names the peer 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -34,12 +36,20 @@ from dicom_node.receive import Receiver
 
 from . import qido, stow, wado
 from .catalog import Catalog, Entry
-from .multipart import MediaType, MultipartError, multipart_stream, new_boundary, split_accept
-from .multipart import split_parts as split_body
+from .multipart import (
+    MediaType,
+    MultipartError,
+    Part,
+    PartReader,
+    multipart_stream,
+    new_boundary,
+    split_accept,
+)
 
 log = logging.getLogger("aidx.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
+STORE_QUEUE = 4  # complete STOW-RS parts waiting to be stored
 PREFIX = "/dicomweb"
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -153,17 +163,54 @@ class DicomwebApp:
                 + (f'; type="{part_type}"' if part_type else "")
                 + ")",
             )
-        body = await self._read_body(request)
+        started = time.monotonic()
         try:
-            parts = await run_in_threadpool(split_body, body, media.params.get("boundary", ""))
+            reader = PartReader(media.params.get("boundary", ""))
         except MultipartError as exc:
             raise RefusalError(400, f"the multipart body cannot be read: {exc}") from exc
         quiet = peer.quiet_period_s or self.config.node.study_quiet_period_s
-        outcomes = await run_in_threadpool(
-            lambda: [stow.store_part(self.receiver, p, peer.name, quiet, study_uid) for p in parts]
-        )
+        outcomes: list[stow.PartOutcome] = []
+        # Each complete part is stored (in a thread) while the next ones arrive; a few waiting
+        # parts at most, so a fast sender waits for the disk instead of filling the memory.
+        waiting: asyncio.Queue[Part | None] = asyncio.Queue(maxsize=STORE_QUEUE)
+
+        async def store_parts() -> None:
+            while (part := await waiting.get()) is not None:
+                outcome = await run_in_threadpool(
+                    stow.store_part, self.receiver, part, peer.name, quiet, study_uid
+                )
+                outcomes.append(outcome)
+
+        storing = asyncio.create_task(store_parts())
+        try:
+            size = await self._read_parts(request, reader, waiting)
+        except RefusalError as refusal:
+            # Parts received whole are stored even when the body then fails: nothing that
+            # arrived complete is lost (a client that sends again makes duplicates, kept once).
+            await waiting.put(None)
+            await storing
+            if not outcomes:
+                raise
+            stored = sum(o.failure is None for o in outcomes)
+            raise RefusalError(
+                refusal.status,
+                f"{refusal}; of the {len(outcomes)} complete parts before that, {stored} were "
+                "stored",
+            ) from refusal
+        except BaseException:
+            storing.cancel()  # the request itself was cancelled
+            raise
+        await waiting.put(None)
+        await storing
         stored = sum(o.failure is None for o in outcomes)
-        log.info("STOW-RS from %s: %d stored, %d failed", peer.name, stored, len(outcomes) - stored)
+        log.info(
+            "STOW-RS from %s: %d stored, %d failed in %.2f s (%.0f MB)",
+            peer.name,
+            stored,
+            len(outcomes) - stored,
+            time.monotonic() - started,
+            size / 1e6,
+        )
         answer = stow.response_dataset(outcomes, self.base_url(request), study_uid)
         status = 200 if stored == len(outcomes) else 202 if stored else 409
         response = _json(answer.to_json_dict(), status)
@@ -172,7 +219,11 @@ class DicomwebApp:
                 response.headers.append("Warning", stow.warning_header(outcome, index))
         return response
 
-    async def _read_body(self, request: Request) -> bytearray:
+    async def _read_parts(
+        self, request: Request, reader: PartReader, waiting: asyncio.Queue[Part | None]
+    ) -> int:
+        """Read the body, handing each complete part to ``waiting``; returns its size. Raises
+        RefusalError for a body over the limit (413) or not the multipart message announced."""
         limit = self.web.max_request_bytes
         too_large = RefusalError(
             413,
@@ -181,18 +232,23 @@ class DicomwebApp:
         )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        body = bytearray()
+            raise too_large  # before anything is read or stored
+        size = 0
         try:
             async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
+                size += len(chunk)
+                if size > limit:
                     raise too_large
+                for part in reader.feed(chunk):
+                    await waiting.put(part)
+            reader.close()
         except ClientDisconnect as exc:
             raise RefusalError(
                 400, "the client closed the connection before the body ended"
             ) from exc
-        return body
+        except MultipartError as exc:
+            raise RefusalError(400, f"the multipart body cannot be read: {exc}") from exc
+        return size
 
     # ------------------------------------------------------------------------------- QIDO-RS
     async def search_studies(self, request: Request) -> Response:
@@ -226,8 +282,13 @@ class DicomwebApp:
         base = self.base_url(request)
 
         def run() -> tuple[list[dict[str, Any]], bool]:
-            candidates = self._candidates(level, base, study_uid, series_uid, query)
-            page, capped = qido.select_page(candidates, query)
+            if level == "study" and not set(query.filters) & qido.FROM_SERIES:
+                # Paged on the index rows: only the answers' series are read.
+                rows, capped = qido.page(self._study_rows(study_uid, query), query)
+                page = [self._study_match(row, base) for row in rows]
+            else:
+                candidates = self._candidates(level, base, study_uid, series_uid, query)
+                page, capped = qido.select_page(candidates, query)
             level_keys = {
                 "study": qido.STUDY_KEYS,
                 "series": qido.SERIES_KEYS,
@@ -258,9 +319,8 @@ class DicomwebApp:
         series_uid: str | None,
         query: qido.Query,
     ) -> list[qido.Match]:
-        wanted_studies = [study_uid] if study_uid else _uid_list(query.filters)
         out: list[qido.Match] = []
-        for row in self.catalog.studies(wanted_studies):
+        for row in self._study_rows(study_uid, query):
             uid = str(row["study_uid"])
             series_list = self.catalog.series(uid)
             study_attrs = qido.study_attributes(row, series_list)
@@ -289,6 +349,21 @@ class DicomwebApp:
                 url = f"{study_url}/series/{entry.series_uid}/instances/{entry.sop_uid}"
                 out.append(qido.Match(attrs, url, _path_of(entry)))
         return out
+
+    def _study_rows(self, study_uid: str | None, query: qido.Query) -> list[dict[str, Any]]:
+        """The index rows of the studies that can match (the path's study, the UIDs asked
+        for, and the filters the row answers)."""
+        wanted = [study_uid] if study_uid else _uid_list(query.filters)
+        return [
+            row
+            for row in self.catalog.studies(wanted)
+            if qido.row_matches(qido.study_attributes(row, None), query)
+        ]
+
+    def _study_match(self, row: dict[str, Any], base: str) -> qido.Match:
+        uid = str(row["study_uid"])
+        attributes = qido.study_attributes(row, self.catalog.series(uid))
+        return qido.Match(attributes, f"{base}/studies/{uid}", _first_path(self.catalog, uid))
 
     # ------------------------------------------------------------------------------- WADO-RS
     def _entries(self, request: Request) -> list[Entry]:
@@ -421,6 +496,11 @@ class DicomwebServer:
         self.port = int(self._socket.getsockname()[1])
         self._server: Any = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        """The server thread is serving (for the node's health check)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def url(self) -> str:

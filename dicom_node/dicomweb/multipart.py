@@ -61,44 +61,107 @@ class Part:
         return MediaType.parse(self.headers.get("content-type", ""))
 
 
-def split_parts(body: bytes | bytearray, boundary: str) -> list[Part]:
-    """The parts of a multipart body; raises MultipartError when there are none or the body is
-    cut short (no closing delimiter)."""
-    if not boundary or len(boundary) > 200:
-        raise MultipartError("the Content-Type's boundary parameter is missing or too long")
-    view = memoryview(body)
-    dash = b"--" + boundary.encode("latin-1")
-    delimiter = b"\r\n" + dash
-    # The first delimiter may open the body without a line break before it.
-    position = 0 if bytes(view[: len(dash)]) == dash else body.find(delimiter)
-    if position < 0:
-        raise MultipartError(f"no part delimited by the boundary {boundary!r}")
-    position += len(dash) if position == 0 else len(delimiter)
-    parts: list[Part] = []
-    while True:
-        if bytes(view[position : position + 2]) == b"--":
-            break  # the close delimiter
-        line_end = body.find(b"\r\n", position)  # transport padding, then the line break
-        if line_end < 0:
-            raise MultipartError("the body ends inside a delimiter line")
-        headers_end = body.find(b"\r\n\r\n", line_end)
-        if headers_end == line_end:  # a part without header fields
-            headers_text = b""
-            content_start = line_end + 4
-        else:
-            if headers_end < 0:
-                raise MultipartError("a part's header fields do not end")
-            headers_text = bytes(view[line_end + 2 : headers_end])
-            content_start = headers_end + 4
-        following = body.find(delimiter, content_start)
-        if following < 0:
+class PartReader:
+    """Splits a multipart body into its parts as the body's bytes arrive: :meth:`feed` returns
+    the parts completed by a chunk, so that each can be handled while the rest arrives and only
+    the part being received is held in memory."""
+
+    MAX_LINE = 4096  # a delimiter line (with transport padding) or a part's header block
+
+    def __init__(self, boundary: str) -> None:
+        if not boundary or len(boundary) > 200:
+            raise MultipartError("the Content-Type's boundary parameter is missing or too long")
+        self._dash = b"--" + boundary.encode("latin-1")
+        self._delimiter = b"\r\n" + self._dash
+        self._buffer = bytearray()
+        self._scan = 0  # where the search for the next delimiter resumes
+        self._started = False
+        self.done = False  # the close delimiter has arrived
+        self.count = 0  # parts returned so far
+
+    def feed(self, chunk: bytes) -> list[Part]:
+        if self.done:
+            return []  # the epilogue after the close delimiter is ignored
+        self._buffer += chunk
+        if not self._started and not self._start():
+            return []
+        parts = []
+        while not self.done:
+            part = self._next()
+            if part is None:
+                break
+            parts.append(part)
+        self.count += len(parts)
+        return parts
+
+    def close(self) -> None:
+        """The body has ended: raise MultipartError unless it ended as a multipart body."""
+        if not self._started:
+            raise MultipartError(f"no part delimited by the boundary {self._dash[2:]!r}")
+        if not self.done:
             raise MultipartError(
-                f"part {len(parts) + 1} is not closed by a boundary: the body was cut short"
+                f"the body was cut short after {self.count} complete parts (no close delimiter)"
             )
-        parts.append(Part(_headers(headers_text), view[content_start:following]))
-        position = following + len(delimiter)
-    if not parts:
-        raise MultipartError("the multipart body has no parts")
+        if not self.count:
+            raise MultipartError("the multipart body has no parts")
+
+    def _start(self) -> bool:
+        """Drop the preamble up to the first delimiter (which may open the body without a line
+        break before it)."""
+        buffer = self._buffer
+        if buffer[: len(self._dash)] == self._dash:
+            del buffer[: len(self._dash)]
+        else:
+            found = buffer.find(self._delimiter)
+            if found < 0:
+                keep = len(self._delimiter)
+                if len(buffer) > keep:
+                    del buffer[:-keep]  # preamble: only a delimiter's start is kept
+                return False
+            del buffer[: found + len(self._delimiter)]
+        self._started = True
+        self._scan = 0
+        return True
+
+    def _next(self) -> Part | None:
+        """The part at the head of the buffer (which starts right after a delimiter), once its
+        closing delimiter has arrived."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        if buffer[:2] == b"--":
+            self.done = True
+            return None
+        line_end = buffer.find(b"\r\n", 0, self.MAX_LINE)
+        if line_end < 0:
+            if len(buffer) >= self.MAX_LINE:
+                raise MultipartError("a delimiter line does not end")
+            return None
+        following = buffer.find(self._delimiter, max(self._scan, line_end))
+        if following < 0:
+            self._scan = max(len(buffer) - len(self._delimiter) + 1, 0)
+            return None
+        headers_end = buffer.find(b"\r\n\r\n", line_end, following + 2)
+        if headers_end == line_end:
+            headers, content_start = b"", line_end + 4
+        elif headers_end < 0:
+            raise MultipartError(f"the header fields of part {self.count + 1} do not end")
+        else:
+            headers, content_start = bytes(buffer[line_end + 2 : headers_end]), headers_end + 4
+        with memoryview(buffer) as view:  # one copy of the content (released before del)
+            content = bytes(view[content_start:following])
+        part = Part(_headers(headers), memoryview(content))
+        del buffer[: following + len(self._delimiter)]
+        self._scan = 0
+        return part
+
+
+def split_parts(body: bytes | bytearray, boundary: str) -> list[Part]:
+    """The parts of a whole multipart body; raises MultipartError when there are none or the
+    body is cut short (no closing delimiter)."""
+    reader = PartReader(boundary)
+    parts = reader.feed(bytes(body))
+    reader.close()
     return parts
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -52,6 +52,8 @@ SERIES_KEYS = (
     "BodyPartExamined",
     "NumberOfSeriesRelatedInstances",
 )
+# Study attributes that come from the study's series (aidx's results included), not its row.
+FROM_SERIES = {"ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"}
 INSTANCE_KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "AvailableTransferSyntaxUID")
 CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 
@@ -141,9 +143,12 @@ def matches(value: Any, pattern: str, keyword: str) -> bool:
     return any(v == pattern for v in values)
 
 
-def study_attributes(row: Mapping[str, Any], series_list: list[SeriesSummary]) -> dict[str, Any]:
-    modalities = sorted({s.modality for s in series_list if s.modality})
-    return {
+def study_attributes(
+    row: Mapping[str, Any], series_list: list[SeriesSummary] | None
+) -> dict[str, Any]:
+    """A study's attributes from its index row, and from its series (all of them, results
+    included) when given; without them, those in :data:`FROM_SERIES` are left out."""
+    attributes: dict[str, Any] = {
         "StudyInstanceUID": row["study_uid"],
         "StudyDate": row["study_date"] or "",
         "StudyTime": row["study_time"] or "",
@@ -156,10 +161,22 @@ def study_attributes(row: Mapping[str, Any], series_list: list[SeriesSummary]) -
         "PatientSex": row["sex"] or "",
         "ReferringPhysicianName": "",
         "StudyID": "",
-        "ModalitiesInStudy": modalities,
-        "NumberOfStudyRelatedSeries": len(series_list),
-        "NumberOfStudyRelatedInstances": sum(s.instance_count for s in series_list),
     }
+    if series_list is not None:
+        attributes["ModalitiesInStudy"] = sorted({s.modality for s in series_list if s.modality})
+        attributes["NumberOfStudyRelatedSeries"] = len(series_list)
+        attributes["NumberOfStudyRelatedInstances"] = sum(s.instance_count for s in series_list)
+    return attributes
+
+
+def row_matches(attributes: Mapping[str, Any], query: Query) -> bool:
+    """Whether a study's index row passes the filters it can answer (those not from its
+    series), so that only the studies that can match have their series read."""
+    return all(
+        matches(attributes.get(k), v, k)
+        for k, v in query.filters.items()
+        if k in attributes and k not in FROM_SERIES
+    )
 
 
 def series_attributes(summary: SeriesSummary) -> dict[str, Any]:
@@ -198,10 +215,19 @@ def select_page(candidates: list[Match], query: Query) -> tuple[list[Match], boo
         for m in candidates
         if all(matches(m.attributes.get(k), v, k) for k, v in query.filters.items())
     ]
-    page = found[query.offset :]
+    return page(found, query)
+
+
+T = TypeVar("T")
+
+
+def page(items: list[T], query: Query) -> tuple[list[T], bool]:
+    """``items`` from ``offset``, at most ``limit`` (without one, at most MAX_RESULTS); and
+    whether that cap cut them short."""
+    rest = items[query.offset :]
     limit = query.limit if query.limit is not None else MAX_RESULTS
-    capped = query.limit is None and len(page) > MAX_RESULTS
-    return page[: min(limit, MAX_RESULTS)], capped
+    capped = query.limit is None and len(rest) > MAX_RESULTS
+    return rest[: min(limit, MAX_RESULTS)], capped
 
 
 def to_json(match: Match, level_keys: tuple[str, ...], query: Query) -> dict[str, Any]:

@@ -189,6 +189,22 @@ def test_a_corrupt_part_is_listed_with_its_reason_and_the_others_are_stored(
     assert list(node.spool.incoming.iterdir()) == []
 
 
+def test_the_complete_parts_of_a_body_cut_short_are_stored_and_the_answer_says_so(
+    node: NodeService, small_study: Path, tmp_path: Path
+) -> None:
+    files = _copy(_files(small_study)[:3], tmp_path / "cut")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    body = _multipart([f.read_bytes() for f in files])
+    cut = body[: body.rindex(BOUNDARY.encode()) - 2000]  # inside the third part
+    response = httpx.post(
+        f"{_url(node)}/studies", content=cut, headers={"Content-Type": STOW_TYPE, **_auth()}
+    )
+    assert response.status_code == 400
+    assert "cut short after 2 complete parts" in response.text
+    assert "of the 2 complete parts before that, 2 were stored" in response.text
+    assert _count(node, study_uid) == 2
+
+
 def test_an_instance_of_another_study_is_refused_by_a_study_stow(
     node: NodeService, small_study: Path, tmp_path: Path
 ) -> None:
