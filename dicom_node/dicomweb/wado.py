@@ -7,7 +7,8 @@ type="application/dicom"`` of the files as stored, their metadata as DICOM JSON,
 - Metadata is each file's header as DICOM JSON (PS3.18 F.2) without the pixel data (the frames
   resource returns it) and with the stored transfer syntax as AvailableTransferSyntaxUID; other
   binary values are inline (InlineBinary).
-- Frames: native (uncompressed little endian) pixel data as ``application/octet-stream``, and
+- Frames: native (uncompressed little endian) pixel data as ``application/octet-stream`` (a
+  1-bit frame, as in a binary SEG, from bit 0 of its first byte), and
   encapsulated pixel data frame by frame in its own media type (``image/jpeg``, ``image/jls``,
   ``image/jp2``; RLE as ``application/octet-stream``) with its transfer syntax.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
 from pydicom.uid import UID
@@ -113,10 +115,21 @@ def frames(entry: Entry, numbers: list[int]) -> list[Frame]:
         content_type = f"{media}; transfer-syntax={syntax}"
         all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
         return [Frame(content_type, all_frames[n - 1]) for n in numbers]
-    if not syntax.is_little_endian or int(ds.BitsAllocated) == 1:
-        raise FrameError(406, f"frames of {syntax} with BitsAllocated {ds.BitsAllocated}")
-    size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-    size *= int(ds.BitsAllocated) // 8
-    data = ds.PixelData
+    if not syntax.is_little_endian:
+        raise FrameError(406, f"frames of big endian pixel data ({syntax}) are not served")
     content_type = f"{OCTETS}; transfer-syntax={EXPLICIT_LE}"
+    samples = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+    data = ds.PixelData
+    if int(ds.BitsAllocated) == 1:
+        # A binary SEG's frames follow each other bit by bit; each goes out from bit 0 of its
+        # own first byte (what viewers' SEG loaders read).
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        return [
+            Frame(
+                content_type,
+                np.packbits(bits[(n - 1) * samples : n * samples], bitorder="little").tobytes(),
+            )
+            for n in numbers
+        ]
+    size = samples * int(ds.BitsAllocated) // 8
     return [Frame(content_type, bytes(data[(n - 1) * size : n * size])) for n in numbers]

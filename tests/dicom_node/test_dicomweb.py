@@ -19,6 +19,7 @@ from typing import Any
 
 import highdicom as hd
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
@@ -26,6 +27,8 @@ from pydicom.uid import generate_uid
 
 from aidx.cli import main
 from aidx.pipeline.worker import Worker
+from dicom_node.dicomweb import wado
+from dicom_node.dicomweb.catalog import Entry
 from dicom_node.dicomweb.stow import read_part10
 from dicom_node.export import ExportWorker
 from dicom_node.service import NodeService
@@ -456,6 +459,14 @@ def test_the_ai_results_are_served_with_their_study_and_read_back_by_highdicom(
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, seg_data, enforce_file_format=True)
     assert seg_data.PixelData == pydicom.dcmread(result["seg_path"]).PixelData
+    # A binary SEG's frame, as a viewer's SEG loader fetches it: from bit 0 of its first byte.
+    last = int(seg.NumberOfFrames)  # past the first byte boundary unless frames are whole bytes
+    (frame,) = client.retrieve_instance_frames(
+        study_uid, series["SEG"].SeriesInstanceUID, seg.SOPInstanceUID, frame_numbers=[last]
+    )
+    bits = np.unpackbits(np.frombuffer(frame, np.uint8), bitorder="little")
+    pixels = bits[: seg.Rows * seg.Columns].reshape(seg.Rows, seg.Columns)
+    assert np.array_equal(pixels, seg.get_stored_frame(last))
     meta = client.retrieve_instance_metadata(
         study_uid, series["SR"].SeriesInstanceUID, result["sr_sop_uid"]
     )
@@ -519,3 +530,38 @@ def test_a_dicomweb_destination_that_is_down_is_retried_then_listed_as_failed(
     )
     listed = capsys.readouterr().out
     assert "down-web" in listed and "STOW-RS to down-web" in listed
+
+
+def test_a_one_bit_frame_starts_at_bit_0_of_its_own_bytes(tmp_path: Path) -> None:
+    """3 x 3 binary frames share bytes in the file (9 bits each); each is served on its own."""
+    first = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1]], dtype=np.uint8)
+    second = np.array([[0, 1, 1], [1, 0, 0], [0, 0, 1]], dtype=np.uint8)
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 3, 3, 2
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel = 1, 1, 0, 1
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME2"
+    packed = np.packbits(np.concatenate([first.ravel(), second.ravel()]), bitorder="little")
+    ds.PixelData = packed.tobytes()
+    path = tmp_path / "seg.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    entry = Entry(
+        study_uid="1",
+        series_uid="2",
+        sop_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        transfer_syntax=pydicom.uid.ExplicitVRLittleEndian,
+        instance_number=1,
+        path=str(path),
+        modality="SEG",
+        series_number=1,
+        series_description="",
+    )
+
+    for number, expected in ((1, first), (2, second)):
+        (frame,) = wado.frames(entry, [number])
+        bits = np.unpackbits(np.frombuffer(frame.data, np.uint8), bitorder="little")[:9]
+        assert np.array_equal(bits.reshape(3, 3), expected), number
