@@ -37,6 +37,9 @@ from tests.dicom_node.conftest import node_config, wait_for
 from tests.peers.orthanc import Orthanc, dicomweb_plugin
 from tests.peers.process import ToolMissingError, free_port
 from tests.standin_model import install
+from ui.accounts import Accounts
+from ui.review import Reviews
+from ui.signoff import sign
 
 TOKENS = {"pacs": "pacs-token-0123456789", "viewer": "viewer-token-0123456789"}
 ORTHANC_TOKEN = "orthanc-token-0123456789"
@@ -565,3 +568,36 @@ def test_a_one_bit_frame_starts_at_bit_0_of_its_own_bytes(tmp_path: Path) -> Non
         (frame,) = wado.frames(entry, [number])
         bits = np.unpackbits(np.frombuffer(frame.data, np.uint8), bitorder="little")[:9]
         assert np.array_equal(bits.reshape(3, 3), expected), number
+
+
+def test_a_signed_report_is_served_as_a_series_of_its_study(
+    node: NodeService, study_uid: str
+) -> None:
+    """Runs last: it adds the radiologist's signed SR to the analysed study."""
+    accounts = Accounts(node.store)
+    radiologist = accounts.add_user(
+        "rad",
+        "correct horse battery",
+        role="radiologist",
+        display_name="Smith^Anna",
+        organisation="General Hospital",
+    )
+    reviews = Reviews(node.store, accounts.audit)
+    (row,) = [w for w in reviews.worklist() if w.study_uid == study_uid]
+    for finding in reviews.findings(row.review_id):
+        reviews.decide(row.review_id, finding.key, "accept", radiologist)
+    signed = sign(reviews, node.store, row.review_id, radiologist, node.config.data_dir / "signed")
+
+    client = _client(node, "viewer")
+    series = [pydicom.Dataset.from_json(s) for s in client.search_for_series(study_uid)]
+    reports = [s for s in series if s.Modality == "SR"]
+    assert len(reports) == 2  # the AI's and the radiologist's
+    found = [
+        d
+        for s in reports
+        for d in client.retrieve_series(study_uid, s.SeriesInstanceUID)
+        if d.SOPInstanceUID == signed.sr_uid
+    ]
+    (report,) = found
+    assert report.VerificationFlag == "VERIFIED"
+    assert hd.sr.Comprehensive3DSR.from_dataset(report).SOPInstanceUID == signed.sr_uid
