@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
@@ -509,6 +510,31 @@ def test_the_outbox_sends_the_results_to_orthanc_by_stow_rs_once(
     with urllib.request.urlopen(request, timeout=30) as response:
         seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(response.read())))
     assert seg.number_of_segments == result["finding_count"]
+
+
+def test_aidx_send_stows_files_to_a_dicomweb_destination_with_its_bearer_token(
+    node: NodeService, small_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = _copy(_files(small_study)[:2], tmp_path / "send")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    config = tmp_path / "aidx.yaml"
+    web = {"dicomweb": _url(node), "auth": {"bearer_token": TOKENS["pacs"]}}
+    wrong = {"dicomweb": _url(node), "auth": {"bearer_token": "guessed"}}
+    config.write_text(
+        yaml.safe_dump(
+            {"data_dir": str(tmp_path / "data"), "destinations": {"web": web, "wrong": wrong}}
+        ),
+        encoding="utf-8",
+    )
+    assert main(["--config", str(config), "send", str(files[0].parent), "--to", "web"]) == 0
+    assert "sent 2 files to web by STOW-RS" in capsys.readouterr().out
+    assert _count(node, study_uid) == 2
+    assert main(["--config", str(config), "send", str(files[0]), "--to", "wrong"]) != 0
+    assert "refused the credentials (HTTP 401): check destinations.wrong.auth" in (
+        capsys.readouterr().err
+    )
+    assert main(["--config", str(config), "echo", "web"]) != 0
+    assert "C-ECHO needs a DICOM AE" in capsys.readouterr().err
 
 
 def test_a_dicomweb_destination_that_is_down_is_retried_then_listed_as_failed(
