@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aidx import __version__
 from aidx.cli import config as cli_config
 from aidx.cli import db as cli_db
+from aidx.cli import dicomweb as cli_dicomweb
 from aidx.cli import models as cli_models
 from aidx.cli import node as cli_node
 from aidx.cli import phantom as cli_phantom
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     cli_config.add_parsers(sub)
+    cli_dicomweb.add_parsers(sub)
     cli_phantom.add_parsers(sub)
 
     serve = sub.add_parser(
