@@ -149,6 +149,7 @@ class Reviews:
                 .join(jobs, jobs.c.id == results.c.job_id)
                 .outerjoin(reviews, reviews.c.result_id == results.c.id)
                 .where(jobs.c.state.in_(_SHOWN_JOB_STATES) & reviews.c.id.is_(None))
+                .where(results.c.shadow.is_(False))  # a challenger's results are not reviewed
             ).all()
             for result_id, study_uid in rows:
                 conn.execute(
@@ -193,7 +194,7 @@ class Reviews:
             .join(jobs, jobs.c.id == results.c.job_id)
             .join(studies, studies.c.study_uid == reviews.c.study_uid)
             .join(patients, patients.c.id == studies.c.patient_pk)
-            .where(jobs.c.state.in_(_SHOWN_JOB_STATES))
+            .where(jobs.c.state.in_(_SHOWN_JOB_STATES) & results.c.shadow.is_(False))
             .order_by(jobs.c.priority.desc(), results.c.created_at, reviews.c.id)
         )
         if status:

@@ -245,6 +245,9 @@ def run_workers(
         ran = worker().run_job_id(int(job_id), takeover=redelivered)
         if not ran:
             log.info("job %d: nothing to run (done, superseded or held by another worker)", job_id)
+        # Shadow runs are not published to the broker: the consumer that finished a job takes
+        # the oldest one after it (aidx.store.shadow).
+        worker().run_shadow_once()
 
     hostname = f"aidx-worker@{socket.gethostname()}.{time.time_ns() % 1_000_000}"
     # Threads, even for one worker: with late acknowledgement, Celery's "solo" pool took the

@@ -28,6 +28,7 @@ from aidx.config import AidxConfig
 from aidx.deflate import read_header
 from aidx.logs import exception_text, patient_values, patient_values_of, redact
 from aidx.store.jobs import Delivery, Job, ResultRecord, worker_name
+from aidx.store.shadow import ShadowRun
 from aidx.store.store import Store
 from inference.detector import Detector
 from inference.pipeline import InferenceResult, NotApplicableError, infer_files
@@ -106,11 +107,38 @@ class Worker:
 
     # -------------------------------------------------------------------------------- jobs
     def run_once(self) -> bool:
-        """Take and run one job; False when the queue was empty."""
+        """Take and run one job, or when none waits one shadow run; False when both queues
+        were empty."""
         job = self.store.claim_job(self.name, self.config.pipeline.lease_s)
         if job is None:
-            return False
+            return self.run_shadow_once()
         self._run_claimed(job)
+        return True
+
+    def run_shadow_once(self) -> bool:
+        """Take and run one shadow run (a challenger on a study whose job finished); False
+        when none waits."""
+        run = self.store.claim_shadow(self.name, self.config.pipeline.lease_s)
+        if run is None:
+            return False
+        self.current_job = run.job_id
+        heartbeat = threading.Event()
+        renew = self.store.renew_shadow_lease
+        beat = threading.Thread(
+            target=self._heartbeat_of,
+            args=(run.id, run.study_uid, renew, heartbeat),
+            name="aidx-lease",
+            daemon=True,
+        )
+        beat.start()
+        try:
+            files = [Path(r["path"]) for r in self.store.study_instances(run.study_uid)]
+            with patient_values(_patient_values(files, self.config.node.max_dataset_bytes)):
+                self._run_shadow(run, files)
+        finally:
+            heartbeat.set()
+            beat.join()
+            self.current_job = None
         return True
 
     def run_job_id(self, job_id: int, takeover: bool = False) -> bool:
@@ -137,10 +165,19 @@ class Worker:
             self.current_job = None
 
     def _heartbeat(self, job: Job, done: threading.Event) -> None:
+        self._heartbeat_of(job.id, job.study_uid, self.store.renew_lease, done)
+
+    def _heartbeat_of(
+        self,
+        lease_id: int,
+        study_uid: str,
+        renew: Callable[[int, str, float], bool],
+        done: threading.Event,
+    ) -> None:
         lease_s = self.config.pipeline.lease_s
         while not done.wait(lease_s / 3):
-            if not self.store.renew_lease(job.id, self.name, lease_s):
-                log.warning("job %d: lease lost (study_uid=%s)", job.id, job.study_uid)
+            if not renew(lease_id, self.name, lease_s):
+                log.warning("lease %d lost (study_uid=%s)", lease_id, study_uid)
                 return
 
     def _run_job(self, job: Job) -> None:
@@ -161,7 +198,7 @@ class Worker:
             job.priority,
         )
         try:
-            records, deliveries, reasons = self._routes(job, files)
+            records, deliveries, reasons, shadows = self._routes(job, files)
         except Exception as exc:  # noqa: BLE001 - recorded on the job, never lost
             reason = exception_text(exc)  # no patient values, no values a library quoted
             retry = not isinstance(exc, ModelError | ValueError)
@@ -176,7 +213,7 @@ class Worker:
             log.info("job %d: not applicable (study_uid=%s): %s", job.id, job.study_uid, reason)
             return
         seconds = time.perf_counter() - started
-        if not self.store.finish_job(job, self.name, records, deliveries, seconds):
+        if not self.store.finish_job(job, self.name, records, deliveries, seconds, shadows):
             log.warning("job %d: taken by another worker meanwhile; results dropped", job.id)
             return
         log.info(
@@ -191,24 +228,21 @@ class Worker:
 
     def _routes(
         self, job: Job, files: list[Path]
-    ) -> tuple[list[ResultRecord], list[Delivery], list[str]]:
+    ) -> tuple[list[ResultRecord], list[Delivery], list[str], list[str]]:
+        """Each route's results and deliveries, the reasons of routes that did not apply, and
+        the challengers (name@version) to run in shadow on the study afterwards."""
         study = self.store.study(job.study_uid) or {}
         previous = self._previous_report(job)
         records: list[ResultRecord] = []
         deliveries: list[Delivery] = []
         reasons: list[str] = []
+        shadows: set[str] = set()
         for route in routes(self.config):
             if not route.accepts_caller(str(study.get("calling_ae", ""))):
                 reasons.append(f"route {route.name}: calling AE not routed")
                 continue
             model = self.registry.resolve(route.model, self.config.models.default)
-            out_dir = (
-                self.config.storage_root()
-                / "results"
-                / job.study_uid
-                / f"v{job.study_version}"
-                / route.name
-            )
+            out_dir = self._result_dir(job.study_uid, job.study_version, route.name)
             try:
                 result = infer_files(
                     files,
@@ -228,7 +262,76 @@ class Worker:
                 continue
             records.append(_record(result, model.ref))
             deliveries.extend(_deliveries(job, route, result, model.ref))
-        return records, deliveries, reasons
+            shadow = self.registry.shadow(model.card.name)
+            if shadow is not None and shadow.route in (None, route.name):
+                shadows.add(shadow.ref)
+        return records, deliveries, reasons, sorted(shadows)
+
+    def _result_dir(self, study_uid: str, version: int, route: str, shadow: bool = False) -> Path:
+        folder = self.config.storage_root() / "results" / study_uid / f"v{version}"
+        return folder / "shadow" / route if shadow else folder / route
+
+    def _run_shadow(self, run: ShadowRun, files: list[Path]) -> None:
+        """The challenger on every route of its model (the shadow's route only, if it names
+        one) that applies to the study: the results are stored, nothing is sent."""
+        started = time.perf_counter()
+        name = run.model.partition("@")[0]
+        shadow = self.registry.shadow(name)
+        if shadow is None or shadow.ref != run.model:
+            now = shadow.ref if shadow else "off"
+            reason = f"shadow mode of {name} changed since the run was queued (now: {now})"
+            self.store.shadow_not_applicable(run, self.name, reason)
+            log.info("shadow run %d: %s (study_uid=%s)", run.id, reason, run.study_uid)
+            return
+        reasons: list[str] = []
+        records: list[ResultRecord] = []
+        try:
+            challenger = self.registry.resolve(run.model, self.config.models.default)
+            study = self.store.study(run.study_uid) or {}
+            for route in routes(self.config):
+                champion = route.model or self.config.models.default
+                if champion.partition("@")[0] != name:
+                    continue
+                if shadow.route not in (None, route.name):
+                    continue
+                if not route.accepts_caller(str(study.get("calling_ae", ""))):
+                    continue
+                try:
+                    result = infer_files(
+                        files,
+                        self._result_dir(run.study_uid, run.study_version, route.name, True),
+                        self.config,
+                        challenger,
+                        rules=route.rules,
+                        revision=run.study_version,
+                        runners=self.runners,
+                    )
+                except NotApplicableError as exc:
+                    reasons.append(f"route {route.name}: {exc}")
+                    continue
+                records.append(_record(result, challenger.ref))
+        except Exception as exc:  # noqa: BLE001 - recorded on the shadow run, never lost
+            reason = exception_text(exc)
+            retry = not isinstance(exc, ModelError | ValueError)
+            state = self.store.fail_shadow(
+                run, self.name, reason, self.config.pipeline.max_attempts, retry
+            )
+            log.error("shadow run %d: %s (study_uid=%s): %s", run.id, state, run.study_uid, reason)
+            return
+        if not records:
+            reason = redact("; ".join(reasons) or f"no route of {name} applies to the study")
+            self.store.shadow_not_applicable(run, self.name, reason)
+            log.info("shadow run %d: not applicable (study_uid=%s)", run.id, run.study_uid)
+            return
+        seconds = time.perf_counter() - started
+        if self.store.finish_shadow(run, self.name, records, seconds):
+            log.info(
+                "shadow run %d: %s results in %.1f s (study_uid=%s; stored, not sent)",
+                run.id,
+                run.model,
+                seconds,
+                run.study_uid,
+            )
 
     def _previous_report(self, job: Job) -> list[Dataset]:
         """The SR of the study's last earlier version, which a new result supersedes."""

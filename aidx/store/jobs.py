@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select, update
 
-from .schema import events, jobs, outbox, results, studies
+from .schema import events, jobs, outbox, results, shadow_runs, studies
 
 # Job states.
 QUEUED = "queued"
@@ -261,9 +261,12 @@ class JobQueue:
         records: Sequence[ResultRecord],
         deliveries: Sequence[Delivery],
         inference_s: float,
+        shadow_models: Sequence[str] = (),
     ) -> bool:
         """Record the results and queue their deliveries, in one transaction. Run again after
         a crash, it replaces the result rows and finds its outbox items already queued.
+        ``shadow_models``: challengers (name@version) to run on the study next, in shadow
+        (queued in the same transaction, once each; see :mod:`aidx.store.shadow`).
         Returns False (and changes nothing) when the job is no longer this worker's."""
         now = time.time()
         with self._write() as conn:
@@ -274,24 +277,7 @@ class JobQueue:
             ).first()
             if still_ours is None:
                 return False
-            for rec in records:
-                conn.execute(
-                    results.delete().where(
-                        (results.c.study_uid == job.study_uid)
-                        & (results.c.series_uid == rec.series_uid)
-                        & (results.c.model == rec.model)
-                        & (results.c.study_version == job.study_version)
-                    )
-                )
-                conn.execute(
-                    results.insert().values(
-                        job_id=job.id,
-                        study_uid=job.study_uid,
-                        study_version=job.study_version,
-                        created_at=now,
-                        **rec.__dict__,
-                    )
-                )
+            replace_results(conn, job.id, job.study_uid, job.study_version, records, now)
             add_event(
                 conn,
                 job.study_uid,
@@ -330,6 +316,8 @@ class JobQueue:
                 )
             )
             add_event(conn, job.study_uid, state, job.id, at=now)
+            for model in shadow_models if records else ():
+                queue_shadow(conn, job, model, now)
             return True
 
     def fail_job(
@@ -393,7 +381,9 @@ class JobQueue:
             row = conn.execute(
                 select(results)
                 .where(
-                    (results.c.study_uid == study_uid) & (results.c.study_version < before_version)
+                    (results.c.study_uid == study_uid)
+                    & (results.c.study_version < before_version)
+                    & results.c.shadow.is_(False)  # a challenger's report is never a predecessor
                 )
                 .order_by(results.c.study_version.desc(), results.c.id.desc())
                 .limit(1)
@@ -444,6 +434,64 @@ class JobQueue:
         )
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def replace_results(
+    conn: Connection,
+    job_id: int,
+    study_uid: str,
+    study_version: int,
+    records: Sequence[ResultRecord],
+    now: float,
+    shadow: bool = False,
+) -> None:
+    """Write the result rows of a job (or of its shadow run), replacing those of an earlier
+    attempt: one row per (study, series, model version, study version)."""
+    for rec in records:
+        conn.execute(
+            results.delete().where(
+                (results.c.study_uid == study_uid)
+                & (results.c.series_uid == rec.series_uid)
+                & (results.c.model == rec.model)
+                & (results.c.study_version == study_version)
+            )
+        )
+        conn.execute(
+            results.insert().values(
+                job_id=job_id,
+                study_uid=study_uid,
+                study_version=study_version,
+                created_at=now,
+                shadow=shadow,
+                **rec.__dict__,
+            )
+        )
+
+
+def queue_shadow(conn: Connection, job: Job, model: str, now: float) -> bool:
+    """Queue ``model``'s shadow run of ``job`` (inside the caller's transaction); False when it
+    is queued already (the job finished before, then ran again)."""
+    exists = conn.execute(
+        select(shadow_runs.c.id).where(
+            (shadow_runs.c.job_id == job.id) & (shadow_runs.c.model == model)
+        )
+    ).first()
+    if exists is not None:
+        return False
+    conn.execute(
+        shadow_runs.insert().values(
+            job_id=job.id,
+            study_uid=job.study_uid,
+            study_version=job.study_version,
+            model=model,
+            state=QUEUED,  # aidx.store.shadow takes it from here
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    add_event(conn, job.study_uid, "shadow_queued", job.id, model, now)
+    return True
 
 
 def _abandoned(row: Any, host: str, now: float, alive: Callable[[int], bool]) -> bool:

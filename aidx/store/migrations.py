@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from aidx import __version__
 
-from .schema import decisions, metadata
+from .schema import decisions, metadata, shadow_runs
 
 BASELINE = 1  # the schema of a database made before versions were recorded
 # PostgreSQL advisory lock key for schema changes (any constant shared by all aidx processes).
@@ -63,12 +63,26 @@ def _index_decisions(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _shadow_mode(conn: Connection) -> None:
+    columns = {c["name"] for c in inspect(conn).get_columns("results")}
+    if "shadow" not in columns:
+        # FALSE is understood by SQLite (3.23+) and PostgreSQL alike.
+        conn.exec_driver_sql("ALTER TABLE results ADD COLUMN shadow BOOLEAN NOT NULL DEFAULT FALSE")
+    shadow_runs.create(conn, checkfirst=True)  # with its indexes
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
         "index decisions by (review_id, finding_key, id) and by time: a review's latest "
         "decisions and the feedback export's --since read them",
         _index_decisions,
+    ),
+    Migration(
+        3,
+        "shadow mode: results.shadow marks a challenger's results; shadow_runs queues a "
+        "challenger's run after the champion's job",
+        _shadow_mode,
     ),
 )
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else BASELINE

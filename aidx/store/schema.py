@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData()
@@ -130,7 +131,35 @@ results = Table(
     Column("finding_count", Integer, nullable=False),
     Column("max_probability", Float),
     Column("created_at", Float, nullable=False),
+    # Schema version 3: a challenger's result in shadow mode (aidx.store.shadow): stored, never
+    # sent, never on a radiologist's worklist.
+    Column("shadow", Boolean, nullable=False, default=False, server_default=false()),
     UniqueConstraint("study_uid", "series_uid", "model", "study_version", name="uq_result"),
+)
+
+# Schema version 3: shadow runs (aidx.store.shadow). A challenger model (``aidx models shadow``)
+# runs on a study after the champion's job finished, when no live job waits: one row per (job,
+# challenger); queued -> running -> done, or failed / not_applicable with the reason. Its results
+# are ``results`` rows of the champion's job with ``shadow`` set.
+shadow_runs = Table(
+    "shadow_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("study_version", Integer, nullable=False),
+    Column("model", String(160), nullable=False),  # the challenger, name@version
+    Column("state", String(24), nullable=False),
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker", String(128)),
+    Column("lease_until", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("inference_s", Float),
+    UniqueConstraint("job_id", "model", name="uq_shadow_run"),
+    Index("ix_shadow_runs_claim", "state", "created_at"),
 )
 
 # The per-study timeline (append-only): what happened to a study and when.

@@ -36,6 +36,7 @@ from .jobs import QUEUED, JobQueue, add_event
 from .migrations import prepare, schema_lock
 from .outbox import OutboxItem, OutboxQueue
 from .schema import events, instances, jobs, metadata, outbox, patients, results, series, studies
+from .shadow import ShadowQueue
 
 __all__ = [
     "IndexResult",
@@ -195,7 +196,7 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-class Store(OutboxQueue, JobQueue):
+class Store(OutboxQueue, JobQueue, ShadowQueue):
     """Thread-safe access to the index. SQLite writes are serialised by a lock in this process
     (and by SQLite's busy timeout across processes)."""
 
