@@ -4,8 +4,10 @@ A model version is a folder ``<root>/<name>/<version>/`` holding ``model.onnx`` 
 The card says what the network is, what it expects and returns, how it was trained and
 evaluated, what it is for and not for, and the sha256 of its ONNX file, in the spirit of MONAI
 bundle metadata. A card that does not match its file (hash, input or output) is refused.
-``registry.json`` in the writable root records the active version of each model and the
-promotion history (for rollback); it is replaced atomically.
+``registry.json`` in the writable root records the active version of each model, the
+promotion history (for rollback) and the challenger in shadow mode, if any (``aidx models
+shadow``); it is replaced atomically. A card also keeps the promotion gate's evaluations of its
+model against the champion of the day (``gate``; ``aidx models gate-evaluate``).
 """
 
 from __future__ import annotations
@@ -122,6 +124,26 @@ class DetectorSpec(_Strict):
     classifier: ClassifierSpec
 
 
+class GateEvaluation(_Strict):
+    """One frozen-dataset comparison of this model (the challenger) with the champion of the
+    day, recorded by ``aidx models gate-evaluate``: the paired bootstrap of the CPM difference
+    (challenger - champion) of ``aidx compare``, and whether its lower bound clears the
+    non-inferiority margin."""
+
+    champion: str  # name@version
+    dataset: str
+    at: str  # ISO 8601 time of the evaluation
+    cpm_champion: float
+    cpm_challenger: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    bootstrap_samples: int
+    margin: float  # passed: ci_low >= -margin
+    passed: bool
+
+
 class ModelCard(_Strict):
     """The card of one model version (card.json)."""
 
@@ -138,6 +160,7 @@ class ModelCard(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     intended_use: str
     limitations: list[str]
+    gate: list[GateEvaluation] = Field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> ModelCard:
@@ -150,6 +173,20 @@ class ModelCard(_Strict):
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
             )
             raise ModelError(f"{path}: invalid model card: {problems}") from None
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """The challenger of a model in shadow mode: run on live studies, never shown or sent."""
+
+    name: str
+    version: str
+    route: str | None  # None: every route whose model is ``name``
+    since: str  # ISO 8601
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
 
 
 @dataclass(frozen=True)
@@ -327,8 +364,63 @@ class Registry:
         if state["active"].get(name) != version:
             history.append(version)
         state["active"][name] = version
+        shadow = state.get("shadow", {}).get(name)
+        if shadow is not None and shadow.get("version") == version:
+            del state["shadow"][name]  # the challenger is the champion now
         self._save(state)
         return entry
+
+    def shadow(self, name: str) -> Shadow | None:
+        """The challenger of model ``name`` in shadow mode, if any."""
+        found = self._state().get("shadow", {}).get(name)
+        if not found:
+            return None
+        return Shadow(name, str(found["version"]), found.get("route"), str(found["since"]))
+
+    def shadows(self) -> list[Shadow]:
+        names = sorted(self._state().get("shadow", {}))
+        return [s for s in (self.shadow(n) for n in names) if s is not None]
+
+    def set_shadow(self, name: str, version: str, route: str | None, since: str) -> Shadow:
+        """Run ``name@version`` in shadow of the active version of ``name``."""
+        entry = self.get(name, version)
+        verify(entry.card, entry.onnx_path)
+        active = self.active(name)
+        if active is not None and active.card.version == version:
+            raise ModelError(
+                f"{entry.ref} is the active version (the champion); shadow mode runs another "
+                "version beside it"
+            )
+        state = self._state()
+        state.setdefault("shadow", {})[name] = {"version": version, "route": route, "since": since}
+        self._save(state)
+        return Shadow(name, version, route, since)
+
+    def clear_shadow(self, name: str) -> Shadow | None:
+        """End shadow mode for ``name``; returns what it was (None: it was off)."""
+        before = self.shadow(name)
+        if before is not None:
+            state = self._state()
+            del state["shadow"][name]
+            self._save(state)
+        return before
+
+    def record_gate(self, name: str, version: str, evaluation: GateEvaluation) -> ModelEntry:
+        """Append a gate evaluation to the card of a registered (writable) model version."""
+        entry = self.get(name, version)
+        if entry.folder.resolve().parent.parent != self.root.resolve():
+            raise ModelError(
+                f"{entry.ref} ships with aidx ({entry.folder}) and its card cannot be changed; "
+                "register a copy under a new version to evaluate it for promotion"
+            )
+        card = entry.card.model_copy(update={"gate": [*entry.card.gate, evaluation]})
+        fd, temp = tempfile.mkstemp(prefix=".card-", dir=entry.folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(card.model_dump_json(indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        Path(temp).replace(entry.folder / CARD_FILE)
+        return ModelEntry(card, entry.folder)
 
     def rollback(self, name: str) -> ModelEntry:
         state = self._state()

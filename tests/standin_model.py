@@ -15,13 +15,15 @@ from models.registry import sha256_of
 DIMS: list[Any] = [1, 1, "depth", "height", "width"]
 
 
-def soft_tissue_model(path: Path) -> Path:
-    """p = sigmoid(40 (x - 0.69)): above ~ -30 HU in the (-1000, 400) window. Not a detector;
-    a stand-in with a real ONNX graph until the trained model ships."""
+def soft_tissue_model(path: Path, offset: float = 0.69) -> Path:
+    """p = sigmoid(40 (x - offset)); 0.69: above ~ -30 HU in the (-1000, 400) window. Not a
+    detector; a stand-in with a real ONNX graph until the trained model ships. Another
+    ``offset`` gives a model whose findings differ in a known way (a higher one: denser tissue
+    only, so fewer and smaller findings)."""
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, DIMS)
     y = helper.make_tensor_value_info("probability", TensorProto.FLOAT, DIMS)
     inits = [
-        helper.make_tensor("offset", TensorProto.FLOAT, [], [0.69]),
+        helper.make_tensor("offset", TensorProto.FLOAT, [], [offset]),
         helper.make_tensor("gain", TensorProto.FLOAT, [], [40.0]),
     ]
     nodes = [

@@ -27,6 +27,7 @@ from aidx.cli import models as cli_models
 from aidx.cli import node as cli_node
 from aidx.cli import phantom as cli_phantom
 from aidx.cli import pipeline as cli_pipeline
+from aidx.cli import promotion as cli_promotion
 from aidx.cli import status as cli_status
 from aidx.cli import ui as cli_ui
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -298,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export_cmd.set_defaults(handler=cli_models.export)
 
-    models = sub.add_parser("models", help="list, show, register, promote or roll back models")
+    models = sub.add_parser(
+        "models", help="list, show, register, shadow, report on, promote or roll back models"
+    )
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     models_sub.add_parser("list", help="registered models and their active versions").set_defaults(
         handler=cli_models.models_list
@@ -310,9 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("onnx", type=Path, metavar="MODEL.onnx")
     register.add_argument("--card", type=Path, required=True, metavar="CARD.json")
     register.set_defaults(handler=cli_models.models_register)
-    promote = models_sub.add_parser("promote", help="make a version the active one")
-    promote.add_argument("ref", metavar="NAME@VERSION")
-    promote.set_defaults(handler=cli_models.models_promote)
+    cli_promotion.add_commands(models_sub)  # shadow, report, gate-evaluate, promote
     rollback = models_sub.add_parser("rollback", help="go back to the previously active version")
     rollback.add_argument("name", metavar="NAME")
     rollback.set_defaults(handler=cli_models.models_rollback)

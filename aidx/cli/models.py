@@ -50,9 +50,12 @@ def models_list(args: argparse.Namespace, config: AidxConfig) -> int:
             return EXIT_OK
         for entry in entries:
             active = registry.active(entry.card.name)
+            shadow = registry.shadow(entry.card.name)
             mark = "*" if active is not None and active.ref == entry.ref else " "
+            if shadow is not None and shadow.ref == entry.ref:
+                mark = "s"
             print(f"{mark} {entry.ref:<32} {entry.card.date}  {entry.card.network}")
-        print("(* = active)")
+        print("(* = active, s = in shadow mode)")
         return EXIT_OK
 
     return _models_command(run)
@@ -72,19 +75,6 @@ def models_register(args: argparse.Namespace, config: AidxConfig) -> int:
     def run() -> int:
         entry = _registry(config).register(args.onnx, args.card)
         print(f"registered {entry.ref} in {entry.folder}")
-        return EXIT_OK
-
-    return _models_command(run)
-
-
-def models_promote(args: argparse.Namespace, config: AidxConfig) -> int:
-    def run() -> int:
-        name, _, version = args.ref.partition("@")
-        if not version:
-            print("aidx models promote: give NAME@VERSION", file=sys.stderr)
-            return EXIT_USAGE
-        entry = _registry(config).promote(name, version)
-        print(f"{entry.ref} is now the active version of {name}")
         return EXIT_OK
 
     return _models_command(run)
