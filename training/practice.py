@@ -71,7 +71,6 @@ class Scored:
 
     detected: tuple[bool, ...]  # per positive of the study, in order
     false_positives: tuple[Lesion, ...]
-    at_negatives: int  # of the false positives, those at a rejected finding
 
 
 @dataclass(frozen=True)
@@ -86,21 +85,17 @@ class StudyEvidence:
     challenger_scored: Scored
 
 
-def score(
-    findings: Sequence[Finding], positives: Sequence[Lesion], negatives: Sequence[Lesion]
-) -> Scored:
+def score(findings: Sequence[Finding], positives: Sequence[Lesion]) -> Scored:
     """Match one model's findings with a study's final read (see the module's rules)."""
     detected = [False] * len(positives)
     false_positives: list[Lesion] = []
-    at_negatives = 0
     for f in findings:
         hit = [i for i, p in enumerate(positives) if _within(f.center_mm, p)]
         for i in hit:
             detected[i] = True
         if not hit:
             false_positives.append(Lesion(f.center_mm, f.diameter_mm))
-            at_negatives += any(_within(f.center_mm, n) for n in negatives)
-    return Scored(tuple(detected), tuple(false_positives), at_negatives)
+    return Scored(tuple(detected), tuple(false_positives))
 
 
 def _within(center: Point, lesion: Lesion) -> bool:
@@ -139,8 +134,8 @@ def gather(store: Store, challenger: str) -> list[StudyEvidence]:
                 champion=case.model,
                 positives=positives,
                 negatives=negatives,
-                champion_scored=score(champion, positives, negatives),
-                challenger_scored=score(challenger_findings, positives, negatives),
+                champion_scored=score(champion, positives),
+                challenger_scored=score(challenger_findings, positives),
             )
         )
     return out
@@ -240,7 +235,8 @@ def report(
     for name, low, high in [(ALL, 0.0, math.inf)] + [
         (band_name(lo, hi), lo, hi) for lo, hi in BANDS
     ]:
-        # per study: [positives, champion detected, challenger detected, champion FP, challenger FP]
+        # per study: positives; detected by the champion, the challenger; their false
+        # positives; of those, the ones at a rejected finding (champion, challenger)
         counts = np.array([_counts(e, low, high) for e in evidence], dtype=np.float64).reshape(n, 7)
         total = counts.sum(axis=0)
         champion = Figures(int(total[0]), int(total[1]), int(total[3]), int(total[5]), n)
