@@ -21,6 +21,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, mode
 
 from aidx.config_base import StrictModel, https_refusal
 from aidx.config_dicomweb import DicomwebConfig, DicomwebDestinationConfig
+from aidx.config_models import ModelsConfig
 
 ENV_PREFIX = "AIDX_"
 ENV_CONFIG_FILE = "AIDX_CONFIG"
@@ -332,22 +333,6 @@ class UiConfig(StrictModel):
         return https_refusal(
             "ui", "review app serves patient images", self.host, self.certificate, self.private_key
         )
-
-
-class GateConfig(StrictModel):
-    """The promotion gate (docs/models/promoting.md); off while ``dataset`` is unset."""
-
-    dataset: Path | None = None  # the frozen evaluation set (a dataset.json folder)
-    margin: float = Field(default=0.05, ge=0, lt=1)  # non-inferiority: CPM and sensitivity
-    fp_margin: float = Field(default=0.5, ge=0)  # more false positives per study allowed
-    min_shadow_studies: int = Field(default=20, ge=0)  # signed studies read in shadow
-    bootstrap: int = Field(default=1000, ge=100, le=100_000)
-
-
-class ModelsConfig(StrictModel):
-    dir: Path | None = None
-    default: str = Field(default="lung-nodule", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
-    gate: GateConfig = Field(default_factory=GateConfig)
 
 
 class AidxConfig(StrictModel):

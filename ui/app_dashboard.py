@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from ui import dashboard
+from ui import dashboard, drift
 
 # What the bars stack: parts that add up, never a whole beside its parts (the AI findings are
 # accepted as is, edited, rejected or undecided; the radiologist's own come on top).
@@ -138,10 +138,12 @@ def dashboard_tab(
         elem_id="findings-per-study",
     )
 
+    drift_table = gr.DataFrame(label=t("drift_watch"), elem_id="drift-watch", interactive=False)
+
     def load(request: gr.Request) -> tuple[Any, ...]:
         current_user(ctx, request)
-        return dashboard_data(ctx, t)
+        return (*dashboard_data(ctx, t), drift.weekly(ctx.reviews))
 
-    outputs = [summary, turnaround, decisions, findings]
+    outputs = [summary, turnaround, decisions, findings, drift_table]
     refresh.click(load, None, outputs)
     return load, outputs

@@ -279,7 +279,9 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
         collectors: list[Any] = [service.scp.guard]
         if publisher is not None:
             collectors.append(publisher)  # queue depth and reachability of the broker
-        metrics = MetricsServer(config.metrics.host, config.metrics.port, store, health, collectors)
+        metrics = MetricsServer(
+            config.metrics.host, config.metrics.port, store, health, collectors, config.models.drift
+        )
         try:
             metrics.start()
         except OSError as exc:

@@ -33,7 +33,10 @@ from sqlalchemy.engine import make_url
 from aidx.store.jobs import JOB_STATES, QUEUED
 from aidx.store.schema import instances, jobs, outbox, studies
 
+from .drift import check as check_drift
+
 if TYPE_CHECKING:
+    from aidx.config_models import DriftConfig
     from aidx.store.store import Store
 
 log = logging.getLogger("aidx.metrics")
@@ -50,14 +53,45 @@ HealthChecks = Callable[[], dict[str, bool]]
 class StoreCollector:
     """A prometheus-client collector that reads the store on every scrape."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, drift: DriftConfig | None = None) -> None:
         self.store = store
+        self.drift = drift
 
     def describe(self) -> Iterable[Metric]:
         # Names only, so registering the collector does not query the store.
-        return self._families()
+        return [*self._families(), *self._drift_families()]
 
     def collect(self) -> Iterable[Metric]:
+        return [*self._collect(), *self._collect_drift()]
+
+    def _collect_drift(self) -> list[Metric]:
+        """Per model version: the acceptance ratio over the drift window and the alert (with
+        the rule off, the ratio only)."""
+        ratio, alert = self._drift_families()
+        if self.drift is None:
+            return []
+        for m in check_drift(self.store, self.drift):
+            if m.ratio is not None:
+                ratio.add_metric([m.model], m.ratio)
+            alert.add_metric([m.model], 1.0 if m.alerting else 0.0)
+        return [ratio, alert]
+
+    @staticmethod
+    def _drift_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "aidx_model_acceptance_ratio",
+                "AI findings accepted / decided in reviews signed within models.drift.window_days",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "aidx_model_drift_alert",
+                "1 when the acceptance ratio fell below models.drift.min_acceptance",
+                labels=["model"],
+            ),
+        )
+
+    def _collect(self) -> list[Metric]:
         received, bytes_, studies_f, jobs_f, depth, inference, retries, outbox_f = self._families()
         with self.store.engine.connect() as conn:
             count, size = conn.execute(
@@ -175,15 +209,16 @@ class MetricsServer:
         store: Store,
         health: HealthChecks,
         collectors: Iterable[Collector] = (),
+        drift: DriftConfig | None = None,
     ) -> None:
         """``collectors``: figures of this process beside the store's (the node's connection
-        refusals)."""
+        refusals); ``drift``: the drift rule (``models.drift``)."""
         self.host = host
         self.requested_port = port
         self.store = store
         self.health = health
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(StoreCollector(store))
+        self.registry.register(StoreCollector(store, drift))
         for collector in collectors:
             self.registry.register(collector)
         ProcessCollector(registry=self.registry)

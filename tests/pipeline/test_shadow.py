@@ -4,8 +4,9 @@ challenger flags denser tissue only: fewer, other findings), radiologists' signe
 the `aidx models` commands.
 
 One module-scoped run (three small studies, each read by the champion and then in shadow by the
-challenger) serves every test, in order: what the shadow run wrote and did not send or show, the
-report against figures counted here by hand, then the gate.
+challenger) serves every test, in this file's order: what the shadow run wrote and did not send
+or show, the refusal before any evidence, the report on the signed studies (module fixture
+``signed``) against figures counted here by hand, then the gate.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from sqlalchemy import select
 
 from aidx.cli import main
 from aidx.config import AidxConfig, load_config
+from aidx.config_models import DriftConfig
+from aidx.pipeline.metrics import StoreCollector
 from aidx.pipeline.worker import Worker
 from aidx.store.schema import events, outbox, results, shadow_runs
 from aidx.store.store import Store
@@ -38,6 +41,7 @@ from training.dataset import Dataset
 from training.phantom import NoduleRequest, PhantomOptions, generate
 from ui.accounts import Accounts, User
 from ui.audit import Audit
+from ui.drift import weekly
 from ui.review import Reviews
 from ui.signoff import sign
 
@@ -331,10 +335,15 @@ def _by_hand(reads: list[dict[str, Any]], low: float, high: float) -> dict[str, 
     return out
 
 
+@pytest.fixture(scope="module")
+def signed(run: Run) -> list[dict[str, Any]]:
+    return _sign_studies(run)
+
+
 def test_the_report_of_the_signed_studies_equals_the_figures_counted_by_hand(
-    run: Run, capsys: pytest.CaptureFixture[str]
+    run: Run, signed: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    reads = _sign_studies(run)
+    reads = signed
     out_json = run.root / "report.json"
     assert _cli(run, "models", "report", CHALLENGER, "--json", str(out_json)) == 0
     text = capsys.readouterr().out
@@ -371,8 +380,9 @@ def test_the_report_of_the_signed_studies_equals_the_figures_counted_by_hand(
 
 
 def test_the_gate_lets_the_challenger_through_once_evaluated_and_a_forced_one_is_audited(
-    run: Run, capsys: pytest.CaptureFixture[str]
+    run: Run, signed: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    assert len(signed) == STUDIES
     registry = Registry(run.config.models_dir())
     assert _cli(run, "models", "gate-evaluate", CHALLENGER) == 0
     assert "recorded in the card" in capsys.readouterr().out
@@ -412,3 +422,42 @@ def test_without_a_gate_dataset_the_gate_is_off_and_says_so(
     path.write_text(yaml.safe_dump(settings), encoding="utf-8")
     assert main(["--config", str(path), "models", "promote", CHAMPION]) == 0
     assert "gate: off (models.gate.dataset is not set)" in capsys.readouterr().out
+
+
+def test_drift_watch_per_model_and_week_and_the_acceptance_alert(
+    run: Run, signed: list[dict[str, Any]]
+) -> None:
+    accepted = sum(len(r["models"][0]) - len(r["negatives"]) for r in signed)
+    rejected = sum(len(r["negatives"]) for r in signed)
+    table = weekly(run.store)
+    # The champion's results only (the challenger's are never reviewed), every study counted.
+    assert set(table["model"]) == {CHAMPION} and table["results"].sum() == STUDIES
+    assert table["decided"].sum() == accepted + rejected
+    if len(table) == 1:  # (the run did not cross a Monday)
+        (row,) = table.to_dict("records")
+        assert row["acceptance_rate"] == pytest.approx(accepted / (accepted + rejected))
+        assert row["findings_per_study"] == pytest.approx(
+            sum(len(r["models"][0]) for r in signed) / STUDIES
+        )
+        assert row["slice_thickness"] == f"2.5 mm: {STUDIES}"
+        assert row["scanners"].endswith(f": {STUDIES}") and "?" not in row["scanners"]
+
+    def scrape(rule: DriftConfig) -> dict[tuple[str, str], float]:
+        families = StoreCollector(run.store, rule).collect()
+        return {
+            (s.name, s.labels["model"]): s.value
+            for f in families
+            if f.name.startswith("aidx_model_")
+            for s in f.samples
+        }
+
+    ratio = accepted / (accepted + rejected)
+    strict = DriftConfig(min_acceptance=min(ratio + 0.1, 1.0), window_days=7, min_decided=1)
+    for _ in range(2):  # the alert stays up; it is audited once per window
+        gauges = scrape(strict)
+        assert gauges[("aidx_model_acceptance_ratio", CHAMPION)] == pytest.approx(ratio)
+        assert gauges[("aidx_model_drift_alert", CHAMPION)] == 1.0
+    (entry,) = Audit(run.store).query(action="model_drift_alert")
+    assert entry.detail["model"] == CHAMPION and entry.detail["rejected"] == rejected
+    relaxed = DriftConfig(min_acceptance=ratio / 2, window_days=7, min_decided=1)
+    assert scrape(relaxed)[("aidx_model_drift_alert", CHAMPION)] == 0.0
