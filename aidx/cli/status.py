@@ -187,6 +187,7 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
                 "job_id": r["job_id"],
                 "study_version": r["study_version"],
                 "model": r["model"],
+                "shadow": bool(r["shadow"]),  # a challenger's: stored, never sent or reviewed
                 "series_uid": r["series_uid"],
                 "findings": r["finding_count"],
                 "max_probability": r["max_probability"],
@@ -297,8 +298,9 @@ def _print_study(r: dict[str, Any]) -> None:
         print("  none")
     for res in r["results"]:
         print(
-            f"  {res['model']}  series {res['series_uid']}  {res['findings']} findings"
-            f"  (study version {res['study_version']}, job {res['job_id']})"
+            f"  {res['model']}{' (shadow)' if res['shadow'] else ''}  series {res['series_uid']}"
+            f"  {res['findings']} findings (study version {res['study_version']}, "
+            f"job {res['job_id']})"
         )
         print(f"    SR   {res['sr_path']}")
         print(f"    SEG  {res['seg_path'] or '-'}")

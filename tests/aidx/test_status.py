@@ -158,6 +158,7 @@ def test_shows_one_study_timeline_results_and_deliveries(
             "job_id": report["jobs"][0]["id"],
             "study_version": 1,
             "model": "lung-nodule@1.0.0",
+            "shadow": False,
             "series_uid": DONE + ".1",
             "findings": 2,
             "max_probability": 0.93,

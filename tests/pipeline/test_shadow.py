@@ -185,7 +185,9 @@ def _result(store: Store, study_uid: str, shadow: bool) -> dict[str, Any]:
     return row
 
 
-def test_the_challenger_reads_every_study_after_the_live_jobs_and_nothing_leaves(run: Run) -> None:
+def test_the_challenger_reads_every_study_after_the_live_jobs_and_nothing_leaves(
+    run: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = run.store
     with store.engine.connect() as conn:
         timeline = [r.event for r in conn.execute(select(events.c.event).order_by(events.c.id))]
@@ -209,6 +211,13 @@ def test_the_challenger_reads_every_study_after_the_live_jobs_and_nothing_leaves
     assert len(sent) == STUDIES
     assert all(CHAMPION in key and CHALLENGER not in key for key, _ in sent)
     assert not shadow_files & {f for _, files in sent for f in json.loads(files)}
+    # A later version of a study supersedes the champion's report, never the challenger's
+    # (whose row came after it).
+    previous = store.previous_result(run.studies[0], 2)
+    assert previous is not None and previous["model"] == CHAMPION
+    # `aidx status STUDY` lists both, the challenger's marked.
+    assert _cli(run, "status", run.studies[0]) == 0
+    assert f"{CHALLENGER} (shadow)" in capsys.readouterr().out
     # The worklist shows the champion's results only.
     worklist = run.reviews.worklist()
     assert sorted(w.study_uid for w in worklist) == sorted(run.studies)
