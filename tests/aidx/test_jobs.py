@@ -139,6 +139,37 @@ def test_finishing_twice_queues_each_delivery_once_and_sent_closes_the_job(
     assert store.job(job.id)["state"] == "sent"  # type: ignore[index]
 
 
+def test_a_finished_job_queues_its_shadow_run_once_which_a_dead_worker_loses_to_another(
+    store_url: str,
+) -> None:
+    store = _store(store_url)
+    _insert_study(store, "1.2.3.6")
+    store.complete_study("1.2.3.6", 2000.0)
+    job = store.claim_job("h:1:0", 60.0, alive=lambda _: True)
+    assert job is not None
+    record = ResultRecord("1.2.3.6.1", "m@1", "f.json", "/r/sr.dcm", "1.2.9", None, 0, None)
+    assert store.finish_job(job, "h:1:0", [record], [], 1.0, ["m@2"])
+    with store.engine.begin() as conn:  # the same job finished again after a crash
+        conn.exec_driver_sql(f"UPDATE jobs SET state='running', worker='h:2:0' WHERE id={job.id}")
+    assert store.finish_job(replace(job, attempts=2), "h:2:0", [record], [], 1.0, ["m@2"])
+    (queued,) = store.shadow_run_rows("1.2.3.6")
+    assert (queued["model"], queued["state"], queued["job_id"]) == ("m@2", "queued", job.id)
+    # Claimed like a job: the holder's process gone, another worker takes it (attempt 2).
+    run = store.claim_shadow("here:111:0", 60.0, now=3000.0, alive=lambda _: True)
+    assert run is not None and run.attempts == 1
+    assert store.claim_shadow("here:222:0", 60.0, now=3001.0, alive=lambda _: True) is None
+    again = store.claim_shadow("here:222:0", 60.0, now=3002.0, alive=lambda pid: pid != 111)
+    assert again is not None and again.id == run.id and again.attempts == 2
+    assert not store.finish_shadow(run, "here:111:0", [], 1.0)  # no longer the first's
+    shadow = replace(record, model="m@2", sr_path="/r/shadow/sr.dcm", sr_sop_uid="1.2.10")
+    assert store.finish_shadow(again, "here:222:0", [shadow], 1.0)
+    rows = {r["model"]: r for r in store.study_results("1.2.3.6")}
+    assert rows["m@2"]["shadow"] and not rows["m@1"]["shadow"]
+    assert [r["state"] for r in store.shadow_run_rows("1.2.3.6")] == ["done"]
+    assert store.outbox_items() == []  # neither job nor shadow run had a delivery
+    assert store.claim_shadow("h:3:0", 60.0, alive=lambda _: True) is None
+
+
 def test_worker_runs_a_study_writes_results_and_queues_them(
     phantom: dict[str, Any], tmp_path: Path, store_url: str
 ) -> None:
