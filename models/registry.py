@@ -361,6 +361,10 @@ class Registry:
         verify(entry.card, entry.onnx_path)
         state = self._state()
         history = state["history"].setdefault(name, [])
+        if not history and not state["active"].get(name):
+            serving = self.active(name)  # the shipped default: where a rollback returns to
+            if serving is not None and serving.card.version != version:
+                history.append(serving.card.version)
         if state["active"].get(name) != version:
             history.append(version)
         state["active"][name] = version

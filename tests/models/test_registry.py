@@ -87,6 +87,21 @@ def test_register_promote_resolve_and_rollback(tmp_path: Path) -> None:
         registry.rollback("tiny-nodule")
 
 
+def test_a_rollback_after_the_first_promotion_returns_to_the_shipped_default(
+    tmp_path: Path,
+) -> None:
+    shipped = tmp_path / "shipped"
+    v1 = tiny_model(tmp_path / "v1.onnx")
+    Registry(shipped).register(v1, card_for(tmp_path, v1))
+    registry = Registry(tmp_path / "models", (shipped,))
+    assert registry.active("tiny-nodule").ref == "tiny-nodule@0.0.1"  # type: ignore[union-attr]
+    v2 = tiny_model(tmp_path / "v2.onnx", scale=2.0)
+    registry.register(v2, card_for(tmp_path, v2, version="0.0.2"))
+    registry.promote("tiny-nodule", "0.0.2")
+    assert registry.rollback("tiny-nodule").ref == "tiny-nodule@0.0.1"
+    assert registry.active("tiny-nodule").ref == "tiny-nodule@0.0.1"  # type: ignore[union-attr]
+
+
 def test_registering_the_same_version_twice(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "models")
     v1 = tiny_model(tmp_path / "v1.onnx")
