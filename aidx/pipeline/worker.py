@@ -263,7 +263,12 @@ class Worker:
             records.append(_record(result, model.ref))
             deliveries.extend(_deliveries(job, route, result, model.ref))
             shadow = self.registry.shadow(model.card.name)
-            if shadow is not None and shadow.route in (None, route.name):
+            # (a route pinned to the challenger's version already runs it live)
+            if (
+                shadow is not None
+                and shadow.route in (None, route.name)
+                and shadow.ref != model.ref
+            ):
                 shadows.add(shadow.ref)
         return records, deliveries, reasons, sorted(shadows)
 
@@ -290,7 +295,7 @@ class Worker:
             study = self.store.study(run.study_uid) or {}
             for route in routes(self.config):
                 champion = route.model or self.config.models.default
-                if champion.partition("@")[0] != name:
+                if champion.partition("@")[0] != name or champion == run.model:
                     continue
                 if shadow.route not in (None, route.name):
                     continue
