@@ -14,7 +14,6 @@ every promotion, shadow change and rollback.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import socket
 import sys
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aidx.cli.common import NoStoreError, cli_actor, open_existing_store
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.cli.models import _models_command, _registry
 
@@ -383,17 +383,16 @@ def _db(config: AidxConfig) -> Path:
 
 def _store(config: AidxConfig) -> Store | None:
     """The node's store, or None when the default SQLite one was never made."""
-    from aidx.store.store import Store
-
-    if config.store.url is None and not _db(config).exists():
+    try:
+        return open_existing_store(config)
+    except NoStoreError:
         return None
-    return Store(config.store_url())
 
 
 def _audit(config: AidxConfig, action: str, detail: dict[str, Any], create: bool = False) -> None:
-    """An entry in the audit log (``aidx audit list``): the operating-system user, from the
-    command line of this host. Without a store (a fresh install) there is no log to write,
-    unless ``create`` (a forced promotion is always audited)."""
+    """An entry in the audit log (``aidx audit list``): the operating-system account
+    (``cli:<user>``), from the command line of this host. Without a store (a fresh install)
+    there is no log to write, unless ``create`` (a forced promotion is always audited)."""
     from aidx.store.store import Store
     from ui.audit import Audit
 
@@ -404,8 +403,6 @@ def _audit(config: AidxConfig, action: str, detail: dict[str, Any], create: bool
         config.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(config.store_url())
     try:
-        Audit(store).record(
-            getpass.getuser(), None, action, None, detail, f"cli@{socket.gethostname()}"
-        )
+        Audit(store).record(cli_actor(), None, action, None, detail, f"cli@{socket.gethostname()}")
     finally:
         store.close()

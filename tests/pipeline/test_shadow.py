@@ -12,7 +12,6 @@ or show, the refusal before any evidence, the report on the signed studies (modu
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +43,9 @@ from ui.audit import Audit
 from ui.drift import weekly
 from ui.review import Reviews
 from ui.signoff import sign
+
+# `aidx` runs in-process under capsys (tests.conftest.fresh_logging)
+pytestmark = pytest.mark.usefixtures("fresh_logging")
 
 CHAMPION = "soft-tissue@0.0.1"
 CHALLENGER = "soft-tissue@0.0.2"
@@ -89,20 +91,6 @@ def _copies(dicom_dir: Path, out: Path, n: int) -> list[list[Path]]:
             files.append(path)
         studies.append(files)
     return studies
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Any:
-    """`aidx` (main) sets the root logger up on the stream of the moment: give the test's
-    handlers back afterwards, so that nothing logs to a closed capture."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _cli(run: Run, *args: str) -> int:
