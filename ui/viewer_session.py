@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from aidx.doorbell import RESULTS, ring
+from ui import challenger
 from ui.accounts import User
 from ui.review import ReviewCase, ReviewedFinding, ReviewError
 from ui.signoff import sign
@@ -59,6 +60,7 @@ class ViewerState:
     study_uid: str = ""
     goto: int = 0  # counts the server's moves of the view (a finding selected): the page follows
     thumbnail_keys: list[tuple[str, str]] = field(default_factory=list)
+    challenger: bool = False  # an engineer's view: a shadow challenger's findings too
 
     def status_line(self, t: T) -> str:
         if self.review_id is None:
@@ -177,6 +179,7 @@ def open_review(ctx: Any, user: User, review_id: int, client: str | None) -> Vie
         slice_count=view.slice_count,
         state=case.state,
         study_uid=case.study_uid,
+        challenger=user.role in challenger.ROLES,
     )
     found = ctx.reviews.findings(review_id)
     if found:
@@ -305,6 +308,10 @@ def draw_marks(ctx: Any, st: ViewerState, view: StudyView, rgb: NDArray[np.uint8
                 _draw_sphere_section(
                     rgb, view, st.slice, f.center_mm, f.diameter_mm, thick=f.key == st.selected
                 )
+        for _, c in _challenger(ctx, st):
+            _draw_sphere_section(
+                rgb, view, st.slice, c.center_mm, c.diameter_mm, False, challenger.COLOUR
+            )
     if st.point is not None and st.point[0] == st.slice:
         _draw_cross(rgb, st.point[1], st.point[2])
 
@@ -353,6 +360,7 @@ def _draw_sphere_section(
     center: tuple[float, float, float],
     diameter: float,
     thick: bool,
+    colour: tuple[int, int, int] = ADDED_COLOUR,
 ) -> None:
     """The circle where the added finding's sphere cuts slice ``k`` (nothing off the sphere)."""
     ck, cr, cc = view.patient_to_pixel(center)
@@ -368,7 +376,7 @@ def _draw_sphere_section(
         rr = cr + (r_mm / view.volume.spacing[1] + w) * np.sin(angles)
         cc_ = cc + (r_mm / view.volume.spacing[2] + w) * np.cos(angles)
         ok = (rr >= 0) & (rr < rows) & (cc_ >= 0) & (cc_ < cols)
-        rgb[rr[ok].astype(int), cc_[ok].astype(int)] = ADDED_COLOUR
+        rgb[rr[ok].astype(int), cc_[ok].astype(int)] = colour
 
 
 def _draw_cross(rgb: NDArray[np.uint8], row: float, col: float, size: int = 6) -> None:
@@ -402,7 +410,26 @@ def findings_table(ctx: Any, st: ViewerState, t: T) -> pd.DataFrame:
                 image_label(view, finding_slice(view, f)),
             ]
         )
+    for model, c in _challenger(ctx, st):
+        k, _, _ = view.patient_to_pixel(c.center_mm)
+        rows.append(
+            [
+                f"{challenger.PREFIX}{c.id}",
+                t("decision_challenger", model=model),
+                round(c.diameter_mm, 1),
+                round(c.volume_mm3, 0),
+                round(c.probability, 3),
+                image_label(view, int(min(max(round(k), 0), view.slice_count - 1))),
+            ]
+        )
     return pd.DataFrame(rows, columns=columns)
+
+
+def _challenger(ctx: Any, st: ViewerState) -> list[tuple[str, Any]]:
+    """A shadow challenger's findings beside the review's, in an engineer's view only."""
+    if not st.challenger or st.review_id is None:
+        return []
+    return challenger.challenger_findings(ctx.reviews._store, ctx.reviews.case(st.review_id))
 
 
 def _short(reason: str, limit: int = 14) -> str:

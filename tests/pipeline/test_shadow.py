@@ -458,3 +458,42 @@ def test_drift_watch_per_model_and_week_and_the_acceptance_alert(
     assert entry.detail["model"] == CHAMPION and entry.detail["rejected"] == rejected
     relaxed = DriftConfig(min_acceptance=ratio / 2, window_days=7, min_decided=1)
     assert scrape(relaxed)[("aidx_model_drift_alert", CHAMPION)] == 0.0
+
+
+def test_an_engineer_sees_the_challengers_findings_in_the_viewer_a_radiologist_does_not(
+    run: Run,
+) -> None:
+    from ui.viewer_session import draw_marks, findings_table, open_review, study_view
+    from ui.web import UiContext
+
+    engineer = Accounts(run.store).add_user(
+        "eng", "correct horse battery", role="engineer", display_name="Engineer"
+    )
+    ctx = UiContext(run.config, run.store, Accounts(run.store), run.reviews)
+    uid = run.studies[0]
+    (row,) = [w for w in run.reviews.worklist() if w.study_uid == uid]
+    challenger = _findings(_result(run.store, uid, True)["findings_path"])
+    champion = _findings(_result(run.store, uid, False)["findings_path"])
+
+    def keys(user: User) -> tuple[list[str], list[str]]:
+        st = open_review(ctx, user, row.review_id, None)
+        table = findings_table(ctx, st, lambda key, **v: f"{key}:{v.get('model', '')}")
+        return list(table.iloc[:, 0]), list(table.iloc[:, 1])
+
+    rad_keys, _ = keys(run.radiologist)
+    assert rad_keys == [f"ai-{f.id}" for f in champion]
+    eng_keys, decisions = keys(engineer)
+    assert eng_keys == rad_keys + [f"challenger-{f.id}" for f in challenger]
+    assert decisions[len(rad_keys) :] == [f"decision_challenger:{CHALLENGER}"] * len(challenger)
+    # Drawn in the challenger's colour on the slice of its centre, for the engineer only.
+    st = open_review(ctx, engineer, row.review_id, None)
+    view = study_view(ctx, row.review_id)
+    target = challenger[-1]
+    st.slice = round(view.patient_to_pixel(target.center_mm)[0])
+    rgb = np.zeros((*view.shape, 3), dtype=np.uint8)
+    draw_marks(ctx, st, view, rgb)
+    assert (rgb == (255, 128, 0)).all(axis=-1).any()
+    st.challenger = False  # what a radiologist's view holds
+    rgb[:] = 0
+    draw_marks(ctx, st, view, rgb)
+    assert not (rgb == (255, 128, 0)).all(axis=-1).any()
