@@ -89,6 +89,13 @@ class ViewerState:
         """Select a finding and jump to its slice."""
         if self.review_id is None:
             raise ReviewError("open a study first")
+        shadow = {f"{challenger.PREFIX}{c.id}": c for _, c in _challenger(ctx, self)}
+        if key in shadow:  # a challenger's finding: its slice, nothing to decide
+            view = study_view(ctx, self.review_id)
+            k = view.patient_to_pixel(shadow[key].center_mm)[0]
+            self.slice = int(min(max(round(k), 0), view.slice_count - 1))
+            self.goto += 1
+            return
         found = {f.key: f for f in ctx.reviews.findings(self.review_id)}
         if key not in found:
             raise ReviewError(f"no finding {key}")

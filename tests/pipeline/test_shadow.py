@@ -489,7 +489,8 @@ def test_an_engineer_sees_the_challengers_findings_in_the_viewer_a_radiologist_d
     st = open_review(ctx, engineer, row.review_id, None)
     view = study_view(ctx, row.review_id)
     target = challenger[-1]
-    st.slice = round(view.patient_to_pixel(target.center_mm)[0])
+    st.select(ctx, f"challenger-{target.id}")  # a click on its row: to its slice
+    assert st.slice == round(view.patient_to_pixel(target.center_mm)[0])
     rgb = np.zeros((*view.shape, 3), dtype=np.uint8)
     draw_marks(ctx, st, view, rgb)
     assert (rgb == (255, 128, 0)).all(axis=-1).any()
