@@ -90,7 +90,7 @@ def test_a_job_whose_worker_dies_is_delivered_again_and_its_result_made_once(
         killed_at = time.monotonic()
         workers[dead].wait(10)
         other = next(name for name in workers if name != dead)
-        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}", root=tmp_path / "data")
         poll_until(
             lambda: job_row(store).state == "results_ready",
             120,
@@ -145,7 +145,7 @@ def test_the_nodes_metrics_show_the_brokers_queue_until_a_worker_takes_the_job(
         poll_until(lambda: waiting in scrape(metrics_port), 30, "the task counted in /metrics")
         assert "aidx_broker_up 1.0" in scrape(metrics_port)
         worker = start([*AIDX, "worker"], worker_log, env)
-        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}", root=tmp_path / "data")
         poll_until(
             lambda: job_row(store).state == "results_ready",
             120,
@@ -228,7 +228,7 @@ def test_queued_jobs_survive_a_broker_restart_and_the_stat_study_queued_last_run
         )
         broker.restart()
         worker = start([*AIDX, "worker"], worker_log, env)
-        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}", root=tmp_path / "data")
 
         def states() -> list[str]:
             with store.engine.connect() as conn:

@@ -93,15 +93,18 @@ def reviewed_study(
     store_url: str | None = None,
     patient_name: str = "PHANTOM^CHEST",
     charset: str | None = None,
+    in_spool: bool = False,
 ) -> ReviewedStudy:
     """Generate, index and run one phantom study under ``root``; users radiologist ``rad``
     (display name ``Smith^Anna``), ``admin`` and ``eng``, all with password PASSWORD. The store
-    is ``store_url`` (default: SQLite in the data folder)."""
+    is ``store_url`` (default: SQLite in the data folder). ``in_spool``: the images lie under
+    the storage root (as the node stores them), not beside it."""
     config = make_config(root)
     config.store.url = store_url
-    files = sorted(_phantom(root / "study", seed, patient_name, charset).glob("*.dcm"))
+    folder = config.storage_root() / "spool" / "study" if in_spool else root / "study"
+    files = sorted(_phantom(folder, seed, patient_name, charset).glob("*.dcm"))
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     study_uid = ""
     for path in files:
         record = replace(read_file(path.read_bytes(), "PACS"), path=str(path))

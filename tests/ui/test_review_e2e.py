@@ -124,7 +124,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 process=process,
                 log_path=log_path,
             )
-            store = Store(f"sqlite:///{data_dir / 'aidx.db'}")
+            store = Store(f"sqlite:///{data_dir / 'aidx.db'}", root=data_dir)
             uid: list[str] = []
 
             def result_ready() -> bool:
@@ -496,7 +496,7 @@ def test_admin_reads_the_audit_log_and_a_chinese_user_gets_chinese(served: Serve
 
 
 def _check_signed_report(served: Served, accepted: int, rejected: int, added: int) -> None:
-    store = Store(f"sqlite:///{served.data_dir / 'aidx.db'}")
+    store = Store(f"sqlite:///{served.data_dir / 'aidx.db'}", root=served.data_dir)
     try:
         with store.engine.connect() as conn:
             (signed_uid, signed_path) = conn.exec_driver_sql(
