@@ -6,7 +6,6 @@ and the outbox."""
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,15 +13,13 @@ import pytest
 
 from aidx.cli.pipeline import storage_problem
 from aidx.cli.status import study_status
-from aidx.config import AidxConfig, DestinationConfig, load_config
+from aidx.config import DestinationConfig, load_config
 from aidx.store.store import Store
 from dicom_node.export import ExportWorker
 from tests.aidx.instances import instance_record
+from tests.aidx.signed_site import Site, open_site, signed_site
 from tests.conftest import require_tool
 from tests.peers import LOOPBACK, Storescp
-from tests.ui.reviewed_study import ReviewedStudy, make_config, reviewed_study
-from ui.accounts import Accounts
-from ui.review import Reviews
 from ui.signoff import sign
 from ui.viewer_session import study_view
 
@@ -38,34 +35,16 @@ PATH_COLUMNS = (
 )
 
 
-@dataclass
-class Moved:
-    before: ReviewedStudy  # written at the first folder (its store closed)
-    config: AidxConfig  # the same data, from the folder it moved to
-    store: Store
-    review_id: int
-    old_root: Path
-
-
 @pytest.fixture(scope="module")
-def moved(tmp_path_factory: pytest.TempPathFactory) -> Moved:
-    first = tmp_path_factory.mktemp("relocate") / "first"
-    study = reviewed_study(first, in_spool=True)
-    rid = study.review_id()
-    study.reviews.open(rid, study.radiologist)
-    for finding in study.reviews.findings(rid):
-        study.reviews.decide(rid, finding.key, "accept", study.radiologist)
-    signed_dir = study.config.storage_root() / "signed"
-    sign(study.reviews, study.store, rid, study.radiologist, signed_dir, client="10.0.0.7")
-    old_root = study.config.storage_root()
-    study.store.close()
+def moved(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """The signed site written at one folder, moved to another (its store closed first)."""
+    first = signed_site(tmp_path_factory.mktemp("relocate") / "first")
     second = first.parent / "second"
     first.rename(second)
-    config = make_config(second)
-    return Moved(study, config, Store.for_config(config), rid, old_root)
+    return open_site(second)
 
 
-def test_the_store_records_no_absolute_path(moved: Moved) -> None:
+def test_the_store_records_no_absolute_path(moved: Site) -> None:
     database = moved.config.data_dir / "aidx.db"
     with sqlite3.connect(database) as db:
         values = [v for query in PATH_COLUMNS for (v,) in db.execute(query) if v is not None]
@@ -73,10 +52,10 @@ def test_the_store_records_no_absolute_path(moved: Moved) -> None:
     assert not [v for v in values if v.startswith("/") or '"/' in v], values[:5]
 
 
-def test_status_and_the_start_check_find_the_files_in_the_new_folder(moved: Moved) -> None:
+def test_status_and_the_start_check_find_the_files_in_the_new_folder(moved: Site) -> None:
     root = moved.config.storage_root()
     assert storage_problem(moved.config, moved.store) is None
-    report = study_status(moved.store, moved.before.study_uid)
+    report = study_status(moved.store, moved.study_uid)
     assert report is not None
     (result,) = report["results"]
     for key in ("findings_path", "sr_path", "seg_path"):
@@ -84,14 +63,12 @@ def test_status_and_the_start_check_find_the_files_in_the_new_folder(moved: Move
     (review,) = report["reviews"]
     assert Path(review["signed_sr_path"]).is_relative_to(root)
     assert Path(review["signed_sr_path"]).is_file()
-    for row in moved.store.study_instances(moved.before.study_uid):
+    for row in moved.store.study_instances(moved.study_uid):
         assert Path(row["path"]).is_relative_to(root) and Path(row["path"]).is_file()
 
 
-def test_the_review_app_opens_and_amends_the_moved_study(moved: Moved) -> None:
-    accounts = Accounts(moved.store)
-    reviews = Reviews(moved.store, accounts.audit)
-    user = moved.before.radiologist
+def test_the_review_app_opens_and_amends_the_moved_study(moved: Site) -> None:
+    reviews, user = moved.reviews, moved.radiologist
     view = study_view(SimpleNamespace(store=moved.store, reviews=reviews), moved.review_id)
     assert view.findings  # images, findings and SEG read from the new folder
     # An amendment reads the AI SR, the previous signed SR and the images, all at new paths.
@@ -102,7 +79,7 @@ def test_the_review_app_opens_and_amends_the_moved_study(moved: Moved) -> None:
     assert amended.sr_path.is_relative_to(moved.config.storage_root())
 
 
-def test_the_outbox_sends_the_moved_files(moved: Moved, tmp_path: Path) -> None:
+def test_the_outbox_sends_the_moved_files(moved: Site, tmp_path: Path) -> None:
     require_tool("storescp", "dcmtk")
     items = moved.store.outbox_items("pending")
     assert items and all(Path(f).is_file() for i in items for f in i.files)
