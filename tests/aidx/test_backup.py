@@ -18,13 +18,16 @@ import pytest
 import yaml
 from sqlalchemy import select
 
+from aidx.config import load_config
 from aidx.store.protect.backup import BackupReport, backup
 from aidx.store.protect.manifest import Manifest
+from aidx.store.protect.restore import restore
 from aidx.store.protect.verify import verify
 from aidx.store.schema import audit_log, reviews
 from aidx.store.store import Store
 from dicom_node.parse import read_file
 from dicom_node.service import NodeService
+from tests.aidx.instances import instance_record
 from tests.aidx.signed_site import Site, open_site, signed_site
 from tests.conftest import require_tool
 from tests.peers import LOOPBACK, free_port, storescu
@@ -204,3 +207,34 @@ def test_verify_finds_a_flipped_byte_and_a_missing_file(scene: Scene) -> None:
         assert [p for p in report.problems if "seg.dcm is missing" in p], report.problems
     finally:
         store.close()
+
+
+def test_a_postgresql_store_is_dumped_and_restored_into_a_new_database(
+    tmp_path: Path, postgres_server: Any
+) -> None:
+    """pg_dump on the snapshot that listed the files, pg_restore into an empty database given
+    with --store-url; verify --deep passes there."""
+    require_tool("pg_dump", "postgresql-client")
+    url = str(postgres_server.new_database())
+    config = load_config(env={}, overrides={"data_dir": str(tmp_path / "site"), "store.url": url})
+    store = Store.for_config(config)
+    try:
+        for n in range(3):
+            image = config.storage_root() / "spool" / "1.2.3" / f"{n}.dcm"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            image.write_bytes(b"\0" * 128 + b"DICM" + bytes([n]) * 100)
+            record = instance_record("1.2.3", n, path=str(image), size=image.stat().st_size)
+            store.index_instance(record, 1.0, 1.0)
+    finally:
+        store.close()
+    made = backup(config, tmp_path / "backup")
+    assert made.manifest.store_file == "store/aidx.pgdump" and made.copied == 4
+    target = str(postgres_server.new_database())
+    restored = tmp_path / "restored"
+    assert restore(tmp_path / "backup", restored, store_url=target).files == 4
+    copy = Store(target, root=restored)
+    try:
+        assert sorted(Path(p).name for p in copy.indexed_paths()) == ["0.dcm", "1.dcm", "2.dcm"]
+        assert verify(copy, deep=True, manifest=Manifest.read(tmp_path / "backup")).hashed == 3
+    finally:
+        copy.close()
