@@ -137,12 +137,23 @@ class StoreConfig(StrictModel):
     url: str | None = None
 
 
+class RetentionConfig(StrictModel):
+    # Which received images `aidx serve` deletes (aidx.store.retention; configs/default.yaml).
+    images_days: float | None = Field(default=None, gt=0)
+    max_disk_percent: float | None = Field(default=None, gt=0, le=100)
+    interval_s: float = Field(default=3600.0, gt=0)
+
+    def enabled(self) -> bool:
+        return self.images_days is not None or self.max_disk_percent is not None
+
+
 class StorageConfig(StrictModel):
     # Where received images (spool/), results (results/) and signed reports (signed/) live: a
     # shared mount (NFS, SMB, CephFS) when several hosts share a store; null: data_dir. Each
     # host's own state (SQLite index, run/, logs, keys) stays in data_dir. The store records
     # paths relative to the root, so each host may mount it at its own path.
     root: Path | None = None
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
 class SeriesRulesConfig(StrictModel):

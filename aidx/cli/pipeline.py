@@ -20,6 +20,7 @@ from aidx.supervisor import SUPERVISED_ENV
 if TYPE_CHECKING:
     from aidx.config import AidxConfig
     from aidx.pipeline.dispatch import Publisher
+    from aidx.pipeline.retention import RetentionLoop
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store
     from aidx.supervisor import ChildSpec, Supervisor
@@ -260,8 +261,11 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
             poll_interval_s=config.pipeline.poll_interval_s,
         )
         results_bell = Doorbell(config.data_dir, RESULTS, exporter.notify) if exporter else None
+        retention = _retention(config, store)
         service.start()
         pool.start()
+        if retention is not None:
+            retention.start()
         if publisher is not None:
             publisher.start()
         if results_bell is not None:
@@ -325,6 +329,8 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
             metrics.stop()
         if results_bell is not None:
             results_bell.stop()
+        if retention is not None:
+            retention.stop()
         if publisher is not None:
             publisher.stop()
         service.stop()
@@ -366,6 +372,15 @@ def storage_problem(config: AidxConfig, store: Store) -> str | None:
             "set storage.root to the shared root that every host of this store uses"
         )
     return None
+
+
+def _retention(config: AidxConfig, store: Store) -> RetentionLoop | None:
+    """storage.retention, applied in this process (the node's, under the supervisor)."""
+    if not config.storage.retention.enabled():
+        return None
+    from aidx.pipeline.retention import RetentionLoop
+
+    return RetentionLoop(store, config.storage.retention)
 
 
 def _publisher(config: AidxConfig, store: Store) -> Publisher | None:

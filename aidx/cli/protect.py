@@ -1,4 +1,5 @@
-"""`aidx backup`, `aidx restore` and `aidx verify` (aidx.store.protect).
+"""`aidx backup`, `aidx restore` and `aidx verify` (aidx.store.protect), and `aidx purge`
+(aidx.store.retention).
 
 The store, SQLAlchemy and pydicom are imported when a command runs, not for every `aidx`
 process."""
@@ -60,6 +61,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "DATA_DIR/backup-manifest.json, which restore writes)",
     )
     check.set_defaults(handler=verify)
+    purge = sub.add_parser(
+        "purge",
+        help="delete the received images that storage.retention lets go now (aidx serve does "
+        "this every storage.retention.interval_s)",
+    )
+    purge.add_argument(
+        "--dry-run", action="store_true", help="only list the studies whose images would go"
+    )
+    purge.set_defaults(handler=purge_images)
 
 
 def backup(args: argparse.Namespace, config: AidxConfig) -> int:
@@ -188,3 +198,39 @@ def verify(args: argparse.Namespace, config: AidxConfig) -> int:
         file=sys.stderr,
     )
     return EXIT_FAILED
+
+
+def purge_images(args: argparse.Namespace, config: AidxConfig) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from aidx.store.retention import plan, purge
+    from aidx.store.store import Store
+
+    policy = config.storage.retention
+    if not policy.enabled():
+        print(
+            "aidx purge: storage.retention sets no rule, so nothing goes: set "
+            "storage.retention.images_days or storage.retention.max_disk_percent",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        store = Store.for_config(config)
+        try:
+            picked = plan(store, policy)
+            for item in picked:
+                print(
+                    f"{'would delete' if args.dry_run else 'deleting'} {item.instances} images "
+                    f"({item.bytes} bytes) of study {item.study_uid} ({item.rule})"
+                )
+                if not args.dry_run:
+                    purge(store, item)
+        finally:
+            store.close()
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"aidx purge: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    total = sum(p.instances for p in picked)
+    verb = "would go" if args.dry_run else "deleted (audited)"
+    print(f"{total} images of {len(picked)} studies {verb}; results and signed reports are kept")
+    return EXIT_OK
