@@ -5,6 +5,7 @@ feedback key is left out unless asked; a flipped byte and a missing file are fou
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
+from aidx.cli.status import recent_status
 from aidx.config import load_config
 from aidx.store.protect.backup import BackupReport, backup
 from aidx.store.protect.manifest import Manifest
@@ -51,6 +53,7 @@ class Scene:
     worklist: list[Any]  # the site's, when the backup was made
     reviews: list[Any]
     audit: list[Any]
+    status: list[dict[str, Any]]  # `aidx status` of the signed study
 
 
 def aidx(*args: str) -> subprocess.CompletedProcess[str]:
@@ -109,7 +112,12 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Scene:
             assert late.wait(timeout=120) == 0
     finally:
         node.stop()
-    state = (worklist(site.store), rows(site.store, reviews), rows(site.store, audit_log))
+    state = (
+        worklist(site.store),
+        rows(site.store, reviews),
+        rows(site.store, audit_log),
+        [s for s in recent_status(site.store, 20) if s["study_uid"] == site.study_uid],
+    )
     restored = base / "restored"
     done = aidx("restore", str(base / "backup"), "--data-dir", str(restored))
     assert done.returncode == 0, done.stderr
@@ -134,6 +142,10 @@ def test_the_backup_holds_what_its_store_copy_lists_with_sizes_and_hashes(scene:
 def test_the_restored_folder_verifies_and_shows_the_same_worklist_reviews_and_audit_log(
     scene: Scene,
 ) -> None:
+    listed = aidx("--data-dir", str(scene.restored), "status", "--json")
+    assert listed.returncode == 0, listed.stderr
+    studies = json.loads(listed.stdout)["studies"]
+    assert [s for s in studies if s["study_uid"] == scene.site.study_uid] == scene.status
     checked = aidx("--data-dir", str(scene.restored), "verify", "--deep")
     assert checked.returncode == 0, checked.stderr
     assert "all present" in checked.stdout and "against recorded SHA-256" in checked.stdout
