@@ -19,6 +19,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
+from aidx.cli import main
 from aidx.cli.status import recent_status
 from aidx.config import load_config
 from aidx.store.protect.backup import BackupReport, backup
@@ -250,3 +251,29 @@ def test_a_postgresql_store_is_dumped_and_restored_into_a_new_database(
         assert verify(copy, deep=True, manifest=Manifest.read(tmp_path / "backup")).hashed == 3
     finally:
         copy.close()
+
+
+def test_wrong_folders_and_a_damaged_backup_are_refused_with_the_reason(
+    scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = str(scene.site.config.data_dir)
+    assert main(["--data-dir", data_dir, "backup", "--to", f"{data_dir}/backup"]) == 2
+    assert "overlaps data_dir" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a backup")
+    assert main(["--data-dir", data_dir, "backup", "--to", str(tmp_path / "other")]) == 2
+    assert "is not empty and holds no aidx backup" in capsys.readouterr().err
+    assert main(["--data-dir", str(tmp_path / "other"), "restore", str(scene.backup_dir)]) == 2
+    assert "exists and is not empty: restore into a new folder" in capsys.readouterr().err
+    key = next(k for k in Manifest.read(scene.backup_dir).files if k.startswith("storage/spool"))
+    image = scene.backup_dir / key
+    original = image.read_bytes()
+    image.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    try:
+        new = tmp_path / "new"
+        assert main(["--data-dir", str(new), "restore", str(scene.backup_dir)]) == 2
+    finally:
+        image.write_bytes(original)
+    err = capsys.readouterr().err
+    assert f"{key}: its size or SHA-256 differs from the manifest's" in err
+    assert f"{new} is incomplete: delete it" in err and "Traceback" not in err

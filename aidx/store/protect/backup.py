@@ -74,6 +74,16 @@ def backup(
     """Back up ``config``'s store, storage root, model registry and configuration into
     ``folder``. Raises BackupError with what to do."""
     folder = folder.resolve()
+    for setting, kept in (
+        ("data_dir", config.data_dir.resolve()),
+        ("storage.root", config.storage_root()),
+        ("models.dir", config.models_dir().resolve()),
+    ):
+        if folder == kept or folder.is_relative_to(kept) or kept.is_relative_to(folder):
+            raise BackupError(
+                f"the backup folder {folder} overlaps {setting} {kept}: a backup inside what "
+                "it backs up is lost with it; give a folder on another disk or host"
+            )
     previous = _previous(folder)
     (folder / "store").mkdir(parents=True, exist_ok=True)
     root = config.storage_root()

@@ -74,7 +74,12 @@ def inventory(conn: Connection, sent_outbox: bool = True) -> Inventory:
 
 
 def files_in(folder: Path) -> list[Path]:
-    """The finished files under ``folder`` (not the hidden partial files of a writer)."""
+    """The finished files under ``folder``: not those in hidden files or folders (a writer's
+    partial files, the registry's staging folders)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
