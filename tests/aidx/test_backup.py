@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -277,3 +278,32 @@ def test_wrong_folders_and_a_damaged_backup_are_refused_with_the_reason(
     err = capsys.readouterr().err
     assert f"{key}: its size or SHA-256 differs from the manifest's" in err
     assert f"{new} is incomplete: delete it" in err and "Traceback" not in err
+
+
+def test_rows_of_an_older_aidx_and_files_outside_the_root_are_restored_relative(
+    tmp_path: Path,
+) -> None:
+    """Absolute rows (written before paths were relative): under the old root they become
+    relative; a file outside it (queued by `aidx send --queue`) goes to NEW/external/."""
+    config = load_config(env={}, overrides={"data_dir": str(tmp_path / "site")})
+    config.data_dir.mkdir()
+    inside = config.storage_root() / "spool" / "1.2.3" / "1.dcm"
+    outside = tmp_path / "elsewhere" / "2.dcm"
+    for n, image in enumerate((inside, outside)):
+        image.parent.mkdir(parents=True)
+        image.write_bytes(b"image" * 10)
+        old = Store(config.store_url())  # no root: an older aidx, absolute paths
+        old.index_instance(instance_record("1.2.3", n, path=str(image), size=50), 1.0, 1.0)
+        old.close()
+    made = backup(config, tmp_path / "backup")
+    assert {"storage/spool/1.2.3/1.dcm", f"external{outside}"} <= set(made.manifest.files)
+    restored = tmp_path / "restored"
+    assert restore(tmp_path / "backup", restored).rewritten == 2
+    with sqlite3.connect(restored / "aidx.db") as db:
+        recorded = sorted(p for (p,) in db.execute("SELECT path FROM instances"))
+    assert recorded == [f"external{outside}", "spool/1.2.3/1.dcm"]
+    copy = Store(f"sqlite:///{restored / 'aidx.db'}", root=restored)
+    try:
+        assert verify(copy, deep=True, manifest=Manifest.read(tmp_path / "backup")).hashed == 2
+    finally:
+        copy.close()
