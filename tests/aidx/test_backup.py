@@ -5,12 +5,12 @@ feedback key is left out unless asked; a flipped byte and a missing file are fou
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,6 @@ from training.phantom import PhantomOptions, generate
 from ui.accounts import Accounts
 from ui.review import Reviews
 
-AIDX = [sys.executable, "-m", "aidx"]
 FEEDBACK_KEY = "ab" * 32
 
 
@@ -59,10 +58,12 @@ class Scene:
 
 
 def aidx(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
-    return subprocess.run(
-        [*AIDX, *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+    """`aidx ARGS`, the command line's own code run in this process (no interpreter start per
+    command), its output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["aidx", *args], code, out.getvalue(), err.getvalue())
 
 
 def rows(store: Store, table: Any) -> list[tuple[Any, ...]]:
