@@ -151,7 +151,11 @@ def purge(store: Store, item: Purge, now: float | None = None) -> int:
     now = time.time() if now is None else now
     detail = {"instances": len(rows), "bytes": item.bytes, "rule": item.rule}
     with store._write() as conn:
-        conn.execute(delete(instances).where(instances.c.sop_uid.in_([r[0] for r in rows])))
+        gone = conn.execute(
+            delete(instances).where(instances.c.sop_uid.in_([r[0] for r in rows]))
+        ).rowcount
+        if not gone:
+            return 0  # another node's retention on this store recorded this purge
         add_event(
             conn, item.study_uid, "images_purged", None, f"{len(rows)} images ({item.rule})", now
         )
