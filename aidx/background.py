@@ -1,10 +1,15 @@
-"""A background loop in a daemon thread that its owner can wake early and stop: the node's study
-assembler, its export worker and the job publisher share this shape."""
+"""Work in daemon threads: a background loop that its owner can wake early and stop (the node's
+study assembler, its export worker and the job publisher share this shape), and a uvicorn server
+(the review app, the DICOMweb service)."""
 
 from __future__ import annotations
 
+import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 class BackgroundLoop:
@@ -42,3 +47,12 @@ class BackgroundLoop:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+
+def serve_uvicorn(server: uvicorn.Server, sock: socket.socket, name: str) -> threading.Thread:
+    """Run a uvicorn ``server`` on the bound ``sock`` in a daemon thread named ``name`` (the
+    review app and the DICOMweb service); stop it with ``server.should_exit = True``. Off the
+    main thread uvicorn leaves the signals alone: the main thread keeps them."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
+    thread.start()
+    return thread

@@ -14,12 +14,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, model_validator
 
-from aidx.permissions import private_key_problem
+from aidx.config_base import StrictModel, https_refusal
+from aidx.config_dicomweb import DicomwebConfig, DicomwebDestinationConfig
 
 ENV_PREFIX = "AIDX_"
 ENV_CONFIG_FILE = "AIDX_CONFIG"
@@ -27,12 +28,6 @@ DEFAULT_DATA_DIR = Path("aidx-data")  # relative to the folder a command runs in
 # Where `aidx serve` records its data folder, so that a command run from another folder finds
 # the running store (XDG state home; AIDX_STATE_DIR overrides it, e.g. for tests).
 ENV_STATE_DIR = "AIDX_STATE_DIR"
-
-
-class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, and values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class LogConfig(StrictModel):
@@ -122,6 +117,25 @@ class DestinationConfig(StrictModel):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(default=None, pattern=AE_TITLE_PATTERN)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+
+
+def _destination_kind(value: Any) -> str:
+    """Which form a destination takes: DICOMweb when it has a ``dicomweb`` URL, else DIMSE."""
+    if isinstance(value, Mapping):
+        return "stow-rs" if "dicomweb" in value else "c-store"
+    return "stow-rs" if isinstance(value, DicomwebDestinationConfig) else "c-store"
+
+
+_DESTINATION_FORMS: dict[str, type[StrictModel]] = {
+    "c-store": DestinationConfig,
+    "stow-rs": DicomwebDestinationConfig,
+}
+# A destination: an AE (C-STORE) or a DICOMweb root (STOW-RS).
+Destination = Annotated[
+    Annotated[DestinationConfig, Tag("c-store")]
+    | Annotated[DicomwebDestinationConfig, Tag("stow-rs")],
+    Discriminator(_destination_kind),
+]
 
 
 class OutboxConfig(StrictModel):
@@ -276,9 +290,6 @@ class MetricsConfig(StrictModel):
     port: int = Field(default=9108, ge=0, le=65535)
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
-
 class UiConfig(StrictModel):
     """The review app (``aidx ui``, and ``aidx serve`` unless ``enabled`` is false)."""
 
@@ -329,21 +340,9 @@ class UiConfig(StrictModel):
 
     def refusal(self) -> str | None:
         """Why the app must not start as configured, or None."""
-        if self.host not in LOOPBACK_HOSTS and not self.https:
-            return (
-                f"ui.host is {self.host!r}, beyond this machine: the review app serves patient "
-                "images and needs HTTPS there. Set ui.certificate and ui.private_key (PEM "
-                "files), or keep ui.host at 127.0.0.1 behind your own TLS proxy"
-            )
-        for name in ("certificate", "private_key"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                return f"ui.{name}: {path} is not a readable file"
-        if self.private_key is not None:
-            problem = private_key_problem(self.private_key)
-            if problem is not None:
-                return f"ui.private_key: {problem}"
-        return None
+        return https_refusal(
+            "ui", "review app serves patient images", self.host, self.certificate, self.private_key
+        )
 
 
 class ModelsConfig(StrictModel):
@@ -355,7 +354,7 @@ class AidxConfig(StrictModel):
     data_dir: Path = DEFAULT_DATA_DIR  # load_config resolves it (default_data_dir)
     log: LogConfig = Field(default_factory=LogConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
-    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -364,6 +363,7 @@ class AidxConfig(StrictModel):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     ui: UiConfig = Field(default_factory=UiConfig)
+    dicomweb: DicomwebConfig = Field(default_factory=DicomwebConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def demo_output(self) -> Path:
@@ -534,11 +534,19 @@ def _describe(
 ) -> list[str]:
     problems = []
     for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
+        # A destination's form (its union tag) is not a key: left out, it picks the keys allowed.
+        tags = [str(p) for p in err["loc"] if p in _DESTINATION_FORMS]
+        loc = tuple(str(p) for p in err["loc"] if p not in _DESTINATION_FORMS)
         dotted = ".".join(loc)
         origin = _origin(loc, sources)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
+            if tags and len(loc) == 3:
+                allowed = sorted(_DESTINATION_FORMS[tags[0]].model_fields)
+                allowed[-1] += (
+                    " (a destination is a DICOM AE, with ae_title, host and port, or a DICOMweb "
+                    "root, with dicomweb: URL; not both)"
+                )
             hint = difflib.get_close_matches(loc[-1], allowed, n=1)
             did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
             nested = _split_key(model, loc)

@@ -2,13 +2,17 @@
 
 Everything under ``data_dir`` (the store's ``aidx.db`` and its ``-wal``/``-shm``, the spool,
 results, signed reports, exports, temporary files) holds patient data. Files are 0640 and
-folders 0750: the owner writes, the service's group reads, other users see nothing.
+folders 0750: the owner writes, the service's group reads, other users see nothing. The SQLite
+store also holds the review app's password hashes and session hashes: it is 0600
+(:data:`STORE_FILE_MODE`), made so by :func:`create_private_file` before SQLite opens it
+(SQLite gives its ``-wal`` and ``-shm`` the database file's mode). Secret keys: :mod:`aidx.keys`.
 
 - Every aidx command runs under the umask :data:`DATA_UMASK` (:func:`private_umask`), so what
   it creates gets those modes whichever library creates it (SQLite, pydicom, highdicom);
   where aidx opens a file itself it also asks for the mode.
 - A data folder made by an older aidx, or by hand, is tightened at start
-  (:func:`tighten_data_dir`): the folder itself, what lies directly in it, and the SQLite store.
+  (:func:`tighten_data_dir`): the folder itself, what lies directly in it, and the SQLite store
+  (to 0600).
   Not a walk of the tree: a 0750 folder already keeps other users from everything below it.
 - A TLS private key that others can read is refused at start (:func:`private_key_problem`),
   the rule PostgreSQL applies to its server key: owned by the user aidx runs as, mode 0600 or
@@ -21,14 +25,18 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from aidx.keys import KEYS_DIR, LOOSE_KEYS
 
 log = logging.getLogger("aidx.permissions")
 
 DATA_UMASK = 0o027
 FILE_MODE = 0o640
 DIR_MODE = 0o750
+STORE_FILE_MODE = 0o600  # the SQLite store: password hashes
+_STORE_MASK = 0o077
 SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
@@ -43,9 +51,10 @@ def private_umask() -> Iterator[None]:
         os.umask(previous)
 
 
-def _tighten(path: Path) -> None:
-    """Remove group write and all access by others from ``path`` (never a symbolic link's
-    target: a link in the data folder may point at a folder that is not aidx's)."""
+def _tighten(path: Path, mask: int = DATA_UMASK) -> None:
+    """Remove the ``mask`` bits (default: group write and all access by others) from ``path``
+    (never a symbolic link's target: a link in the data folder may point at a folder that is
+    not aidx's)."""
     try:
         st = path.lstat()
     except (FileNotFoundError, NotADirectoryError):  # a data folder that is a file: the
@@ -53,7 +62,7 @@ def _tighten(path: Path) -> None:
     if stat.S_ISLNK(st.st_mode) or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         return
     mode = stat.S_IMODE(st.st_mode)
-    tight = mode & ~DATA_UMASK
+    tight = mode & ~mask
     if tight == mode:
         return
     try:
@@ -61,10 +70,11 @@ def _tighten(path: Path) -> None:
     except OSError as exc:  # e.g. owned by another user on a shared storage root
         log.warning(
             "%s is mode %04o, readable by other users, and cannot be changed (%s): "
-            "run chmod o-rwx,g-w %s",
+            "run chmod %04o %s",
             path,
             mode,
             exc.strerror,
+            tight,
             path,
         )
         return
@@ -75,9 +85,12 @@ def _tighten(path: Path) -> None:
 
 def tighten_data_dir(data_dir: Path, sqlite_path: Path | None = None) -> None:
     """Tighten an existing data folder: itself, each entry directly in it, and the SQLite
-    store ``sqlite_path`` (with its ``-wal``, ``-shm`` and ``-journal``) wherever it lies.
-    Nothing happens to a folder that does not exist yet (the umask makes it right)."""
+    store ``sqlite_path`` (with its ``-wal``, ``-shm`` and ``-journal``, to 0600) wherever it
+    lies. Nothing happens to a folder that does not exist yet (the umask makes it right)."""
     data_dir = Path(data_dir)
+    if sqlite_path is not None:
+        for suffix in SQLITE_SUFFIXES:
+            _tighten(sqlite_path.with_name(sqlite_path.name + suffix), _STORE_MASK)
     if data_dir.is_dir():
         _tighten(data_dir)
         try:
@@ -85,10 +98,19 @@ def tighten_data_dir(data_dir: Path, sqlite_path: Path | None = None) -> None:
         except OSError:
             entries = []
         for entry in entries:
-            _tighten(entry)
-    if sqlite_path is not None:
-        for suffix in SQLITE_SUFFIXES:
-            _tighten(sqlite_path.with_name(sqlite_path.name + suffix))
+            # Secret keys are refused, not changed, when wider (aidx.keys): whoever loosened
+            # one must hear of it.
+            if entry.name not in (KEYS_DIR, *LOOSE_KEYS):
+                _tighten(entry)
+
+
+def create_private_file(path: Path, mode: int = STORE_FILE_MODE) -> None:
+    """Create ``path`` empty with ``mode`` if it does not exist (its folder too), so that a
+    library that opens it next (SQLite) keeps that mode; an existing file is left as it is."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -216,13 +216,7 @@ def start_receiver(
             os.environ.pop("AIDX_NODE__STUDY_QUIET_PERIOD_S", None)
         try:
             try:
-                poll_until(
-                    lambda: echoscu(LOOPBACK, port, "AIDX", "BENCH").returncode == 0,
-                    60.0,
-                    "aidx serve answering C-ECHO",
-                    process=process,
-                    log_path=log,
-                )
+                wait_for_echo(port, process, log)
             except PeerError as exc:
                 last = str(exc).strip().splitlines()
                 raise ReceiverUnavailableError(f"{last[0]}; last log line: {last[-1]}") from exc
@@ -238,6 +232,17 @@ def start_receiver(
             stop_process(process)
         return
     raise ValueError(f"unknown receiver {name!r}; choose from {', '.join(RECEIVERS)}")
+
+
+def wait_for_echo(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until ``aidx serve`` (``process``, logging to ``log``) answers a C-ECHO."""
+    poll_until(
+        lambda: echoscu(LOOPBACK, port, "AIDX", "BENCH").returncode == 0,
+        60.0,
+        "aidx serve answering C-ECHO",
+        process=process,
+        log_path=log,
+    )
 
 
 def start_a_job(receiver: Receiver, data_dir: Path, work: Path, busy: Path) -> None:

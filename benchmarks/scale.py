@@ -11,8 +11,13 @@ the jobs per minute from the first job queued to the last finished. The store qu
 workers on this host by a doorbell; Celery gets each job through the broker (a real RabbitMQ
 started here, tests/peers/rabbitmq.py). Medians only within one run (the VM is shared).
 
+With ``--real-model``, the shipped default model instead, on demo-sized studies (300 x 512²,
+three nodules each): the studies an hour that 1, 2, ... worker processes get through a backlog,
+for the capacity plan in docs/deployment.md (no trickle: the latency is the engine's, above).
+
 Usage: python benchmarks/scale.py [--studies 12] [--trickle 5] [--workers 1,2,4]
        [--engines store,celery]
+       python benchmarks/scale.py --real-model [--studies 4] [--workers 1,2] [--engines store]
 """
 
 from __future__ import annotations
@@ -50,14 +55,18 @@ AIDX = [sys.executable, "-m", "aidx"]
 DONE = ("results_ready", "sent", "not_applicable", "failed")
 
 
-def studies(root: Path, count: int) -> list[Path]:
+def studies(root: Path, count: int, real: bool = False) -> list[Path]:
     from training.phantom import PhantomOptions, generate
 
     folders = []
     for n in range(count):
         out = root / f"study-{n}"
         if not (out / "dicom").is_dir():
-            generate(out, PhantomOptions(slices=12, matrix=64, nodules=0, seed=7000 + n))
+            if real:  # the demo study's size (aidx.config.DemoConfig), another seed each
+                options = PhantomOptions(slices=300, matrix=512, nodules=3, seed=7100 + n)
+            else:
+                options = PhantomOptions(slices=12, matrix=64, nodules=0, seed=7000 + n)
+            generate(out, options)
         folders.append(out / "dicom")
     return folders
 
@@ -69,12 +78,14 @@ def run(
     trickle: list[Path],
     root: Path,
     broker_url: str,
+    real: bool = False,
 ) -> tuple[list[float], float]:
     """One engine with ``workers`` worker processes: (the enqueue -> start latencies of the
     ``trickle`` studies, sent one by one to idle workers; the jobs per minute that the workers
     get through the ``backlog``, queued before they start)."""
     work = Path(tempfile.mkdtemp(prefix=f"{engine}-{workers}-", dir=root))
-    install(work / "models", work)
+    if not real:
+        install(work / "models", work)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIDX_")}
     env.update(
@@ -84,14 +95,16 @@ def run(
             "AIDX_NODE__STUDY_QUIET_PERIOD_S": "1",
             "AIDX_METRICS__PORT": "0",
             "AIDX_UI__ENABLED": "false",
-            "AIDX_MODELS__DIR": str(work / "models"),
-            "AIDX_MODELS__DEFAULT": "soft-tissue",
             "AIDX_PIPELINE__WORKERS": "0",
             "AIDX_PIPELINE__QUEUE": engine,
             "AIDX_PIPELINE__CELERY__BROKER_URL": broker_url,
             "AIDX_PIPELINE__CELERY__QUEUE": f"bench-{port}",
         }
     )
+    if not real:  # the stand-in; with --real-model the shipped registry's default
+        env.update(
+            {"AIDX_MODELS__DIR": str(work / "models"), "AIDX_MODELS__DEFAULT": "soft-tissue"}
+        )
     logs = work / "logs"
     logs.mkdir()
 
@@ -122,7 +135,7 @@ def run(
 
         def wait(count: int, states: tuple[str, ...], what: str) -> None:
             poll_until(
-                lambda: sum(r.state in states for r in rows()) == count, 600, what, process=node
+                lambda: sum(r.state in states for r in rows()) == count, 3600, what, process=node
             )
 
         # The backlog: queued (and, on Celery, published) before any worker runs.
@@ -161,7 +174,13 @@ def main() -> None:
     parser.add_argument("--trickle", type=int, default=5, help="studies sent one by one")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--engines", default="store,celery")
+    parser.add_argument(
+        "--real-model", action="store_true", help="the shipped default model on demo-sized studies"
+    )
     args = parser.parse_args()
+    if args.real_model:
+        real_model(args)
+        return
     counts = [int(n) for n in args.workers.split(",")]
     engines = args.engines.split(",")
     print(
@@ -193,6 +212,27 @@ def main() -> None:
                 f"  {workers} worker(s): celery - store p50 latency "
                 f"{(celery_p50 - store_p50) * 1000:+.0f} ms; jobs/min celery/store {ratio:.2f}x"
             )
+
+
+def real_model(args: argparse.Namespace) -> None:
+    """Studies an hour through the shipped default model, per number of worker processes."""
+    counts = [int(n) for n in args.workers.split(",")]
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; the shipped default model, "
+        f"a backlog of {args.studies} studies of 300 x 512² per run"
+    )
+    root = Path(tempfile.mkdtemp(prefix="aidx-scale-real-"))
+    backlog = studies(root / "studies", args.studies, real=True)
+    with RabbitMQ() as broker:
+        for workers in counts:
+            for engine in args.engines.split(","):
+                _, per_minute = run(engine, workers, backlog, [], root, broker.url(), real=True)
+                print(
+                    f"  {engine:<6} {workers} worker(s): {per_minute * 60:5.0f} studies/hour, "
+                    f"{per_minute * 60 / workers:5.0f} per worker; "
+                    f"{60 / per_minute:5.1f} s a study",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

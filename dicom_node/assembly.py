@@ -3,7 +3,9 @@
 Completion records a job in the store (the pipeline runs it). An instance that arrives after
 completion reopens the study ("updated"); it completes again, with a new job, once it settles.
 The thread sleeps until the next study is due, and is woken when a study opens; it never polls
-the receive path.
+the receive path. It looks at the store at least every ``RECHECK_S`` too: on a store shared by
+several nodes (issue 19), a study that another node opened and then died with is due here
+although nothing arrived here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from aidx.background import BackgroundLoop
 from aidx.store.store import Store
 
 log = logging.getLogger("aidx.assembly")
+
+RECHECK_S = 30.0
 
 
 class StudyAssembler(BackgroundLoop):
@@ -72,4 +76,5 @@ class StudyAssembler(BackgroundLoop):
             except Exception:
                 log.exception("study assembly failed; retrying in 5 s")
                 due = time.time() + 5.0
-            self._sleep(None if due is None else max(due - time.time(), 0.0) + 0.01)
+            wait = RECHECK_S if due is None else max(due - time.time(), 0.0) + 0.01
+            self._sleep(min(wait, RECHECK_S))

@@ -1,5 +1,6 @@
 """Export SCU: sends files to configured destinations, now (``aidx send``) or through the
-durable outbox (``aidx serve``): one association per item, exponential backoff between attempts,
+durable outbox (``aidx serve``): one association per item (for a DICOMweb destination, one
+STOW-RS request: :mod:`dicom_node.dicomweb.client`), exponential backoff between attempts,
 resumed after a restart, permanent failures kept with their last error.
 
 Files are sent as stored. When the peer does not accept a file's transfer syntax, compressed
@@ -23,10 +24,12 @@ from pynetdicom.association import Association
 
 from aidx.background import BackgroundLoop
 from aidx.config import AidxConfig, DestinationConfig, OutboxConfig
+from aidx.config_dicomweb import DicomwebDestinationConfig
 from aidx.logs import exception_text
 from aidx.store.store import OutboxItem, Store
 
 from .client import no_delay, settle_reactor
+from .dicomweb.client import StowError, stow_files
 from .tls import client_context
 
 log = logging.getLogger("aidx.export")
@@ -207,17 +210,19 @@ class ExportWorker(BackgroundLoop):
             )
             log.error("outbox item %d: destination %r not configured", item.id, item.destination)
             return
+        files = [Path(f) for f in item.files]
         try:
-            report = send_files(
-                destination, self.config.node.ae_title, [Path(f) for f in item.files]
-            )
+            if isinstance(destination, DicomwebDestinationConfig):
+                report = SendReport(sent=stow_files(destination, item.destination, files))
+            else:
+                report = send_files(destination, self.config.node.ae_title, files)
         except Exception as exc:  # noqa: BLE001 - any failure is this attempt's, never a stuck item
             attempts = item.attempts + 1
             retry_at = None
             if attempts < self.config.outbox.max_attempts:
                 retry_at = time.time() + backoff_s(attempts, self.config.outbox)
             # A library's exception text may quote a patient value (aidx.logs).
-            error = str(exc) if isinstance(exc, SendError) else exception_text(exc)
+            error = str(exc) if isinstance(exc, SendError | StowError) else exception_text(exc)
             self.store.mark_attempt_failed(item.id, error, retry_at)
             log.warning(
                 "outbox item %d to %s: attempt %d failed: %s%s",

@@ -8,13 +8,12 @@ failure becomes a DIMSE status and one log line naming the SOP Instance UID and 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pynetdicom import (
@@ -41,7 +40,7 @@ from .limits import (
     OversizedDataSet,
     advertised_max_pdu,
 )
-from .parse import InstanceError, ParseLimits, file_meta_bytes, parse_dataset, read_record
+from .parse import InstanceError, ParseLimits
 from .policy import (
     REJECT_PERMANENT,
     SOURCE_SERVICE_USER,
@@ -49,7 +48,8 @@ from .policy import (
     Rejection,
     Rights,
 )
-from .spool import DiskFloorError, Spool, valid_uid
+from .receive import Receiver
+from .spool import Spool, valid_uid
 from .tls import server_context
 
 log = logging.getLogger("aidx.node")
@@ -192,6 +192,7 @@ class StorageSCP:
         self._counts_lock = threading.Lock()
         self.guard = ConnectionGuard(node)
         self.parse_limits = ParseLimits(node.max_dataset_bytes, node.max_sequence_depth)
+        self.receiver = Receiver(store, spool, self.parse_limits, on_study_opened)
 
     @property
     def port(self) -> int:
@@ -349,7 +350,6 @@ class StorageSCP:
             raise InstanceError(
                 status.CANNOT_UNDERSTAND, "the request's Affected SOP Instance UID is invalid"
             )
-        transfer_syntax = str(event.context.transfer_syntax)
         received = cast(Any, event.request).DataSet
         if isinstance(received, OversizedDataSet):
             raise InstanceError(
@@ -357,61 +357,11 @@ class StorageSCP:
                 f"the data set of {received.received} bytes exceeds node.max_dataset_mb "
                 f"({received.limit} bytes); nothing was stored",
             )
-        dataset_bytes = received.getbuffer()
-        ds = parse_dataset(dataset_bytes, transfer_syntax, self.parse_limits)
-        meta = file_meta_bytes(sop_class_uid, sop_uid, transfer_syntax)
-        size = len(meta) + len(dataset_bytes)
-        record = read_record(ds, sop_uid, sop_class_uid, transfer_syntax, calling_ae, size)
-        conflict = self.store.uid_conflict(record)
-        if conflict:
-            raise InstanceError(
-                status.DUPLICATE_SOP_INSTANCE, f"{conflict}; the stored one is kept"
-            )
-        final = self.spool.path_for(record.study_uid, record.series_uid, sop_uid)
-        existed = final.exists()
-        try:
-            path = self.spool.store(
-                record.study_uid, record.series_uid, sop_uid, meta, dataset_bytes
-            )
-        except DiskFloorError as exc:
-            raise InstanceError(status.OUT_OF_RESOURCES, str(exc)) from exc
-        except OSError as exc:
-            # A new file renamed into place before the failure (flushing its folder) goes too.
-            if not existed:
-                final.unlink(missing_ok=True)
-            raise InstanceError(status.OUT_OF_RESOURCES, f"cannot write the file: {exc}") from exc
-        try:
-            result = self.store.index_instance(
-                replace(record, path=str(path)),
-                time.time(),
-                self.policy.quiet_period_s(calling_ae),
-            )
-        except Exception as exc:
-            # No success is sent, so nothing may stay behind: a new file goes (a re-sent one
-            # replaced a file that is indexed already, and stays).
-            if not existed:
-                path.unlink(missing_ok=True)
-            if _out_of_space(exc):
-                raise InstanceError(
-                    status.OUT_OF_RESOURCES, f"cannot index the instance: {exc}"
-                ) from exc
-            raise
-        if result.outcome == "conflict":
-            if not existed:
-                path.unlink(missing_ok=True)
-            raise InstanceError(
-                status.DUPLICATE_SOP_INSTANCE, f"{result.conflict}; the stored one is kept"
-            )
-        if result.study_opened and self.on_study_opened is not None:
-            self.on_study_opened(record.study_uid)
-        return result.outcome
-
-
-def _out_of_space(exc: BaseException) -> bool:
-    """A write that failed because the disk is full (SQLite says so in words)."""
-    text = str(exc).lower()
-    return (
-        getattr(exc, "errno", None) == errno.ENOSPC
-        or "disk is full" in text
-        or ("no space left" in text)
-    )
+        return self.receiver.store_dataset(
+            received.getbuffer(),
+            str(event.context.transfer_syntax),
+            sop_uid,
+            sop_class_uid,
+            calling_ae,
+            self.policy.quiet_period_s(calling_ae),
+        ).outcome

@@ -1,5 +1,6 @@
-"""The node service that ``aidx serve`` runs: spool recovery, storage SCP, study assembly and
-(unless another process delivers) the export outbox, started and stopped together."""
+"""The node service that ``aidx serve`` runs: spool recovery, storage SCP, the DICOMweb service
+(``dicomweb.port``), study assembly and (unless another process delivers) the export outbox,
+started and stopped together."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from aidx.config import AidxConfig
 from aidx.store.store import Store
 
 from .assembly import StudyAssembler
+from .dicomweb.app import DicomwebServer
 from .export import ExportWorker
 from .parse import InstanceError, read_file
+from .policy import NodeStartError
 from .scp import StorageSCP
 from .spool import Spool
 
@@ -43,6 +46,7 @@ class NodeService:
         self.assembler = StudyAssembler(self.store, on_complete, priority)
         self.scp = StorageSCP(config.node, self.store, self.spool, self.assembler.notify)
         self.exporter = ExportWorker(config, self.store) if outbox else None
+        self.dicomweb: DicomwebServer | None = None
 
     @property
     def port(self) -> int:
@@ -50,6 +54,9 @@ class NodeService:
 
     def start(self) -> None:
         self.scp.policy.check_startup()
+        refusal = self.config.dicomweb.refusal() if self.config.dicomweb.enabled else None
+        if refusal:
+            raise NodeStartError(refusal)
         removed = self.spool.remove_partial_files()
         if removed:
             log.info("removed %d partial files left by an interrupted receive", removed)
@@ -58,8 +65,18 @@ class NodeService:
         if self.exporter is not None:
             self.exporter.start()
         self.scp.start()
+        if self.config.dicomweb.enabled:
+            try:
+                self.dicomweb = DicomwebServer(self.config, self.scp.receiver, self.store)
+            except (OSError, ValueError) as exc:
+                self.stop()
+                raise NodeStartError(str(exc)) from exc
+            self.dicomweb.start()
 
     def stop(self) -> None:
+        if self.dicomweb is not None:
+            self.dicomweb.stop()
+            self.dicomweb = None
         self.scp.stop()
         self.assembler.stop()
         if self.exporter is not None:

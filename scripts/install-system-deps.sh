@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests talk to, when they are missing and we may install them:
-# DCMTK (storescu, echoscu), dicom3tools (dciodvfy), Orthanc (the PACS), Chromium (UI tests) and
-# PostgreSQL (the store's second back end; the tests start their own throwaway server), a
-# CJK font, so that the Chinese interface is readable in the UI tests' screenshots, and Node.js
-# with npm (tests/viewers runs OHIF's and Cornerstone3D's loaders; it needs Node >= 20.19), and
-# RabbitMQ (the broker of pipeline.queue: celery; the tests start their own).
+# DCMTK (storescu, echoscu), dicom3tools (dciodvfy), Orthanc (the PACS) with its DICOMweb plugin
+# (the DICOMweb tests' peer), Chromium (UI tests) and PostgreSQL (the store's second back end; the
+# tests start their own throwaway server), a CJK font, so that the Chinese interface is readable
+# in the UI tests' screenshots, and Node.js with npm (tests/viewers runs OHIF's and Cornerstone3D's
+# loaders; it needs Node >= 20.19), and RabbitMQ (the broker of pipeline.queue: celery; the tests
+# start their own).
 # Not root: prints what is missing; the tests then skip (or fail with CI=true) with the reason.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ declare -A tools=(
   [/usr/bin/storescu]=dcmtk
   [/usr/bin/dciodvfy]=dicom3tools
   [/usr/sbin/Orthanc]=orthanc
+  [/usr/share/orthanc/plugins/libOrthancDicomWeb.so]=orthanc-dicomweb
   [/usr/bin/chromium]=chromium
   [/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc]=fonts-wqy-zenhei
   [/usr/bin/node]=nodejs

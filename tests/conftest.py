@@ -88,3 +88,18 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'aidx.db'}"
     server = request.getfixturevalue("postgres_server")
     return str(server.new_database())
+
+
+@pytest.fixture
+def fresh_logging() -> Iterator[None]:
+    """For a test that runs `aidx` in-process under capsys: the root logger starts without the
+    handlers an earlier in-process `aidx` left (bound to a capture stream since closed, where a
+    log line would print "--- Logging error ---"), and gets its own back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    root.handlers[:] = []
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])

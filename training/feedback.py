@@ -65,11 +65,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
-import secrets
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -80,6 +77,7 @@ import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
 
+from aidx.keys import SecretKeyError, key_file
 from inference.findings import Finding
 from inference.volume import Volume, load_series
 
@@ -100,7 +98,6 @@ DESCRIPTION = (
     "source"
 )
 KEY_FILE = "feedback.key"
-KEY_BYTES = 32
 CASE_PREFIX = "rv-"
 CASE_HEX = 16
 AUDIT_ACTION = "feedback_export"
@@ -127,36 +124,14 @@ class ExportSummary:
 
 # ------------------------------------------------------------------------------ case ids
 def feedback_key(data_dir: Path) -> bytes:
-    """The export's secret key, ``data_dir/feedback.key`` (created once, mode 0600)."""
-    path = Path(data_dir) / KEY_FILE
+    """The export's secret key, ``data_dir/feedback.key`` (created once, mode 0600; refused
+    when others can reach it: :func:`aidx.keys.key_file`)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: two exports starting at once cannot create two different keys.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_key(path)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(secrets.token_hex(KEY_BYTES) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    log.info("created the feedback key %s; keep it with the data folder's backups", path)
-    return _read_key(path)
-
-
-def _read_key(path: Path) -> bytes:
-    text = path.read_text(encoding="ascii").strip()
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != KEY_BYTES:
+        return key_file(Path(data_dir) / KEY_FILE)
+    except SecretKeyError as exc:
         raise FeedbackError(
-            f"{path} does not hold a feedback key ({2 * KEY_BYTES} hex digits); restore it from "
-            "a backup (a new key gives every study a new case id)"
-        )
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        log.warning("%s can be read by other users; run: chmod 600 %s", path, path)
-    return key
+            f"{exc} (for the feedback export: a new key gives every study a new case id)"
+        ) from None
 
 
 def case_id(key: bytes, series_uid: str) -> str:

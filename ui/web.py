@@ -44,6 +44,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
+from aidx.background import serve_uvicorn
 from aidx.config import AidxConfig
 from aidx.store.store import Store
 from ui.accounts import LOGIN_RATE_LIMITED, REQUEST_REFUSED, Accounts, AuthError, User
@@ -498,14 +499,7 @@ class UiServer:
 
     def start(self) -> None:
         self._server = self._make_server()
-        self._server.install_signal_handlers = lambda: None  # the main thread owns signals
-        self._thread = threading.Thread(
-            target=self._server.run,
-            kwargs={"sockets": [self._socket]},
-            name="aidx-ui",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread = serve_uvicorn(self._server, self._socket, "aidx-ui")
         self._start_preparing()
 
     def stop(self) -> None:

@@ -1,9 +1,9 @@
 """The ``aidx`` command: one sub-command per job, each a thin wrapper over a library call.
 
 This module builds the parser, takes the global options and runs :func:`main`; the commands
-live in one module per group (:mod:`aidx.cli.config`, ``db``, ``feedback``, ``models``, ``node``,
-``pipeline`` (serve, worker), ``phantom`` (phantom, demo), ``protect`` (backup, restore,
-verify), ``status``, ``ui``, ``users``).
+live in one module per group (:mod:`aidx.cli.config`, ``db``, ``export`` (export-study),
+``feedback``, ``models``, ``node``, ``pipeline`` (serve, worker), ``phantom`` (phantom, demo),
+``protect`` (backup, restore, verify, purge), ``status``, ``ui``, ``users``).
 Nothing below the command line imports this package.
 
 Commands that belong to the training side (``phantom``) import it only when they run, so the
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aidx import __version__
 from aidx.cli import config as cli_config
 from aidx.cli import db as cli_db
+from aidx.cli import dicomweb as cli_dicomweb
 from aidx.cli import models as cli_models
 from aidx.cli import node as cli_node
 from aidx.cli import phantom as cli_phantom
@@ -30,6 +31,7 @@ from aidx.cli import protect as cli_protect
 from aidx.cli import status as cli_status
 from aidx.cli import ui as cli_ui
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from aidx.keys import secret_problems
 from aidx.logs import setup_logging
 from aidx.permissions import private_umask, sqlite_path, tighten_data_dir
 from aidx.supervisor import as_supervised_child
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     cli_config.add_parsers(sub)
+    cli_dicomweb.add_parsers(sub)
     cli_phantom.add_parsers(sub)
 
     serve = sub.add_parser(
@@ -170,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     from aidx.cli import feedback as cli_feedback
 
     cli_feedback.add_parsers(sub)
+    # `aidx export-study`: a study with its results, as received or de-identified
+    from aidx.cli import export as cli_export
+
+    cli_export.add_parsers(sub)
     cli_ui.add_parser(sub)
     cli_db.add_parsers(sub)
     cli_protect.add_parsers(sub)
@@ -388,6 +395,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
     tighten_data_dir(config.data_dir, sqlite_path(config.store_url()))
+    # Secret keys other users could reach: refused, with the fix (aidx.keys).
+    secrets_open = secret_problems(config.data_dir)
+    for problem in secrets_open:
+        print(f"aidx: {problem}", file=sys.stderr)
+    if secrets_open:
+        return EXIT_USAGE
     handler: Handler = args.handler
     try:
         return handler(args, config)

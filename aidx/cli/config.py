@@ -50,12 +50,16 @@ def config_check(args: argparse.Namespace, config: AidxConfig) -> int:
 def key_file_problems(config: AidxConfig) -> list[str]:
     """Every configured TLS private key that must not be used (aidx.permissions), as
     ``setting: problem``."""
+    from aidx.config import DestinationConfig
+
     keys = {
         "node.tls.private_key": config.node.tls.private_key,
         "ui.private_key": config.ui.private_key,
+        "dicomweb.private_key": config.dicomweb.private_key,
     }
     for name, destination in config.destinations.items():
-        keys[f"destinations.{name}.tls.private_key"] = destination.tls.private_key
+        if isinstance(destination, DestinationConfig):
+            keys[f"destinations.{name}.tls.private_key"] = destination.tls.private_key
     problems = []
     for setting, path in keys.items():
         problem = private_key_problem(path) if path is not None else None

@@ -7,7 +7,6 @@ as every training-side command is.
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -17,13 +16,8 @@ from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     from aidx.config import AidxConfig
-    from aidx.store.store import Store
 
 SINCE_FORMAT = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] (local time unless it ends with +HH:MM or Z)"
-
-
-class _UsageError(Exception):
-    pass
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,14 +55,15 @@ def _since(text: str) -> datetime:
 
 
 def feedback_export(args: argparse.Namespace, config: AidxConfig) -> int:
+    from aidx.cli.common import NoStoreError, cli_actor, open_existing_store
     from training.dataset import DatasetError
     from training.feedback import export_feedback, feedback_key
     from ui.review import Reviews
 
     since: datetime | None = args.since
     try:
-        store = _open_store(config)
-    except _UsageError as exc:
+        store = open_existing_store(config)
+    except NoStoreError as exc:
         return _fail(exc)
     try:
         key = feedback_key(config.data_dir)
@@ -78,7 +73,7 @@ def feedback_export(args: argparse.Namespace, config: AidxConfig) -> int:
             args.out,
             key,
             since=since.timestamp() if since is not None else None,  # naive: local time
-            actor=_actor(),
+            actor=cli_actor(),
         )
     except DatasetError as exc:
         return _fail(exc)
@@ -113,27 +108,6 @@ def feedback_export(args: argparse.Namespace, config: AidxConfig) -> int:
 
 def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"
-
-
-def _open_store(config: AidxConfig) -> Store:
-    from aidx.store.store import Store
-
-    if config.store.url is None:
-        db = (config.data_dir / "aidx.db").resolve()
-        if not db.exists():
-            raise _UsageError(
-                f"no store at {db}: give the node's data directory with --data-dir (or data_dir "
-                "/ store.url in the configuration)"
-            )
-    return Store.for_config(config)
-
-
-def _actor() -> str:
-    """Who ran the command, for the audit log: the operating-system account."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError):  # no login name in a bare container
-        return "cli"
 
 
 def _fail(problem: object) -> int:

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from aidx.config import AidxConfig, DestinationConfig
+    from aidx.config import AidxConfig, Destination, DestinationConfig
     from aidx.store.store import Store
 
 log = logging.getLogger("aidx.cli")
 
 
-def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
+def _any_destination(config: AidxConfig, name: str | None) -> Destination:
+    """A configured destination (an AE or a DICOMweb root), or this node's own AE."""
     from aidx.config import ConfigError, DestinationConfig, TlsConfig
 
     if name is None:
@@ -34,12 +35,28 @@ def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
         )
         return DestinationConfig(ae_title=node.ae_title, host=host, port=node.port, tls=tls)
     try:
-        return config.destinations[name]
+        destination = config.destinations[name]
     except KeyError:
         known = ", ".join(sorted(config.destinations)) or "none configured"
         raise ConfigError(
             [f"destinations.{name}: unknown destination; configured: {known}"]
         ) from None
+    return destination
+
+
+def _destination(config: AidxConfig, name: str | None) -> DestinationConfig:
+    """An AE to talk DIMSE to (a DICOMweb destination is refused with a message)."""
+    from aidx.config import ConfigError, DestinationConfig
+
+    destination = _any_destination(config, name)
+    if not isinstance(destination, DestinationConfig):
+        raise ConfigError(
+            [
+                f"destinations.{name} is a DICOMweb destination ({destination.dicomweb}): C-ECHO "
+                "needs a DICOM AE; `aidx send --to` sends there by STOW-RS"
+            ]
+        )
+    return destination
 
 
 def echo(args: argparse.Namespace, config: AidxConfig) -> int:
@@ -65,12 +82,13 @@ def echo(args: argparse.Namespace, config: AidxConfig) -> int:
 
 
 def send(args: argparse.Namespace, config: AidxConfig) -> int:
-    from aidx.config import ConfigError
+    from aidx.config import ConfigError, DestinationConfig
     from dicom_node.client import collect_files
+    from dicom_node.dicomweb.client import StowError, stow_files
     from dicom_node.export import SendError, send_files
 
     try:
-        destination = _destination(config, args.destination)
+        destination = _any_destination(config, args.destination)
         files = collect_files(args.paths)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"aidx send: {exc}", file=sys.stderr)
@@ -85,6 +103,14 @@ def send(args: argparse.Namespace, config: AidxConfig) -> int:
             f"outbox item {item_id} {'queued' if new else 'was already queued'}: "
             f"{len(files)} files to {args.destination}"
         )
+        return EXIT_OK
+    if not isinstance(destination, DestinationConfig):
+        try:
+            sent = stow_files(destination, str(args.destination), files)
+        except (StowError, OSError) as exc:
+            print(f"aidx send: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"sent {sent} files to {args.destination} by STOW-RS")
         return EXIT_OK
     try:
         report = send_files(destination, config.node.ae_title, files)

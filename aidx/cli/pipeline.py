@@ -410,6 +410,8 @@ def _health(
 
     def checks() -> dict[str, bool]:
         result = {"dicom_listener": service.scp.running, "model": model_ok}
+        if service.dicomweb is not None:
+            result["dicomweb"] = service.dicomweb.running
         if not supervised:
             result["workers"] = pool.alive() or config.pipeline.workers == 0
             return result

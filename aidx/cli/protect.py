@@ -30,8 +30,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     save.add_argument(
         "--include-secrets",
         action="store_true",
-        help="also the feedback HMAC key and the TLS private keys, in clear (mode 0600): keep "
-        "such a backup as safe as the keys themselves",
+        help="also aidx's keys (data_dir/keys, feedback.key) and the TLS private keys, in "
+        "clear (mode 0600): keep such a backup as safe as the keys themselves",
     )
     save.set_defaults(handler=backup)
     load = sub.add_parser(
@@ -100,7 +100,7 @@ def backup(args: argparse.Namespace, config: AidxConfig) -> int:
     )
     if m.secrets_left_out:
         print(
-            f"left out {len(m.secrets_left_out)} secret(s) (feedback key, TLS private keys): "
+            f"left out {len(m.secrets_left_out)} secret(s) (aidx's keys, TLS private keys): "
             "keep them apart, or back up again with --include-secrets"
         )
     if m.missing:

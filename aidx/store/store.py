@@ -31,6 +31,8 @@ from sqlalchemy import (
     update,
 )
 
+from aidx.permissions import create_private_file, sqlite_path
+
 from .jobs import QUEUED, JobQueue, add_event
 from .migrations import prepare, schema_lock
 from .outbox import OutboxItem, OutboxQueue
@@ -211,6 +213,9 @@ class Store(OutboxQueue, JobQueue):
         self.root = Path(root).resolve() if root is not None else None
         self._root_prefix = root_prefix(self.root)
         self.is_sqlite = url.startswith("sqlite")
+        database = sqlite_path(url)
+        if database is not None:  # password hashes: the owner's alone (aidx.permissions)
+            create_private_file(database)
         self.engine: Engine = create_store_engine(url)
         set_root(self.engine.dialect, self.root)
         if self.is_sqlite:

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from aidx.cli import main
 from aidx.cli.status import recent_status
 from aidx.config import load_config
+from aidx.keys import secret_key, secret_problems
 from aidx.store.protect.backup import BackupReport, backup
 from aidx.store.protect.manifest import Manifest
 from aidx.store.protect.restore import restore
@@ -83,6 +84,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Scene:
     key = site.config.data_dir / "feedback.key"
     key.write_text(FEEDBACK_KEY, encoding="utf-8")
     key.chmod(0o600)
+    secret_key(site.config.data_dir, "deid")  # made: data_dir/keys/deid.key
     config_file = base / "site" / "aidx.yaml"
     config_file.write_text(
         yaml.safe_dump(
@@ -139,7 +141,11 @@ def test_the_backup_holds_what_its_store_copy_lists_with_sizes_and_hashes(scene:
         assert (scene.backup_dir / key).stat().st_size == entry.size, key
     # Left out unless asked: the feedback key (an HMAC key).
     assert not (scene.backup_dir / "secrets").exists()
-    assert manifest.secrets_left_out == [str(scene.site.config.data_dir / "feedback.key")]
+    data_dir = scene.site.config.data_dir
+    assert manifest.secrets_left_out == [
+        str(data_dir / "feedback.key"),
+        str(data_dir / "keys" / "deid.key"),
+    ]
 
 
 def test_the_restored_folder_verifies_and_shows_the_same_worklist_reviews_and_audit_log(
@@ -182,7 +188,7 @@ def test_the_restored_folder_verifies_and_shows_the_same_worklist_reviews_and_au
 
 
 def test_the_next_backup_copies_only_what_changed_and_secrets_only_when_asked(
-    scene: Scene,
+    scene: Scene, tmp_path: Path
 ) -> None:
     again = aidx(
         "--config", str(scene.config_file), "backup", "--to", str(scene.backup_dir),
@@ -193,14 +199,23 @@ def test_the_next_backup_copies_only_what_changed_and_secrets_only_when_asked(
     later = len(scene.site.store.study_instances(scene.receiving_uid)) - len(
         [k for k in scene.first.manifest.files if scene.receiving_uid in k]
     )
-    # The store copy, the images that arrived after the first backup's store copy, the key.
-    assert f"copied {1 + later + 1} files" in again.stdout, again.stdout
+    # The store copy, the images that arrived after the first backup's store copy, the keys.
+    assert f"copied {1 + later + 2} files" in again.stdout, again.stdout
     assert f"{len(scene.first.manifest.files) - 1} unchanged" in again.stdout
     secret = scene.backup_dir / "secrets" / "feedback.key"
     assert secret.read_text() == FEEDBACK_KEY
-    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    assert stat.S_IMODE(secret.parent.stat().st_mode) == 0o700
+    for path in (secret, scene.backup_dir / "secrets" / "keys" / "deid.key"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert manifest.secrets_included and manifest.files["secrets/feedback.key"].size == 64
+    # Restored where aidx keeps them, as tight as aidx checks at start.
+    keyed = tmp_path / "with-keys"
+    restore(scene.backup_dir, keyed)
+    assert secret_key(keyed, "deid") == secret_key(scene.site.config.data_dir, "deid")
+    assert stat.S_IMODE((keyed / "keys").stat().st_mode) == 0o700
+    assert stat.S_IMODE((keyed / "feedback.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((keyed / "aidx.db").stat().st_mode) == 0o600  # password hashes
+    assert secret_problems(keyed) == []
 
 
 def test_verify_finds_a_flipped_byte_and_a_missing_file(scene: Scene) -> None:

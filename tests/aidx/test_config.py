@@ -174,3 +174,75 @@ def test_without_a_data_dir_a_command_finds_the_folder_aidx_serve_recorded(
     (elsewhere / "aidx-data").rmdir()
     served.rmdir()
     assert load_config(env=env).data_dir == elsewhere / "aidx-data"
+
+
+def test_dicomweb_token_command_prints_a_peer_entry_that_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    from aidx.cli import main
+
+    assert main(["dicomweb", "token", "pacs", "--read-only"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    token = lines[1].strip()
+    entry = "\n".join(lines[3:])
+    config = load_config(write(tmp_path, f"dicomweb:\n  port: 8042\n  peers:\n{entry}\n"), NO_ENV)
+    (peer,) = config.dicomweb.peers
+    assert peer.name == "pacs" and not peer.store and peer.read
+    assert peer.token_sha256 == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in yaml.safe_dump(redacted(config))
+    assert config.dicomweb.refusal() is None
+
+
+def test_dicomweb_refusals_name_the_key_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            write(tmp_path, "dicomweb:\n  peers:\n  - name: pacs\n    token_sha256: secret\n"),
+            NO_ENV,
+        )
+    assert "dicomweb.peers.0.token_sha256: not a hex SHA-256" in str(info.value)
+    assert "aidx dicomweb token NAME" in str(info.value)
+    empty = load_config(write(tmp_path, "dicomweb:\n  port: 8042\n"), NO_ENV).dicomweb
+    assert "dicomweb.peers is empty" in str(empty.refusal())
+    peer = {"name": "pacs", "token_sha256": "0" * 64}
+    remote = load_config(
+        env=NO_ENV,
+        overrides={"dicomweb.port": 8042, "dicomweb.host": "0.0.0.0", "dicomweb.peers": [peer]},
+    ).dicomweb
+    assert "dicomweb.host is '0.0.0.0'" in str(remote.refusal())
+    assert "dicomweb.certificate and dicomweb.private_key" in str(remote.refusal())
+
+
+def test_a_destination_is_an_ae_or_a_dicomweb_root_and_errors_say_which_keys_go_together(
+    tmp_path: Path,
+) -> None:
+    from aidx.config import DestinationConfig
+    from aidx.config_dicomweb import DicomwebDestinationConfig
+
+    config = load_config(
+        write(
+            tmp_path,
+            "destinations:\n"
+            "  pacs: {ae_title: PACS, host: 10.0.0.5, port: 104}\n"
+            "  web: {dicomweb: 'https://pacs.example/dicom-web/', auth: {bearer_token: t0k}}\n",
+        ),
+        NO_ENV,
+    )
+    assert isinstance(config.destinations["pacs"], DestinationConfig)
+    web = config.destinations["web"]
+    assert isinstance(web, DicomwebDestinationConfig)
+    assert web.studies_url == "https://pacs.example/dicom-web/studies"
+    assert redacted(config)["destinations"]["web"]["auth"]["bearer_token"] == MASK
+
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            write(tmp_path, "destinations:\n  web: {dicomweb: 'http://x/dw', ae_title: P}\n"),
+            NO_ENV,
+        )
+    message = str(info.value)
+    assert "destinations.web.ae_title: unknown key" in message
+    assert "a DICOM AE, with ae_title, host and port, or a DICOMweb root" in message
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "destinations:\n  web: {dicomweb: 'ftp://x'}\n"), NO_ENV)
+    assert "destinations.web.dicomweb: 'ftp://x' is not a DICOMweb root URL" in str(info.value)

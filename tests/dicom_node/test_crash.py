@@ -125,7 +125,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
         # Aim the kill at a write in progress (a temporary file exists) if one shows up soon.
         catch_write_until = time.monotonic() + 2.0
         incoming = data_dir / "spool" / ".incoming"
-        while time.monotonic() < catch_write_until and not any(incoming.glob("*.part")):
+        while time.monotonic() < catch_write_until and not any(incoming.rglob("*.part")):
             pass
         node.kill()
         sender.wait(30)
@@ -138,7 +138,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     acknowledged = {sop_of[path] for path in _acknowledged(lines)}
     assert 100 <= len(acknowledged) < 300, f"killed too late: {len(acknowledged)} acknowledged"
     spool = data_dir / "spool"
-    partial = list((spool / ".incoming").glob("*.part"))
+    partial = list((spool / ".incoming").rglob("*.part"))
     on_disk = len(list(spool.glob("*/*/*.dcm")))
     store = Store.for_config(AidxConfig(data_dir=data_dir))
     indexed = store.count(instances)
@@ -156,7 +156,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     node = NodeProcess(data_dir, port, tmp_path / "node2.log")
     store = Store.for_config(AidxConfig(data_dir=data_dir))
     try:
-        assert list((spool / ".incoming").glob("*.part")) == []
+        assert list((spool / ".incoming").rglob("*.part")) == []
         log = node.log_path.read_text()
         if partial:
             assert f"removed {len(partial)} partial files" in log, log

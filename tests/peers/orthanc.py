@@ -16,6 +16,7 @@ from tests.peers.process import (
     LOOPBACK,
     Modality,
     PeerError,
+    ToolMissingError,
     _failure,
     _Server,
     free_port,
@@ -25,6 +26,31 @@ from tests.peers.process import (
 
 ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_PACKAGE = "orthanc"
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+ORTHANC_DICOMWEB_PACKAGE = "orthanc-dicomweb"
+
+
+def dicomweb_plugin(servers: Mapping[str, tuple[str, Mapping[str, str]]]) -> dict[str, Any]:
+    """Orthanc configuration keys that load Debian's DICOMweb plugin (served under
+    ``/dicom-web/``) and declare ``servers`` (name -> (base URL, HTTP headers such as
+    Authorization)) as its DicomWeb.Servers; raises ToolMissingError without the plugin."""
+    if not Path(ORTHANC_DICOMWEB).is_file():
+        raise ToolMissingError(
+            f"{ORTHANC_DICOMWEB} not found: install the Debian package "
+            f"'{ORTHANC_DICOMWEB_PACKAGE}' (sudo apt-get install {ORTHANC_DICOMWEB_PACKAGE}, "
+            "or `make system-deps` as root)"
+        )
+    return {
+        "Plugins": [ORTHANC_DICOMWEB],
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "Servers": {
+                name: {"Url": url, "HttpHeaders": dict(headers)}
+                for name, (url, headers) in servers.items()
+            },
+        },
+    }
 
 
 class Orthanc(_Server):
@@ -202,6 +228,10 @@ class Orthanc(_Server):
         if not isinstance(answer, dict):
             raise PeerError(f"Orthanc push to {modality_name} answered {answer!r}")
         return answer
+
+    def stow(self, server: str, resources: list[str]) -> Any:
+        """Send resources (Orthanc IDs) to a DicomWeb.Servers entry by STOW-RS and wait."""
+        return self.post(f"/dicom-web/servers/{server}/stow", {"Resources": resources})
 
     def echo(self, modality_name: str) -> bool:
         """C-ECHO a configured modality; False if the association or the echo failed.

@@ -18,9 +18,18 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from aidx.store.schema import events, jobs, results, studies
+from aidx.store.schema import events, instances, jobs, results, studies
 from aidx.store.store import Store
-from tests.peers import LOOPBACK, free_port, poll_until, stop_process, storescu
+from tests.peers import (
+    LOOPBACK,
+    echoscu,
+    free_port,
+    peer_env,
+    poll_until,
+    stop_process,
+    storescu,
+    storescu_command,
+)
 from tests.peers.rabbitmq import RabbitMQ
 from tests.standin_model import install
 
@@ -255,3 +264,100 @@ def test_queued_jobs_survive_a_broker_restart_and_the_stat_study_queued_last_run
             if process is not None:
                 stop_process(process)
         broker.stop()
+
+
+def test_a_node_killed_mid_study_loses_nothing_and_the_study_runs_once(
+    tmp_path: Path, rabbitmq_server: Any
+) -> None:
+    """Two nodes on one store and one shared storage root, one worker. The PACS sends a study to
+    node A, which is killed (-9) in the middle of it; the PACS sends the study again, to node B.
+    Nothing is lost or doubled: every image indexed once with its file, the study assembled once,
+    one job, one result. Node A, restarted, removes only the temporary file its dead process left,
+    not one that a live node on the same shared spool may be writing."""
+    from training.phantom import PhantomOptions, generate
+
+    install(tmp_path / "models", tmp_path)
+    study = generate(tmp_path / "study", PhantomOptions(slices=64, matrix=64, nodules=0)).dicom_dir
+    total = len(list(study.glob("*.dcm")))
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    store: Store | None = None
+    try:
+        base = aidx_env(tmp_path, rabbitmq_server.url())
+        (tmp_path / "shared").mkdir()
+        base["AIDX_STORE__URL"] = f"sqlite:///{tmp_path / 'shared' / 'aidx.db'}"
+        base["AIDX_STORAGE__ROOT"] = str(tmp_path / "shared")
+        base["AIDX_NODE__STUDY_QUIET_PERIOD_S"] = "4"
+        envs = {
+            name: {**base, "AIDX_DATA_DIR": str(tmp_path / name), "AIDX_NODE__PORT": str(port)}
+            for name, port in (("node-a", free_port()), ("node-b", free_port()))
+        }
+
+        def serve(name: str, log: str) -> None:
+            env = envs[name]
+            processes[name] = start([*AIDX, "serve", "--single-process"], tmp_path / log, env)
+            port = int(env["AIDX_NODE__PORT"])
+            poll_until(
+                lambda: echoscu(LOOPBACK, port, called_aet="AIDX").returncode == 0,
+                60,
+                name,
+                process=processes[name],
+                log_path=tmp_path / log,
+            )
+
+        serve("node-a", "node-a.log")
+        serve("node-b", "node-b.log")
+        processes["worker"] = start([*AIDX, "worker"], tmp_path / "worker.log", base)
+        store = Store(base["AIDX_STORE__URL"], root=tmp_path / "shared")
+        # A live writer's temporary file in node A's host folder of the shared spool (as node B
+        # would leave while writing), and one of a writer that is gone.
+        incoming = next((tmp_path / "shared" / "spool" / ".incoming").iterdir())
+        live = incoming / f"1.2.3.{processes['node-b'].pid}.{'0' * 32}.part"
+        dead = incoming / f"1.2.4.{2**22 + 1}.{'0' * 32}.part"  # above Linux's default pid_max
+        live.write_bytes(b"being written")
+        dead.write_bytes(b"left by a killed node")
+
+        sender = subprocess.Popen(
+            storescu_command(
+                LOOPBACK, int(envs["node-a"]["AIDX_NODE__PORT"]), [study], called_aet="AIDX"
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=peer_env(),
+        )
+        while store.count(instances) < total // 4 and sender.poll() is None:
+            pass  # the index is the evidence: stop the node a quarter of the way in
+        os.kill(processes["node-a"].pid, signal.SIGKILL)
+        processes["node-a"].wait(10)
+        assert sender.wait(60) != 0, "the kill came after the whole study was sent"
+        received_by_a = store.count(instances)
+        assert received_by_a < total
+        # The PACS sends the study again, to the other node.
+        storescu(LOOPBACK, int(envs["node-b"]["AIDX_NODE__PORT"]), [study], called_aet="AIDX")
+
+        def ready() -> bool:
+            with store.engine.connect() as conn:
+                return [r.state for r in conn.execute(select(jobs))] == ["results_ready"]
+
+        poll_until(
+            ready,
+            120,
+            "the study's result",
+            process=processes["worker"],
+            log_path=tmp_path / "worker.log",
+        )
+        with store.engine.connect() as conn:
+            rows = conn.execute(select(instances.c.path)).all()
+            (study_row,) = conn.execute(select(studies)).all()
+            assert len(conn.execute(select(results)).all()) == 1
+        assert len(rows) == total and all(Path(r.path).is_file() for r in rows)
+        assert study_row.version == 1 and study_row.instance_count == total
+        assert job_row(store).attempts == 1
+        # Node A again: its dead writer's leftover goes, the live one stays.
+        serve("node-a", "node-a2.log")
+        assert live.exists() and not dead.exists()
+        assert re.search(r"removed \d+ partial files", (tmp_path / "node-a2.log").read_text())
+    finally:
+        if store is not None:
+            store.close()
+        for process in processes.values():
+            stop_process(process)

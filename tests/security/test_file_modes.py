@@ -13,7 +13,6 @@ import re
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from aidx.cli import main
 from aidx.config import TlsConfig, load_config
-from aidx.permissions import DIR_MODE, FILE_MODE, private_key_problem
+from aidx.permissions import DIR_MODE, FILE_MODE, STORE_FILE_MODE, private_key_problem
 from aidx.store.store import Store
 from dicom_node.service import NodeService
 from dicom_node.tls import client_context, server_context
@@ -56,16 +55,6 @@ def loose_modes(root: Path) -> list[str]:
             if mode(path) not in (FILE_MODE, 0o600):
                 wrong.append(f"{path}: {mode(path):04o}")
     return wrong
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    """The usual umask of a shell, which makes 0644 files and 0755 folders."""
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +113,11 @@ def test_everything_aidx_serve_writes_is_0640_in_0750_folders(
         finally:
             store.close()
         data = setup.data_dir
-        # While aidx runs, SQLite's -wal and -shm files exist: they are patient data too.
+        # While aidx runs, SQLite's -wal and -shm files exist: they are patient data too, and
+        # with the store they hold the password hashes: the owner's alone.
         for name in ("aidx.db", "aidx.db-wal", "aidx.db-shm"):
             assert (data / name).is_file(), name
+            assert mode(data / name) == STORE_FILE_MODE, name
         assert loose_modes(data) == []
     written = {Path(result["sr_path"]), Path(result["seg_path"]), Path(result["findings_path"])}
     assert all(p.is_file() and p.is_relative_to(data / "results") for p in written), written
@@ -147,7 +138,9 @@ def test_a_data_folder_made_before_is_tightened_at_start(tmp_path: Path, umask_0
     data = tmp_path / "data"
     data.mkdir()
     url = f"sqlite:///{(data / 'aidx.db').resolve()}"
-    store = Store(url)  # an older aidx, under umask 022
+    store = Store(url)
+    for made in data.glob("aidx.db*"):  # as an older aidx made them, under umask 022
+        made.chmod(0o644)
     deep = data / "results" / "1.2.3" / "sr.dcm"
     deep.parent.mkdir(parents=True)
     deep.write_bytes(b"DICM")
@@ -167,11 +160,11 @@ def test_a_data_folder_made_before_is_tightened_at_start(tmp_path: Path, umask_0
             )
             assert run.returncode == 0, run.stderr
             for name in ("aidx.db", "aidx.db-wal", "aidx.db-shm"):
-                assert mode(data / name) == FILE_MODE, name
+                assert mode(data / name) == STORE_FILE_MODE, name
     finally:
         store.close()
     assert mode(data) == DIR_MODE and mode(data / "results") == DIR_MODE
-    assert f"{data / 'aidx.db'} was mode 0644; changed to 0640" in run.stderr
+    assert f"{data / 'aidx.db'} was mode 0644; changed to 0600" in run.stderr
     assert mode(deep) == 0o644  # below a 0750 folder: out of other users' reach
 
 

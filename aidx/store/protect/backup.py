@@ -24,6 +24,8 @@ from pathlib import Path
 from sqlalchemy import create_engine, make_url, text
 
 from aidx.config import AidxConfig
+from aidx.keys import KEY_FILE_MODE, KEYS_DIR, KEYS_DIR_MODE, LOOSE_KEYS
+from aidx.permissions import STORE_FILE_MODE
 from aidx.store.migrations import current_version
 from aidx.store.paths import root_prefix
 from aidx.store.protect.inventory import Inventory, files_in, inventory
@@ -42,8 +44,7 @@ from aidx.store.store import create_store_engine, safe_url
 log = logging.getLogger("aidx.backup")
 
 PARTS = ("store", "storage", "external", "models", "config", "secrets")
-SECRET_MODE, SECRET_DIR_MODE = 0o600, 0o700
-FEEDBACK_KEY = "feedback.key"  # training.feedback.KEY_FILE (not imported: the serving side)
+SECRET_MODE, SECRET_DIR_MODE = KEY_FILE_MODE, KEYS_DIR_MODE
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,10 @@ def backup(
             copier.copy(key, source, SECRET_MODE)
         else:
             manifest.secrets_left_out.append(str(source))
-    if include_secrets and (folder / "secrets").is_dir():
-        (folder / "secrets").chmod(SECRET_DIR_MODE)
+    if include_secrets:
+        for secrets in (folder / "secrets", folder / "secrets" / KEYS_DIR):
+            if secrets.is_dir():
+                secrets.chmod(SECRET_DIR_MODE)
     removed = _prune(folder, manifest)
     manifest.write(folder)
     store_size = manifest.files[store_key].size  # copied whole every time
@@ -202,7 +205,9 @@ def _sqlite_copy(
 
 
 def _keep(snapshot: Path, target: Path) -> FileEntry:
-    """The store's snapshot, hashed and put in place."""
+    """The store's snapshot (it holds the review app's password hashes: mode 0600, as the
+    store itself), hashed and put in place."""
+    snapshot.chmod(STORE_FILE_MODE)
     st = snapshot.stat()
     entry = FileEntry(size=st.st_size, sha256=sha256_of(snapshot), mtime_ns=st.st_mtime_ns)
     snapshot.replace(target)
@@ -289,11 +294,17 @@ def _config_sources(config: AidxConfig, config_file: Path | None) -> dict[str, P
 
 
 def _secret_sources(config: AidxConfig) -> dict[str, Path]:
-    """The feedback export's HMAC key and the TLS private keys."""
+    """aidx's keys (``data_dir/keys/``: the de-identified export's UID key and the rest, and
+    the feedback export's HMAC key beside them) and the TLS private keys."""
     sources: dict[str, Path] = {}
-    key = config.data_dir / FEEDBACK_KEY
-    if key.is_file():
-        sources["secrets/" + FEEDBACK_KEY] = key.resolve()
+    for name in LOOSE_KEYS:
+        key = config.data_dir / name
+        if key.is_file():
+            sources["secrets/" + name] = key.resolve()
+    keys = config.data_dir / KEYS_DIR
+    if keys.is_dir():
+        for key in sorted(p for p in keys.iterdir() if p.is_file()):
+            sources[f"secrets/{KEYS_DIR}/{key.name}"] = key.resolve()
     for label, tls in _tls_sections(config):
         path = getattr(tls, "private_key", None)
         if path is not None and Path(path).is_file():
@@ -302,8 +313,14 @@ def _secret_sources(config: AidxConfig) -> dict[str, Path]:
 
 
 def _tls_sections(config: AidxConfig) -> list[tuple[str, object]]:
+    """Every section that names TLS files (certificate, private_key, ca_certificates)."""
     sections: list[tuple[str, object]] = [("node", config.node.tls), ("ui", config.ui)]
-    sections += [(f"destination-{name}", d.tls) for name, d in config.destinations.items()]
+    dicomweb = getattr(config, "dicomweb", None)
+    if dicomweb is not None:
+        sections.append(("dicomweb", dicomweb))
+    for name, destination in config.destinations.items():
+        # A DICOM destination's TLS section, or a DICOMweb destination's own CA file.
+        sections.append((f"destination-{name}", getattr(destination, "tls", destination)))
     return sections
 
 

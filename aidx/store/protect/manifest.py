@@ -9,7 +9,8 @@ files' paths in the backup (POSIX, relative to the backup folder):
 - ``external/<absolute path>``: files the store lists outside the storage root (files queued by
   ``aidx send --queue``, rows of an older aidx);
 - ``models/``: the model registry; ``config/``: the configuration file and TLS certificates;
-- ``secrets/``: the feedback HMAC key and TLS private keys, only with ``--include-secrets``.
+- ``secrets/``: aidx's keys (``keys/``: the de-identified export's UID key; the feedback HMAC
+  key) and the TLS private keys, only with ``--include-secrets``.
 
 The size and modification time of each file's source let the next backup into the same folder
 skip the files that did not change (incremental), and the SHA-256 lets ``aidx restore`` and

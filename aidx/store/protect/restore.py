@@ -6,7 +6,8 @@ missing one stops the restore with its name. NEW gets the default layout: ``aidx
 a PostgreSQL backup, ``pg_restore`` into the empty database ``--store-url`` names), the storage
 root's ``spool/``, ``results/`` and ``signed/``, ``external/`` (files the store listed outside
 the root), ``models/``, ``config/`` (the configuration and certificates, for reference) and,
-when the backup has them, ``feedback.key`` and ``secrets/tls/`` (mode 0600). The backup's
+when the backup has them, aidx's keys (``keys/``, ``feedback.key``) and the TLS private keys
+(``secrets/tls/``), files 0600 in 0700 folders. The backup's
 manifest is kept as ``NEW/backup-manifest.json``: ``aidx verify --deep`` checks the files
 against its hashes.
 
@@ -26,6 +27,8 @@ from typing import Any
 from sqlalchemy import Table, create_engine, select, update
 from sqlalchemy.engine import Engine
 
+from aidx.keys import KEY_FILE_MODE, KEYS_DIR, KEYS_DIR_MODE, LOOSE_KEYS
+from aidx.permissions import STORE_FILE_MODE
 from aidx.store.paths import root_prefix
 from aidx.store.protect.backup import pg_target
 from aidx.store.protect.manifest import BackupError, Manifest, copy_hashed
@@ -33,7 +36,7 @@ from aidx.store.schema import instances, jobs, outbox, results, reviews
 from aidx.store.store import create_store_engine, safe_url
 
 RESTORED_MANIFEST = "backup-manifest.json"
-SECRET_MODE, SECRET_DIR_MODE = 0o600, 0o700
+SECRET_MODE, SECRET_DIR_MODE = KEY_FILE_MODE, KEYS_DIR_MODE
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ def restored_path(key: str) -> str | None:
     if part == "storage":
         return rest
     if part == "secrets":
-        return "feedback.key" if rest == "feedback.key" else "secrets/" + rest
+        # aidx's keys where aidx keeps them; TLS private keys apart, for the operator to place.
+        return rest if rest in LOOSE_KEYS or rest.startswith(KEYS_DIR + "/") else key
     return key  # external/, models/, config/
 
 
@@ -79,16 +83,18 @@ def restore(backup_dir: Path, data_dir: Path, store_url: str | None = None) -> R
         where = restored_path(key)
         target = data_dir / (where or f".restore-{Path(key).name}")
         secret = key.startswith("secrets/")
+        mode = SECRET_MODE if secret else STORE_FILE_MODE if where is None else None
         try:
-            copied = copy_hashed(source, target, SECRET_MODE if secret else None)
+            copied = copy_hashed(source, target, mode)
         except FileNotFoundError:
             damaged.append(f"{key}: missing from the backup")
             continue
         if (copied.size, copied.sha256) != (entry.size, entry.sha256):
             damaged.append(f"{key}: its size or SHA-256 differs from the manifest's")
         total += copied.size
-    if (data_dir / "secrets").is_dir():
-        (data_dir / "secrets").chmod(SECRET_DIR_MODE)
+    for secrets in (data_dir / "secrets", data_dir / "secrets" / "tls", data_dir / KEYS_DIR):
+        if secrets.is_dir():
+            secrets.chmod(SECRET_DIR_MODE)
     if damaged:
         listing = "\n  ".join(damaged[:20]) + ("\n  …" if len(damaged) > 20 else "")
         raise BackupError(
