@@ -152,12 +152,23 @@ class StoreConfig(StrictModel):
     url: str | None = None
 
 
+class RetentionConfig(StrictModel):
+    # Which received images `aidx serve` deletes (aidx.store.retention; configs/default.yaml).
+    images_days: float | None = Field(default=None, gt=0)
+    max_disk_percent: float | None = Field(default=None, gt=0, le=100)
+    interval_s: float = Field(default=3600.0, gt=0)
+
+    def enabled(self) -> bool:
+        return self.images_days is not None or self.max_disk_percent is not None
+
+
 class StorageConfig(StrictModel):
     # Where received images (spool/), results (results/) and signed reports (signed/) live: a
     # shared mount (NFS, SMB, CephFS) when several hosts share a store; null: data_dir. Each
     # host's own state (SQLite index, run/, logs, keys) stays in data_dir. The store records
-    # absolute paths: mount a shared root at the same path on every host.
+    # paths relative to the root, so each host may mount it at its own path.
     root: Path | None = None
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
 class SeriesRulesConfig(StrictModel):
@@ -356,9 +367,8 @@ class AidxConfig(StrictModel):
 
     def storage_root(self) -> Path:
         """Received images, results and signed reports live under this (storage.root)."""
-        return (
-            Path(self.storage.root).expanduser().resolve() if self.storage.root else self.data_dir
-        )
+        root = Path(self.storage.root).expanduser() if self.storage.root else self.data_dir
+        return root.resolve()
 
     def models_dir(self) -> Path:
         return self.models.dir or self.data_dir / "models"

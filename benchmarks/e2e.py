@@ -97,7 +97,7 @@ class Setup:
             [*AIDX, "--config", str(self.config_path), "serve"], root / "serve.log"
         )
         wait_for_port(LOOPBACK, self.node_port, 60, process=self.serve)
-        self.store = Store(f"sqlite:///{root / 'data' / 'aidx.db'}")
+        self.store = Store(f"sqlite:///{root / 'data' / 'aidx.db'}", root=root / "data")
 
     def close(self) -> None:
         self.store.close()

@@ -127,7 +127,7 @@ def run(
             "the node",
             process=node,
         )
-        store = Store(f"sqlite:///{work / 'data' / 'aidx.db'}")
+        store = Store(f"sqlite:///{work / 'data' / 'aidx.db'}", root=work / "data")
 
         def rows() -> list[Any]:
             with store.engine.connect() as conn:

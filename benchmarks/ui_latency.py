@@ -135,7 +135,7 @@ def prepare(root: Path) -> tuple[AidxConfig, Store, str]:
     dicom_dir = Path(config.demo_output()) / "dicom"
     write_demo_study(config)  # what `aidx serve --demo` sends
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(f"sqlite:///{config.data_dir / 'aidx.db'}")
+    store = Store.for_config(config)
     study_uid = ""
     for path in sorted(dicom_dir.glob("*.dcm")):
         record = replace(read_file(path.read_bytes(), "PACS"), path=str(path))

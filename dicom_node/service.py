@@ -39,7 +39,7 @@ class NodeService:
         delivery to another process (`aidx outbox run`, under `aidx serve`)."""
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = store or Store(config.store_url())
+        self.store = store or Store.for_config(config)
         self.spool = Spool(
             config.storage_root() / "spool", config.node.min_free_disk_mb * 1024 * 1024
         )

@@ -2,8 +2,8 @@
 
 This module builds the parser, takes the global options and runs :func:`main`; the commands
 live in one module per group (:mod:`aidx.cli.config`, ``db``, ``export`` (export-study),
-``feedback``, ``models``, ``node``,
-``pipeline`` (serve, worker), ``phantom`` (phantom, demo), ``status``, ``ui``, ``users``).
+``feedback``, ``models``, ``node``, ``pipeline`` (serve, worker), ``phantom`` (phantom, demo),
+``protect`` (backup, restore, verify, purge), ``status``, ``ui``, ``users``).
 Nothing below the command line imports this package.
 
 Commands that belong to the training side (``phantom``) import it only when they run, so the
@@ -28,6 +28,7 @@ from aidx.cli import node as cli_node
 from aidx.cli import phantom as cli_phantom
 from aidx.cli import pipeline as cli_pipeline
 from aidx.cli import promotion as cli_promotion
+from aidx.cli import protect as cli_protect
 from aidx.cli import status as cli_status
 from aidx.cli import ui as cli_ui
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_export.add_parsers(sub)
     cli_ui.add_parser(sub)
     cli_db.add_parsers(sub)
+    cli_protect.add_parsers(sub)
 
     dataset = sub.add_parser("dataset", help="build training datasets in the canonical format")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", metavar="SOURCE", required=True)

@@ -35,4 +35,4 @@ def open_existing_store(config: AidxConfig) -> Store:
                 f"no store at {db}: give the node's data directory with --data-dir (or data_dir "
                 "/ store.url in the configuration)"
             )
-    return Store(config.store_url())
+    return Store.for_config(config)

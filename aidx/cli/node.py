@@ -128,7 +128,7 @@ def _open_store(config: AidxConfig) -> Store:
         # The default SQLite index lives in data_dir, which `aidx serve` creates; `send --queue`
         # may come first.
         config.data_dir.mkdir(parents=True, exist_ok=True)
-    return Store(config.store_url())
+    return Store.for_config(config)
 
 
 def outbox_run(args: argparse.Namespace, config: AidxConfig) -> int:

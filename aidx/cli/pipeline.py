@@ -20,6 +20,7 @@ from aidx.supervisor import SUPERVISED_ENV
 if TYPE_CHECKING:
     from aidx.config import AidxConfig
     from aidx.pipeline.dispatch import Publisher
+    from aidx.pipeline.retention import RetentionLoop
     from aidx.pipeline.worker import WorkerPool
     from aidx.store.store import Store
     from aidx.supervisor import ChildSpec, Supervisor
@@ -72,7 +73,7 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         from aidx.store.store import Store
 
-        Store(config.store_url()).close()  # create or migrate the store once, before the children
+        Store.for_config(config).close()  # create or migrate the store once, before the children
     except (OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -225,7 +226,7 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
     try:
         model_problem = _check_pipeline(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(config.store_url())
+        store = Store.for_config(config)
         problem = storage_problem(config, store)
         if problem:
             store.close()
@@ -260,8 +261,11 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
             poll_interval_s=config.pipeline.poll_interval_s,
         )
         results_bell = Doorbell(config.data_dir, RESULTS, exporter.notify) if exporter else None
+        retention = _retention(config, store)
         service.start()
         pool.start()
+        if retention is not None:
+            retention.start()
         if publisher is not None:
             publisher.start()
         if results_bell is not None:
@@ -327,6 +331,8 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
             metrics.stop()
         if results_bell is not None:
             results_bell.stop()
+        if retention is not None:
+            retention.stop()
         if publisher is not None:
             publisher.stop()
         service.stop()
@@ -340,9 +346,10 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
 
 def storage_problem(config: AidxConfig, store: Store) -> str | None:
     """Why this host cannot use its storage root (storage.root, else data_dir), or None: it
-    must be writable, and hold the files the store lists last, at the paths recorded (a host
-    that mounts a shared root elsewhere, or not at all, or names another root, would fail
-    every study or write results that the other hosts cannot read)."""
+    must be writable, and hold the files the store lists last. The store records them relative
+    to the root, so this host finds them under its own root, wherever it mounts the share; a
+    host that does not see the share, or names another root, would fail every study or write
+    results that the other hosts cannot read."""
     import tempfile
 
     root = config.storage_root()
@@ -359,7 +366,7 @@ def storage_problem(config: AidxConfig, store: Store) -> str | None:
         return (
             f"{setting} {root}: none of the files the store lists last are here (e.g. "
             f"{recent[0]}): this host does not see the storage the store's other hosts write; "
-            "mount the shared root at the same path on every host (and set storage.root to it)"
+            f"set {setting} to the folder where this host mounts the shared root"
         )
     if recent and not any(Path(p).is_relative_to(root) for p in recent):
         return (
@@ -367,6 +374,15 @@ def storage_problem(config: AidxConfig, store: Store) -> str | None:
             "set storage.root to the shared root that every host of this store uses"
         )
     return None
+
+
+def _retention(config: AidxConfig, store: Store) -> RetentionLoop | None:
+    """storage.retention, applied in this process (the node's, under the supervisor)."""
+    if not config.storage.retention.enabled():
+        return None
+    from aidx.pipeline.retention import RetentionLoop
+
+    return RetentionLoop(store, config.storage.retention)
 
 
 def _publisher(config: AidxConfig, store: Store) -> Publisher | None:
@@ -434,7 +450,7 @@ def _send_demo(config: AidxConfig, port: int) -> None:
         dicom_dir = Path(getattr(written, "dicom_dir", written))
         files = sorted(dicom_dir.glob("*.dcm"))
         study_uid = read_file(files[0].read_bytes(), "AIDX_DEMO").study_uid
-        store = Store(config.store_url())
+        store = Store.for_config(config)
         try:
             before = _study_state(store, study_uid)
             host = "127.0.0.1" if config.node.host in ("0.0.0.0", "::") else config.node.host
@@ -494,7 +510,7 @@ def worker(args: argparse.Namespace, config: AidxConfig) -> int:
     try:
         model_problem = _check_pipeline(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        store: Store = Store(config.store_url())
+        store: Store = Store.for_config(config)
     except (ConfigError, OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx worker: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE

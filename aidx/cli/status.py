@@ -36,7 +36,7 @@ def status(args: argparse.Namespace, config: AidxConfig) -> int:
         return EXIT_USAGE
     from aidx.store.store import Store
 
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     try:
         if args.study_uid is None:
             studies = recent_status(store, args.limit)

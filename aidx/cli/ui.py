@@ -101,7 +101,7 @@ def run_ui(args: argparse.Namespace, config: AidxConfig) -> int:
 
     try:
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(config.store_url())
+        store = Store.for_config(config)
         server = UiServer(config, store)
     except (OSError, ValueError, SQLAlchemyError) as exc:
         print(f"aidx ui: cannot start: {exc}", file=sys.stderr)

@@ -299,7 +299,7 @@ def _open_store(config: AidxConfig, create: bool = False) -> Store:
                 f"no store at {db}: give the node's data directory with --data-dir (or data_dir "
                 "/ store.url in the configuration), or add a user first with `aidx users add`"
             )
-    return Store(config.store_url())
+    return Store.for_config(config)
 
 
 def _read_password(args: argparse.Namespace, username: str) -> str:

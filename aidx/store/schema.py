@@ -1,5 +1,6 @@
 """Tables of the store (SQLAlchemy Core): the index of received patients, studies, series and
-instances, the study jobs and the export outbox."""
+instances, the study jobs and the export outbox. Every file path is recorded relative to the
+storage root (:mod:`aidx.store.paths`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
+
+from .paths import StoredPath, StoredPathList
 
 metadata = MetaData()
 
@@ -79,7 +82,7 @@ instances = Table(
     Column("sop_class_uid", String(64), nullable=False),
     Column("transfer_syntax", String(64), nullable=False),
     Column("instance_number", Integer),
-    Column("path", Text, nullable=False),
+    Column("path", StoredPath, nullable=False),
     Column("size", Integer, nullable=False),
     Column("calling_ae", String(16), nullable=False),
     Column("received_at", Float, nullable=False),
@@ -103,7 +106,7 @@ jobs = Table(
     Column("lease_until", Float),  # a running job whose lease ran out is taken again
     Column("model", String(160)),  # name@version that produced the results
     Column("series_uid", String(64)),
-    Column("result_dir", Text),
+    Column("result_dir", StoredPath),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("started_at", Float),
@@ -124,10 +127,10 @@ results = Table(
     Column("series_uid", String(64), nullable=False),
     Column("model", String(160), nullable=False),
     Column("study_version", Integer, nullable=False),
-    Column("findings_path", Text, nullable=False),
-    Column("sr_path", Text, nullable=False),
+    Column("findings_path", StoredPath, nullable=False),
+    Column("sr_path", StoredPath, nullable=False),
     Column("sr_sop_uid", String(64), nullable=False),
-    Column("seg_path", Text),
+    Column("seg_path", StoredPath),
     Column("finding_count", Integer, nullable=False),
     Column("max_probability", Float),
     Column("created_at", Float, nullable=False),
@@ -183,7 +186,7 @@ outbox = Table(
     Column("study_uid", String(64)),
     Column("series_uid", String(64)),
     Column("job_id", Integer),  # the job whose results these are, if any
-    Column("files", Text, nullable=False),  # JSON list of paths
+    Column("files", StoredPathList, nullable=False),  # JSON list of paths
     # pending -> sending -> sent; pending -> failed after the last attempt
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
@@ -260,7 +263,7 @@ reviews = Table(
     Column("signed_by", String(64)),
     Column("signed_at", Float),
     Column("signed_sr_uid", String(64)),  # the latest signed SR
-    Column("signed_sr_path", Text),
+    Column("signed_sr_path", StoredPath),
     Column("sign_count", Integer, nullable=False, default=0),
     CheckConstraint("state IN ('new', 'in_review', 'signed')", name="ck_reviews_state"),
 )

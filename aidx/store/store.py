@@ -16,7 +16,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import (
     Connection,
@@ -35,8 +36,12 @@ from aidx.permissions import create_private_file, sqlite_path
 from .jobs import QUEUED, JobQueue, add_event
 from .migrations import prepare, schema_lock
 from .outbox import OutboxItem, OutboxQueue
+from .paths import root_prefix, set_root, to_stored
 from .schema import events, instances, jobs, metadata, outbox, patients, results, series, studies
 from .shadow import ShadowQueue
+
+if TYPE_CHECKING:
+    from aidx.config import AidxConfig
 
 __all__ = [
     "IndexResult",
@@ -198,21 +203,33 @@ def safe_url(url: str) -> str:
 
 class Store(OutboxQueue, JobQueue, ShadowQueue):
     """Thread-safe access to the index. SQLite writes are serialised by a lock in this process
-    (and by SQLite's busy timeout across processes)."""
+    (and by SQLite's busy timeout across processes).
 
-    def __init__(self, url: str) -> None:
+    ``root`` is this host's storage root: the files the store lists are recorded relative to it
+    (:mod:`aidx.store.paths`), so the same rows serve a host that mounts the root elsewhere or
+    a backup restored into another folder. Without a root, paths pass unchanged."""
+
+    def __init__(self, url: str, root: Path | None = None) -> None:
         self.url = url
+        self.root = Path(root).resolve() if root is not None else None
+        self._root_prefix = root_prefix(self.root)
         self.is_sqlite = url.startswith("sqlite")
         database = sqlite_path(url)
         if database is not None:  # password hashes: the owner's alone (aidx.permissions)
             create_private_file(database)
         self.engine: Engine = create_store_engine(url)
+        set_root(self.engine.dialect, self.root)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock()
         # Series whose rows exist (committed): their study and patient key.
         self._known_series: dict[str, tuple[str, str]] = {}
         _open_schema(self.engine, safe_url(url))
+
+    @classmethod
+    def for_config(cls, config: AidxConfig) -> Store:
+        """The store of ``config`` (store.url), its paths under storage.root (else data_dir)."""
+        return cls(config.store_url(), root=config.storage_root())
 
     def close(self) -> None:
         self.engine.dispose()
@@ -250,7 +267,7 @@ class Store(OutboxQueue, JobQueue, ShadowQueue):
                     _SQL_INSTANCE_RESENT,
                     {
                         "sop_uid": rec.sop_uid,
-                        "path": rec.path,
+                        "path": to_stored(rec.path, self._root_prefix),
                         "size": rec.size,
                         # The file was replaced by the re-sent one, which may be encoded
                         # differently.
@@ -275,7 +292,7 @@ class Store(OutboxQueue, JobQueue, ShadowQueue):
                     "sop_class_uid": rec.sop_class_uid,
                     "transfer_syntax": rec.transfer_syntax,
                     "instance_number": rec.instance_number,
-                    "path": rec.path,
+                    "path": to_stored(rec.path, self._root_prefix),
                     "size": rec.size,
                     "calling_ae": rec.calling_ae,
                     "received_at": received_at,
@@ -419,7 +436,8 @@ class Store(OutboxQueue, JobQueue, ShadowQueue):
             )
 
     def recent_instance_paths(self, count: int) -> list[str]:
-        """The files of the ``count`` instances received last."""
+        """The files of the ``count`` instances received last (absolute: under this host's
+        root when recorded relative to it)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(instances.c.path).order_by(instances.c.received_at.desc()).limit(count)

@@ -140,7 +140,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     spool = data_dir / "spool"
     partial = list((spool / ".incoming").rglob("*.part"))
     on_disk = len(list(spool.glob("*/*/*.dcm")))
-    store = Store(AidxConfig(data_dir=data_dir).store_url())
+    store = Store.for_config(AidxConfig(data_dir=data_dir))
     indexed = store.count(instances)
     store.close()
     with capsys.disabled():
@@ -154,7 +154,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     # start, or a re-indexed instance could complete the study before the re-send reopens it.
     monkeypatch.setenv("AIDX_NODE__STUDY_QUIET_PERIOD_S", "8")
     node = NodeProcess(data_dir, port, tmp_path / "node2.log")
-    store = Store(AidxConfig(data_dir=data_dir).store_url())
+    store = Store.for_config(AidxConfig(data_dir=data_dir))
     try:
         assert list((spool / ".incoming").rglob("*.part")) == []
         log = node.log_path.read_text()

@@ -195,7 +195,7 @@ def test_outbox_gives_up_after_the_last_attempt_and_delivers_after_retry(
     assert f"outbox item 1 queued: {len(files)} files to PACS" in queued.stdout
 
     config = aidx.load()
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     try:
         [item] = store.outbox_items()
         assert all(Path(f).is_absolute() for f in item.files), item.files

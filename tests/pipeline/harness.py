@@ -161,7 +161,7 @@ class Pipeline:
     def store(self) -> Store:
         """The serving process's store, read from this process (SQLite in WAL mode)."""
         if self._store is None:
-            self._store = Store(self.aidx.load().store_url())
+            self._store = Store.for_config(self.aidx.load())
         return self._store
 
     def close(self) -> None:

@@ -99,7 +99,7 @@ def test_a_job_whose_worker_dies_is_delivered_again_and_its_result_made_once(
         killed_at = time.monotonic()
         workers[dead].wait(10)
         other = next(name for name in workers if name != dead)
-        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}", root=tmp_path / "data")
         poll_until(
             lambda: job_row(store).state == "results_ready",
             120,
@@ -154,7 +154,7 @@ def test_the_nodes_metrics_show_the_brokers_queue_until_a_worker_takes_the_job(
         poll_until(lambda: waiting in scrape(metrics_port), 30, "the task counted in /metrics")
         assert "aidx_broker_up 1.0" in scrape(metrics_port)
         worker = start([*AIDX, "worker"], worker_log, env)
-        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}", root=tmp_path / "data")
         poll_until(
             lambda: job_row(store).state == "results_ready",
             120,
@@ -237,7 +237,7 @@ def test_queued_jobs_survive_a_broker_restart_and_the_stat_study_queued_last_run
         )
         broker.restart()
         worker = start([*AIDX, "worker"], worker_log, env)
-        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}")
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'aidx.db'}", root=tmp_path / "data")
 
         def states() -> list[str]:
             with store.engine.connect() as conn:
@@ -307,7 +307,7 @@ def test_a_node_killed_mid_study_loses_nothing_and_the_study_runs_once(
         serve("node-a", "node-a.log")
         serve("node-b", "node-b.log")
         processes["worker"] = start([*AIDX, "worker"], tmp_path / "worker.log", base)
-        store = Store(base["AIDX_STORE__URL"])
+        store = Store(base["AIDX_STORE__URL"], root=tmp_path / "shared")
         # A live writer's temporary file in node A's host folder of the shared spool (as node B
         # would leave while writing), and one of a writer that is gone.
         incoming = next((tmp_path / "shared" / "spool" / ".incoming").iterdir())

@@ -63,7 +63,7 @@ def test_two_nodes_three_workers_one_store_one_broker_one_shared_root(
             start_new_session=True,
         )
 
-    store = Store(store_url)
+    store = Store(store_url, root=tmp_path / "shared")
     try:
         for name, port in ports.items():
             start(name, "serve", "--single-process", "--no-ui", "--port", str(port))

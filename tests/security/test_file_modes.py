@@ -100,7 +100,7 @@ def test_everything_aidx_serve_writes_is_0640_in_0750_folders(
     with setup.serve(log_path, single_process=True) as process:
         sent = setup.run("send", str(study), "--to", "SELF")
         assert sent.returncode == 0, sent.stderr + log_tail(log_path)
-        store = Store(setup.load().store_url())
+        store = Store.for_config(setup.load())
         try:
             poll_until(
                 lambda: bool(store.study_results(study_uid)),

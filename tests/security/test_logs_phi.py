@@ -152,7 +152,7 @@ def test_a_study_with_a_one_component_name_and_bad_dates_gets_results_and_no_log
 ) -> None:
     config = _config(bad_study, tmp_path / "data")
     config.data_dir.mkdir()
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     job_id = _queue(store, bad_study)
     assert Worker(config, store).run_once()
 
@@ -186,7 +186,7 @@ def test_results_with_values_left_empty_pass_dciodvfy(
 ) -> None:
     config = _config(bad_study, tmp_path / "data")
     config.data_dir.mkdir()
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     _queue(store, bad_study)
     assert Worker(config, store).run_once()
     (result,) = store.study_results(bad_study.study_uid)
@@ -207,7 +207,7 @@ def test_a_library_error_that_quotes_a_value_fails_the_job_without_the_value(
     monkeypatch.setattr(inference.results_common, "copyable_sources", list)
     config = _config(bad_study, tmp_path / "data")
     config.data_dir.mkdir()
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     job_id = _queue(store, bad_study)
     assert Worker(config, store).run_once()
     job = store.job(job_id)
@@ -319,7 +319,7 @@ def test_other_values_that_do_not_parse_are_left_empty_too(
     invalid), with those values empty."""
     config = _config(odd_study, tmp_path / "data")
     config.data_dir.mkdir()
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     job_id = _queue(store, odd_study)
     assert Worker(config, store).run_once()
     job = store.job(job_id)

@@ -22,7 +22,9 @@ from typing import Any
 import highdicom as hd
 import pytest
 import yaml
+from sqlalchemy import select
 
+from aidx.store.schema import reviews
 from aidx.store.store import Store
 from tests.conftest import REPO, require_tool
 from tests.inference.results_case import dciodvfy_errors
@@ -124,7 +126,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 process=process,
                 log_path=log_path,
             )
-            store = Store(f"sqlite:///{data_dir / 'aidx.db'}")
+            store = Store(f"sqlite:///{data_dir / 'aidx.db'}", root=data_dir)
             uid: list[str] = []
 
             def result_ready() -> bool:
@@ -496,11 +498,14 @@ def test_admin_reads_the_audit_log_and_a_chinese_user_gets_chinese(served: Serve
 
 
 def _check_signed_report(served: Served, accepted: int, rejected: int, added: int) -> None:
-    store = Store(f"sqlite:///{served.data_dir / 'aidx.db'}")
+    store = Store(f"sqlite:///{served.data_dir / 'aidx.db'}", root=served.data_dir)
     try:
         with store.engine.connect() as conn:
-            (signed_uid, signed_path) = conn.exec_driver_sql(
-                "SELECT signed_sr_uid, signed_sr_path FROM reviews WHERE state = 'signed'"
+            # Through the store's columns: the path is recorded relative to the storage root.
+            (signed_uid, signed_path) = conn.execute(
+                select(reviews.c.signed_sr_uid, reviews.c.signed_sr_path).where(
+                    reviews.c.state == "signed"
+                )
             ).one()
         items = [i for i in store.outbox_items() if str(signed_path) in i.files]
         assert [i.destination for i in items] == ["PACS"]

@@ -227,7 +227,7 @@ def test_a_review_app_without_accounts_says_how_to_add_one(
     from ui.web import UiServer
 
     config = load_config(env={}, overrides={"data_dir": str(tmp_path), "ui.port": 0})
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     try:
         for accounts_exist in (False, True):
             server = start_ui(config, store)

@@ -205,7 +205,7 @@ def test_the_app_serves_https_with_the_configured_certificate(
             "ui.private_key": str(pki.server_key),
         },
     )
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     server = UiServer(config, store)
     server.start()
     try:

@@ -30,7 +30,7 @@ def empty_app(root: Path, **ui: Any) -> WebApp:
         env={}, overrides={"data_dir": str(root), **{f"ui.{k}": v for k, v in ui.items()}}
     )
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(config.store_url())
+    store = Store.for_config(config)
     accounts = Accounts(store)
     accounts.add_user("rad", PASSWORD, role="radiologist", display_name="Smith^Anna")
     accounts.add_user("eng", PASSWORD, role="engineer", display_name="Engineer")
