@@ -27,6 +27,30 @@ os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="aidx-test-state-")
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The longest test files (minutes each, measured with --durations), run first: `make test`
+# hands whole files to its two processes (pytest-xdist --dist loadfile), so a long file handed
+# out last would leave one process working alone at the end. Longest first, the short files
+# fill in around them. Only the order changes.
+LONGEST_FILES = (
+    "tests/pipeline/test_orthanc_pipeline.py",
+    "tests/pipeline/test_celery_dispatch.py",
+    "tests/ui/test_review_e2e.py",
+    "tests/pipeline/test_scale_out.py",
+    "tests/aidx/test_serve_demo.py",
+    "tests/training/test_train.py",
+    "tests/inference/test_infer_cli.py",
+    "tests/dicom_node/test_crash.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = Path(str(item.path)).relative_to(REPO).as_posix()
+        return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
+
+
 def require_tool(name: str, package: str) -> str:
     """Absolute path of an external program, or skip (fail in CI) saying how to install it."""
     path = shutil.which(name, path="/usr/bin:/usr/sbin:/bin:/sbin:/usr/local/bin")
