@@ -6,7 +6,8 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # CPU build of PyTorch (lies on the CI machines' disk; a plain `torch` pulls a multi-GB CUDA build).
 TORCH_CPU ?= torch==2.13.0
 # Test processes (pytest-xdist; a file's tests stay together, so module fixtures run once):
-# two halve the suite's time on the 2-core machine, most of it spent waiting on peers.
+# two halve the suite's time on the 2-core machine, most of it spent waiting on peers. Files go
+# out in the order tests/conftest.py gives them (the longest first), not by their test counts.
 TEST_WORKERS ?= 2
 
 .PHONY: run test lint typecheck format bench system-deps clean
@@ -43,7 +44,7 @@ test: system-deps $(VENV)/.installed-test $(VIEWER_HARNESS)/node_modules/.instal
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

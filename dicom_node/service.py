@@ -8,17 +8,21 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from aidx.config import AidxConfig
 from aidx.store.store import Store
 
 from .assembly import StudyAssembler
-from .dicomweb.app import DicomwebServer
 from .export import ExportWorker
 from .parse import InstanceError, read_file
 from .policy import NodeStartError
 from .scp import StorageSCP
 from .spool import Spool
+
+if TYPE_CHECKING:  # imported when the service is on: uvicorn and Starlette cost every node
+    # process (and each `aidx serve` child) half a second at start
+    from .dicomweb.app import DicomwebServer
 
 log = logging.getLogger("aidx.node")
 
@@ -66,6 +70,8 @@ class NodeService:
             self.exporter.start()
         self.scp.start()
         if self.config.dicomweb.enabled:
+            from .dicomweb.app import DicomwebServer  # noqa: PLC0415 - only when it is on
+
             try:
                 self.dicomweb = DicomwebServer(self.config, self.scp.receiver, self.store)
             except (OSError, ValueError) as exc:

@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 from pydicom.dataset import Dataset
 
 from aidx.config_dicomweb import DicomwebDestinationConfig
 
 from .multipart import multipart_stream, new_boundary
 from .stow import DICOM
+
+if TYPE_CHECKING:
+    import httpx
 
 ACCEPT = "application/dicom+json"
 
@@ -33,6 +36,8 @@ class StowError(RuntimeError):
 def stow_files(destination: DicomwebDestinationConfig, name: str, files: Sequence[Path]) -> int:
     """Post ``files`` to the destination ``name``; returns how many it stored (all of them), or
     raises StowError."""
+    import httpx  # noqa: PLC0415 - only for DICOMweb destinations: it costs every node's start
+
     boundary = new_boundary()
     body = b"".join(multipart_stream(((DICOM, [Path(f).read_bytes()]) for f in files), boundary))
     headers = {
