@@ -9,6 +9,7 @@ scripts and the review app.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import sys
 from datetime import datetime
@@ -127,7 +128,7 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
         return None if at is None else round(float(at) - last_image, 3)
 
     study_reviews = _reviews(store, study_uid)
-    events = [
+    recorded = [
         {
             "at": _iso(e["at"]),
             "offset_s": offset(e["at"]),
@@ -138,15 +139,20 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
         for e in store.study_events(study_uid)
     ]
     # The review's steps in the timeline: opened by a radiologist, signed (the latest signing).
+    review_steps = []
     for r in study_reviews:
         if r["opened_at"] is not None:
-            events.append(_event(r["opened_at"], offset, "review opened", r["job_id"], ""))
+            review_steps.append(_event(r["opened_at"], offset, "review opened", r["job_id"], ""))
         if r["signed_at"] is not None:
             detail = f"by {r['signed_by']}" + (
                 f" (signing {r['sign_count']})" if r["sign_count"] > 1 else ""
             )
-            events.append(_event(r["signed_at"], offset, "signed", r["job_id"], detail))
-    events.sort(key=lambda e: e["offset_s"] if e["offset_s"] is not None else 0.0)
+            review_steps.append(_event(r["signed_at"], offset, "signed", r["job_id"], detail))
+    review_steps.sort(key=_offset_key)
+    # The store's events stay in the order they were written (their ids): a worker's clock read
+    # just before it claimed a job may come a few milliseconds before the completion that made the
+    # job, and sorting by time would put the job's start before its study was complete.
+    events = list(heapq.merge(recorded, review_steps, key=_offset_key))
     with store.engine.connect() as conn:
         items = [
             dict(r._mapping)
@@ -227,6 +233,10 @@ def study_status(store: Store, study_uid: str) -> dict[str, Any] | None:
             for i in items
         ],
     }
+
+
+def _offset_key(event: dict[str, Any]) -> float:
+    return float(event["offset_s"]) if event["offset_s"] is not None else 0.0
 
 
 def _event(at: float, offset: Any, name: str, job_id: int | None, detail: str) -> dict[str, Any]:

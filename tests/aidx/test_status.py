@@ -201,3 +201,21 @@ def test_unknown_study_or_data_dir_is_a_usage_error(
 
     code, _, err = run(capsys, "--data-dir", str(data_dir), "status", "--limit", "0")
     assert code == EXIT_USAGE and "--limit" in err
+
+
+def test_the_timeline_keeps_the_order_the_store_wrote_even_when_clocks_disagree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that read its clock just before the assembler completed the study claims the job
+    with an earlier time: the timeline still shows the completion first (a loaded CI run did)."""
+    for name in [k for k in os.environ if k.startswith("AIDX_")]:
+        monkeypatch.delenv(name)
+    store = Store(f"sqlite:///{(tmp_path / 'aidx.db').resolve()}")
+    store.index_instance(record(DONE, 0), T0, quiet_period_s=10)
+    store.complete_study(DONE, T0 + 12.0)
+    job = store.claim_job("host:1:0", lease_s=60, now=T0 + 11.99, alive=lambda _pid: True)
+    assert job is not None
+    store.close()
+    code, out, _ = run(capsys, "--data-dir", str(tmp_path), "status", DONE, "--json")
+    assert code == EXIT_OK, out
+    assert [e["event"] for e in json.loads(out)["events"]] == ["complete", "inference_started"]

@@ -43,6 +43,9 @@ from tests.peers import LOOPBACK
 ATTACKER = "127.0.0.2"
 # How long a test waits for the node to close a connection (the node's deadline is 1 s).
 CLOSE_WAIT_S = 15.0
+# The deadline of the tests' slow peers. The test process hosts the node and its legitimate
+# peer (echo_ok) too; at 1 s, a loaded CI run once closed that peer's own association request.
+REQUEST_DEADLINE_S = 3.0
 
 
 def connect(port: int, source: str = ATTACKER) -> socket.socket:
@@ -78,7 +81,7 @@ def refused(node: NodeService, reason: str) -> int:
 def test_a_slow_association_request_is_closed_at_its_deadline(
     start_node: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    node = start_node(node__association_request_timeout_s=1.0)
+    node = start_node(node__association_request_timeout_s=REQUEST_DEADLINE_S)
     caplog.set_level(logging.WARNING, logger="aidx.node")
     slow = connect(node.port)
     slow.sendall(b"\x01\x00")  # the first two bytes of an A-ASSOCIATE-RQ, then nothing
@@ -141,7 +144,7 @@ def test_one_address_cannot_take_every_slot(
 def test_the_refusals_are_served_in_metrics(start_node: NodeFactory) -> None:
     from aidx.pipeline.metrics import MetricsServer
 
-    node = start_node(node__association_request_timeout_s=1.0)
+    node = start_node(node__association_request_timeout_s=REQUEST_DEADLINE_S)
     silent = connect(node.port)
     assert closed_by_node(silent)
     silent.close()
@@ -490,7 +493,7 @@ def test_a_closed_slow_connection_is_one_line_not_pynetdicom_errors(
 
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, logging.getLogger("pynetdicom").level)
-    node = start_node(node__association_request_timeout_s=1.0)
+    node = start_node(node__association_request_timeout_s=REQUEST_DEADLINE_S)
     try:
         setup_logging("INFO")  # the filters of every aidx command
         root.addHandler(caplog.handler)  # setup_logging replaced the root's handlers
