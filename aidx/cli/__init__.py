@@ -406,11 +406,12 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return handler(args, config)
     except Exception as exc:
-        # A SchemaVersionError, from any command that opens the store (imported here: the
-        # store and SQLAlchemy are loaded by the commands that use them, not by every one).
+        # A store that is too new or cannot be opened, from any command that opens it (imported
+        # here: the store and SQLAlchemy are loaded by the commands that use them, not by all).
         from aidx.store.migrations import SchemaVersionError
+        from aidx.store.store import StoreUnavailableError
 
-        if not isinstance(exc, SchemaVersionError):
+        if not isinstance(exc, (SchemaVersionError, StoreUnavailableError)):
             raise
         print(f"aidx: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,13 +21,15 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Table, func, select, update
 
 from .schema import events, jobs, outbox, results, shadow_runs, studies
 
 # Job states.
+T = TypeVar("T")
+
 QUEUED = "queued"
 RUNNING = "running"
 RESULTS_READY = "results_ready"
@@ -128,25 +130,16 @@ class JobQueue:
         """Take the most urgent job: queued ones by priority then age, and running ones whose
         lease ran out or whose worker (a process on this host) is gone. Older versions of a
         study that a newer version has overtaken are marked superseded instead of run."""
-        now = time.time() if now is None else now
-        host = worker.split(":", 1)[0]
-        while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    select(jobs)
-                    .where(jobs.c.state.in_((QUEUED, RUNNING)))
-                    .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-                ).all()
-            candidate = None
-            for row in rows:
-                if row.state == QUEUED or _abandoned(row, host, now, alive):
-                    candidate = row
-                    break
-            if candidate is None:
-                return None
-            taken = self._take(candidate, worker, lease_s, now)
-            if taken is not None:
-                return taken
+        at = time.time() if now is None else now
+        return claim_first(
+            self.engine,
+            jobs,
+            (jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id),
+            worker,
+            at,
+            alive,
+            lambda row: self._take(row, worker, lease_s, at),
+        )
 
     def claim_job_id(
         self,
@@ -192,9 +185,7 @@ class JobQueue:
                     (jobs.c.study_uid == row.study_uid) & (jobs.c.study_version > row.study_version)
                 )
             ).scalar_one()
-            condition = (jobs.c.id == row.id) & (jobs.c.state == row.state)
-            if row.worker is not None:
-                condition &= jobs.c.worker == row.worker
+            condition = held_as_read(jobs, row)
             if newer:
                 done = conn.execute(
                     update(jobs)
@@ -492,6 +483,43 @@ def queue_shadow(conn: Connection, job: Job, model: str, now: float) -> bool:
     )
     add_event(conn, job.study_uid, "shadow_queued", job.id, model, now)
     return True
+
+
+def claim_first(
+    engine: Engine,
+    table: Table,
+    order_by: Sequence[Any],
+    worker: str,
+    now: float,
+    alive: Callable[[int], bool],
+    take: Callable[[Any], T | None],
+) -> T | None:
+    """The lease loop of jobs and shadow runs: ``take`` the first row (in ``order_by``) that is
+    queued, or running with its lease run out or its worker on this host gone; when another
+    worker was faster (``take`` gives None), read the rows again. None when nothing is left."""
+    host = worker.split(":", 1)[0]
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(table).where(table.c.state.in_((QUEUED, RUNNING))).order_by(*order_by)
+            ).all()
+        candidate = next(
+            (r for r in rows if r.state == QUEUED or _abandoned(r, host, now, alive)), None
+        )
+        if candidate is None:
+            return None
+        taken = take(candidate)
+        if taken is not None:
+            return taken
+
+
+def held_as_read(table: Table, row: Any) -> ColumnElement[bool]:
+    """The condition of a conditional update: the row still in the state (and with the worker)
+    it was read with, so that of two workers taking it, one changes it."""
+    condition: ColumnElement[bool] = (table.c.id == row.id) & (table.c.state == row.state)
+    if row.worker is not None:
+        condition &= table.c.worker == row.worker
+    return condition
 
 
 def _abandoned(row: Any, host: str, now: float, alive: Callable[[int], bool]) -> bool:

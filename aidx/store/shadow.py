@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select, update
 
-from .jobs import ResultRecord, _abandoned, add_event, pid_alive, replace_results
+from .jobs import ResultRecord, add_event, claim_first, held_as_read, pid_alive, replace_results
 from .schema import shadow_runs
 
 QUEUED = "queued"
@@ -58,56 +58,42 @@ class ShadowQueue:
         alive: Callable[[int], bool] = pid_alive,
     ) -> ShadowRun | None:
         """Take the oldest queued shadow run, or a running one whose worker is gone."""
-        now = time.time() if now is None else now
-        host = worker.split(":", 1)[0]
-        while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    select(shadow_runs)
-                    .where(shadow_runs.c.state.in_((QUEUED, RUNNING)))
-                    .order_by(shadow_runs.c.created_at, shadow_runs.c.id)
-                ).all()
-            candidate = next(
-                (r for r in rows if r.state == QUEUED or _abandoned(r, host, now, alive)), None
-            )
-            if candidate is None:
-                return None
-            condition = (shadow_runs.c.id == candidate.id) & (
-                shadow_runs.c.state == candidate.state
-            )
-            if candidate.worker is not None:
-                condition &= shadow_runs.c.worker == candidate.worker
-            with self._write() as conn:
-                taken = conn.execute(
-                    update(shadow_runs)
-                    .where(condition)
-                    .values(
-                        state=RUNNING,
-                        worker=worker,
-                        lease_until=now + lease_s,
-                        attempts=shadow_runs.c.attempts + 1,
-                        updated_at=now,
-                    )
-                ).rowcount
-                if taken:
-                    add_event(
-                        conn,
-                        candidate.study_uid,
-                        "shadow_started",
-                        candidate.job_id,
-                        candidate.model,
-                        now,
-                    )
-            if taken:
-                return ShadowRun(
-                    id=int(candidate.id),
-                    job_id=int(candidate.job_id),
-                    study_uid=str(candidate.study_uid),
-                    study_version=int(candidate.study_version),
-                    model=str(candidate.model),
-                    attempts=int(candidate.attempts or 0) + 1,
+        at = time.time() if now is None else now
+        return claim_first(
+            self.engine,
+            shadow_runs,
+            (shadow_runs.c.created_at, shadow_runs.c.id),
+            worker,
+            at,
+            alive,
+            lambda row: self._take_shadow(row, worker, lease_s, at),
+        )
+
+    def _take_shadow(self, row: Any, worker: str, lease_s: float, now: float) -> ShadowRun | None:
+        with self._write() as conn:
+            taken = conn.execute(
+                update(shadow_runs)
+                .where(held_as_read(shadow_runs, row))
+                .values(
+                    state=RUNNING,
                     worker=worker,
+                    lease_until=now + lease_s,
+                    attempts=shadow_runs.c.attempts + 1,
+                    updated_at=now,
                 )
+            ).rowcount
+            if not taken:
+                return None  # another worker was faster; claim_first reads again
+            add_event(conn, row.study_uid, "shadow_started", row.job_id, row.model, now)
+        return ShadowRun(
+            id=int(row.id),
+            job_id=int(row.job_id),
+            study_uid=str(row.study_uid),
+            study_version=int(row.study_version),
+            model=str(row.model),
+            attempts=int(row.attempts or 0) + 1,
+            worker=worker,
+        )
 
     def renew_shadow_lease(self, run_id: int, worker: str, lease_s: float) -> bool:
         now = time.time()

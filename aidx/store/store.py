@@ -201,6 +201,10 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+class StoreUnavailableError(ValueError):
+    """The store cannot be opened where the configuration points: the message names the key."""
+
+
 class Store(OutboxQueue, JobQueue, ShadowQueue):
     """Thread-safe access to the index. SQLite writes are serialised by a lock in this process
     (and by SQLite's busy timeout across processes).
@@ -216,7 +220,14 @@ class Store(OutboxQueue, JobQueue, ShadowQueue):
         self.is_sqlite = url.startswith("sqlite")
         database = sqlite_path(url)
         if database is not None:  # password hashes: the owner's alone (aidx.permissions)
-            create_private_file(database)
+            try:
+                create_private_file(database)
+            except OSError as exc:
+                raise StoreUnavailableError(
+                    f"store.url {safe_url(url)}: cannot create {database} ({exc.strerror}): "
+                    "give a folder this account may write (store.url, or data_dir when "
+                    "store.url is unset)"
+                ) from exc
         self.engine: Engine = create_store_engine(url)
         set_root(self.engine.dialect, self.root)
         if self.is_sqlite:

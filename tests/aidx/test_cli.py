@@ -58,6 +58,21 @@ def test_bad_config_fails_at_start_with_the_key(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_store_url_where_no_database_can_be_made_names_the_key(tmp_path: Path) -> None:
+    """A folder that cannot be made (here under a plain file, which even root cannot make):
+    the message names store.url and the fix, not SQLite's "unable to open database file"."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    url = f"sqlite:///{blocker}/state/aidx.db"
+    result = run(
+        ["--data-dir", str(tmp_path / "data"), "users", "list"], env={"AIDX_STORE__URL": url}
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"store.url {url}: cannot create {blocker}/state/aidx.db" in result.stderr
+    assert "give a folder this account may write" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_config_check_accepts_a_good_file(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("log:\n  format: json\n", encoding="utf-8")
