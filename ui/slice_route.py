@@ -19,6 +19,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from ui import challenger
 from ui.accounts import User
 from ui.i18n import LANGUAGES, text
 from ui.review import ReviewError
@@ -170,6 +171,7 @@ def add_slice_route(api: FastAPI, ctx: Any, viewed: ViewedReviews) -> None:
                 level=q.level,
                 overlays=q.overlays,
                 selected=q.selected,
+                challenger=user.role in challenger.ROLES,  # an engineer's: shadow findings too
             )
             if q.point is not None:  # the marked point's cross, on its slice
                 st.point = (*q.point, 0.0, 0.0, 0.0)

@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 
 from aidx.deflate import InflateLimitError, read_header
 from inference.volume import frame_attribute
+from ui import challenger
 from ui.accounts import User
 from ui.review import ReviewError
 from ui.slice_route import SliceQueryError, ViewedReviews, integer_parameter, review_parameter
@@ -114,8 +115,9 @@ def _series_description(view: StudyView) -> dict[str, Any]:
     return known
 
 
-def study_description(ctx: Any, review: int) -> dict[str, Any]:
-    """The viewer's description of review ``review``'s series (study.json)."""
+def study_description(ctx: Any, review: int, with_challenger: bool = False) -> dict[str, Any]:
+    """The viewer's description of review ``review``'s series (study.json); with a shadow
+    challenger's findings too (``challenger-<id>``, an engineer's view: ui.challenger)."""
     view = study_view(ctx, review)
     static = _series_description(view)
     count, forward = static["count"], static["forward"]
@@ -138,11 +140,32 @@ def study_description(ctx: Any, review: int) -> dict[str, Any]:
                 "status": f.status,
             }
         )
+    circles = [
+        (f.center_mm, f.diameter_mm)
+        for f in reviewed
+        if f.source == "added" and f.status != "removed"
+    ]
+    if with_challenger:
+        shadow = challenger.challenger_findings(ctx.reviews._store, ctx.reviews.case(review))
+        for _, found in shadow:
+            k, r, col = view.patient_to_pixel(found.center_mm)
+            findings.append(
+                {
+                    "key": f"{challenger.PREFIX}{found.id}",
+                    "colour": _hex(challenger.COLOUR),
+                    "pos": k if forward else count - 1 - k,
+                    "row": r,
+                    "col": col,
+                    "diameter_mm": round(float(found.diameter_mm), 1),
+                    "status": "shadow",
+                }
+            )
+            circles.append((found.center_mm, found.diameter_mm))
     return {
         "review": review,
         "forward": forward,  # scroll position p is volume index p (else count - 1 - p)
         **{k: v for k, v in static.items() if k not in ("forward", "ai_marked")},
-        "marked": sorted(static["ai_marked"] | _added_marks(view, reviewed)),
+        "marked": sorted(static["ai_marked"] | _circle_marks(view, circles)),
         "patient": {
             "name": person_name(who.patient_name),
             "id": who.patient_id,
@@ -158,17 +181,17 @@ def study_description(ctx: Any, review: int) -> dict[str, Any]:
     }
 
 
-def _added_marks(view: StudyView, reviewed: Any) -> set[int]:
-    """Scroll positions an added finding's circle is drawn on (the page fetches marks only
-    for marked positions: these and those of the AI findings' contours and boxes)."""
+def _circle_marks(view: StudyView, circles: list[tuple[Any, float]]) -> set[int]:
+    """Scroll positions a circle (an added finding's, a challenger's: centre in mm, diameter)
+    is drawn on (the page fetches marks only for marked positions: these and those of the AI
+    findings' contours and boxes)."""
     marked: set[int] = set()
-    for f in reviewed:
-        if f.source == "added" and f.status != "removed":
-            k, _, _ = view.patient_to_pixel(f.center_mm)
-            reach = f.diameter_mm / 2 / view.volume.spacing[0]
-            for slice_index in range(int(np.floor(k - reach)), int(np.ceil(k + reach)) + 1):
-                if 0 <= slice_index < view.slice_count:
-                    marked.add(view.display_position(slice_index))
+    for center_mm, diameter_mm in circles:
+        k, _, _ = view.patient_to_pixel(center_mm)
+        reach = diameter_mm / 2 / view.volume.spacing[0]
+        for slice_index in range(int(np.floor(k - reach)), int(np.ceil(k + reach)) + 1):
+            if 0 <= slice_index < view.slice_count:
+                marked.add(view.display_position(slice_index))
     return marked
 
 
@@ -203,7 +226,8 @@ def add_volume_routes(api: FastAPI, ctx: Any, viewed: ViewedReviews) -> None:
             refused = viewed.refusal(user, review)
             if refused is not None:
                 return refused
-            return JSONResponse(study_description(ctx, review), headers=NO_STORE)
+            described = study_description(ctx, review, user.role in challenger.ROLES)
+            return JSONResponse(described, headers=NO_STORE)
         except SliceQueryError as exc:
             return Response(str(exc), status_code=400, media_type="text/plain")
         except ReviewError as exc:

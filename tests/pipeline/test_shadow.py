@@ -498,3 +498,51 @@ def test_an_engineer_sees_the_challengers_findings_in_the_viewer_a_radiologist_d
     rgb[:] = 0
     draw_marks(ctx, st, view, rgb)
     assert not (rgb == (255, 128, 0)).all(axis=-1).any()
+
+
+def test_the_browser_viewer_s_routes_give_an_engineer_the_challengers_circles(run: Run) -> None:
+    """What ui/viewer.js reads: study.json lists the challenger's findings (orange, status
+    ``shadow``) and marks their slices; marks.png draws them; for an engineer only."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from tests.ui.test_web import login
+    from ui.web import UiContext, create_app
+
+    accounts = Accounts(run.store)
+    if accounts.get_user("eng2") is None:
+        accounts.add_user("eng2", "correct horse battery", role="engineer", display_name="E")
+    ctx = UiContext(run.config, run.store, accounts, run.reviews)
+    client = TestClient(create_app(ctx)[1], base_url="http://127.0.0.1")
+    uid = run.studies[1]
+    (row,) = [w for w in run.reviews.worklist() if w.study_uid == uid]
+    challenger = _findings(_result(run.store, uid, True)["findings_path"])
+    assert challenger, "the challenger finds something on every study of this run"
+
+    def described(user: str) -> dict[str, Any]:
+        login(client, user, "correct horse battery")
+        reader = accounts.get_user(user)
+        assert reader is not None
+        run.reviews.open(row.review_id, reader)  # what opening it in the viewer records
+        answer = client.get(f"/viewer/study.json?review={row.review_id}")
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    def orange(pos: int) -> bool:
+        png = client.get(f"/viewer/marks.png?review={row.review_id}&pos={pos}&ov=1")
+        assert png.status_code == 200, png.text
+        rgba = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGBA"))
+        return bool(((rgba[..., :3] == (255, 128, 0)).all(axis=-1) & (rgba[..., 3] > 0)).any())
+
+    shown = described("eng2")
+    shadow = [f for f in shown["findings"] if f["status"] == "shadow"]
+    assert [f["key"] for f in shadow] == [f"challenger-{f.id}" for f in challenger]
+    assert {f["colour"] for f in shadow} == {"#ff8000"}
+    pos = round(shadow[0]["pos"])
+    assert pos in shown["marked"]
+    assert orange(pos)
+    shown = described("rad")
+    assert not [f for f in shown["findings"] if f["status"] == "shadow"]
+    assert not orange(pos)
