@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from aidx.config_base import StrictModel, https_refusal
 from aidx.config_dicomweb import DicomwebConfig
+from aidx.config_fhir import FhirConfig
 from aidx.config_models import ModelsConfig
 from aidx.config_node import (
     _DESTINATION_FORMS,
@@ -282,6 +283,7 @@ class AidxConfig(StrictModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     ui: UiConfig = Field(default_factory=UiConfig)
     dicomweb: DicomwebConfig = Field(default_factory=DicomwebConfig)
+    fhir: FhirConfig = Field(default_factory=FhirConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     def demo_output(self) -> Path:

@@ -30,6 +30,7 @@ from aidx.store.store import OutboxItem, Store
 
 from .client import no_delay, settle_reactor
 from .dicomweb.client import StowError, stow_files
+from .fhir import FhirSendError, is_fhir_item, put_report, report_prefix
 from .tls import client_context
 
 log = logging.getLogger("aidx.export")
@@ -203,8 +204,17 @@ class ExportWorker(BackgroundLoop):
         return attempted
 
     def _attempt(self, item: OutboxItem) -> None:
-        destination = self.config.destinations.get(item.destination)
-        if destination is None:
+        fhir = is_fhir_item(item.item_key)
+        destination = None if fhir else self.config.destinations.get(item.destination)
+        if fhir:
+            newer = self.store.newer_version(item.id, report_prefix(item.item_key))
+            if newer is not None:
+                # Sent after its newer version, it would replace the final report with the
+                # preliminary one: the newer goes instead (the outbox sends one at a time).
+                self.store.mark_sent(item.id, superseded_by=newer)
+                log.info("outbox item %d: superseded by item %d, not sent", item.id, newer)
+                return
+        elif destination is None:
             self.store.mark_attempt_failed(
                 item.id, f"destination {item.destination!r} is not configured", None
             )
@@ -212,9 +222,13 @@ class ExportWorker(BackgroundLoop):
             return
         files = [Path(f) for f in item.files]
         try:
-            if isinstance(destination, DicomwebDestinationConfig):
+            if fhir:
+                put_report(self.config.fhir, files[0])
+                report = SendReport(sent=1)
+            elif isinstance(destination, DicomwebDestinationConfig):
                 report = SendReport(sent=stow_files(destination, item.destination, files))
             else:
+                assert destination is not None  # a DIMSE destination (checked above)
                 report = send_files(destination, self.config.node.ae_title, files)
         except Exception as exc:  # noqa: BLE001 - any failure is this attempt's, never a stuck item
             attempts = item.attempts + 1
@@ -222,7 +236,8 @@ class ExportWorker(BackgroundLoop):
             if attempts < self.config.outbox.max_attempts:
                 retry_at = time.time() + backoff_s(attempts, self.config.outbox)
             # A library's exception text may quote a patient value (aidx.logs).
-            error = str(exc) if isinstance(exc, SendError | StowError) else exception_text(exc)
+            known = SendError | StowError | FhirSendError
+            error = str(exc) if isinstance(exc, known) else exception_text(exc)
             self.store.mark_attempt_failed(item.id, error, retry_at)
             log.warning(
                 "outbox item %d to %s: attempt %d failed: %s%s",

@@ -23,9 +23,11 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -79,6 +81,17 @@ LO_MAX = 64  # characters of a Long String (Series Description, Device Serial Nu
 NODULE = Code("27925004", "SCT", "Nodule")  # CID 7151, and the SR's Finding
 LUNG = Code("39607008", "SCT", "Lung")  # CID 4 Anatomic Region
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
+
+# The radiologist's decisions (a private coding scheme: the signed SR, ui/signoff.py, says why;
+# the FHIR report, inference/fhir_report.py, gives its findings the same codes). REJECTED is the
+# FHIR report's only: the signed SR leaves rejected findings out.
+CODING_SCHEME = "99AIDX"
+DECISION = Code("DECISION", CODING_SCHEME, "Radiologist decision")
+ACCEPTED = Code("ACCEPTED", CODING_SCHEME, "AI finding accepted by radiologist")
+EDITED = Code("EDITED", CODING_SCHEME, "AI finding edited by radiologist")
+ADDED = Code("ADDED", CODING_SCHEME, "Finding added by radiologist")
+REJECTED = Code("REJECTED", CODING_SCHEME, "AI finding rejected by radiologist")
+AI_LONG_AXIS = Code("AILONGAXIS", CODING_SCHEME, "Long axis measured by AI")
 
 # Attributes the writers read from every source image (headers only; pixels are not needed).
 REQUIRED = (
@@ -404,13 +417,27 @@ def save_atomically(dataset: Dataset, path: Path) -> None:
     """Write a Part 10 file so that a reader never sees a half-written one (rename at the end),
     readable by its owner and group only (:data:`RESULT_FILE_MODE`): results carry patient data.
     """
+    with atomic_file(path) as f:
+        dataset.save_as(f, enforce_file_format=True)
+
+
+def write_atomically(data: bytes, path: Path) -> None:
+    """Write ``data`` as :func:`save_atomically` writes a DICOM file (the FHIR report)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A new file for a result, under a temporary name, fsync'd and renamed to ``path`` when
+    the block ends (removed if it raises)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, RESULT_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            dataset.save_as(f, enforce_file_format=True)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)

@@ -19,6 +19,12 @@ from pydicom.uid import generate_uid
 
 import aidx
 from inference.results_common import (
+    ACCEPTED,
+    ADDED,
+    AI_LONG_AXIS,
+    CODING_SCHEME,
+    DECISION,
+    EDITED,
     LUNG,
     MANUFACTURER,
     NODULE,
@@ -43,13 +49,6 @@ from inference.sr import (
     state_no_findings,
 )
 from ui.review import ReviewCase, ReviewedFinding, ReviewError
-
-CODING_SCHEME = "99AIDX"
-DECISION = Code("DECISION", CODING_SCHEME, "Radiologist decision")
-ACCEPTED = Code("ACCEPTED", CODING_SCHEME, "AI finding accepted by radiologist")
-EDITED = Code("EDITED", CODING_SCHEME, "AI finding edited by radiologist")
-ADDED = Code("ADDED", CODING_SCHEME, "Finding added by radiologist")
-AI_LONG_AXIS = Code("AILONGAXIS", CODING_SCHEME, "Long axis measured by AI")
 
 PERSON = Code("121006", "DCM", "Person")  # CID 270 Observer Type
 PHYSICIAN = Code("309343006", "SCT", "Physician")  # CID 7452 Organizational Roles

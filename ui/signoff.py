@@ -77,6 +77,12 @@ the file to each destination (outbox key ``signed:<SOP UID>``, idempotent). A cr
 and (4) leaves a signed review whose report is not queued: the next ``sign`` call on it queues it
 before refusing as already signed.
 
+FHIR: with the ``fhir`` endpoint taking final reports, the DiagnosticReport of the signing
+(``inference.fhir_report``: ``final``, or ``amended`` for an amendment; the same report as the
+AI result's preliminary one) is built and validated after (2), written beside the SR as
+``fhir-<SOP UID>.json``, and queued in (4) to the destination ``fhir``; the loser of two
+concurrent signings removes it with its SR, and the crash between (3) and (4) is recovered alike.
+
 Destinations: every destination the outbox holds the job's AI SR for (whether sent yet or
 not); when there is none, ``fallback_destinations`` (``ui.signoff_destinations``); when there is
 none either, the report is written and recorded but not queued, and the result says why.
@@ -91,7 +97,9 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 from pydicom import dcmread
@@ -99,9 +107,17 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
+from aidx.config_fhir import OUTBOX_DESTINATION
 from aidx.store.schema import outbox
 from aidx.store.store import Store
-from inference.results_common import (
+from inference.fhir_report import FhirSettings, build_report, item_key, read_sr, write_report
+from inference.results_common import (  # noqa: F401  (the decision codes are re-exported)
+    ACCEPTED,
+    ADDED,
+    AI_LONG_AXIS,
+    CODING_SCHEME,
+    DECISION,
+    EDITED,
     LO_MAX,
     save_atomically,
     source_series,
@@ -110,12 +126,6 @@ from inference.volume import in_volume_order
 from ui.accounts import PermissionDenied, User
 from ui.review import REVIEWER_ROLES, ReviewCase, ReviewError, Reviews
 from ui.signed_sr import (  # noqa: F401  (re-exported)
-    ACCEPTED,
-    ADDED,
-    AI_LONG_AXIS,
-    CODING_SCHEME,
-    DECISION,
-    EDITED,
     PERSON,
     PHYSICIAN,
     PN_MAX,
@@ -149,6 +159,7 @@ class SignResult:
     rejected: int  # the model's findings the radiologist rejected
     removed: int  # findings the radiologist added and removed again
     not_queued_reason: str | None = None
+    fhir_queued: bool = False  # the FHIR DiagnosticReport (final or amended) is queued
 
     @property
     def queued(self) -> bool:
@@ -164,6 +175,7 @@ def sign(
     fallback_destinations: Sequence[str] = (),
     client: str | None = None,
     default_organisation: str = "",
+    fhir: FhirSettings | None = None,
 ) -> SignResult:
     """Sign review ``review_id`` as ``user``: write the verified SR to
     ``out_dir/<Study UID>/<SOP Instance UID>.dcm`` (the app passes ``<data_dir>/signed``),
@@ -171,13 +183,15 @@ def sign(
     order, the destinations and the refusals).
 
     ``default_organisation``: the verifying organisation for a user without one
-    (``ui.organisation``). Raises PermissionDenied or ReviewError with what to do.
+    (``ui.organisation``). ``fhir``: the FHIR endpoint takes final reports
+    (``inference.fhir_settings(config, "final")``): the DiagnosticReport is written beside the
+    SR and queued with it. Raises PermissionDenied or ReviewError with what to do.
     """
     if user.role not in REVIEWER_ROLES:
         raise PermissionDenied(f"role {user.role!r} cannot sign; a radiologist must")
     case = reviews.case(review_id)
     if case.state == "signed":
-        _queue_recorded(store, case, fallback_destinations)
+        _queue_recorded(store, case, fallback_destinations, fhir is not None)
         raise ReviewError(
             f"this study is already signed (report {case.signed_sr_uid}); re-open it to amend"
         )
@@ -231,6 +245,13 @@ def sign(
     )
     path = Path(out_dir) / case.study_uid / f"{sr_uid}.dcm"
     save_atomically(report, path)
+    fhir_report: dict[str, Any] | None = None
+    fhir_path: Path | None = None
+    if fhir is not None:
+        # Built (and validated) before the signing is recorded: an invalid one is a bug that
+        # refuses the signing rather than recording a report the EMR never gets.
+        fhir_report = build_report(ai_sr, case.model, fhir, datetime.now(UTC), read_sr(path))
+        fhir_path = write_report(fhir_report, path.parent)
 
     destinations = signed_destinations(store, case, fallback_destinations)
     included = [f for f in findings if f.included]
@@ -250,9 +271,15 @@ def sign(
         winner = reviews.case(review_id).signed_sr_path
         if winner is None or winner.resolve() != path.resolve():
             path.unlink(missing_ok=True)
+            if fhir_path is not None:
+                fhir_path.unlink(missing_ok=True)
         raise
     for destination in destinations:
         store.enqueue(destination, _item_key(sr_uid), [str(path)], case.study_uid, series_uid)
+    if fhir_report is not None and fhir_path is not None:
+        store.enqueue(
+            OUTBOX_DESTINATION, item_key(fhir_report), [str(fhir_path)], case.study_uid, series_uid
+        )
     reason = None
     if not destinations:
         reason = (
@@ -261,7 +288,7 @@ def sign(
         )
     log.info(
         "review %d signed: study_uid=%s sr_uid=%s sign_count=%d included=%d rejected=%d "
-        "destinations=%s",
+        "destinations=%s%s",
         review_id,
         case.study_uid,
         sr_uid,
@@ -269,6 +296,7 @@ def sign(
         len(included),
         rejected,
         ",".join(destinations) or "-",
+        " fhir=queued" if fhir_report is not None else "",
     )
     return SignResult(
         review_id=review_id,
@@ -282,6 +310,7 @@ def sign(
         rejected=rejected,
         removed=removed,
         not_queued_reason=reason,
+        fhir_queued=fhir_report is not None,
     )
 
 
@@ -359,9 +388,12 @@ def _source_datasets(store: Store, case: ReviewCase, ai_sr: Dataset) -> list[Dat
     return datasets
 
 
-def _queue_recorded(store: Store, case: ReviewCase, fallback: Sequence[str]) -> None:
+def _queue_recorded(
+    store: Store, case: ReviewCase, fallback: Sequence[str], fhir: bool = False
+) -> None:
     """Queue the recorded signed report where it is not queued yet (a crash between recording
-    and queueing); enqueue is idempotent, so this does nothing otherwise."""
+    and queueing), and its FHIR report (``fhir``) if it was written; enqueue is idempotent, so
+    this does nothing otherwise."""
     if case.signed_sr_uid is None or case.signed_sr_path is None:
         return
     if not case.signed_sr_path.is_file():
@@ -387,6 +419,18 @@ def _queue_recorded(store: Store, case: ReviewCase, fallback: Sequence[str]) -> 
                 case.review_id,
                 case.signed_sr_uid,
                 destination,
+            )
+    fhir_path = case.signed_sr_path.parent / f"fhir-{case.signed_sr_uid}.json"
+    if fhir and fhir_path.is_file():
+        report = json.loads(fhir_path.read_bytes())
+        _, new = store.enqueue(
+            OUTBOX_DESTINATION, item_key(report), [str(fhir_path)], case.study_uid, series_uid
+        )
+        if new:
+            log.warning(
+                "review %d: the FHIR report of %s was not queued; queued now",
+                case.review_id,
+                case.signed_sr_uid,
             )
 
 

@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from aidx.doorbell import RESULTS, ring
+from inference.fhir_report import fhir_settings
 from ui import challenger
 from ui.accounts import User
 from ui.review import ReviewCase, ReviewedFinding, ReviewError
@@ -527,8 +528,9 @@ def sign_review(ctx: Any, st: ViewerState, user: User, client: str | None) -> An
         fallback_destinations=ctx.config.ui.signoff_destinations,
         client=client,
         default_organisation=ctx.config.ui.organisation,
+        fhir=fhir_settings(ctx.config, "final"),
     )
-    if result.destinations:
+    if result.destinations or result.fhir_queued:
         ring(ctx.config.data_dir, RESULTS)  # the outbox process sends now, not at its next look
     st.state = ctx.reviews.case(st.review_id).state
     return result

@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,21 @@ from pydicom.errors import InvalidDicomError
 
 import models
 from aidx.config import AidxConfig
+from aidx.config_fhir import OUTBOX_DESTINATION
 from aidx.deflate import read_header
 from aidx.logs import exception_text, patient_values, patient_values_of, redact
 from aidx.store.jobs import Delivery, Job, ResultRecord, worker_name
 from aidx.store.shadow import ShadowRun
 from aidx.store.store import Store
 from inference.detector import Detector
+from inference.fhir_report import (
+    FhirSettings,
+    build_report,
+    fhir_settings,
+    item_key,
+    read_sr,
+    write_report,
+)
 from inference.pipeline import InferenceResult, NotApplicableError, infer_files
 from inference.runner import OnnxRunner
 from models.registry import ModelError, Registry
@@ -262,6 +272,9 @@ class Worker:
                 continue
             records.append(_record(result, model.ref))
             deliveries.extend(_deliveries(job, route, result, model.ref))
+            fhir = fhir_settings(self.config, "preliminary")
+            if fhir is not None:
+                deliveries.append(_fhir_delivery(result, model.ref, fhir))
             shadow = self.registry.shadow(model.card.name)
             # (a route pinned to the challenger's version already runs it live)
             if (
@@ -390,6 +403,16 @@ def _deliveries(job: Job, route: Route, result: InferenceResult, model_ref: str)
             key = f"result:{job.study_uid}:v{job.study_version}:{route.name}:{model_ref}"
             out.append(Delivery(destination, key, files, result.report.series_instance_uid))
     return out
+
+
+def _fhir_delivery(result: InferenceResult, model_ref: str, settings: FhirSettings) -> Delivery:
+    """The preliminary FHIR DiagnosticReport of ``result``, written (validated) beside its SR,
+    as one outbox item for the FHIR endpoint."""
+    report = build_report(read_sr(result.sr_path), model_ref, settings, datetime.now(UTC))
+    path = write_report(report, result.sr_path.parent)
+    return Delivery(
+        OUTBOX_DESTINATION, item_key(report), [str(path)], result.report.series_instance_uid
+    )
 
 
 class WorkerPool:

@@ -103,10 +103,27 @@ class OutboxQueue:
             ).scalar()
         return float(value) if value is not None else None
 
-    def mark_sent(self, item_id: int) -> None:
-        """The destination acknowledged the item. When it was the last of its job's items,
-        the job is sent."""
+    def newer_version(self, item_id: int, key_prefix: str) -> int | None:
+        """The id of an item queued after ``item_id`` whose key starts with ``key_prefix`` (a
+        newer version of the same FHIR report), or None."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(func.max(outbox.c.id)).where(
+                    outbox.c.item_key.startswith(key_prefix, autoescape=True)
+                    & (outbox.c.id > item_id)
+                )
+            ).scalar()
+        return int(value) if value is not None else None
+
+    def mark_sent(self, item_id: int, superseded_by: int | None = None) -> None:
+        """The destination acknowledged the item, or (``superseded_by``) a newer version of it
+        goes in its place and it is not sent (the note says so). When it was the last of its
+        job's items, the job is sent."""
         now = time.time()
+        values: dict[str, Any] = {"attempts": outbox.c.attempts + 1, "last_error": None}
+        if superseded_by is not None:
+            note = f"superseded by item {superseded_by}, a newer version: not sent itself"
+            values = {"last_error": note}
         with self._write() as conn:
             item = conn.execute(
                 select(outbox.c.study_uid, outbox.c.job_id, outbox.c.destination).where(
@@ -116,17 +133,12 @@ class OutboxQueue:
             conn.execute(
                 update(outbox)
                 .where(outbox.c.id == item_id)
-                .values(
-                    state="sent",
-                    sent_at=now,
-                    updated_at=now,
-                    last_error=None,
-                    attempts=outbox.c.attempts + 1,
-                )
+                .values(state="sent", sent_at=now, updated_at=now, **values)
             )
             if item is None or item.study_uid is None:
                 return
-            add_event(conn, item.study_uid, "sent", item.job_id, item.destination, now)
+            event = "sent" if superseded_by is None else "superseded"
+            add_event(conn, item.study_uid, event, item.job_id, item.destination, now)
             if item.job_id is None:
                 return
             unsent = conn.execute(

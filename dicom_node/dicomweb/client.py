@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
-from aidx.config_dicomweb import DicomwebDestinationConfig
+from aidx.config_dicomweb import DicomwebAuthConfig, DicomwebDestinationConfig
 
 from .multipart import multipart_stream, new_boundary
 from .stow import DICOM
@@ -44,13 +44,7 @@ def stow_files(destination: DicomwebDestinationConfig, name: str, files: Sequenc
         "Content-Type": f'multipart/related; type="{DICOM}"; boundary={boundary}',
         "Accept": ACCEPT,
     }
-    auth = destination.auth
-    basic = None
-    if auth.bearer_token is not None:
-        headers["Authorization"] = f"Bearer {auth.bearer_token.get_secret_value()}"
-    elif auth.username is not None and auth.password is not None:
-        basic = httpx.BasicAuth(auth.username, auth.password.get_secret_value())
-    verify: str | bool = str(destination.ca_certificates) if destination.ca_certificates else True
+    basic, verify = sign_in(destination.auth, destination.ca_certificates, headers)
     url = destination.studies_url
     try:
         response = httpx.post(
@@ -79,6 +73,22 @@ def stow_files(destination: DicomwebDestinationConfig, name: str, files: Sequenc
             + more
         )
     return len(files)
+
+
+def sign_in(
+    auth: DicomwebAuthConfig, ca_certificates: Path | None, headers: dict[str, str]
+) -> tuple[httpx.BasicAuth | None, str | bool]:
+    """How to sign in to an HTTP peer (a DICOMweb destination, the FHIR endpoint): adds a
+    bearer token to ``headers``, or returns HTTP Basic credentials; and what verifies the
+    peer's certificate (its CA file, else the system's)."""
+    import httpx  # noqa: PLC0415 - see stow_files
+
+    basic = None
+    if auth.bearer_token is not None:
+        headers["Authorization"] = f"Bearer {auth.bearer_token.get_secret_value()}"
+    elif auth.username is not None and auth.password is not None:
+        basic = httpx.BasicAuth(auth.username, auth.password.get_secret_value())
+    return basic, str(ca_certificates) if ca_certificates else True
 
 
 def _failures(response: httpx.Response) -> list[str]:
