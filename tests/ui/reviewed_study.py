@@ -96,14 +96,18 @@ def reviewed_study(
     charset: str | None = None,
     prepare: Callable[[list[Path]], None] | None = None,
     in_spool: bool = False,
+    configure: Callable[[AidxConfig], None] | None = None,
 ) -> ReviewedStudy:
     """Generate, index and run one phantom study under ``root``; users radiologist ``rad``
     (display name ``Smith^Anna``), ``admin`` and ``eng``, all with password PASSWORD. The store
     is ``store_url`` (default: SQLite in the data folder). ``prepare`` may change the phantom's
     files before they are indexed (e.g. add attributes a hospital's images carry); ``in_spool``:
-    the images lie under the storage root (as the node stores them), not beside it."""
+    the images lie under the storage root (as the node stores them), not beside it;
+    ``configure`` may change the configuration before the worker runs (e.g. set ``fhir``)."""
     config = make_config(root)
     config.store.url = store_url
+    if configure is not None:
+        configure(config)
     folder = config.storage_root() / "spool" / "study" if in_spool else root / "study"
     files = sorted(_phantom(folder, seed, patient_name, charset).glob("*.dcm"))
     if prepare is not None:
