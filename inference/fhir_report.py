@@ -44,6 +44,7 @@ import json
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,10 +162,17 @@ def fhir_settings(config: AidxConfig, kind: ReportKind) -> FhirSettings | None:
         if web.public_url:
             root = web.public_url.rstrip("/")
         else:
-            host = socket.getfqdn() if web.host in ("0.0.0.0", "::") else web.host
+            host = _host_name() if web.host in ("0.0.0.0", "::") else web.host
             host = f"[{host}]" if ":" in host else host
             root = f"{'https' if web.https else 'http'}://{host}:{web.port}/dicomweb"
     return FhirSettings(config.fhir.patient_identifier_system, root)
+
+
+@cache
+def _host_name() -> str:
+    """This host's name, for the URLs of a service listening on every interface (looked up
+    once: a reverse DNS lookup can take seconds)."""
+    return socket.getfqdn()
 
 
 def report_uid(ai_sr_uid: str) -> str:

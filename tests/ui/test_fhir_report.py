@@ -18,6 +18,7 @@ from pydicom import dcmread
 
 from aidx.cli import main
 from aidx.config import AidxConfig, ConfigError, load_config
+from aidx.store.schema import outbox
 from aidx.store.store import OutboxItem
 from dicom_node.export import ExportWorker
 from inference.fhir_report import (
@@ -34,6 +35,7 @@ from tests.dicom_node.conftest import wait_for
 from tests.peers.fhir import FhirPeer
 from tests.peers.process import free_port
 from tests.ui.reviewed_study import ReviewedStudy, reviewed_study
+from ui.review import ReviewError
 from ui.signoff import SignResult, sign
 
 MRN_SYSTEM = "urn:oid:1.2.840.99999.1"
@@ -141,7 +143,7 @@ def test_results_ready_send_a_valid_preliminary_report(
     )
 
 
-def test_signing_makes_the_same_report_final_with_the_radiologist(
+def test_signing_makes_the_same_report_final_then_amended_with_the_radiologist(
     reported: Reported, caplog: pytest.LogCaptureFixture
 ) -> None:
     study, rad = reported.study, reported.study.radiologist
@@ -187,6 +189,22 @@ def test_signing_makes_the_same_report_final_with_the_radiologist(
     assert component(edited, "103339001")["value"] == pytest.approx(9.5)
     assert all(o["performer"] == [{"reference": "#radiologist"}] for o in findings)
     assert reported.patient_id not in caplog.text
+
+    # Re-opened and signed again: the same report, amended.
+    study.reviews.reopen(rid, rad)
+    settings = fhir_settings(study.config, "final")
+    amended = sign(study.reviews, study.store, rid, rad, result.sr_path.parents[1], fhir=settings)
+    ExportWorker(study.config, study.store).deliver_due()
+    report, versions = the_report(reported)
+    assert [v["status"] for v in versions] == ["preliminary", "final", "amended"]
+    assert report["identifier"][1]["value"] == f"urn:oid:{amended.sr_uid}"
+    # A crash between recording the signing and queueing: the next sign call queues it.
+    last = fhir_items(reported)[-1]
+    with study.store._write() as conn:
+        conn.execute(outbox.delete().where(outbox.c.id == last.id))
+    with pytest.raises(ReviewError, match="already signed"):
+        sign(study.reviews, study.store, rid, rad, result.sr_path.parents[1], fhir=settings)
+    assert fhir_items(reported)[-1].item_key == last.item_key
 
 
 def test_an_older_version_queued_before_a_newer_one_is_not_sent_after_it(
