@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from pynetdicom.association import Association
 from aidx.background import BackgroundLoop
 from aidx.config import AidxConfig, DestinationConfig, OutboxConfig
 from aidx.config_dicomweb import DicomwebDestinationConfig
+from aidx.config_fhir import FhirConfig
 from aidx.logs import exception_text
 from aidx.store.store import OutboxItem, Store
 
@@ -169,6 +171,15 @@ def _store(
     return True
 
 
+def _stow(destination: DicomwebDestinationConfig, name: str, files: list[Path]) -> SendReport:
+    return SendReport(sent=stow_files(destination, name, files))
+
+
+def _put_report(config: FhirConfig, path: Path) -> SendReport:
+    put_report(config, path)
+    return SendReport(sent=1)
+
+
 def backoff_s(attempts: int, outbox: OutboxConfig, rng: random.Random | None = None) -> float:
     """Delay before the next attempt after ``attempts`` failures (exponential, ±10 % jitter)."""
     base = min(outbox.initial_backoff_s * 2 ** max(attempts - 1, 0), outbox.max_backoff_s)
@@ -204,32 +215,11 @@ class ExportWorker(BackgroundLoop):
         return attempted
 
     def _attempt(self, item: OutboxItem) -> None:
-        fhir = is_fhir_item(item.item_key)
-        destination = None if fhir else self.config.destinations.get(item.destination)
-        if fhir:
-            newer = self.store.newer_version(item.id, report_prefix(item.item_key))
-            if newer is not None:
-                # Sent after its newer version, it would replace the final report with the
-                # preliminary one: the newer goes instead (the outbox sends one at a time).
-                self.store.mark_sent(item.id, superseded_by=newer)
-                log.info("outbox item %d: superseded by item %d, not sent", item.id, newer)
-                return
-        elif destination is None:
-            self.store.mark_attempt_failed(
-                item.id, f"destination {item.destination!r} is not configured", None
-            )
-            log.error("outbox item %d: destination %r not configured", item.id, item.destination)
+        send = self._sender(item)
+        if send is None:
             return
-        files = [Path(f) for f in item.files]
         try:
-            if fhir:
-                put_report(self.config.fhir, files[0])
-                report = SendReport(sent=1)
-            elif isinstance(destination, DicomwebDestinationConfig):
-                report = SendReport(sent=stow_files(destination, item.destination, files))
-            else:
-                assert destination is not None  # a DIMSE destination (checked above)
-                report = send_files(destination, self.config.node.ae_title, files)
+            report = send()
         except Exception as exc:  # noqa: BLE001 - any failure is this attempt's, never a stuck item
             attempts = item.attempts + 1
             retry_at = None
@@ -256,6 +246,33 @@ class ExportWorker(BackgroundLoop):
             report.sent,
             report.converted,
         )
+
+    def _sender(self, item: OutboxItem) -> Callable[[], SendReport] | None:
+        """How to send ``item``; None when it is settled without sending (a FHIR report with a
+        newer version queued; a destination no longer configured)."""
+        files = [Path(f) for f in item.files]
+        if is_fhir_item(item.item_key):
+            newer = self.store.newer_version(item.id, report_prefix(item.item_key))
+            if newer is not None:
+                # Sent after its newer version, it would replace the final report with the
+                # preliminary one: the newer goes instead (the outbox sends one at a time).
+                self.store.mark_sent(item.id, superseded_by=newer)
+                log.info("outbox item %d: superseded by item %d, not sent", item.id, newer)
+                return None
+            if len(files) != 1:
+                self.store.mark_attempt_failed(item.id, "a FHIR item holds one report file", None)
+                return None
+            return partial(_put_report, self.config.fhir, files[0])
+        destination = self.config.destinations.get(item.destination)
+        if destination is None:
+            self.store.mark_attempt_failed(
+                item.id, f"destination {item.destination!r} is not configured", None
+            )
+            log.error("outbox item %d: destination %r not configured", item.id, item.destination)
+            return None
+        if isinstance(destination, DicomwebDestinationConfig):
+            return partial(_stow, destination, item.destination, files)
+        return partial(send_files, destination, self.config.node.ae_title, files)
 
     def _run(self) -> None:
         poll = self.config.outbox.poll_interval_s
