@@ -6,10 +6,10 @@ section's wrong keys; an invalid resource fails loudly."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,12 @@ from aidx.config import AidxConfig, ConfigError, load_config
 from aidx.store.schema import outbox
 from aidx.store.store import OutboxItem
 from dicom_node.export import ExportWorker
+from dicom_node.fhir import FhirSendError, put_report
 from inference.fhir_report import (
     DECISION_SYSTEM,
     DICOM_UID,
     FhirReportError,
-    FhirSettings,
-    build_report,
     fhir_settings,
-    read_sr,
     validate,
 )
 from tests.dicom_node.conftest import wait_for
@@ -83,6 +81,14 @@ def the_report(reported: Reported) -> tuple[dict[str, Any], list[dict[str, Any]]
     official = item.item_key.split(":")[1]
     (stored,) = reported.peer.find("DiagnosticReport", DICOM_UID, f"urn:oid:{official}")
     return stored.current, stored.versions
+
+
+def preliminary(reported: Reported) -> dict[str, Any]:
+    """The preliminary report as the worker wrote (and validated) it."""
+    first = fhir_items(reported)[0]
+    report: dict[str, Any] = json.loads(Path(first.files[0]).read_text(encoding="utf-8"))
+    assert report["status"] == "preliminary"
+    return report
 
 
 def contained(report: dict[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -285,11 +291,24 @@ def test_a_wrong_fhir_setting_names_the_key_and_the_fix(
 
 def test_an_invalid_resource_fails_loudly(reported: Reported) -> None:
     """What build_report checks before a report is written and queued (a bug otherwise)."""
-    case = reported.study.reviews.case(reported.study.review_id())
-    report = build_report(read_sr(case.sr_path), case.model, FhirSettings(), datetime.now(UTC))
+    report = preliminary(reported)
     with pytest.raises(FhirReportError, match=r"(?s)invalid FHIR DiagnosticReport.*issued"):
         validate({**report, "issued": "yesterday"})
     with pytest.raises(FhirReportError, match=r"(?s)invalid FHIR DiagnosticReport.*sizeMm"):
         validate({**report, "contained": [{**report["contained"][-1], "sizeMm": 3}]})
     with pytest.raises(FhirReportError, match="status 'draft', not in R4's value set"):
         validate({**report, "status": "draft"})
+
+
+def test_the_peer_refuses_an_invalid_report_with_an_operation_outcome(
+    reported: Reported, tmp_path: Path
+) -> None:
+    """The test peer validates what it is sent (else the tests above would prove little), and
+    the sender reports the server's OperationOutcome."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**preliminary(reported), "status": "draft"}), encoding="utf-8")
+    config = reported.study.config.fhir.model_copy(update={"url": reported.peer.url})
+    with pytest.raises(FhirSendError) as refused:
+        put_report(config, bad)
+    assert "answered HTTP 400" in str(refused.value)
+    assert "OperationOutcome: error invalid: DiagnosticReport.status 'draft'" in str(refused.value)
