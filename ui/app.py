@@ -399,8 +399,9 @@ def build_app(ctx: Any, lang: str) -> tuple[gr.Blocks, str]:
         def on_sign(st: ViewerState, request: gr.Request) -> Any:
             user = current_user(ctx, request)
             result = sign_review(ctx, st, user, client=_client(request))
-            if result.destinations:
-                msg = t("signed_ok", uid=result.sr_uid, destinations=", ".join(result.destinations))
+            sent_to = [*result.destinations, *(["FHIR"] if result.fhir_queued else [])]
+            if sent_to:
+                msg = t("signed_ok", uid=result.sr_uid, destinations=", ".join(sent_to))
             else:
                 msg = t("signed_no_destination", uid=result.sr_uid)
             return view(st, msg)

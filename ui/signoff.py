@@ -250,8 +250,12 @@ def sign(
     if fhir is not None:
         # Built (and validated) before the signing is recorded: an invalid one is a bug that
         # refuses the signing rather than recording a report the EMR never gets.
-        fhir_report = build_report(ai_sr, case.model, fhir, datetime.now(UTC), read_sr(path))
-        fhir_path = write_report(fhir_report, path.parent)
+        try:
+            fhir_report = build_report(ai_sr, case.model, fhir, datetime.now(UTC), read_sr(path))
+            fhir_path = write_report(fhir_report, path.parent)
+        except BaseException:
+            path.unlink(missing_ok=True)  # nothing recorded, nothing left behind
+            raise
 
     destinations = signed_destinations(store, case, fallback_destinations)
     included = [f for f in findings if f.included]
