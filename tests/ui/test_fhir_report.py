@@ -18,6 +18,7 @@ from pydicom import dcmread
 
 from aidx.cli import main
 from aidx.config import AidxConfig, ConfigError, load_config
+from aidx.config_show import redacted
 from aidx.store.schema import outbox
 from aidx.store.store import OutboxItem
 from dicom_node.export import ExportWorker
@@ -271,6 +272,11 @@ def test_an_endpoint_down_or_refusing_is_retried_then_listed_as_failed(
 def test_a_wrong_fhir_setting_names_the_key_and_the_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    secret = {"AIDX_FHIR__URL": "https://emr.example/fhir", "AIDX_FHIR__AUTH__BEARER_TOKEN": "s3"}
+    right = load_config(env=secret)
+    assert right.fhir.auth.bearer_token is not None
+    assert right.fhir.auth.bearer_token.get_secret_value() == "s3"
+    assert "s3" not in json.dumps(redacted(right))  # `aidx config show`
     with pytest.raises(ConfigError) as wrong_key:
         load_config(env={}, overrides={"fhir.urll": "https://emr.example/fhir"})
     assert "fhir.urll: unknown key" in str(wrong_key.value)
