@@ -13,7 +13,9 @@ environment, which would shadow them on PATH.
 The modules, by responsibility: `tests.peers.process` (errors, tool lookup, ports, polling,
 starting and stopping processes, memory use, the server base class), `tests.peers.dcmtk`
 (storescu, echoscu, storescp) and `tests.peers.orthanc` (Orthanc and its REST API). Everything
-public is importable from `tests.peers` itself.
+public is importable from `tests.peers` itself, except `tests.peers.fhir` (a small FHIR R4
+server in the test's process, the EMR's endpoint), imported from its module: it loads
+fhir.resources.
 """
 
 from tests.peers.dcmtk import (
