@@ -137,7 +137,7 @@ class OutboxQueue:
             )
             if item is None or item.study_uid is None:
                 return
-            event = "sent" if superseded_by is None else "superseded"
+            event = "sent" if superseded_by is None else "send_superseded"
             add_event(conn, item.study_uid, event, item.job_id, item.destination, now)
             if item.job_id is None:
                 return
