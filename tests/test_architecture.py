@@ -30,6 +30,8 @@ SERVING = [
     "inference.sr",
     "inference.seg",
     "inference.pipeline",
+    "inference.fhir_report",
+    "dicom_node.fhir",
     "models.registry",
     "training.dataset",
     "training.converters",
