@@ -22,6 +22,7 @@ from .spool import Spool
 
 if TYPE_CHECKING:  # imported when the service is on: uvicorn and Starlette cost every node
     # process (and each `aidx serve` child) half a second at start
+    from .dicomweb.access import SessionCheck
     from .dicomweb.app import DicomwebServer
 
 log = logging.getLogger("aidx.node")
@@ -37,11 +38,15 @@ class NodeService:
         on_complete: Callable[[str, int], None] | None = None,
         priority: Callable[[str], int] | None = None,
         outbox: bool = True,
+        sessions: SessionCheck | None = None,
     ) -> None:
         """``on_complete(study_uid, job_id)`` is told of each job recorded (to wake workers);
         ``priority(study_uid)`` gives a completed study's job priority; ``outbox`` False leaves
-        delivery to another process (`aidx outbox run`, under `aidx serve`)."""
+        delivery to another process (`aidx outbox run`, under `aidx serve`); ``sessions``
+        checks a review-app session, so that people read through DICOMweb as they signed in
+        (None: systems' tokens only)."""
         self.config = config
+        self.sessions = sessions
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store.for_config(config)
         self.spool = Spool(
@@ -73,7 +78,9 @@ class NodeService:
             from .dicomweb.app import DicomwebServer  # noqa: PLC0415 - only when it is on
 
             try:
-                self.dicomweb = DicomwebServer(self.config, self.scp.receiver, self.store)
+                self.dicomweb = DicomwebServer(
+                    self.config, self.scp.receiver, self.store, self.sessions
+                )
             except (OSError, ValueError) as exc:
                 self.stop()
                 raise NodeStartError(str(exc)) from exc

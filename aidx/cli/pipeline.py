@@ -206,6 +206,25 @@ def _ready_file(config: AidxConfig, pid: int) -> Path:
     return run_dir(config.data_dir) / f"node-ready.{pid}"
 
 
+def review_sessions(config: AidxConfig, store: Store) -> Callable[[str, str], Any]:
+    """The DICOMweb service's check of a review-app session: the person it belongs to while it
+    is live, by the review app's own rules (timeouts of the ``ui`` section)."""
+    from dicom_node.dicomweb.access import Person
+    from ui.accounts import Accounts
+
+    accounts = Accounts(
+        store,
+        idle_timeout_s=config.ui.session_idle_timeout_s,
+        max_age_s=config.ui.session_max_age_s,
+    )
+
+    def check(token: str, client: str) -> Person | None:
+        user = accounts.validate(token, client)
+        return None if user is None else Person(user.username, user.role)
+
+    return check
+
+
 def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -250,6 +269,7 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
             on_complete=on_complete,
             priority=priority_function(config, store),
             outbox=outbox,
+            sessions=review_sessions(config, store) if config.dicomweb.enabled else None,
         )
         exporter = service.exporter
         pool = WorkerPool(

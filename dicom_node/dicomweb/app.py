@@ -1,18 +1,14 @@
 """The DICOMweb service's HTTP side: routes under ``/dicomweb``, bearer-token access per
 peer system, and the uvicorn server the node runs beside its DIMSE listener.
 
-Every request names its peer with ``Authorization: Bearer <token>``; the token's SHA-256 is
-compared with each configured peer's (``dicomweb.peers``), in constant time. No token or an
-unknown one: 401; a peer without the right (``store`` for STOW-RS, ``read`` for QIDO-RS and
-WADO-RS): 403. Refusals are one line of text saying why; the log names the peer and UIDs only
-(a query string may hold patient data: it is never logged).
+Who may do what (peer systems by bearer token, people by the review app's session) is
+decided in :mod:`dicom_node.dicomweb.access`. Refusals are one line of text saying why; the log
+names the peer or user and UIDs only (a query string may hold patient data: it is never logged).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import re
 import socket
@@ -35,6 +31,7 @@ from aidx.store.store import Store
 from dicom_node.receive import Receiver
 
 from . import qido, stow, wado
+from .access import Access, RefusalError, SessionCheck
 from .catalog import Catalog, Entry
 from .multipart import (
     MediaType,
@@ -55,24 +52,21 @@ PREFIX = "/dicomweb"
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class RefusalError(Exception):
-    """A request refused with an HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
-
-
 class DicomwebApp:
     """The routes and what they need: the peers, the receive path and the catalogue."""
 
-    def __init__(self, config: AidxConfig, receiver: Receiver, store: Store) -> None:
+    def __init__(
+        self,
+        config: AidxConfig,
+        receiver: Receiver,
+        store: Store,
+        sessions: SessionCheck | None = None,
+    ) -> None:
         self.config = config
         self.web = config.dicomweb
+        self.access = Access(self.web.peers, sessions)
         self.receiver = receiver
         self.catalog = Catalog(store)
-        self._peers = [(bytes.fromhex(p.token_sha256), p) for p in self.web.peers]
         routes = [
             Route("/studies", self._guard(self.stow, "store"), methods=["POST"]),
             Route("/studies/{study}", self._guard(self.stow, "store"), methods=["POST"]),
@@ -100,33 +94,10 @@ class DicomwebApp:
         self.app = Starlette()
         self.app.mount(PREFIX, inner)
 
-    # ---------------------------------------------------------------------------------- access
-    def peer(self, request: Request) -> DicomwebPeerConfig:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        challenge = {"WWW-Authenticate": 'Bearer realm="aidx dicomweb"'}
-        if scheme.lower() != "bearer" or not token.strip():
-            raise RefusalError(
-                401, "send Authorization: Bearer <token> (dicomweb.peers)", challenge
-            )
-        digest = hashlib.sha256(token.strip().encode("utf-8")).digest()
-        found = None
-        for known, peer in self._peers:  # every comparison made: no timing hint
-            if hmac.compare_digest(known, digest):
-                found = peer
-        if found is None:
-            log.warning("DICOMweb request with an unknown token refused (%s)", _client(request))
-            raise RefusalError(401, "the bearer token is not one of dicomweb.peers", challenge)
-        return found
-
     def _guard(self, handler: Handler, right: str = "read") -> Handler:
         async def guarded(request: Request) -> Response:
             try:
-                peer = self.peer(request)
-                if not getattr(peer, right):
-                    raise RefusalError(
-                        403, f"peer {peer.name} may not {_verb(right)} (dicomweb.peers)"
-                    )
-                request.state.peer = peer
+                request.state.peer = self.access.check(request, right)
                 return await handler(request)
             except RefusalError as refusal:
                 return PlainTextResponse(
@@ -463,25 +434,23 @@ def _json(content: Any, status: int) -> Response:
     return JSONResponse(content, status, media_type=DICOM_JSON)
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown client"
-
-
-def _verb(right: str) -> str:
-    return "store (STOW-RS)" if right == "store" else "search or retrieve (QIDO-RS, WADO-RS)"
-
-
 class DicomwebServer:
     """uvicorn serving :class:`DicomwebApp` on ``dicomweb.host:port`` (HTTPS with a
     certificate), in a thread of the node's process."""
 
-    def __init__(self, config: AidxConfig, receiver: Receiver, store: Store) -> None:
+    def __init__(
+        self,
+        config: AidxConfig,
+        receiver: Receiver,
+        store: Store,
+        sessions: SessionCheck | None = None,
+    ) -> None:
         web = config.dicomweb
         refusal = web.refusal()
         if refusal:
             raise ValueError(refusal)
         self.config = config
-        self.dicomweb = DicomwebApp(config, receiver, store)
+        self.dicomweb = DicomwebApp(config, receiver, store, sessions)
         family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

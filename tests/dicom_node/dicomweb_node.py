@@ -13,7 +13,9 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
+from aidx.cli.pipeline import review_sessions
 from aidx.pipeline.worker import Worker
+from aidx.store.store import Store
 from dicom_node.dicomweb.stow import read_part10
 from dicom_node.service import NodeService
 from tests.dicom_node.conftest import node_config, wait_for
@@ -50,7 +52,10 @@ def dicomweb_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeServ
         inference__min_volume_mm3=1000,
         inference__series__min_slices=8,
     )
-    service = NodeService(config, outbox=False)  # each test's own outbox delivers (`_outbox`)
+    store = Store.for_config(config)
+    # Each test's own outbox delivers (`_outbox`); people read with their review-app session,
+    # checked as `aidx serve` wires it.
+    service = NodeService(config, store, outbox=False, sessions=review_sessions(config, store))
     service.start()
     yield service
     service.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import httpx
@@ -21,9 +22,11 @@ from dicom_node.service import NodeService
 from tests.dicom_node.dicomweb_node import (
     CT_IMAGE,
     DICOM_PARTS,
+    STOW_TYPE,
     _auth,
     _client,
     _files,
+    _multipart,
     _url,
     analysed_study,
     dicomweb_node,
@@ -238,3 +241,54 @@ def test_a_signed_report_is_served_as_a_series_of_its_study(
     (report,) = found
     assert report.VerificationFlag == "VERIFIED"
     assert hd.sr.Comprehensive3DSR.from_dataset(report).SOPInstanceUID == signed.sr_uid
+
+
+# ---------------------------------------------------------------------------------- people
+def test_a_person_reads_with_the_review_app_session_and_never_stores(
+    node: NodeService, study_uid: str, small_study: Path
+) -> None:
+    """The review app's session cookie (a browser sends it to every port of the host) lets a
+    radiologist or an engineer search and retrieve; no one stores as a person; an admin, a
+    signed-out session and no credentials are refused with the reason."""
+    from dicom_node.dicomweb.access import SESSION_COOKIE
+    from ui.web import COOKIE
+
+    assert SESSION_COOKIE == COOKIE  # the cookie the review app sets is the one read here
+    accounts = Accounts(node.store)
+    for name, role in (("web-rad", "radiologist"), ("web-admin", "admin")):
+        if accounts.get_user(name) is None:
+            accounts.add_user(name, "a long enough password", role=role, display_name=name)
+    rad = accounts.authenticate("web-rad", "a long enough password").token
+    admin = accounts.authenticate("web-admin", "a long enough password").token
+
+    def get(token: str | None, path: str = f"/studies?StudyInstanceUID={study_uid}") -> Any:
+        cookies = {COOKIE: token} if token else None
+        return httpx.get(_url(node) + path, cookies=cookies, timeout=30)
+
+    found = get(rad)
+    assert found.status_code == 200, found.text
+    assert [s["0020000D"]["Value"][0] for s in found.json()] == [study_uid]
+    files = sorted(small_study.glob("*.dcm"))
+    sop = pydicom.dcmread(files[0], stop_before_pixels=True)
+    instance = get(
+        rad, f"/studies/{study_uid}/series/{sop.SeriesInstanceUID}/instances/{sop.SOPInstanceUID}"
+    )
+    assert instance.status_code == 200 and instance.content.count(b"DICM") >= 1
+
+    stored = httpx.post(
+        _url(node) + "/studies",
+        content=_multipart([files[0].read_bytes()]),
+        headers={"Content-Type": STOW_TYPE},
+        cookies={COOKIE: rad},
+        timeout=30,
+    )
+    assert stored.status_code == 403
+    assert "people search and retrieve; systems store" in stored.text
+
+    refused = get(admin)
+    assert refused.status_code == 403 and "needs the role radiologist or engineer" in refused.text
+    anonymous = get(None)
+    assert anonymous.status_code == 401 and "sign in to the review app" in anonymous.text
+    assert accounts.revoke(rad)  # signed out in the review app
+    ended = get(rad)
+    assert ended.status_code == 401 and "session has ended" in ended.text
