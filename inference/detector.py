@@ -40,6 +40,7 @@ from models.registry import DetectorSpec, ModelCard, ModelEntry
 from .candidates import (
     Candidates,
     CandidateSpec,
+    bounding_box,
     find_candidates,
     lung_mask,
     probability_peaks,
@@ -97,7 +98,7 @@ def detector_input(
     lungs = lung_mask(coarse.array, coarse.body, LUNGS_SPACING_MM, cspec, hu_window, step=1)
     if not lungs.any():
         raise DetectorError("no lungs found in the series (is it a chest CT?)")
-    box = ndimage.find_objects(lungs.astype(np.uint8))[0]
+    box = bounding_box(lungs)
     lo = np.array([s.start for s in box], dtype=np.float64)
     hi = np.array([s.stop - 1 for s in box], dtype=np.float64)
     corners = np.array(

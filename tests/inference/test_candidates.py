@@ -9,8 +9,9 @@ from inference.candidates import (
     CandidateError,
     CandidateSpec,
     blob_shape,
+    bounding_box,
     find_candidates,
-    local_max,
+    local_peaks,
     lung_mask,
     probability_peaks,
 )
@@ -102,13 +103,32 @@ def test_bad_settings_name_the_setting(kwargs: dict[str, object], message: str) 
 
 
 @pytest.mark.parametrize("shape", [(9, 12, 7), (1, 5, 6), (2, 2, 2)])
-def test_the_local_maximum_is_scipys_3x3x3_maximum_filter(shape: tuple[int, int, int]) -> None:
+def test_the_peaks_are_the_voxels_equal_to_scipys_3x3x3_maximum_filter(
+    shape: tuple[int, int, int],
+) -> None:
+    """The peaks compared only where they can be (above the floor, in the mask) are exactly the
+    whole-grid definition, edges and plateaus included, in the same (C) order."""
     from scipy import ndimage
 
     rng = np.random.default_rng(sum(shape))
     array = rng.random(shape, dtype=np.float32)
-    array[0, 0, :2] = 0.5  # a plateau: equal neighbours are both maxima
-    assert np.array_equal(local_max(array), ndimage.maximum_filter(array, size=3, mode="nearest"))
+    array[0, 0, :2] = 0.9  # a plateau: equal neighbours are both maxima
+    mask = rng.random(shape) < 0.8
+    mask[0, 0, :2] = True
+    expected = np.argwhere(
+        (array == ndimage.maximum_filter(array, size=3, mode="nearest")) & (array > 0.3) & mask
+    )
+    found = local_peaks(array, mask, 0.3)
+    assert len(found) > 0 and np.array_equal(found, expected)
+    assert local_peaks(array, mask, 1.0).shape == (0, 3)
+
+
+def test_the_box_of_a_mask_is_find_objects_box() -> None:
+    from scipy import ndimage
+
+    mask = np.zeros((7, 9, 11), dtype=bool)
+    mask[2, 3, 4] = mask[5, 1, 9] = True
+    assert bounding_box(mask) == ndimage.find_objects(mask.astype(np.uint8))[0]
 
 
 def test_candidates_do_not_depend_on_the_blur_threads(monkeypatch: pytest.MonkeyPatch) -> None:
