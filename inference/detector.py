@@ -71,6 +71,8 @@ class DetectorInput:
     pre: Preprocessed
     lungs: NDArray[np.bool_]
     cut: Volume  # the series cut to the lungs' box (with a margin): what the network sees
+    # the lungs' box in the cut's (k, row, column) indices: first and last corner, fractional
+    lungs_box: NDArray[np.float64] = field(default_factory=lambda: np.zeros((2, 3)))
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -110,6 +112,7 @@ def detector_input(
     start = np.maximum(np.floor(series_index.min(axis=0) - margin), 0).astype(int)
     stop = np.minimum(np.ceil(series_index.max(axis=0) + margin) + 1, volume.hu.shape).astype(int)
     cut = crop_volume(volume, start, stop)
+    lungs_box = np.stack([series_index.min(axis=0), series_index.max(axis=0)]) - start
     timings["lungs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     pre = preprocess(cut, PreprocessSpec((spec.spacing_mm,) * 3, hu_window), body=False)
@@ -129,7 +132,25 @@ def detector_input(
         raise DetectorError("the fine and coarse grids are not aligned")  # both are LPS grids
     fine_lungs = lungs[np.ix_(index[0], index[1], index[2])]
     timings["lungs_s"] += time.perf_counter() - t
-    return DetectorInput(pre, np.ascontiguousarray(fine_lungs), cut, timings)
+    return DetectorInput(pre, np.ascontiguousarray(fine_lungs), cut, lungs_box, timings)
+
+
+def network_cut(data: DetectorInput, margin_mm: float | None) -> Volume:
+    """What the first-stage network sees: the lungs' box with ``margin_mm`` around it (the
+    same arithmetic as the cut's), or the whole cut (None: ``BOX_MARGIN_MM``)."""
+    if margin_mm is None:
+        return data.cut
+    if margin_mm > BOX_MARGIN_MM:
+        raise DetectorError(
+            f"the first-stage network's margin ({margin_mm:g} mm) is wider than the lungs' "
+            f"cut ({BOX_MARGIN_MM:g} mm); set detector.candidates.network_margin_mm to at most "
+            f"{BOX_MARGIN_MM:g}"
+        )
+    cut = data.cut
+    margin = margin_mm / np.asarray(cut.spacing)
+    start = np.maximum(np.floor(data.lungs_box[0] - margin), 0).astype(int)
+    stop = np.minimum(np.ceil(data.lungs_box[1] + margin) + 1, cut.hu.shape).astype(int)
+    return crop_volume(cut, start, stop)
 
 
 def crop_volume(volume: Volume, start: NDArray[np.integer], stop: NDArray[np.integer]) -> Volume:
@@ -276,7 +297,9 @@ class Detector:
         card = self.card
         # the network sees the lungs' box, not the field of view (a third to a half of it)
         coarse = preprocess(
-            data.cut, PreprocessSpec(card.input.spacing_mm, card.input.hu_window), body=False
+            network_cut(data, self.spec.candidates.network_margin_mm),
+            PreprocessSpec(card.input.spacing_mm, card.input.hu_window),
+            body=False,
         )
         probability = self.network.predict(coarse.array)
         c = self.spec.candidates

@@ -98,6 +98,9 @@ class CandidateSettings(_Strict):
     # its sliding window's overlap (None: the configuration's inference.overlap); its peaks
     # are candidates, not findings, so seams between windows cost little
     network_overlap: float | None = Field(default=None, ge=0, lt=1)
+    # the margin (mm) around the lungs' box of its input (None: the fine grid's, 20 mm; the
+    # margin holds body wall and mediastinum, where its peaks are no nodule)
+    network_margin_mm: float | None = Field(default=None, ge=0, le=20)
 
 
 class ClassifierSpec(_Strict):

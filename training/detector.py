@@ -395,6 +395,7 @@ def export(
     augment_top: int = 0,
     max_candidates: int | None = None,
     network_overlap: float | None = None,
+    network_margin_mm: float | None = None,
 ) -> Path:
     """The model folder ``root/<name>/<version>``: the base network (first stage), the
     classifier and a card; with ``evaluation`` (a froc.json of this folder's model, from
@@ -404,7 +405,9 @@ def export(
     ``augment_top``: the classifier's flip-averaged candidates (``classifier.augment_top``);
     ``max_candidates``: blob candidates per scan at serving, when not the training's;
     ``network_overlap``: the first-stage network's sliding-window overlap at serving
-    (``detector.candidates.network_overlap``; None: the configuration's)."""
+    (``detector.candidates.network_overlap``; None: the configuration's);
+    ``network_margin_mm``: its input's margin around the lungs' box
+    (``detector.candidates.network_margin_mm``; None: the fine grid's cut)."""
     import datetime  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
@@ -425,6 +428,8 @@ def export(
         serving["max_candidates"] = max_candidates
     if network_overlap is not None:
         serving["network_overlap"] = network_overlap
+    if network_margin_mm is not None:
+        serving["network_margin_mm"] = network_margin_mm
     if serving:
         spec = spec.model_copy(update={"candidates": spec.candidates.model_copy(update=serving)})
     spec = spec.model_copy(
@@ -520,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="the first-stage network's sliding-window overlap at serving (default: the config's)",
     )
+    exp.add_argument(
+        "--network-margin-mm",
+        type=float,
+        help="the first-stage network's input: the lungs' box with this margin (default: the "
+        "fine grid's cut, 20 mm)",
+    )
     exp.add_argument("--training-command", default="see docs/models/lung-nodule.md")
     args = parser.parse_args(argv)
     if args.command == "extract":
@@ -554,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             args.augment_top,
             args.max_candidates,
             args.network_overlap,
+            args.network_margin_mm,
         )
         print(f"model folder: {folder}")
     return 0

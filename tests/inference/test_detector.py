@@ -15,13 +15,15 @@ from inference.detector import (
     DetectorError,
     candidate_region,
     crops,
+    detector_input,
     fine_index,
+    network_cut,
     suppress,
 )
 from inference.preprocess import Preprocessed
 from inference.runner import RunnerOptions
 from inference.volume import Volume
-from models.registry import ModelCard, ModelError, Registry, sha256_of
+from models.registry import DetectorSpec, ModelCard, ModelError, Registry, sha256_of
 from tests.models.test_registry import CARD, tiny_model
 
 WINDOW = (-1000.0, 400.0)
@@ -298,3 +300,25 @@ def test_a_detection_inside_a_stronger_ones_region_is_the_same_nodule() -> None:
     ]
     kept = distinct(regions, (32, 32, 32))
     assert [r.probability for r in kept] == [0.99, 0.6]
+
+
+@pytest.mark.parametrize("margin_mm", [0.0, 7.5, 20.0])
+def test_the_first_stage_sees_the_lungs_box_with_the_cards_margin(
+    monkeypatch: pytest.MonkeyPatch, margin_mm: float
+) -> None:
+    """Cut from the fine grid's cut, the first stage's input is exactly the series cut to the
+    lungs' box with that margin (the region and the voxels); without a margin it is the cut."""
+    from inference import detector
+
+    volume, _ = chest_volume()
+    spec = DetectorSpec.model_validate(DETECTOR)
+    data = detector_input(volume, spec, WINDOW)
+    assert network_cut(data, None) is data.cut
+    ours = network_cut(data, margin_mm)
+    monkeypatch.setattr(detector, "BOX_MARGIN_MM", margin_mm)
+    direct = detector_input(volume, spec, WINDOW).cut
+    assert np.array_equal(ours.hu, direct.hu) and ours.sop_uids == direct.sop_uids
+    assert np.allclose(ours.origin, direct.origin)
+    assert ours.hu.size < volume.hu.size
+    if margin_mm < 20.0:
+        assert ours.hu.size < data.cut.hu.size
