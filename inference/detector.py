@@ -72,7 +72,7 @@ class DetectorInput:
     lungs: NDArray[np.bool_]
     cut: Volume  # the series cut to the lungs' box (with a margin): what the network sees
     # the lungs' box in the cut's (k, row, column) indices: first and last corner, fractional
-    lungs_box: NDArray[np.float64] = field(default_factory=lambda: np.zeros((2, 3)))
+    lungs_box: NDArray[np.float64]
     timings: dict[str, float] = field(default_factory=dict)
 
 
