@@ -18,8 +18,10 @@ number (:attr:`Volume.frames`). A series mixing the two kinds is refused.
 
 from __future__ import annotations
 
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -429,14 +431,53 @@ def _decode_failure(exc: BaseException) -> bool:
     return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
+class DamagedPixelDataError(Exception):
+    """A pixel decoder warned while decoding: it read damaged data (short segments, bad
+    padding), which is refused rather than shown to the detector or a reader."""
+
+
+# The warnings filters are the process's, not a thread's (Python 3.11): a decode that set them to
+# "error" turned a warning of another thread of the review app (Gradio's analytics, in pandas)
+# into an exception there, and two decodes at once could restore each other's filters. Decodes
+# take this lock and record warnings ("always") instead; what the pixel decoders warned is this
+# decode's, any other thread's warning in the window is passed on as it was.
+_WARNINGS_LOCK = threading.Lock()
+_DECODER_PACKAGES = ("pydicom", "pylibjpeg", "libjpeg", "openjpeg", "rle", "gdcm", "PIL", "numpy")
+
+
+@contextmanager
+def _decoder_warnings() -> Iterator[Callable[[], None]]:
+    """Within the block, ``check()`` raises DamagedPixelDataError if a pixel decoder warned since
+    the block began; other warnings are shown as usual when it ends."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def check() -> None:
+            for w in caught:
+                if _from_decoder(w):
+                    raise DamagedPixelDataError(f"{w.category.__name__}: {w.message}")
+
+        try:
+            yield check
+        finally:
+            others = [w for w in caught if not _from_decoder(w)]
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _from_decoder(w: warnings.WarningMessage) -> bool:
+    parts = Path(w.filename).parts
+    return any(p.startswith(_DECODER_PACKAGES) for p in parts) or w.filename == __file__
+
+
 def _read_pixels(path: Path) -> Dataset:
     try:
         ds = dcmread(path)
         # A decoder that has to warn (short segments, bad padding) read damaged data: refuse
         # the slice rather than show the detector something that is not the image.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with _decoder_warnings() as check:
             ds.pixel_array  # noqa: B018 - decode now, so that a corrupt block names its slice
+            check()
     except BaseException as exc:
         if not _decode_failure(exc):
             raise
@@ -459,9 +500,10 @@ def _read_frames(
         raise VolumeError(f"pixel data of {path.name} cannot be read: {exc}") from exc
     frame = 0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # as in _read_pixels: a warning means damaged data
-            for frame, pixels in enumerate(iter_pixels(ds), start=1):
+        with _decoder_warnings() as check:  # as in _read_pixels: a warning means damaged data
+            for number, pixels in enumerate(iter_pixels(ds), start=1):
+                check()  # what decoding frame ``number`` warned
+                frame = number
                 k = where[(index, frame)]
                 hu[k] = _rescale(pixels, slices[k])
     except BaseException as exc:

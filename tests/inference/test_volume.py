@@ -451,3 +451,44 @@ def test_series_selection_reads_the_frame_type(multiframe: dict[str, Path], tmp_
     path, _ = edited(multiframe["enhanced"], tmp_path, localizer)
     selection = select_series([path], SeriesRules(min_slices=20))
     assert selection.chosen is None and "image type LOCALIZER" in selection.reason()
+
+
+def test_a_decoder_warning_refuses_the_slice_and_leaves_other_threads_warnings_alone(
+    study: Path, tmp_path: Path
+) -> None:
+    """pydicom warns of excess padding after the pixels: the slice is refused (damaged data).
+    A warning of another thread meanwhile (the review app's Gradio, in pandas) stays a warning:
+    the decode no longer sets the process's filters to "error", which made it an exception
+    there (seen as a traceback in the review app's log)."""
+    import threading
+    import warnings
+
+    from inference import volume
+
+    copies = copy_series(study, tmp_path)
+    ds = pydicom.dcmread(copies[1])
+    ds.PixelData = ds.PixelData + b"\x00" * 6  # excess padding after the pixels: pydicom warns
+    ds.save_as(copies[1])
+    with pytest.raises(VolumeError, match=rf"pixel data of {copies[1].name} cannot be decoded"):
+        load_series(copies)
+
+    raised: list[BaseException] = []
+    inside, done = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        inside.wait(10)
+        try:
+            warnings.warn("a pandas deprecation in another thread", FutureWarning, stacklevel=1)
+        except BaseException as exc:  # noqa: BLE001 - what the old filters made of it
+            raised.append(exc)
+        done.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    # Passed on when the block ends, not swallowed, and not this decode's.
+    with pytest.warns(FutureWarning, match="another thread"), volume._decoder_warnings() as check:
+        inside.set()
+        assert done.wait(10)
+        check()
+    thread.join()
+    assert raised == []
