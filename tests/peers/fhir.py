@@ -36,34 +36,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from aidx.background import serve_uvicorn
+from inference.fhir_report import OBSERVATION_STATUSES, REPORT_STATUSES
 
 from .process import LOOPBACK, poll_until
 
 FHIR_JSON = "application/fhir+json"
-STATUSES = {
-    "DiagnosticReport": {
-        "registered",
-        "partial",
-        "preliminary",
-        "final",
-        "amended",
-        "corrected",
-        "appended",
-        "cancelled",
-        "entered-in-error",
-        "unknown",
-    },
-    "Observation": {
-        "registered",
-        "preliminary",
-        "final",
-        "amended",
-        "corrected",
-        "cancelled",
-        "entered-in-error",
-        "unknown",
-    },
-}
+# R4's required status value sets (which fhir.resources does not check): the same fact the
+# report builder checks against, kept in one place.
+STATUSES = {"DiagnosticReport": REPORT_STATUSES, "Observation": OBSERVATION_STATUSES}
 
 
 @dataclass
