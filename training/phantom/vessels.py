@@ -146,29 +146,46 @@ def grow_tree(
         end_offset = _perpendicular(v, offset + 0.3 * rng.standard_normal(3))
         if r >= params.airway_min_radius:
             bundles.append((p, q, r, r_end, _perpendicular(v, offset), end_offset))
-        left, right = _split(pts, v, rng)
+        left, right = _split(pts, c, v, rng)
         frac = len(left) / len(pts)
         stack.append((q, left, r_end * frac ** (1 / 3), end_offset))
         stack.append((q, right, r_end * (1 - frac) ** (1 / 3), end_offset))
     return segments, bundles
 
 
-def _split(pts: Vec, direction: Vec, rng: np.random.Generator) -> tuple[Vec, Vec]:
-    """Split points in two halves across their main axis (avoiding the growth direction)."""
-    centred = pts - pts.mean(axis=0)
+def _split(pts: Vec, centre: Vec, direction: Vec, rng: np.random.Generator) -> tuple[Vec, Vec]:
+    """Split points (whose mean is ``centre``) in two halves across their main axis (avoiding
+    the growth direction)."""
+    centred = pts - centre
     _, vecs = np.linalg.eigh(centred.T @ centred)
     d = direction / (np.linalg.norm(direction) + 1e-9)
     axis = vecs[:, 2] if abs(vecs[:, 2] @ d) < 0.8 else vecs[:, 1]
     axis = axis + 0.25 * rng.standard_normal(3)
     proj = centred @ axis
     # Unequal splits give the asymmetric branching of real lungs.
-    cut = np.quantile(proj, float(rng.uniform(0.35, 0.65)))
+    cut = _quantile(proj, float(rng.uniform(0.35, 0.65)))
     below = proj <= cut
     if below.all() or not below.any():
         half = len(pts) // 2
         order = np.argsort(proj)
         return pts[order[:half]], pts[order[half:]]
     return pts[below], pts[~below]
+
+
+def _quantile(values: Vec, q: float) -> float:
+    """``np.quantile(values, q)`` of a 1-D array (its default "linear" method), to the last bit:
+    the same index, the same two order statistics (by a partition) and the same interpolation
+    as NumPy's ``_lerp``, without its general-case overhead (about 15x faster on the few hundred
+    points of a branch; the trees split thousands of times per phantom)."""
+    n = values.size
+    virtual = (n - 1) * q
+    lo = int(np.floor(virtual))
+    hi = min(lo + 1, n - 1)
+    ordered = np.partition(values, (lo, hi))
+    below, above = ordered[lo], ordered[hi]
+    gamma = virtual - lo
+    step = above - below
+    return float(above - step * (1 - gamma) if gamma >= 0.5 else below + step * gamma)
 
 
 def _perpendicular(direction: Vec, hint: Vec) -> Vec:
