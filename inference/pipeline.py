@@ -29,7 +29,7 @@ from .postprocess import findings_from_probability
 from .preprocess import PreprocessSpec, preprocess
 from .runner import OnnxRunner, RunnerOptions
 from .seg import write_seg
-from .series import SeriesRules, select_series
+from .series import SeriesRules, select_series, series_rules
 from .sr import write_sr
 from .volume import load_series, slice_sources
 
@@ -53,17 +53,6 @@ class InferenceResult:
     kos_path: Path | None = None  # the key slices as a Key Object Selection (when asked for)
     # the SR variant Cornerstone3D/OHIF hydrate into editable tools (when asked for)
     cornerstone_sr_path: Path | None = None
-
-
-def series_rules(config: AidxConfig) -> SeriesRules:
-    s = config.inference.series
-    return SeriesRules(
-        modalities=tuple(s.modalities),
-        min_slices=s.min_slices,
-        max_slice_thickness_mm=s.max_slice_thickness_mm,
-        max_axial_tilt_deg=s.max_axial_tilt_deg,
-        exclude_image_types=tuple(s.exclude_image_types),
-    )
 
 
 def runner_options(config: AidxConfig) -> RunnerOptions:

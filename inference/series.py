@@ -15,13 +15,16 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .volume import frame_attribute, frame_count, is_multiframe
+
+if TYPE_CHECKING:
+    from aidx.config import AidxConfig
 
 HEADER_TAGS = [
     "SeriesInstanceUID",
@@ -50,6 +53,18 @@ class SeriesRules:
     exclude_image_types: tuple[str, ...] = ("LOCALIZER", "DERIVED", "SECONDARY", "PROJECTION")
     body_parts: tuple[str, ...] = ()  # Body Part Examined values accepted; empty: any
     description_pattern: str = ""  # regular expression searched in Series Description
+
+
+def series_rules(config: AidxConfig) -> SeriesRules:
+    """The rules of ``inference.series`` (a route adds its body parts and description)."""
+    s = config.inference.series
+    return SeriesRules(
+        modalities=tuple(s.modalities),
+        min_slices=s.min_slices,
+        max_slice_thickness_mm=s.max_slice_thickness_mm,
+        max_axial_tilt_deg=s.max_axial_tilt_deg,
+        exclude_image_types=tuple(s.exclude_image_types),
+    )
 
 
 @dataclass

@@ -283,6 +283,14 @@ def _compare(declared: TensorSpec, actual: Any, what: str, path: Path) -> None:
         raise ModelError(f"{path}: the {what} does not match the card: {'; '.join(problems)}")
 
 
+SHIPPED = Path(__file__).resolve().parent / "shipped"  # models shipped with aidx
+
+
+def site_registry(models_dir: Path) -> Registry:
+    """A site's registry: its own folder (``models.dir``) over the models shipped with aidx."""
+    return Registry(models_dir, (SHIPPED,))
+
+
 class Registry:
     """Model versions under ``root`` (writable) and ``shipped`` roots (read-only)."""
 

@@ -36,10 +36,9 @@ def _check_pipeline(config: AidxConfig) -> str | None:
     """Routes name known destinations, and the models they use exist: a warning if not (the
     node still receives; jobs fail with the reason until a model is registered)."""
     from aidx.pipeline.routing import routes
-    from aidx.pipeline.worker import model_registry
-    from models.registry import ModelError
+    from models.registry import ModelError, site_registry
 
-    registry = model_registry(config)
+    registry = site_registry(config.models_dir())
     for route in routes(config):  # ValueError for unknown destinations: refuse to start
         try:
             registry.resolve(route.model, config.models.default)

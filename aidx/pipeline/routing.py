@@ -12,8 +12,7 @@ from pathlib import Path
 from aidx.config import AidxConfig, OutputKind, PriorityRuleConfig, RouteConfig
 from aidx.deflate import read_header
 from aidx.store.store import Store
-from inference.pipeline import series_rules
-from inference.series import SeriesRules
+from inference.series import SeriesRules, series_rules
 
 log = logging.getLogger("aidx.routing")
 

@@ -18,13 +18,12 @@ import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-import models
 from aidx.config import AidxConfig
 from aidx.config_fhir import OUTBOX_DESTINATION
 from aidx.deflate import read_header
@@ -32,27 +31,24 @@ from aidx.logs import exception_text, patient_values, patient_values_of, redact
 from aidx.store.jobs import Delivery, Job, ResultRecord, worker_name
 from aidx.store.shadow import ShadowRun
 from aidx.store.store import Store
-from inference.detector import Detector
-from inference.fhir_report import (
-    FhirSettings,
-    build_report,
-    fhir_settings,
-    item_key,
-    read_sr,
-    write_report,
-)
-from inference.pipeline import InferenceResult, NotApplicableError, infer_files
-from inference.runner import OnnxRunner
-from models.registry import ModelError, Registry
+from models.registry import ModelError, Registry, site_registry
 
 from .routing import Route, routes
+
+if TYPE_CHECKING:
+    # The inference stack (ONNX Runtime, SciPy, highdicom: about a second of imports) is loaded
+    # by the first job, not by every process that holds a pool (the supervised node holds one
+    # with no workers).
+    from inference.detector import Detector
+    from inference.fhir_report import FhirSettings
+    from inference.pipeline import InferenceResult
+    from inference.runner import OnnxRunner
 
 log = logging.getLogger("aidx.worker")
 
 
 def model_registry(config: AidxConfig) -> Registry:
-    shipped = Path(models.__file__).resolve().parent / "shipped"  # models shipped with aidx
-    return Registry(config.models_dir(), (shipped,))
+    return site_registry(config.models_dir())
 
 
 class Worker:
@@ -241,6 +237,9 @@ class Worker:
     ) -> tuple[list[ResultRecord], list[Delivery], list[str], list[str]]:
         """Each route's results and deliveries, the reasons of routes that did not apply, and
         the challengers (name@version) to run in shadow on the study afterwards."""
+        from inference.fhir_report import fhir_settings  # noqa: PLC0415 - see TYPE_CHECKING
+        from inference.pipeline import NotApplicableError, infer_files  # noqa: PLC0415
+
         study = self.store.study(job.study_uid) or {}
         previous = self._previous_report(job)
         records: list[ResultRecord] = []
@@ -301,6 +300,8 @@ class Worker:
             self.store.shadow_not_applicable(run, self.name, reason)
             log.info("shadow run %d: %s (study_uid=%s)", run.id, reason, run.study_uid)
             return
+        from inference.pipeline import NotApplicableError, infer_files  # noqa: PLC0415
+
         reasons: list[str] = []
         records: list[ResultRecord] = []
         try:
@@ -408,6 +409,13 @@ def _deliveries(job: Job, route: Route, result: InferenceResult, model_ref: str)
 def _fhir_delivery(result: InferenceResult, model_ref: str, settings: FhirSettings) -> Delivery:
     """The preliminary FHIR DiagnosticReport of ``result``, written (validated) beside its SR,
     as one outbox item for the FHIR endpoint."""
+    from inference.fhir_report import (  # noqa: PLC0415 - see TYPE_CHECKING
+        build_report,
+        item_key,
+        read_sr,
+        write_report,
+    )
+
     report = build_report(read_sr(result.sr_path), model_ref, settings, datetime.now(UTC))
     path = write_report(report, result.sr_path.parent)
     return Delivery(
