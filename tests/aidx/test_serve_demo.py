@@ -15,6 +15,7 @@ import pytest
 
 from aidx.cli.pipeline import _send_demo
 from aidx.config import load_config
+from aidx.store.store import Store
 from tests.peers import LOOPBACK, free_port, poll_until, stop_process
 from tests.standin_model import install
 
@@ -86,15 +87,26 @@ def test_serve_demo_lists_the_result_and_reports_health(
         studies: list[dict[str, object]] = json.loads(done.stdout)["studies"]
         return studies
 
+    store: Store | None = None
     try:
+        # Bounded polls on the log and the store (cheap); `aidx status` is run once it is done.
         poll_until(
-            lambda: any(s["job_state"] == "results_ready" for s in status()),
+            lambda: "aidx serving" in log.read_text("utf-8", errors="replace"),
+            60,
+            "aidx serving",
+            process=process,
+            log_path=log,
+        )
+        store = Store.for_config(load_config(env=env))
+        poll_until(
+            lambda: store.job_counts().get("results_ready", 0) == 1,
             120,
             "the demo study's result",
             process=process,
             log_path=log,
         )
         (study,) = status()
+        assert study["job_state"] == "results_ready"
         assert study["instances"] == 30
         assert study["calling_ae"] == "AIDX_DEMO"
         with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/healthz") as r:
@@ -130,6 +142,8 @@ def test_serve_demo_lists_the_result_and_reports_health(
             assert "nothing new to analyse" in caplog.text
             assert "the result follows" not in caplog.text
     finally:
+        if store is not None:
+            store.close()
         stop_process(process)
         if worker is not None:
             stop_process(worker)

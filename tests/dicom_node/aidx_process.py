@@ -22,6 +22,7 @@ from aidx.config import AidxConfig, load_config
 from tests.peers import LOOPBACK, PeerError, free_port, poll_until, stop_process, wait_for_port
 
 AIDX = (sys.executable, "-m", "aidx")
+COMMAND_POLL_S = 0.5
 # "   1  PACS             pending      2     12  next 10:01:02  association to ... unreachable"
 _OUTBOX_ROW = re.compile(
     r"^\s*(\d+)\s+(\S+)\s+(pending|sending|sent|failed)\s+(\d+)\s+(\d+)(?:\s+(.*))?$"
@@ -140,7 +141,8 @@ class AidxSetup:
             return condition(rows[0])
 
         try:
-            poll_until(check, deadline_s, what, log_path=log_path)
+            # each check runs `aidx outbox list`, a Python process: not every 50 ms
+            poll_until(check, deadline_s, what, log_path=log_path, interval_s=COMMAND_POLL_S)
         except PeerError as exc:
             raise AssertionError(f"{exc}\nlast outbox listing: {seen}") from exc
         return seen[0]

@@ -80,8 +80,10 @@ def poll_until(
     *,
     process: subprocess.Popen[bytes] | None = None,
     log_path: Path | None = None,
+    interval_s: float = POLL_INTERVAL_S,
 ) -> None:
-    """Call ``condition`` every few milliseconds until it is true, for at most ``deadline_s``.
+    """Call ``condition`` every few milliseconds (``interval_s``: longer for a condition that
+    runs a command, which costs a CPU-second) until it is true, for at most ``deadline_s``.
 
     Fails early if ``process`` exits meanwhile (a peer that died will never become ready), and
     puts the log tail into the error either way.
@@ -97,7 +99,7 @@ def poll_until(
             )
         if time.monotonic() >= end:
             raise _failure(f"{what}: not ready after {deadline_s:.0f} s", log_path)
-        time.sleep(POLL_INTERVAL_S)
+        time.sleep(interval_s)
 
 
 def port_open(host: str, port: int) -> bool:
