@@ -38,10 +38,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from aidx.config import load_config
-from aidx.pipeline.worker import Worker, model_registry
+from aidx.pipeline.worker import Worker
 from aidx.store.store import Store
 from dicom_node.parse import read_file
-from models.registry import Registry
+from models.registry import Registry, site_registry
 from training.phantom import PhantomOptions, generate
 
 CHALLENGER_SUFFIX = "-shadow"
@@ -50,7 +50,7 @@ CHALLENGER_SUFFIX = "-shadow"
 def _challenger(root: Path, model: str | None) -> tuple[Path, str, str]:
     """A registry under ``root`` holding the champion's files again as a second version."""
     config = load_config(env={}, overrides={"data_dir": str(root / "data")})
-    registry = model_registry(config)
+    registry = site_registry(config.models_dir())
     champion = registry.resolve(model, config.models.default)
     card = json.loads(champion.card.model_dump_json())
     card["version"] = (champion.card.version + CHALLENGER_SUFFIX)[:32]
@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> None:
         },
     )
     config.data_dir.mkdir(parents=True)
-    registry = model_registry(config)
+    registry = site_registry(config.models_dir())
     registry.promote(*args.champion.split("@"))
     if args.mode == "shadow":
         registry.set_shadow(*args.challenger.split("@"), None, "benchmark")

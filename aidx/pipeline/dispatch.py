@@ -31,8 +31,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from aidx.background import BackgroundLoop
 from aidx.config import AidxConfig, CeleryConfig
 from aidx.pipeline.routing import queue_function
-from aidx.pipeline.worker import Worker, model_registry
+from aidx.pipeline.worker import Worker
 from aidx.store.store import safe_url
+from models.registry import site_registry
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -224,7 +225,7 @@ def run_workers(
     or Ctrl-C (Celery's warm shutdown: the running job finishes)."""
     app = celery_app(config)
     check_broker(app, config.pipeline.celery.broker_url)
-    registry = model_registry(config)
+    registry = site_registry(config.models_dir())
     local = threading.local()
     numbers = iter(range(1_000_000))
     lock = threading.Lock()

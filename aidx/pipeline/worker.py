@@ -47,10 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("aidx.worker")
 
 
-def model_registry(config: AidxConfig) -> Registry:
-    return site_registry(config.models_dir())
-
-
 class Worker:
     """One inference worker thread."""
 
@@ -66,7 +62,7 @@ class Worker:
         self.config = config
         self.store = store
         self.name = worker_name(n)
-        self.registry = registry or model_registry(config)
+        self.registry = registry or site_registry(config.models_dir())
         self.on_results = on_results
         self.poll_interval_s = poll_interval_s
         self.runners: dict[Path, OnnxRunner | Detector] = {}
@@ -434,7 +430,7 @@ class WorkerPool:
         on_results: Callable[[], None] | None = None,
         poll_interval_s: float | None = None,
     ) -> None:
-        registry = model_registry(config)
+        registry = site_registry(config.models_dir())
         self.workers = [
             Worker(config, store, n, registry, on_results, poll_interval_s) for n in range(count)
         ]
