@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import require_tool
 from tests.pipeline.harness import Pipeline
 from tests.standin_model import install
+from tests.study_copies import study_copies
 from training.phantom import NoduleRequest, PhantomOptions, generate
 
 # Ten routine-sized studies for the queue test: enough slices for inference.series.min_slices
@@ -84,9 +85,7 @@ def short_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def queue_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Ten distinct 24-slice 64² phantom studies (different seeds, so different UIDs)."""
+    """Ten distinct 24-slice 64² studies: one phantom under ten sets of UIDs."""
     root = tmp_path_factory.mktemp("queue")
-    return [
-        _phantom(root / f"study{n}", seed=100 + n, slices=24, matrix=64)
-        for n in range(QUEUE_STUDIES)
-    ]
+    phantom = _phantom(root / "phantom", seed=100, slices=24, matrix=64)
+    return study_copies(phantom, root / "studies", QUEUE_STUDIES)

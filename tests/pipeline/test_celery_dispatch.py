@@ -32,6 +32,7 @@ from tests.peers import (
 )
 from tests.peers.rabbitmq import RabbitMQ
 from tests.standin_model import install
+from tests.study_copies import study_copies
 
 AIDX = [sys.executable, "-m", "aidx"]
 LEASE_S = 600  # the takeover must not wait for it
@@ -47,7 +48,8 @@ def aidx_env(tmp_path: Path, broker_url: str) -> dict[str, str]:
             "AIDX_UI__ENABLED": "false",
             "AIDX_MODELS__DIR": str(tmp_path / "models"),
             "AIDX_MODELS__DEFAULT": "soft-tissue",
-            "AIDX_INFERENCE__MIN_VOLUME_MM3": "50",
+            # the stand-in's large components only (a few findings, not a hundred)
+            "AIDX_INFERENCE__MIN_VOLUME_MM3": "3000",
             "AIDX_DEMO__SLICES": "30",
             "AIDX_DEMO__MATRIX": "96",
             "AIDX_DEMO__NODULES": "1",
@@ -223,11 +225,11 @@ def test_queued_jobs_survive_a_broker_restart_and_the_stat_study_queued_last_run
         node = start([*AIDX, "--config", str(config), "serve", "--single-process"], node_log, env)
         port = int(env["AIDX_NODE__PORT"])
         poll_until(lambda: "aidx serving" in node_log.read_text("utf-8"), 60, "the node")
-        sent: list[tuple[str, str]] = []  # (calling AE, study folder)
-        for n in range(10):
-            options = PhantomOptions(slices=12, matrix=64, nodules=0, seed=5000 + n)
-            folder = generate(tmp_path / f"study-{n}", options).dicom_dir
-            sent.append(("STAT" if n == 9 else "ROUTINE", str(folder)))
+        # Ten studies: one phantom under ten sets of UIDs.
+        options = PhantomOptions(slices=12, matrix=64, nodules=0, seed=5000)
+        phantom = Path(generate(tmp_path / "phantom", options).dicom_dir)
+        folders = study_copies(phantom, tmp_path / "studies", 10)
+        sent = [("STAT" if n == 9 else "ROUTINE", str(f)) for n, f in enumerate(folders)]
         for ae, folder in sent:
             storescu(LOOPBACK, port, [folder], called_aet="AIDX", calling_aet=ae)
         published = re.compile(r"job \d+ published")

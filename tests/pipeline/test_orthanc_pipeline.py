@@ -397,9 +397,6 @@ def test_ten_studies_all_come_back_and_an_urgent_one_overtakes_the_routine_queue
     pipeline = new_pipeline(
         workers=1,
         priority_rules=[{"priority": 10, "calling_ae_titles": ["ER_CT"]}],
-        # The queue is what is tested: the stand-in's large components only (a few findings
-        # per study instead of about 18, whose SR takes seconds to write on a loaded machine).
-        min_volume_mm3=3000.0,
     )
     with pipeline.pacs(tmp_path / "orthanc") as orthanc, pipeline.serving():
         # Nine routine studies from the ward in three parallel associations, then the ER's.
