@@ -3,8 +3,14 @@ metrics endpoint), the inference workers and the review app, so that none slows 
 through the interpreter lock (a C-STORE is not queued behind a Gradio request or a model's
 Python post-processing).
 
-- Each child is ``python -m aidx ... <command>`` with the same configuration (the supervisor
-  passes ``--config`` and ``--data-dir`` as it resolved them; the environment is inherited).
+- Each child runs ``aidx ... <command>`` with the same configuration (the supervisor passes
+  ``--config`` and ``--data-dir`` as it resolved them; the environment is inherited). On Linux
+  it is a fork of the supervisor, which has loaded the modules the children share first
+  (:func:`preload`): a child starts in a fraction of a second instead of spending two
+  CPU-seconds on imports each, and at every restart. Each fork names itself (``aidx-node``,
+  ``aidx-workers``: the name ``top`` and ``ps -o comm`` show) and closes every file descriptor
+  but its standard streams, as a new process would. Elsewhere a child is
+  ``python -m aidx ... <command>``.
 - A child that exits while the supervisor runs is logged with its exit status and started
   again after a back-off (1 s, doubling to 30 s; reset once it has run for a minute).
 - SIGTERM or Ctrl-C stops the children with SIGTERM (they finish what they can: the node
@@ -18,7 +24,9 @@ Python post-processing).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import importlib
 import json
 import logging
 import os
@@ -27,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +49,7 @@ HEALTHY_AFTER_S = 60.0  # a child up this long gets its back-off reset
 # Set in every child to the supervisor's pid (not AIDX_*: those are configuration).
 SUPERVISED_ENV = "_AIDX_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 @dataclass
@@ -56,7 +66,7 @@ class ChildSpec:
 @dataclass
 class _Child:
     spec: ChildSpec
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | _Forked | None = None
     started: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
     restart_at: float = 0.0
@@ -94,6 +104,109 @@ def lower_priority(nice: int, pid: int = 0) -> None:
         log.debug("cannot set the niceness of pid %d: %s", pid, exc)
 
 
+# What the children load as they start (the node, the outbox, the workers; not the review app's
+# Gradio, which only its own child needs): imported once by the supervisor before it forks.
+PRELOAD = (
+    "aidx.config",
+    "aidx.doorbell",
+    "aidx.pipeline.metrics",
+    "aidx.pipeline.routing",
+    "aidx.pipeline.worker",
+    "aidx.store.store",
+    "dicom_node.export",
+    "dicom_node.policy",
+    "dicom_node.service",
+)
+
+
+def preload(extra: Sequence[str] = ()) -> None:
+    """Import :data:`PRELOAD` and ``extra`` here, so that forked children start with them."""
+    for name in (*PRELOAD, *extra):
+        importlib.import_module(name)
+
+
+class _Forked:
+    """A child started by :func:`os.fork`, with the part of :class:`subprocess.Popen` the
+    supervisor uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, name: str, argv: list[str], env: dict[str, str]) -> _Forked:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # else the child would write the supervisor's buffered output again
+        pid = os.fork()
+        if pid:
+            return cls(pid)
+        code = 1
+        try:
+            _become_child(name, env)
+            from aidx.cli import main  # noqa: PLC0415 - aidx.cli imports this module
+
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - reported, then this process ends
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(code)  # never the supervisor's atexit handlers or finally blocks
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            # As Popen.wait with a timeout: waitpid cannot wait with one.
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _become_child(name: str, env: dict[str, str]) -> None:
+    """In a fresh fork: what a new ``python -m aidx`` child would be (its own session, the
+    default signal handlers, no file descriptors of the supervisor's but the standard
+    streams), named ``aidx-<name>`` for ``top``."""
+    os.setsid()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    os.closerange(3, _max_fd())
+    os.environ.update(env)
+    title = f"aidx-{name.replace(' ', '-')}"[:15].encode()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(title), 0, 0, 0)
+
+
+def _max_fd() -> int:
+    try:
+        return int(os.sysconf("SC_OPEN_MAX"))
+    except (OSError, ValueError):
+        return 4096
+
+
 class Supervisor:
     """Starts the children, restarts those that exit, stops them all on :meth:`stop`."""
 
@@ -103,20 +216,29 @@ class Supervisor:
         base_args: Sequence[str],
         env: dict[str, str] | None = None,
         state_path: Path | None = None,
+        fork: bool = True,
     ) -> None:
         """``state_path``: a JSON file kept up to date with each child's pid and restarts (read
-        by the node's ``/healthz``, :func:`children_alive`); removed at :meth:`shutdown`."""
+        by the node's ``/healthz``, :func:`children_alive`); removed at :meth:`shutdown`.
+        ``fork``: start the children as forks of this process (where there is ``os.fork``),
+        else as new interpreters."""
         self._children = [_Child(spec) for spec in children]
-        self._base = [sys.executable, "-m", "aidx", *base_args]
+        self._args = list(base_args)
+        self._fork = fork and hasattr(os, "fork")
         self._env = env or {}
         self._stop = threading.Event()
         self.state_path = state_path
 
     def _start(self, child: _Child) -> None:
-        command = [*self._base, *child.spec.args]
-        env = {**os.environ, **self._env, SUPERVISED_ENV: str(os.getpid())}
-        # Its own session: a Ctrl-C in the terminal reaches only the supervisor.
-        child.process = subprocess.Popen(command, env=env, start_new_session=True)
+        env = {**self._env, SUPERVISED_ENV: str(os.getpid())}
+        if self._fork:
+            child.process = _Forked.start(child.spec.name, [*self._args, *child.spec.args], env)
+        else:
+            command = [sys.executable, "-m", "aidx", *self._args, *child.spec.args]
+            # Its own session: a Ctrl-C in the terminal reaches only the supervisor.
+            child.process = subprocess.Popen(
+                command, env={**os.environ, **env}, start_new_session=True
+            )
         child.started = time.monotonic()
         if child.spec.nice:
             lower_priority(child.spec.nice, child.process.pid)
@@ -147,8 +269,9 @@ class Supervisor:
     def exited(self) -> tuple[str, int] | None:
         """The first child found to have exited (name, status), None while all run."""
         for child in self._children:
-            if child.process is not None and child.process.poll() is not None:
-                return child.spec.name, child.process.returncode
+            status = None if child.process is None else child.process.poll()
+            if status is not None:
+                return child.spec.name, status
         return None
 
     def stopping(self) -> bool:

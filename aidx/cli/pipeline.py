@@ -59,7 +59,7 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from aidx.config import record_data_dir
-    from aidx.supervisor import Supervisor
+    from aidx.supervisor import Supervisor, preload
 
     demo = bool(getattr(args, "demo", False))
     if demo and config.node.study_quiet_period_s > DEMO_QUIET_PERIOD_S:
@@ -88,6 +88,7 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    preload()  # what the forked children share, loaded once
     supervisor.start()
     try:
         # While the children start: a route without a model only warns (the node still

@@ -101,6 +101,16 @@ def test_the_parts_run_as_processes_and_ctrl_c_stops_them_all_cleanly(tmp_path: 
         assert set(children) == {"node", "outbox", "workers", "review app"}
         assert s.process.pid not in children.values()
         assert all(alive(pid) for pid in children.values())
+        # Forks of the supervisor, each named for `top` and `ps -o comm`.
+        names = {
+            name: Path(f"/proc/{pid}/comm").read_text().strip() for name, pid in children.items()
+        }
+        assert names == {
+            "node": "aidx-node",
+            "outbox": "aidx-outbox",
+            "workers": "aidx-workers",
+            "review app": "aidx-review-app",
+        }
         # The node comes first for the CPU: inference and the review app are niced.
         own = os.getpriority(os.PRIO_PROCESS, 0)
         assert niceness(children["node"]) == own
