@@ -1,16 +1,16 @@
-"""`aidx serve` as a supervisor of separate processes: the DICOM node (with the outbox and the
-metrics endpoint), the inference workers and the review app, so that none slows another
+"""`aidx serve` as a supervisor of separate processes: the DICOM node (with the metrics
+endpoint), the outbox, the inference workers and the review app, so that none slows another
 through the interpreter lock (a C-STORE is not queued behind a Gradio request or a model's
 Python post-processing).
 
 - Each child runs ``aidx ... <command>`` with the same configuration (the supervisor passes
   ``--config`` and ``--data-dir`` as it resolved them; the environment is inherited). On Linux
   it is a fork of the supervisor, which has loaded the modules the children share first
-  (:func:`preload`): a child starts in a fraction of a second instead of spending two
-  CPU-seconds on imports each, and at every restart. Each fork names itself (``aidx-node``,
-  ``aidx-workers``: the name ``top`` and ``ps -o comm`` show) and closes every file descriptor
-  but its standard streams, as a new process would. Elsewhere a child is
-  ``python -m aidx ... <command>``.
+  (:func:`preload`, with the list ``aidx serve`` gives): a child starts in a fraction of a
+  second instead of spending two CPU-seconds on imports, and so does every restart. Each fork
+  names itself (``aidx-node``, ``aidx-workers``: the name ``top`` and ``ps -o comm`` show)
+  and closes every file descriptor but its standard streams, as a new process would.
+  Elsewhere a child is ``python -m aidx ... <command>``.
 - A child that exits while the supervisor runs is logged with its exit status and started
   again after a back-off (1 s, doubling to 30 s; reset once it has run for a minute).
 - SIGTERM or Ctrl-C stops the children with SIGTERM (they finish what they can: the node
@@ -30,6 +30,7 @@ import importlib
 import json
 import logging
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -104,24 +105,9 @@ def lower_priority(nice: int, pid: int = 0) -> None:
         log.debug("cannot set the niceness of pid %d: %s", pid, exc)
 
 
-# What the children load as they start (the node, the outbox, the workers; not the review app's
-# Gradio, which only its own child needs): imported once by the supervisor before it forks.
-PRELOAD = (
-    "aidx.config",
-    "aidx.doorbell",
-    "aidx.pipeline.metrics",
-    "aidx.pipeline.routing",
-    "aidx.pipeline.worker",
-    "aidx.store.store",
-    "dicom_node.export",
-    "dicom_node.policy",
-    "dicom_node.service",
-)
-
-
-def preload(extra: Sequence[str] = ()) -> None:
-    """Import :data:`PRELOAD` and ``extra`` here, so that forked children start with them."""
-    for name in (*PRELOAD, *extra):
+def preload(modules: Sequence[str]) -> None:
+    """Import ``modules`` here, so that the children forked afterwards start with them."""
+    for name in modules:
         importlib.import_module(name)
 
 
@@ -143,9 +129,10 @@ class _Forked:
         code = 1
         try:
             _become_child(name, env)
-            from aidx.cli import main  # noqa: PLC0415 - aidx.cli imports this module
-
-            code = main(argv)
+            # What `python -m aidx ARGS` runs (aidx/__main__.py ends in SystemExit).
+            sys.argv = ["aidx", *argv]
+            runpy.run_module("aidx", run_name="__main__", alter_sys=False)
+            code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - reported, then this process ends

@@ -30,6 +30,19 @@ log = logging.getLogger("aidx.cli")
 
 DEMO_QUIET_PERIOD_S = 5.0
 STARTUP_TIMEOUT_S = 60.0  # for the node and the review app to listen
+# What the node, the outbox and the workers load as they start (not the review app's Gradio,
+# which only its own child needs): imported once by the supervisor before it forks them.
+CHILD_MODULES = (
+    "aidx.config",
+    "aidx.doorbell",
+    "aidx.pipeline.metrics",
+    "aidx.pipeline.routing",
+    "aidx.pipeline.worker",
+    "aidx.store.store",
+    "dicom_node.export",
+    "dicom_node.policy",
+    "dicom_node.service",
+)
 
 
 def _check_pipeline(config: AidxConfig) -> str | None:
@@ -88,7 +101,7 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    preload()  # what the forked children share, loaded once
+    preload(CHILD_MODULES)  # what the forked children share, loaded once
     supervisor.start()
     try:
         # While the children start: a route without a model only warns (the node still

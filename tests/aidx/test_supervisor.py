@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from aidx.supervisor import children_alive
+from aidx.supervisor import ChildSpec, Supervisor, children_alive
 from tests.peers import LOOPBACK, echoscu, free_port, poll_until, stop_process
 
 AIDX = [sys.executable, "-m", "aidx"]
@@ -44,16 +44,21 @@ class Served:
 
 
 def alive(pid: int) -> bool:
+    """Whether any thread of the process still runs. A zombie has exited too (reaped by init
+    once its parent is gone), but its main thread turns zombie before the others have ended,
+    and the process's sockets close only with the last one."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited too (reaped by init once its parent is gone).
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return False
-    return state != "Z"
+    for thread in threads:
+        try:
+            state = (thread / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 @contextmanager
@@ -227,3 +232,20 @@ def test_health_knows_a_child_by_its_pid_and_its_parent(tmp_path: Path) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "new-interpreter"])
+def test_a_child_runs_the_aidx_command_line_and_its_exit_status_is_reported(
+    tmp_path: Path, fork: bool
+) -> None:
+    """Forked (Linux) or a new ``python -m aidx`` (elsewhere): the child's arguments reach the
+    command line, and its exit status comes back (2: a usage error)."""
+    for args, status in ((["--help"], 0), (["no-such-command"], 2)):
+        base = ["--data-dir", str(tmp_path)]
+        supervisor = Supervisor([ChildSpec("child", args)], base, fork=fork)
+        supervisor.start()
+        try:
+            poll_until(lambda s=supervisor: s.exited() is not None, 60.0, f"aidx {args[0]}")
+            assert supervisor.exited() == ("child", status)
+        finally:
+            supervisor.shutdown()
