@@ -58,7 +58,7 @@ def _config(tmp_path: Path, **pipeline: Any) -> AidxConfig:
             "data_dir": str(tmp_path / "data"),
             "models.dir": str(models),
             "models.default": "soft-tissue",
-            "inference.min_volume_mm3": 50,
+            "inference.min_volume_mm3": 3000,  # the stand-in's large components: a few findings
         },
     )
     config.destinations = {"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}}  # type: ignore[dict-item]

@@ -48,7 +48,7 @@ def test_serve_demo_lists_the_result_and_reports_health(
             "AIDX_UI__ENABLED": "false",  # tests/ui/test_review_e2e.py runs the app
             "AIDX_MODELS__DIR": str(tmp_path / "models"),
             "AIDX_MODELS__DEFAULT": "soft-tissue",
-            "AIDX_INFERENCE__MIN_VOLUME_MM3": "50",
+            "AIDX_INFERENCE__MIN_VOLUME_MM3": "3000",  # the stand-in's large components
             "AIDX_DEMO__SLICES": "30",
             "AIDX_DEMO__MATRIX": "96",
             "AIDX_DEMO__NODULES": "1",
