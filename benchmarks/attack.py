@@ -46,7 +46,6 @@ _HERE = Path(__file__).resolve().parent
 REPO = _HERE.parent
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from benchmarks.ingest import copy_with_new_uids
 from tests.peers import (
     LOOPBACK,
     echoscu,
@@ -56,6 +55,7 @@ from tests.peers import (
     stop_process,
     storescu_command,
 )
+from tests.study_copies import copy_with_new_uids
 
 AET = "AIDX"
 # The first bytes of an A-ASSOCIATE-RQ (PDU type 1, length 0x000000CE, protocol version 1).

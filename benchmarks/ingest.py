@@ -64,6 +64,7 @@ from tests.peers import (
     storescu_command,
     wait_for_port,
 )
+from tests.study_copies import copy_with_new_uids
 
 AIDX_VARIANTS = (
     "aidx",
@@ -317,24 +318,6 @@ def check_held(name: str, receiver: Receiver, expected: int) -> None:
 
 
 # --- Study copies with new UIDs ------------------------------------------------------------------
-
-
-def copy_with_new_uids(source: Path, target: Path) -> Path:
-    """Rewrite a study under new Study/Series/SOP Instance (and Frame of Reference) UIDs, so that
-    receivers see a different study, not a resend."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    target.mkdir(parents=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    for path in sorted(source.glob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        if "FrameOfReferenceUID" in ds:
-            ds.FrameOfReferenceUID = frame
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(target / path.name, enforce_file_format=True)
-    return target
 
 
 @dataclass

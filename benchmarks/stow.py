@@ -36,8 +36,9 @@ if str(REPO) not in sys.path:  # run as a script: make tests.peers and benchmark
 import httpx
 import pydicom
 
-from benchmarks.ingest import Receiver, copy_with_new_uids, dcm_count, send, wait_for_echo
+from benchmarks.ingest import Receiver, dcm_count, send, wait_for_echo
 from tests.peers import LOOPBACK, free_port, start_process, stop_process
+from tests.study_copies import copy_with_new_uids
 
 TOKEN = "benchmark-token"
 BOUNDARY = "aidx-benchmark"

@@ -1,6 +1,6 @@
-"""Distinct studies from one generated phantom: the same images under new Study, Series,
-Frame of Reference and SOP Instance UIDs (as if the same patient were scanned again). For tests
-that need many studies and not many phantoms (a queue test): a copy takes milliseconds, a
+"""Studies made from one study: the same images under new Study, Series, Frame of Reference
+and SOP Instance UIDs (as if the same patient were scanned again). For tests and benchmarks that
+need many studies and not many phantoms (a queue, an ingest rate): a copy takes milliseconds, a
 phantom seconds of CPU."""
 
 from __future__ import annotations
@@ -13,29 +13,29 @@ from pydicom.uid import generate_uid
 _UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 
 
-def study_copies(source: Path, out: Path, count: int, tag: str = "copy") -> list[Path]:
-    """``count`` folders under ``out``, each a copy of the DICOM files in ``source`` with its
-    own UIDs (derived from ``tag`` and the copy's number: the same call gives the same UIDs).
-    Copy 0 keeps nothing of the source's UIDs either."""
+def copy_with_new_uids(source: Path, target: Path, seed: str | None = None) -> Path:
+    """Copy the DICOM files in ``source`` into the new folder ``target`` under new UIDs, so that
+    a receiver sees a different study, not a re-send. ``seed``: the same seed gives the same
+    UIDs (else they are new each time)."""
     files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix == ".dcm")
     if not files:
         raise ValueError(f"no .dcm files in {source}")
-    folders = []
-    for n in range(count):
-        folder = out / f"study-{n}"
-        folder.mkdir(parents=True, exist_ok=False)
-        for path in files:
-            ds = pydicom.dcmread(path)
-            for keyword in _UID_KEYWORDS:
-                if keyword in ds:
-                    setattr(ds, keyword, _new_uid(str(ds.data_element(keyword).value), tag, n))
-            ds.SOPInstanceUID = _new_uid(str(ds.SOPInstanceUID), tag, n)
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.save_as(folder / path.name, enforce_file_format=True)
-        folders.append(folder)
-    return folders
+    target.mkdir(parents=True, exist_ok=False)
+    renamed: dict[str, str] = {}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword in (*_UID_KEYWORDS, "SOPInstanceUID"):
+            if keyword in ds:
+                old = str(ds.data_element(keyword).value)
+                if old not in renamed:
+                    renamed[old] = str(generate_uid(entropy_srcs=[seed, old] if seed else None))
+                setattr(ds, keyword, renamed[old])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(target / path.name, enforce_file_format=True)
+    return target
 
 
-def _new_uid(uid: str, tag: str, n: int) -> str:
-    """The UID that stands for ``uid`` in copy ``n`` (the same for every file of the copy)."""
-    return str(generate_uid(entropy_srcs=[tag, str(n), uid]))
+def study_copies(source: Path, out: Path, count: int, tag: str = "copy") -> list[Path]:
+    """``count`` copies of the study in ``source`` (:func:`copy_with_new_uids`) in folders
+    ``study-<n>`` under ``out``, each with its own UIDs, the same for the same ``tag``."""
+    return [copy_with_new_uids(source, out / f"study-{n}", seed=f"{tag}-{n}") for n in range(count)]
