@@ -43,6 +43,7 @@ SERVING = [
     "aidx.pipeline.routing",
     "aidx.pipeline.metrics",
     "aidx.cli.pipeline",
+    "aidx.cli.worker",
     "aidx.cli.status",
     "aidx.cli.users",
     "ui",

@@ -2,7 +2,7 @@
 
 This module builds the parser, takes the global options and runs :func:`main`; the commands
 live in one module per group (:mod:`aidx.cli.config`, ``db``, ``export`` (export-study),
-``feedback``, ``models``, ``node``, ``pipeline`` (serve, worker), ``phantom`` (phantom, demo),
+``feedback``, ``models``, ``node``, ``pipeline`` (serve), ``worker``, ``phantom`` (phantom, demo),
 ``protect`` (backup, restore, verify, purge), ``status``, ``ui``, ``users``).
 Nothing below the command line imports this package.
 
@@ -31,6 +31,7 @@ from aidx.cli import promotion as cli_promotion
 from aidx.cli import protect as cli_protect
 from aidx.cli import status as cli_status
 from aidx.cli import ui as cli_ui
+from aidx.cli import worker as cli_worker
 from aidx.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from aidx.keys import secret_problems
 from aidx.logs import setup_logging
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with pipeline.queue celery: consume this queue (repeatable; default "
         "pipeline.celery.queue)",
     )
-    worker.set_defaults(handler=cli_pipeline.worker)
+    worker.set_defaults(handler=cli_worker.worker)
 
     echo = sub.add_parser("echo", help="C-ECHO a destination, or this node by default")
     echo.add_argument("destination", nargs="?", help="name under 'destinations' (default: node)")

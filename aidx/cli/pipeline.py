@@ -1,4 +1,5 @@
-"""`aidx serve` (node, assembly, workers, outbox, metrics; ``--demo``) and `aidx worker`."""
+"""`aidx serve` (node, assembly, workers, outbox, metrics; ``--demo``); `aidx worker` is in
+:mod:`aidx.cli.worker`."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ CHILD_MODULES = (
 )
 
 
-def _check_pipeline(config: AidxConfig) -> str | None:
+def check_pipeline(config: AidxConfig) -> str | None:
     """Routes name known destinations, and the models they use exist: a warning if not (the
     node still receives; jobs fail with the reason until a model is registered)."""
     from aidx.pipeline.routing import routes
@@ -106,7 +107,7 @@ def _supervise(args: argparse.Namespace, config: AidxConfig) -> int:
     try:
         # While the children start: a route without a model only warns (the node still
         # receives; its jobs fail with the reason until a model is registered).
-        model_problem = _check_pipeline(config)
+        model_problem = check_pipeline(config)
         if model_problem:
             log.warning("no model for inference: %s", model_problem)
         problem = _wait_until_ready(config, supervisor)
@@ -256,7 +257,7 @@ def _serve_here(args: argparse.Namespace, config: AidxConfig) -> int:
         config.node.study_quiet_period_s = DEMO_QUIET_PERIOD_S
     stop = stop_on_signals()
     try:
-        model_problem = _check_pipeline(config)
+        model_problem = check_pipeline(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store.for_config(config)
         problem = storage_problem(config, store)
@@ -518,84 +519,6 @@ def _study_state(store: Store, study_uid: str) -> tuple[int, int] | None:
     """(instances, version) of a stored study; None when it is not in the store."""
     study = store.study(study_uid)
     return None if study is None else (int(study["instance_count"]), int(study["version"]))
-
-
-def worker(args: argparse.Namespace, config: AidxConfig) -> int:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from aidx.config import ConfigError
-    from aidx.doorbell import JOBS, RESULTS, Doorbell
-    from aidx.pipeline.worker import WorkerPool
-    from aidx.store.store import Store
-    from aidx.supervisor import lower_priority
-
-    lower_priority(config.pipeline.worker_nice)  # as under `aidx serve` (it set it already)
-    queues = list(getattr(args, "queue", None) or [])
-    if queues and config.pipeline.queue != "celery":
-        print(
-            "aidx worker: --queue needs pipeline.queue: celery (jobs are claimed from the store)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    celery = config.pipeline.queue == "celery"
-    stop = None if celery else stop_on_signals()  # Celery's worker handles the signals
-    count = max(config.pipeline.workers, 1)
-    try:
-        model_problem = _check_pipeline(config)
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        store: Store = Store.for_config(config)
-    except (ConfigError, OSError, ValueError, SQLAlchemyError) as exc:
-        print(f"aidx worker: cannot start: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    problem = storage_problem(config, store)
-    if problem:
-        store.close()
-        print(f"aidx worker: cannot start: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    if model_problem:
-        log.warning("no model for inference: %s", model_problem)
-    if celery:
-        from aidx.pipeline.dispatch import BrokerError, run_workers
-
-        try:
-            run_workers(
-                config,
-                store,
-                count,
-                queues or [config.pipeline.celery.queue],
-                on_results=lambda: _ring(config, RESULTS),
-            )
-        except (BrokerError, ValueError) as exc:
-            print(f"aidx worker: cannot start: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        finally:
-            store.close()
-        return EXIT_OK
-    assert stop is not None
-    pool = WorkerPool(
-        config,
-        store,
-        count,
-        on_results=lambda: _ring(config, RESULTS),  # the node's outbox sends now
-        poll_interval_s=config.pipeline.poll_interval_s,
-    )
-    jobs_bell = Doorbell(config.data_dir, JOBS, pool.notify)
-    pool.start()
-    jobs_bell.start()
-    log.info("aidx worker: %d worker(s) on %s", count, config.store_url().split("://")[0])
-    try:
-        stop.wait()
-    finally:
-        jobs_bell.stop()
-        pool.stop()
-        store.close()
-    if pool.busy():
-        # A job left running (taken again at the next start): end now, without the
-        # interpreter's shutdown, which would abort under ONNX Runtime's running threads
-        # ("terminate called without an active exception", status -6).
-        logging.shutdown()
-        os._exit(EXIT_OK)
-    return EXIT_OK
 
 
 def _ring(config: AidxConfig, kind: str) -> None:
