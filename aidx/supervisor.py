@@ -180,18 +180,11 @@ def _become_child(name: str, env: dict[str, str]) -> None:
     os.setsid()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    os.closerange(3, _max_fd())
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # reached only where there is os.fork
     os.environ.update(env)
     title = f"aidx-{name.replace(' ', '-')}"[:15].encode()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(title), 0, 0, 0)
-
-
-def _max_fd() -> int:
-    try:
-        return int(os.sysconf("SC_OPEN_MAX"))
-    except (OSError, ValueError):
-        return 4096
 
 
 class Supervisor:
