@@ -10,6 +10,7 @@ candidate recall at each N by LUNA16 size band and the median time of each step.
 This is the number a ranking stage cannot move: a nodule with no candidate is never found.
 
 Usage: python benchmarks/detector_ceiling.py aidx-data/datasets/phantoms-selection [--spacing 1.0]
+       [--model lung-nodule@0.5.0] [--background-mm 9 13 17]
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ def main() -> int:
         default=[CandidateSpec.shape_power],
         help="rankings to compare: response x roundness ** p",
     )
+    parser.add_argument(
+        "--background-mm",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also the blobs of the image without its background (a top-hat by a cube this "
+        "wide, detector.candidates.background_mm), ranked with the last --shape-power",
+    )
     args = parser.parse_args()
     counts_at = sorted(args.counts)
     args.max_candidates = args.max_candidates or max(counts_at)
@@ -75,6 +84,15 @@ def main() -> int:
         for p in args.shape_power
     ]
     spec = specs[0]
+    backgrounds = {
+        width: CandidateSpec(
+            max_candidates=args.max_candidates,
+            min_response=args.min_response,
+            shape_power=args.shape_power[-1],
+            background_mm=width,
+        )
+        for width in args.background_mm
+    }
     rows: dict[str, list[tuple[float, int, int]]] = {}  # diameter, rank, rank with slack
     times: dict[str, list[float]] = {"preprocess": [], "lungs": [], "candidates": []}
     runner = model_spec = None
@@ -99,6 +117,11 @@ def main() -> int:
             found = find_candidates(pre.array, lungs, args.spacing, power_spec)
             times["candidates"].append(time.perf_counter() - t)
             ranked[f"blob^{power:g}"] = pre.to_patient(found.index) if len(found) else NONE
+        for width, width_spec in backgrounds.items():
+            t = time.perf_counter()
+            found = find_candidates(pre.array, lungs, args.spacing, width_spec)
+            times.setdefault(f"top-hat {width:g} mm", []).append(time.perf_counter() - t)
+            ranked[f"top{width:g}"] = pre.to_patient(found.index) if len(found) else NONE
         if runner is not None and model_spec is not None:
             t = time.perf_counter()
             mpre = preprocess(volume, model_spec)
@@ -113,6 +136,8 @@ def main() -> int:
             ranked["unet+blob"] = interleave(
                 ranked["unet"], ranked[f"blob^{args.shape_power[-1]:g}"]
             )
+            for width in backgrounds:
+                ranked[f"unet+top{width:g}"] = interleave(ranked["unet"], ranked[f"top{width:g}"])
         for name, centres in ranked.items():
             counts.setdefault(name, []).append(len(centres))
             for lesion in case.lesions:

@@ -11,11 +11,16 @@ On the model's grid (fine and isotropic, e.g. 1 mm; see ``preprocess``):
    mediastinum is a dent in the lung, and the closing takes it in), holes filled slice by slice
    (vessels, airways walls and nodules inside), grown by a margin. Only the lungs' bounding box
    is searched.
-2. **Blobs.** A scale-normalised difference-of-Gaussians pyramid (Lowe's approximation of
+2. **Background** (``background_mm``, when set): a grey opening by a cube of that width is
+   subtracted (a white top-hat), so the chest wall, the mediastinum and every structure wider
+   than the cube are gone, while what is narrower (nodules up to about that size, vessels)
+   keeps its contrast: a small nodule on the pleura or against a vessel, which the wall or the
+   vessel would otherwise drown, is a blob of its own.
+3. **Blobs.** A scale-normalised difference-of-Gaussians pyramid (Lowe's approximation of
    ``-sigma² ∇² G``) on the windowed intensities, with sigmas from about 0.9 mm (a 3 mm nodule:
    ``sigma = r / √3``) to 9 mm (30 mm); larger sigmas run on a grid halved and halved again, so
    the whole pyramid costs about three times its finest level.
-3. **Peaks.** Local maxima in space of each level, above ``min_response``, inside the lungs;
+4. **Peaks.** Local maxima in space of each level, above ``min_response``, inside the lungs;
    across levels and positions the strongest peak wins and suppresses weaker ones closer than
    the smaller of their radii; the ``max_candidates`` strongest remain, each with its position,
    scale (an estimate of the radius) and response.
@@ -66,6 +71,7 @@ class CandidateSpec:
     shape_power: float = 1.0  # candidates are ranked by response x roundness ** shape_power
     lung_closing_mm: float = 12.0
     lung_margin_mm: float = 4.0
+    background_mm: float | None = None  # the top-hat's cube (None: the blobs of the image)
 
     def __post_init__(self) -> None:
         if not self.sigmas_mm or any(s <= 0 for s in self.sigmas_mm):
@@ -74,6 +80,8 @@ class CandidateSpec:
             raise CandidateError(f"sigmas_mm must increase, got {self.sigmas_mm}")
         if self.max_candidates < 1:
             raise CandidateError(f"max_candidates must be 1 or more, got {self.max_candidates}")
+        if self.background_mm is not None and self.background_mm <= 0:
+            raise CandidateError(f"background_mm must be positive, got {self.background_mm}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,10 @@ def find_candidates(
     if not lungs.any():
         return empty
     box = bounding_box(lungs)
-    crop = np.asarray(array[box], dtype=np.float32)
+    if spec.background_mm is None:
+        crop = np.asarray(array[box], dtype=np.float32)
+    else:
+        crop = without_background(array, box, spec.background_mm / spacing_mm)
     inside = lungs[box]
     offset = np.array([s.start for s in box], dtype=np.float64)
     found: list[tuple[NDArray[np.float64], ...]] = []
@@ -170,6 +181,28 @@ def find_candidates(
     score = values * shape**spec.shape_power
     keep = _suppress(centres * spacing_mm, radius, score, spec.max_candidates)
     return Candidates(centres[keep], radius[keep], score[keep], shape[keep])
+
+
+def without_background(
+    array: NDArray[np.floating], box: tuple[slice, ...], width: float
+) -> NDArray[np.float32]:
+    """``array[box]`` minus its grey opening by a cube ``width`` voxels wide (rounded to an odd
+    count; a white top-hat): what is narrower than the cube keeps its contrast, what is wider
+    (the chest wall, the mediastinum, large nodules' cores) is gone. The opening sees half a
+    cube more than the box on every side, where the grid has it, so that the wall at the box's
+    edge is known as wall. A cube's minimum and maximum filters are separable: six 1D passes."""
+    size = max(3, round(width) // 2 * 2 + 1)
+    half = size // 2
+    wide = tuple(
+        slice(max(s.start - half, 0), min(s.stop + half, n))
+        for s, n in zip(box, array.shape, strict=True)
+    )
+    region = np.asarray(array[wide], dtype=np.float32)
+    opened = ndimage.grey_opening(region, size=size, mode="nearest")
+    inner = tuple(
+        slice(s.start - w.start, s.stop - w.start) for s, w in zip(box, wide, strict=True)
+    )
+    return np.asarray(region[inner] - opened[inner], dtype=np.float32)
 
 
 def probability_peaks(

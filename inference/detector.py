@@ -85,6 +85,7 @@ def candidate_spec(spec: DetectorSpec) -> CandidateSpec:
         shape_power=c.shape_power,
         lung_closing_mm=c.lung_closing_mm,
         lung_margin_mm=c.lung_margin_mm,
+        background_mm=c.background_mm,
     )
 
 

@@ -91,6 +91,10 @@ class CandidateSettings(_Strict):
     shape_power: float = Field(ge=0)
     lung_closing_mm: float = Field(gt=0)
     lung_margin_mm: float = Field(ge=0)
+    # the width (mm) of the cube whose grey opening is subtracted before the blob pyramid (a
+    # white top-hat: the chest wall and mediastinum go, a nodule on them stays; None: the blobs
+    # of the image itself, as up to 0.6.1)
+    background_mm: float | None = Field(default=None, gt=0, le=50)
     # the first-stage network (model.onnx) as a second candidate source: its probability peaks
     network: bool = False
     network_min_probability: float = Field(default=0.01, gt=0, lt=1)

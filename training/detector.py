@@ -45,6 +45,7 @@ from models.registry import (
 
 from .dataset import Dataset
 from .evaluate import case_as_volume
+from .froc_io import evaluation_figures, operating_point
 
 log = logging.getLogger("aidx.training")
 
@@ -53,8 +54,12 @@ JITTER_COPIES = 6  # jittered crops per true nodule centre
 AMBIGUOUS_MM = 2.0
 
 
-def default_spec(base: ModelCard, spacing_mm: float = 1.0) -> DetectorSpec:
-    """The detector settings this module trains for (the shipped model's; see its card)."""
+def default_spec(
+    base: ModelCard, spacing_mm: float = 1.0, background_mm: float | None = None
+) -> DetectorSpec:
+    """The detector settings this module trains for (the shipped model's; see its card);
+    ``background_mm``: the blobs of the image without its background (a white top-hat by a
+    cube of that width, ``inference.candidates``)."""
     placeholder = TensorSpec(name="crops", shape=["batch", 2, CROP, CROP, CROP])
     return DetectorSpec(
         spacing_mm=spacing_mm,
@@ -65,6 +70,7 @@ def default_spec(base: ModelCard, spacing_mm: float = 1.0) -> DetectorSpec:
             shape_power=1.0,
             lung_closing_mm=12.0,
             lung_margin_mm=4.0,
+            background_mm=background_mm,
             network=True,
             network_min_probability=0.002,
             network_max_candidates=300,
@@ -88,11 +94,12 @@ def extract(
     seed: int = 0,
     limit: int = 0,
     shard: tuple[int, int] = (0, 1),
+    background_mm: float | None = None,
 ) -> int:
     """Crops and labels of every case of ``dataset_dir`` into ``out/crops`` (see module);
     returns how many cases were extracted now (the others were there already). ``shard``
     (k, n) takes every n-th case from the k-th, so n processes can share the work."""
-    spec = default_spec(base.card, spacing_mm)
+    spec = default_spec(base.card, spacing_mm, background_mm)
     card = base.card.model_copy(update={"detector": spec})
     detector = Detector(
         ModelEntry(card, base.folder),
@@ -411,7 +418,6 @@ def export(
     import datetime  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
-    from aidx.cli.models import evaluation_figures, operating_point  # noqa: PLC0415
     from models.registry import TrainingSpec, sha256_of  # noqa: PLC0415
 
     spec = DetectorSpec.model_validate_json((out / "spec.json").read_text(encoding="utf-8"))
@@ -454,13 +460,16 @@ def export(
         threshold, fp = operating_point(chooser, operating_fp_rate)
         figures["operating_fp_per_scan"] = fp
     crops_info = load_summary(out)
+    width = spec.candidates.background_mm
+    background = f" without the background (top-hat, {width:g} mm cube)" if width else ""
     card = base.card.model_copy(
         update={
             "version": version,
             "date": datetime.date.today(),
             "network": (
                 f"two-stage: candidates (multi-scale blobs at {spec.spacing_mm:g} mm in the "
-                f"lungs + peaks of {base.ref}'s basic_unet), then a 3D CNN on 2x{CROP}³ crops"
+                f"lungs{background} + peaks of {base.ref}'s basic_unet), then a 3D CNN on "
+                f"2x{CROP}³ crops"
             ),
             "description": (
                 "Two-stage lung nodule detector: high-recall candidates inside the lungs on a "
@@ -501,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--limit", type=int, default=0, help="only the first N cases")
     ex.add_argument(
         "--shard", default="0/1", help="K/N: every N-th case from the K-th (N processes)"
+    )
+    ex.add_argument(
+        "--background-mm",
+        type=float,
+        help="blob candidates of the image without its background: a white top-hat by a cube "
+        "this wide (detector.candidates.background_mm; default: the image itself)",
     )
     tr = sub.add_parser("train")
     tr.add_argument("out", type=Path)
@@ -547,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             args.spacing,
             limit=args.limit,
             shard=(k, n),
+            background_mm=args.background_mm,
         )
         print(f"extracted {n} cases into {args.out / 'crops'}")
     elif args.command == "train":

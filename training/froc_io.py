@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from inference.findings import FindingsReport
 
@@ -130,3 +131,36 @@ def read_detections_csv(path: Path) -> dict[str, tuple[Detection, ...]]:
             raise FrocError(f"{path}:{number}: {exc}") from exc
         out.setdefault(scan_id, []).append(Detection(centre, probability))
     return {k: tuple(v) for k, v in out.items()}
+
+
+def evaluation_figures(report: dict[str, Any]) -> dict[str, float]:
+    """The figures of a froc.json (``aidx evaluate``) that go into a model card."""
+    figures = {
+        "cpm": float(report["cpm"]),
+        "scans": float(report["n_scans"]),
+        "nodules": float(report["n_nodules"]),
+    }
+    for fp, sensitivity in zip(report["operating_points"], report["sensitivities"], strict=True):
+        figures[f"sensitivity_at_{fp:g}_fp_per_scan"] = float(sensitivity)
+    band_fp = report.get("band_fp_rate")
+    for band in report.get("size_bands", []):
+        high = band["high_mm"]
+        name = f"{band['low_mm']:g}-{high:g}mm" if high is not None else f"{band['low_mm']:g}mm+"
+        if band["sensitivity"] is not None:
+            figures[f"sensitivity_{name}_at_{band_fp:g}_fp_per_scan"] = float(band["sensitivity"])
+    ci = (report.get("bootstrap") or {}).get("cpm_ci")
+    if ci:
+        figures["cpm_ci_low"], figures["cpm_ci_high"] = float(ci[0]), float(ci[1])
+    return figures
+
+
+def operating_point(report: dict[str, Any], fp_rate: float) -> tuple[float, float]:
+    """The lowest threshold of the FROC curve with at most ``fp_rate`` false positives per scan
+    (or the curve's strictest point when even that has more), and its FP rate."""
+    curve = report["curve"]
+    points = list(zip(curve["fps"], curve["thresholds"], strict=True))
+    if not points:
+        raise ValueError("the FROC curve is empty")
+    within = [(fp, t) for fp, t in points if fp <= fp_rate]
+    fp, threshold = within[-1] if within else points[0]
+    return float(min(max(threshold, 1e-6), 1.0 - 1e-7)), float(fp)

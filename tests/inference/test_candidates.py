@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from inference.candidates import (
     CandidateError,
@@ -14,6 +15,7 @@ from inference.candidates import (
     local_peaks,
     lung_mask,
     probability_peaks,
+    without_background,
 )
 
 WINDOW = (-1000.0, 400.0)
@@ -44,6 +46,53 @@ def test_a_nodule_outranks_a_vessel_of_the_same_density() -> None:
     assert on_vessel.any() and found.shape[on_vessel].max() < 0.3
     assert np.all(np.diff(found.response) <= 0)  # strongest first
     assert 2.0 <= found.radius_mm[0] <= 5.0  # the scale estimates the 3 mm radius
+
+
+def pleura_with_a_small_nodule(wall_x: int, nodule_x: float) -> np.ndarray:
+    """48 x 48 x 64 at 1 mm: chest wall (soft tissue) where x < ``wall_x`` with a rib under the
+    pleura, a 3 mm nodule on the pleura at (24, 24, ``nodule_x``), blurred as a scanner does."""
+    z, y, x = np.mgrid[:48, :48, :64].astype(np.float32)
+    hu = np.full((48, 48, 64), -850.0, dtype=np.float32)
+    hu[:, :, :wall_x] = 40.0
+    hu[(y - 24) ** 2 + (x - (wall_x - 5)) ** 2 <= 16] = 700.0
+    hu[(z - 24) ** 2 + (y - 24) ** 2 + (x - nodule_x) ** 2 <= 2.25] = 40.0
+    blurred = ndimage.gaussian_filter(hu, 0.8)
+    return np.clip((blurred - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1).astype(np.float32)
+
+
+def test_without_the_background_a_small_nodule_on_the_pleura_is_a_blob_of_its_own() -> None:
+    """The wall and the rib beside a 3 mm nodule drown its blob (no candidate within its
+    radius at some positions); with the wall's grey opening subtracted there is one at each."""
+    missed = 0
+    for wall_x, nodule_x in ((20, 19.0), (20, 21.0), (19, 20.0), (18, 19.0)):
+        volume = pleura_with_a_small_nodule(wall_x, nodule_x)
+        lungs = np.zeros(volume.shape, bool)
+        lungs[:, :, wall_x - 4 :] = True  # the lungs' margin reaches 4 mm into the wall
+        centre = np.array([24.0, 24.0, nodule_x])
+        for background in (None, 13.0):
+            spec = CandidateSpec(max_candidates=50, background_mm=background)
+            found = find_candidates(volume, lungs, 1.0, spec)
+            distance = np.linalg.norm(found.index - centre, axis=1)
+            if background is None:
+                missed += bool(distance.min() > 1.5)
+            else:
+                assert distance.min() <= 1.5, (wall_x, nodule_x, found.index[:5])
+    assert missed >= 2  # what the setting is for
+
+
+def test_the_background_is_the_grey_opening_of_a_wider_region() -> None:
+    """A wall wider than the cube is gone, a ball narrower than it stays; the opening sees half
+    a cube beyond the box, so the wall at the box's edge is wall too."""
+    volume = np.full((30, 30, 40), 0.1, dtype=np.float32)
+    volume[:, :, :15] = 0.7  # a wall 15 voxels thick
+    z, y, x = np.mgrid[:30, :30, :40]
+    volume[(z - 15) ** 2 + (y - 15) ** 2 + (x - 28) ** 2 <= 4] = 0.7  # a 4-5 voxel ball
+    box = (slice(0, 30), slice(0, 30), slice(10, 40))  # only 5 voxels of the wall inside
+    top = without_background(volume, box, 9.0)
+    assert top.shape == (30, 30, 30)
+    assert np.abs(top[:, :, :5]).max() < 1e-6  # the wall: its opening is itself
+    assert top[15, 15, 18] == pytest.approx(0.6)  # the ball keeps its contrast
+    assert np.abs(top[:, :, 10:14]).max() < 1e-6  # the lungs: flat
 
 
 def test_candidates_stay_inside_the_lungs_and_within_the_cap() -> None:
@@ -95,6 +144,7 @@ def test_the_lungs_are_the_air_inside_the_body() -> None:
         ({"sigmas_mm": ()}, "sigmas_mm must be positive"),
         ({"sigmas_mm": (2.0, 1.0)}, "sigmas_mm must increase"),
         ({"max_candidates": 0}, "max_candidates must be 1 or more"),
+        ({"background_mm": 0.0}, "background_mm must be positive"),
     ],
 )
 def test_bad_settings_name_the_setting(kwargs: dict[str, object], message: str) -> None:

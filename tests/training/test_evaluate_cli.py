@@ -87,10 +87,10 @@ def test_dataset_then_evaluate(tmp_path: Path) -> None:
 
 
 def test_card_figures_from_a_froc_report() -> None:
-    from aidx.cli.models import evaluation_figures
     from training.evaluate import EVALUATION_BANDS
     from training.froc import Detection, Nodule, Scan
     from training.froc import evaluate as froc
+    from training.froc_io import evaluation_figures
 
     scans = [
         Scan("a", (Nodule((0, 0, 0), 8.0), Nodule((50, 0, 0), 4.0)), (Detection((0, 0, 0), 0.9),)),
