@@ -8,9 +8,11 @@ coarse grid cannot see (a 4 mm nodule is a handful of its voxels):
    isotropic grid (``detector.spacing_mm``, e.g. 1 mm), so the fine grid costs the lungs, not
    the field of view.
 2. **Candidates** (high recall, low precision, ``inference.candidates``): blobs at every scale
-   inside the lungs, ranked by response and roundness; and, when the card names a first-stage
-   network (``model.onnx``, a segmentation network), the peaks of its probability map far below
-   its operating point (it sees the large and ground-glass nodules that are faint blobs).
+   inside the lungs (of the image without its background, a white top-hat, when the card's
+   ``candidates.background_mm`` says so), ranked by response and roundness; and, when the
+   card names a first-stage network (``model.onnx``, a segmentation network), the peaks of its
+   probability map far below its operating point (it sees the large and ground-glass nodules
+   that are faint blobs).
 3. **Classifier** (``classifier.onnx``): two concentric crops around each candidate (32³ at the
    fine spacing, and twice the field at half the resolution, as two channels) give the
    probability that a nodule is there and its diameter.

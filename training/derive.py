@@ -72,9 +72,13 @@ def derive(
     evaluation: dict[str, Any] | None = None,
     threshold_from: dict[str, Any] | None = None,
     operating_fp_rate: float = 1.0,
+    description: str | None = None,
+    limitations: list[str] | None = None,
+    network: str | None = None,
 ) -> Path:
     """The folder ``root/<name>/<version>``: ``base``'s networks and a card with ``settings``
-    in its ``detector.candidates`` (see the module)."""
+    in its ``detector.candidates`` (see the module); ``description``, ``limitations`` and
+    ``network`` replace the base card's (its limitations name its own figures)."""
 
     card = base.card
     if card.detector is None:
@@ -114,7 +118,10 @@ def derive(
         update={
             "version": version,
             "date": datetime.date.today(),
-            "description": f"{card.description} Derived from {base.ref}: {changed or 'as is'}.",
+            "description": (description or card.description)
+            + f" Derived from {base.ref}: {changed or 'as is'}.",
+            "limitations": limitations if limitations is not None else card.limitations,
+            "network": network or card.network,
             "output": card.output.model_copy(update={"operating_threshold": threshold}),
             "training": card.training.model_copy(
                 update={"command": f"{card.training.command}; then: {command}"}
@@ -146,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluation", type=Path, help="froc.json of the new version")
     parser.add_argument("--threshold-from", type=Path, help="froc.json to choose the threshold on")
     parser.add_argument("--operating-fp-rate", type=float, default=1.0)
+    parser.add_argument("--description", help="the card's description (default: the base's)")
+    parser.add_argument("--network", help="the card's network line (default: the base's)")
+    parser.add_argument(
+        "--limitation",
+        dest="limitations",
+        action="append",
+        help="a limitation of the new version (repeatable; replaces the base's list)",
+    )
     args = parser.parse_args(argv)
     import models  # noqa: PLC0415
 
@@ -167,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             evaluation,
             chooser,
             args.operating_fp_rate,
+            args.description,
+            args.limitations,
+            args.network,
         )
     except (DeriveError, ModelError, OSError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

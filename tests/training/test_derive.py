@@ -54,6 +54,7 @@ def test_without_figures_the_variant_keeps_the_threshold_and_claims_no_figures(
     card = ModelCard.load(folder / "card.json")
     assert card.output.operating_threshold == base.card.output.operating_threshold
     assert card.evaluation == {}
+    assert card.limitations == base.card.limitations
     again = derive(base, tmp_path, "9.9.9", {"background_mm": 13}, "c")  # a re-run: the card
     assert again == folder and ModelCard.load(folder / "card.json") == card
 
@@ -94,10 +95,14 @@ def test_the_command_line_names_what_it_made(
     evaluation = tmp_path / "froc.json"
     evaluation.write_text(json.dumps(froc(0.8, [0.5, 1.0], [0.9, 0.7])), "utf-8")
     args = [BASE, "--version", "9.9.9", "--root", str(tmp_path), "--set", "background_mm=13"]
-    assert main([*args, "--evaluation", str(evaluation)]) == 0
+    more = ["--description", "Faster.", "--limitation", "One.", "--limitation", "Two."]
+    more += ["--network", "two stages"]
+    assert main([*args, "--evaluation", str(evaluation), *more]) == 0
     assert "model folder:" in capsys.readouterr().out
     card = ModelCard.load(tmp_path / "lung-nodule" / "9.9.9" / "card.json")
     assert card.evaluation["cpm"] == pytest.approx(0.8)
     assert "--set background_mm=13" in card.training.command
+    assert card.description == "Faster. Derived from lung-nodule@0.6.1: background_mm=13."
+    assert card.limitations == ["One.", "Two."] and card.network == "two stages"
     assert main([BASE, "--version", "0.6.1", "--root", str(tmp_path)]) == 2
     assert "the base's own version" in capsys.readouterr().err
