@@ -79,7 +79,6 @@ def derive(
     """The folder ``root/<name>/<version>``: ``base``'s networks and a card with ``settings``
     in its ``detector.candidates`` (see the module); ``description``, ``limitations`` and
     ``network`` replace the base card's (its limitations name its own figures)."""
-
     card = base.card
     if card.detector is None:
         raise DeriveError(f"{base.ref} is not a two-stage detector: nothing to derive")
@@ -162,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         help="a limitation of the new version (repeatable; replaces the base's list)",
     )
     args = parser.parse_args(argv)
+    if args.threshold_from is not None and args.evaluation is None:
+        parser.error("--threshold-from chooses the threshold for --evaluation's figures: give both")
     import models  # noqa: PLC0415
 
     shipped = Path(models.__file__).resolve().parent / "shipped"

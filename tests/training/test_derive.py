@@ -106,3 +106,6 @@ def test_the_command_line_names_what_it_made(
     assert card.limitations == ["One.", "Two."] and card.network == "two stages"
     assert main([BASE, "--version", "0.6.1", "--root", str(tmp_path)]) == 2
     assert "the base's own version" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--threshold-from", str(evaluation)])
+    assert exit_.value.code == 2 and "give both" in capsys.readouterr().err
