@@ -43,13 +43,13 @@ from models.registry import (
     TensorSpec,
 )
 
+from .classifier_net import CROP, build_classifier, export_classifier, freeze_norms, from_onnx
 from .dataset import Dataset
 from .evaluate import case_as_volume
 from .froc_io import evaluation_figures, operating_point
 
 log = logging.getLogger("aidx.training")
 
-CROP = 32
 JITTER_COPIES = 6  # jittered crops per true nodule centre
 AMBIGUOUS_MM = 2.0
 
@@ -200,82 +200,55 @@ def load_crops(folder: Path) -> Crops:
     )
 
 
-def build_classifier() -> Any:
-    """The crop classifier: two channels of 32³ -> (logit, log-diameter)."""
-    import torch  # noqa: PLC0415 - training only
+@dataclass(frozen=True)
+class Schedule:
+    """How ``train`` fits: the peak learning rate (cosine to 5e-5 over the wall-time budget),
+    the sampling weight of a nodule under 6 mm against a larger one's (1: every nodule the same
+    share), and the classifier to start from (a ``classifier.onnx``; None: from scratch). A
+    resumed run keeps the schedule it was started with."""
 
-    def block(cin: int, cout: int, stride: int = 1) -> list[torch.nn.Module]:
-        return [
-            torch.nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-            torch.nn.BatchNorm3d(cout),
-            torch.nn.ReLU(inplace=True),
-        ]
-
-    class CropClassifier(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            # most of the cost is at the first full-width level: one narrow convolution there
-            self.features = torch.nn.Sequential(
-                *block(2, 16, stride=2),  # 16³
-                *block(16, 24),
-                torch.nn.MaxPool3d(2),  # 8³
-                *block(24, 32),
-                *block(32, 48),
-                torch.nn.MaxPool3d(2),  # 4³
-                *block(48, 64),
-                *block(64, 64),
-                torch.nn.AdaptiveAvgPool3d(1),
-                torch.nn.Flatten(),
-            )
-            self.head = torch.nn.Linear(64, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = self.head(self.features(x))
-            return out  # (batch, 2): logit, log diameter
-
-    return CropClassifier()
+    learning_rate: float = 2e-3
+    small_weight: float = 1.0
+    init_from: Path | None = None
 
 
-class ServingHead:
-    """Wraps the classifier for export: (probability, diameter mm)."""
-
-    @staticmethod
-    def wrap(net: Any) -> Any:
-        import torch  # noqa: PLC0415
-
-        class Exported(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.net = net
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                out = self.net(x)
-                return torch.stack([torch.sigmoid(out[:, 0]), torch.exp(out[:, 1])], dim=1)
-
-        return Exported()
-
-
-def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: int = 0) -> Path:
+def train(
+    out: Path,
+    minutes: float,
+    resume: bool,
+    batch_size: int = 32,
+    seed: int = 0,
+    schedule: Schedule | None = None,
+) -> Path:
     """Fit the classifier on ``out/crops`` for ``minutes`` of wall time (on top of what a
     resumed run did); checkpoints ``out/classifier.pt`` every two minutes and at the end."""
     import torch  # noqa: PLC0415 - training only
 
     torch.manual_seed(seed)
+    checkpoint = out / "classifier.pt"
+    state = (
+        torch.load(checkpoint, weights_only=False, map_location="cpu")
+        if resume and checkpoint.exists()
+        else None
+    )
+    if state is not None:
+        schedule = Schedule(**state.get("schedule", {}))
+    schedule = schedule or Schedule()
     data = load_crops(out / "crops")
     pos = np.flatnonzero(data.label == 1)
     neg = np.flatnonzero(data.label == 0)
     log.info("training on %d crops: %d positive, %d negative", len(data.label), len(pos), len(neg))
-    pos_p = nodule_weights(data.diameter[pos])
+    pos_p = nodule_weights(data.diameter[pos], schedule.small_weight)
     # a GPU when there is one (benchmarks/gpu_session.sh detector), else the CPU
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = build_classifier().to(device)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    checkpoint = out / "classifier.pt"
+    start_from = schedule.init_from if state is None else None  # a resumed run loads its own
+    net = (from_onnx(start_from) if start_from else build_classifier()).to(device)
+    peak = schedule.learning_rate
+    optimiser = torch.optim.AdamW(net.parameters(), lr=peak, weight_decay=1e-4)
     history: list[dict[str, float]] = []
     step = 0
     spent = 0.0
-    if resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False, map_location=device)
+    if state is not None:
         net.load_state_dict(state["net"])
         optimiser.load_state_dict(state["optimiser"])
         history, step, spent = state["history"], state["step"], state["spent_s"]
@@ -285,6 +258,8 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
     start = time.perf_counter() - spent
     last_save = time.perf_counter()
     net.train()
+    if schedule.init_from:
+        freeze_norms(net)
     losses: list[float] = []
     while time.perf_counter() - start < budget:
         n_pos = batch_size // 4
@@ -295,7 +270,7 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
         d = d.to(device)
         # cosine over the wall-time budget (what was spent plus this run's minutes)
         elapsed = time.perf_counter() - start
-        lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
+        lr = peak * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
         for group in optimiser.param_groups:
             group["lr"] = max(lr, 5e-5)
         out_t = net(torch.from_numpy(x).to(device))
@@ -316,18 +291,21 @@ def train(out: Path, minutes: float, resume: bool, batch_size: int = 32, seed: i
             history.append({"step": step, "loss": float(np.mean(losses[-50:]))})
             log.info("step %d loss %.4f lr %.5f", step, history[-1]["loss"], lr)
         if time.perf_counter() - last_save > 120:
-            _save(checkpoint, net, optimiser, history, step, time.perf_counter() - start)
+            _save(checkpoint, net, optimiser, history, step, time.perf_counter() - start, schedule)
             last_save = time.perf_counter()
-    _save(checkpoint, net, optimiser, history, step, time.perf_counter() - start)
+    _save(checkpoint, net, optimiser, history, step, time.perf_counter() - start, schedule)
     return checkpoint
 
 
-def nodule_weights(diameter: NDArray[np.floating]) -> NDArray[np.float64]:
+def nodule_weights(
+    diameter: NDArray[np.floating], small_weight: float = 1.0
+) -> NDArray[np.float64]:
     """Sampling weights of positive crops that give every nodule the same share: a large
     nodule has dozens of candidates on it, a 3 mm one a few (a case's nodules are told apart
-    by their diameters)."""
+    by their diameters); a nodule under 6 mm gets ``small_weight`` shares."""
     _, inverse, counts = np.unique(diameter, return_inverse=True, return_counts=True)
     weights = 1.0 / counts[inverse]
+    weights = np.where(np.asarray(diameter) < 6.0, weights * small_weight, weights)
     return np.asarray(weights / weights.sum(), dtype=np.float64)
 
 
@@ -340,7 +318,17 @@ def augment(x: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.floa
     return np.ascontiguousarray(np.transpose(x, (0, 1, *order)))
 
 
-def _save(path: Path, net: Any, optimiser: Any, history: Any, step: int, spent: float) -> None:
+def _save(
+    path: Path,
+    net: Any,
+    optimiser: Any,
+    history: Any,
+    step: int,
+    spent: float,
+    schedule: Schedule,
+) -> None:
+    import dataclasses  # noqa: PLC0415
+
     import torch  # noqa: PLC0415
 
     tmp = path.with_suffix(".tmp")
@@ -351,6 +339,7 @@ def _save(path: Path, net: Any, optimiser: Any, history: Any, step: int, spent: 
             "history": history,
             "step": step,
             "spent_s": spent,
+            "schedule": dataclasses.asdict(schedule),
         },
         tmp,
     )
@@ -358,38 +347,6 @@ def _save(path: Path, net: Any, optimiser: Any, history: Any, step: int, spent: 
 
 
 # ---------------------------------------------------------------------------- export
-def export_classifier(checkpoint: Path, target: Path) -> float:
-    """``classifier.onnx`` from the checkpoint, checked against PyTorch; returns the largest
-    difference seen on random crops."""
-    import onnxruntime as ort  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    net = build_classifier()
-    net.load_state_dict(torch.load(checkpoint, weights_only=False, map_location="cpu")["net"])
-    net.eval()
-    exported = ServingHead.wrap(net).eval()
-    example = torch.rand(4, 2, CROP, CROP, CROP)
-    torch.onnx.export(
-        exported,
-        (example,),
-        str(target),
-        input_names=["crops"],
-        output_names=["scores"],
-        dynamic_axes={"crops": {0: "batch"}, "scores": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    x = torch.rand(7, 2, CROP, CROP, CROP)
-    with torch.no_grad():
-        expected = exported(x).numpy()
-    got = session.run(None, {"crops": x.numpy()})[0]
-    diff = float(np.max(np.abs(expected - got)))
-    if diff > 1e-3:
-        raise SystemExit(f"{target}: ONNX Runtime differs from PyTorch by {diff:.2e}")
-    return diff
-
-
 def export(
     out: Path,
     base: ModelEntry,
@@ -521,6 +478,19 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("out", type=Path)
     tr.add_argument("--minutes", type=float, default=40.0)
     tr.add_argument("--resume", action="store_true")
+    tr.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="start from this registered detector's classifier (e.g. lung-nodule@0.7.0) instead "
+        "of from scratch",
+    )
+    tr.add_argument("--learning-rate", type=float, default=2e-3, help="the peak (cosine) rate")
+    tr.add_argument(
+        "--small-weight",
+        type=float,
+        default=1.0,
+        help="sampling weight of a nodule under 6 mm against a larger one's",
+    )
     exp = sub.add_parser("export")
     exp.add_argument("out", type=Path)
     exp.add_argument("--base", default="lung-nodule@0.5.0")
@@ -566,7 +536,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"extracted {n} cases into {args.out / 'crops'}")
     elif args.command == "train":
-        path = train(args.out, args.minutes, args.resume)
+        init = None
+        if args.init_from:
+            entry = _resolve(args.init_from)
+            if entry.card.detector is None:
+                parser.error(f"--init-from {args.init_from}: not a two-stage detector")
+            init = entry.folder / entry.card.detector.classifier.file
+        schedule = Schedule(args.learning_rate, args.small_weight, init)
+        path = train(args.out, args.minutes, args.resume, schedule=schedule)
         print(f"checkpoint: {path}")
     elif args.command == "export":
         folder = export(

@@ -146,3 +146,71 @@ def test_the_export_is_a_registrable_model_with_figures_and_a_threshold_chosen_e
     assert card.detector.candidates.max_candidates == 1234
     assert card.detector.candidates.network_overlap == 0.0
     assert card.training.synthetic and card.training.command == "the command"
+
+
+def test_a_nodule_under_6_mm_gets_the_small_weight_in_shares() -> None:
+    from training.detector import nodule_weights
+
+    diameters = np.array([20.0] * 30 + [3.5] * 2 + [7.0] * 8, dtype=np.float32)
+    w = nodule_weights(diameters, small_weight=2.0)
+    shares = {d: float(w[diameters == d].sum()) for d in (20.0, 3.5, 7.0)}
+    assert shares == pytest.approx({20.0: 1 / 4, 3.5: 2 / 4, 7.0: 1 / 4})
+
+
+SHIPPED_CLASSIFIER = Path("models/shipped/lung-nodule/0.7.0/classifier.onnx")
+
+
+def test_a_network_read_back_from_onnx_is_the_shipped_function_while_it_trains() -> None:
+    import torch
+
+    from training.classifier_net import freeze_norms, from_onnx
+
+    net = from_onnx(SHIPPED_CLASSIFIER)
+    net.train()
+    freeze_norms(net)  # training mode, the normalisations held: the function is unchanged
+    x = np.random.default_rng(1).random((6, 2, CROP, CROP, CROP), dtype=np.float32)
+    with torch.no_grad():
+        out = net(torch.from_numpy(x)).numpy()
+    session = ort.InferenceSession(str(SHIPPED_CLASSIFIER), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"crops": x})[0]
+    assert np.abs(1 / (1 + np.exp(-out[:, 0])) - expected[:, 0]).max() < 1e-5
+    assert np.abs(np.exp(out[:, 1]) - expected[:, 1]).max() < 1e-3
+
+
+def test_another_onnx_graph_is_refused_by_name() -> None:
+    from training.classifier_net import from_onnx
+
+    with pytest.raises(ValueError, match=r"model\.onnx: not a classifier of this design"):
+        from_onnx(Path("models/shipped/lung-nodule/0.5.0/model.onnx"))
+
+
+def test_a_run_from_a_shipped_classifier_resumes_with_its_schedule(tmp_path: Path) -> None:
+    import torch
+
+    from training.detector import Schedule
+
+    fake_crops(tmp_path / "crops")
+    schedule = Schedule(learning_rate=5e-4, small_weight=2.0, init_from=SHIPPED_CLASSIFIER)
+    checkpoint = train(tmp_path, minutes=0.02, resume=False, batch_size=8, schedule=schedule)
+    first = torch.load(checkpoint, weights_only=False)
+    assert first["schedule"] == {
+        "learning_rate": 5e-4,
+        "small_weight": 2.0,
+        "init_from": SHIPPED_CLASSIFIER,
+    }
+    # resumed without options: the run's own schedule, and its own weights (not the ONNX's)
+    train(tmp_path, minutes=0.02, resume=True, batch_size=8)
+    second = torch.load(checkpoint, weights_only=False)
+    assert second["schedule"] == first["schedule"] and second["step"] > first["step"]
+    assert export_classifier(checkpoint, tmp_path / "classifier.onnx") < 1e-3
+
+
+def test_init_from_a_model_without_a_classifier_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.detector import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", str(tmp_path), "--init-from", "lung-nodule@0.5.0"])
+    assert stop.value.code == 2
+    assert "--init-from lung-nodule@0.5.0: not a two-stage detector" in capsys.readouterr().err
