@@ -75,7 +75,8 @@ class ServingHead:
 
 def export_classifier(checkpoint: Path, target: Path) -> float:
     """``classifier.onnx`` from the checkpoint, checked against PyTorch; returns the largest
-    difference seen on random crops."""
+    difference seen on random crops (the probability's, and the diameter's relative to the
+    diameter)."""
     import onnxruntime as ort  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
@@ -99,7 +100,11 @@ def export_classifier(checkpoint: Path, target: Path) -> float:
     with torch.no_grad():
         expected = exported(x).numpy()
     got = session.run(None, {"crops": x.numpy()})[0]
-    diff = float(np.max(np.abs(expected - got)))
+    # the probability's difference, and the diameter's relative to it: an untrained diameter
+    # head gives thousands of millimetres on random crops, where float32 rounding alone is 1e-1
+    scale = np.ones_like(expected)
+    scale[:, 1] = np.maximum(np.abs(expected[:, 1]), 1.0)
+    diff = float(np.max(np.abs(expected - got) / scale))
     if diff > 1e-3:
         raise SystemExit(f"{target}: ONNX Runtime differs from PyTorch by {diff:.2e}")
     return diff
