@@ -232,7 +232,10 @@ def train(
         else None
     )
     if state is not None:
-        schedule = Schedule(**state.get("schedule", {}))
+        kept = Schedule(**state.get("schedule", {}))
+        if schedule is not None and schedule != kept:
+            log.warning("a resumed run keeps the schedule it started with: %s", kept)
+        schedule = kept
     schedule = schedule or Schedule()
     data = load_crops(out / "crops")
     pos = np.flatnonzero(data.label == 1)

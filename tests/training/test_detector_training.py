@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +185,9 @@ def test_another_onnx_graph_is_refused_by_name() -> None:
         from_onnx(Path("models/shipped/lung-nodule/0.5.0/model.onnx"))
 
 
-def test_a_run_from_a_shipped_classifier_resumes_with_its_schedule(tmp_path: Path) -> None:
+def test_a_run_from_a_shipped_classifier_resumes_with_its_schedule(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import torch
 
     from training.detector import Schedule
@@ -198,8 +201,10 @@ def test_a_run_from_a_shipped_classifier_resumes_with_its_schedule(tmp_path: Pat
         "small_weight": 2.0,
         "init_from": SHIPPED_CLASSIFIER,
     }
-    # resumed without options: the run's own schedule, and its own weights (not the ONNX's)
-    train(tmp_path, minutes=0.02, resume=True, batch_size=8)
+    # resumed with other options: the run's own schedule, said so, and its own weights
+    with caplog.at_level(logging.WARNING, logger="aidx.training"):
+        train(tmp_path, minutes=0.02, resume=True, batch_size=8, schedule=Schedule())
+    assert "a resumed run keeps the schedule it started with" in caplog.text
     second = torch.load(checkpoint, weights_only=False)
     assert second["schedule"] == first["schedule"] and second["step"] > first["step"]
     assert export_classifier(checkpoint, tmp_path / "classifier.onnx") < 1e-3
