@@ -25,8 +25,12 @@ that storescu saw a Success response for every image, and where the receiver can
 figures measured in the same run (the machines are shared and noisy). Targets: aidx >= 2x
 Orthanc's images/s and >= 0.8x the bare floor's.
 
+With --syncs it also sends the study once more to each receiver under strace and counts the
+calls that flush data to disk (fsync, fdatasync, sync_file_range, syncfs) per image: what each
+receiver has made durable when it answers Success (strace must be installed).
+
 Usage: python benchmarks/ingest.py [--repeats 3] [--only bare,orthanc,storescp,aidx]
-       [--senders 4] [--rss-studies 10] [--slices 300] [--matrix 512]
+       [--senders 4] [--rss-studies 10] [--slices 300] [--matrix 512] [--syncs]
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import itertools
 import json
 import os
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +61,7 @@ from tests.peers import (
     Orthanc,
     PeerError,
     Storescp,
+    descendants,
     echoscu,
     free_port,
     poll_until,
@@ -347,7 +354,65 @@ class Result:
     single: list[float] = field(default_factory=list)
     concurrent: list[float] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
+    syncs: dict[str, int] | None = None  # --syncs: {flushing call: count}
     note: str = ""
+
+
+SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs")
+
+
+def sync_run(name: str, study: Path, root: Path, busy: Path | None = None) -> dict[str, int]:
+    """Send ``study`` once to a fresh receiver while strace counts, in the receiver and all its
+    processes, the calls that flush data to disk; {call: count}."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise SystemExit("--syncs needs strace (apt-get install strace)")
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        work = Path(tmp)
+        summary = work / "strace.txt"
+        with start_receiver(name, work, False, busy) as receiver:
+            pids = [receiver.pid, *descendants(receiver.pid)]
+            command = [strace, "-f", "-c", "-o", str(summary)]
+            command += ["-e", f"trace={','.join(SYNC_CALLS)}"]
+            tracer = subprocess.Popen(
+                [*command, *(arg for pid in pids for arg in ("-p", str(pid)))],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                poll_until(
+                    lambda: all(_traced_by(pid, tracer.pid) for pid in pids),
+                    30.0,
+                    f"strace attached to every thread of {name}",
+                    process=tracer,
+                )
+                send(receiver, [study], work / "logs")
+            finally:
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(30)
+        # strace -c: "% time  seconds  usecs/call  calls  [errors]  syscall"
+        counts: dict[str, int] = {}
+        for line in summary.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[-1] in SYNC_CALLS:
+                counts[fields[-1]] = int(fields[3])
+    return counts
+
+
+def _traced_by(pid: int, tracer: int) -> bool:
+    """Whether every thread of ``pid`` is traced by ``tracer`` (gone threads count as traced)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return True
+    for task in tasks:
+        try:
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if f"TracerPid:\t{tracer}\n" not in status:
+            return False
+    return True
 
 
 def timed_run(
@@ -392,6 +457,9 @@ def run_receiver(name: str, args: argparse.Namespace, study: Path, copies: Copie
             )
         if name == "aidx" and args.rss_studies > 0 and "1proc" not in name:
             result.rss_kib = memory_run(copies.first(args.rss_studies), args.root)
+        if args.syncs:
+            busy = copies.busy() if name.endswith("busy") else None
+            result.syncs = sync_run(name, study, args.root, busy)
     except ReceiverUnavailableError as exc:
         result.note = f"not available ({exc})"
         print(f"{name}: {result.note}", flush=True)
@@ -433,6 +501,12 @@ def report(results: dict[str, Result], images: int, senders: int) -> None:
                 continue
             ratio = med(ours.single) / med(other.single)
             print(f"  {LABELS[variant]:<32} time / {LABELS[base]}: {ratio:.2f}x   goal {goal}")
+    traced = {name: r.syncs for name, r in results.items() if r.syncs is not None}
+    if traced:
+        print(f"\ndisk flushes while receiving the study once (strace; per image of {images}):")
+        for name, counts in traced.items():
+            calls = ", ".join(f"{call} {n / images:.2f}" for call, n in counts.items()) or "none"
+            print(f"  {LABELS[name]:<32} {calls}")
     aidx = results.get("aidx")
     if aidx is None or aidx.note:
         return
@@ -452,6 +526,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rss-studies", type=int, default=10, help="studies for aidx memory")
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument(
+        "--syncs", action="store_true", help="count each receiver's disk flushes (strace)"
+    )
     parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--durable", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
