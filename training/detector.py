@@ -204,12 +204,15 @@ def load_crops(folder: Path) -> Crops:
 class Schedule:
     """How ``train`` fits: the peak learning rate (cosine to 5e-5 over the wall-time budget),
     the sampling weight of a nodule under 6 mm against a larger one's (1: every nodule the same
-    share), and the classifier to start from (a ``classifier.onnx``; None: from scratch). A
-    resumed run keeps the schedule it was started with."""
+    share), the classifier to start from (a ``classifier.onnx``; None: from scratch), and the
+    axis orders the augmentation draws: "all" six, or "in-plane" (rows and columns swapped or
+    not; the slice axis stays the first, so that the network may learn how a series' slices
+    differ from its pixels). A resumed run keeps the schedule it was started with."""
 
     learning_rate: float = 2e-3
     small_weight: float = 1.0
     init_from: Path | None = None
+    axes: str = "all"
 
 
 def train(
@@ -267,7 +270,7 @@ def train(
     while time.perf_counter() - start < budget:
         n_pos = batch_size // 4
         idx = np.concatenate([rng.choice(pos, n_pos, p=pos_p), rng.choice(neg, batch_size - n_pos)])
-        x = augment(data.crops[idx].astype(np.float32) / 255.0, rng)
+        x = augment(data.crops[idx].astype(np.float32) / 255.0, rng, schedule.axes)
         y = torch.from_numpy(data.label[idx].astype(np.float32)).to(device)
         d = torch.from_numpy(np.log(np.maximum(data.diameter[idx], 1.0)).astype(np.float32))
         d = d.to(device)
@@ -312,12 +315,21 @@ def nodule_weights(
     return np.asarray(weights / weights.sum(), dtype=np.float64)
 
 
-def augment(x: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:
-    """Random flips of the three axes and a random order of the axes (one per batch)."""
+AXES = ("all", "in-plane")
+
+
+def augment(
+    x: NDArray[np.float32], rng: np.random.Generator, axes: str = "all"
+) -> NDArray[np.float32]:
+    """Random flips of the three axes and a random order of the axes (one per batch): any of
+    the six (``axes`` "all") or, "in-plane", slices first and rows and columns either way."""
     for axis in (2, 3, 4):
         if rng.random() < 0.5:
             x = np.flip(x, axis=axis)
-    order = rng.permutation(3) + 2
+    if axes == "in-plane":
+        order = np.array([0, *rng.permutation(2) + 1]) + 2
+    else:
+        order = rng.permutation(3) + 2
     return np.ascontiguousarray(np.transpose(x, (0, 1, *order)))
 
 
@@ -489,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     tr.add_argument("--learning-rate", type=float, default=2e-3, help="the peak (cosine) rate")
     tr.add_argument(
+        "--axes",
+        choices=AXES,
+        default="all",
+        help="axis orders of the augmentation: all six, or in-plane (the slice axis stays)",
+    )
+    tr.add_argument(
         "--small-weight",
         type=float,
         default=1.0,
@@ -545,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             if entry.card.detector is None:
                 parser.error(f"--init-from {args.init_from}: not a two-stage detector")
             init = entry.folder / entry.card.detector.classifier.file
-        schedule = Schedule(args.learning_rate, args.small_weight, init)
+        schedule = Schedule(args.learning_rate, args.small_weight, init, args.axes)
         path = train(args.out, args.minutes, args.resume, schedule=schedule)
         print(f"checkpoint: {path}")
     elif args.command == "export":

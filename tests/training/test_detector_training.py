@@ -158,6 +158,22 @@ def test_a_nodule_under_6_mm_gets_the_small_weight_in_shares() -> None:
     assert shares == pytest.approx({20.0: 1 / 4, 3.5: 2 / 4, 7.0: 1 / 4})
 
 
+def test_in_plane_augmentation_keeps_the_slice_axis_first() -> None:
+    from training.detector import augment
+
+    # a crop whose values change along the slices only
+    x = np.broadcast_to(np.arange(8, dtype=np.float32)[:, None, None], (8, 8, 8))
+    batch = np.ascontiguousarray(np.broadcast_to(x, (2, 2, 8, 8, 8)))
+    rng = np.random.default_rng(3)
+    moved = 0
+    for _ in range(30):
+        kept = augment(batch, rng, "in-plane")
+        assert np.ptp(kept, axis=(3, 4)).max() == 0  # still constant within each slice
+        assert sorted(np.unique(kept[0, 0, :, 0, 0])) == list(range(8))
+        moved += int(np.ptp(augment(batch, rng, "all"), axis=(3, 4)).max() > 0)
+    assert moved > 0  # all six orders: the slice axis goes elsewhere too
+
+
 SHIPPED_CLASSIFIER = Path("models/shipped/lung-nodule/0.7.0/classifier.onnx")
 
 
@@ -200,6 +216,7 @@ def test_a_run_from_a_shipped_classifier_resumes_with_its_schedule(
         "learning_rate": 5e-4,
         "small_weight": 2.0,
         "init_from": SHIPPED_CLASSIFIER,
+        "axes": "all",
     }
     # resumed with other options: the run's own schedule, said so, and its own weights
     with caplog.at_level(logging.WARNING, logger="aidx.training"):
