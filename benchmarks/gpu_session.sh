@@ -76,7 +76,8 @@ if [ "$what" = detector ]; then
   version=0
   for axes in ${GPU_DETECTOR_AXES:-all in-plane}; do
     variant="$run-$axes"
-    mkdir -p "$variant" && ln -sfn "$PWD/$run/crops" "$variant/crops" && cp "$run/spec.json" "$variant/"
+    mkdir -p "$variant" && ln -sfn "$PWD/$run/crops" "$variant/crops"
+    cp "$run/spec.json" "$variant/"
     python3 -m training.detector train "$variant" --minutes "$minutes" --axes "$axes" \
       2>&1 | tee "$out/detector-train-$axes.log" | tail -2
     python3 -m training.detector export "$variant" --version "0.8.$version" \
